@@ -1,0 +1,3 @@
+fn main() {
+    println!("paxoskv {}", env!("CARGO_PKG_VERSION"));
+}

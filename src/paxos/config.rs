@@ -1,0 +1,86 @@
+//! The core's configuration: membership, timing in ticks, pipeline sizes.
+
+use super::ballot::NodeId;
+
+/// How a replica runs the protocol. Times are in ticks of the driver's clock.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// This replica.
+    pub id: NodeId,
+    /// Every replica of the cluster, this one included.
+    pub members: Vec<NodeId>,
+    /// A leader sends a heartbeat every this many ticks.
+    pub heartbeat_ticks: u64,
+    /// A follower that hears no leader for a random time in
+    /// `election_ticks..2 * election_ticks` starts an election; an acceptor
+    /// that heard its leader less than `election_ticks` ago ignores
+    /// candidates (leader stickiness).
+    pub election_ticks: u64,
+    /// The leader re-sends an accept not yet answered after this many ticks.
+    pub resend_ticks: u64,
+    /// A follower repeats an unanswered catch-up request after this many ticks.
+    pub catch_up_ticks: u64,
+    /// Most slots the leader has proposed and not yet seen chosen.
+    pub window: usize,
+    /// Most client commands in one slot.
+    pub max_batch: usize,
+    /// A slot stops taking commands once it holds this many bytes.
+    pub max_batch_bytes: usize,
+    /// Most chosen entries in one catch-up message.
+    pub max_catch_up: usize,
+    /// Seed of the election-timeout randomness.
+    pub seed: u64,
+}
+
+impl Config {
+    /// Defaults for a cluster of `members`, tuned for a 10 ms tick: heartbeat
+    /// every 100 ms, elections after 1 to 2 s of silence.
+    pub fn new(id: NodeId, members: Vec<NodeId>) -> Self {
+        Config {
+            id,
+            members,
+            heartbeat_ticks: 10,
+            election_ticks: 100,
+            resend_ticks: 50,
+            catch_up_ticks: 20,
+            window: 64,
+            max_batch: 1024,
+            max_batch_bytes: 1 << 20,
+            max_catch_up: 512,
+            seed: u64::from(id),
+        }
+    }
+
+    /// Checks what the core relies on; says what is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.members.contains(&self.id) {
+            return Err(format!(
+                "replica id {} is not among the members {:?}",
+                self.id, self.members
+            ));
+        }
+        let mut sorted = self.members.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        if sorted.len() != self.members.len() {
+            return Err(format!("members {:?} has a duplicate id", self.members));
+        }
+        if self.heartbeat_ticks == 0 || self.election_ticks <= self.heartbeat_ticks {
+            return Err("election_ticks must exceed heartbeat_ticks, which must be > 0".into());
+        }
+        if self.window == 0 || self.max_batch == 0 || self.max_catch_up == 0 {
+            return Err("window, max_batch and max_catch_up must be > 0".into());
+        }
+        Ok(())
+    }
+
+    /// How many replicas make a majority.
+    pub fn majority(&self) -> usize {
+        self.members.len() / 2 + 1
+    }
+
+    /// Every member but this replica.
+    pub fn peers(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.members.iter().copied().filter(move |&m| m != self.id)
+    }
+}

@@ -1,0 +1,180 @@
+//! What goes into and comes out of the core: log values, the messages
+//! replicas exchange, and [`Ready`], the batch of work the driver must do.
+
+use bytes::Bytes;
+
+use super::ballot::{Ballot, NodeId, Slot};
+
+/// The value of one log slot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Value {
+    /// Fills a slot that phase 1 found empty; applies as nothing.
+    Noop,
+    /// Client commands, opaque to the core, applied in order.
+    Batch(Vec<Bytes>),
+}
+
+impl Value {
+    /// Number of client commands in the value.
+    pub fn len(&self) -> usize {
+        match self {
+            Value::Noop => 0,
+            Value::Batch(commands) => commands.len(),
+        }
+    }
+
+    /// True for a no-op or an empty batch.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// An acceptor's vote: it accepted `value` for `slot` under `ballot`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Accepted {
+    /// The slot voted on.
+    pub slot: Slot,
+    /// The ballot the vote was cast under.
+    pub ballot: Ballot,
+    /// The value voted for.
+    pub value: Value,
+}
+
+/// A message between replicas.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    /// Phase 1a: "promise me `ballot` for every slot from `from_slot` on".
+    Prepare { ballot: Ballot, from_slot: Slot },
+    /// Phase 1b: the promise, with every vote the acceptor holds at or after
+    /// the prepare's `from_slot`.
+    Promise {
+        ballot: Ballot,
+        accepted: Vec<Accepted>,
+    },
+    /// Refusal of a prepare, accept or heartbeat: the acceptor has promised
+    /// the higher ballot `promised`.
+    Nack { promised: Ballot },
+    /// Phase 2a, one slot of the pipeline; `commit` is the leader's commit
+    /// index (every slot up to it is chosen).
+    Accept {
+        ballot: Ballot,
+        slot: Slot,
+        value: Value,
+        commit: Slot,
+    },
+    /// Phase 2b: the acceptor has durably accepted `slot` under `ballot`.
+    Accepted { ballot: Ballot, slot: Slot },
+    /// The leader is alive; carries its commit index and, for reads, a round
+    /// number the followers echo back.
+    Heartbeat {
+        ballot: Ballot,
+        commit: Slot,
+        read_round: u64,
+    },
+    /// Answer to a heartbeat: the follower has promised nothing higher, and
+    /// knows every slot up to `committed` chosen.
+    HeartbeatAck {
+        ballot: Ballot,
+        read_round: u64,
+        committed: Slot,
+    },
+    /// A follower asks the leader for chosen slots `from_slot..=to_slot`.
+    CatchUpRequest {
+        ballot: Ballot,
+        from_slot: Slot,
+        to_slot: Slot,
+    },
+    /// Chosen values for consecutive slots, from the leader.
+    CatchUp {
+        ballot: Ballot,
+        entries: Vec<(Slot, Value)>,
+        commit: Slot,
+    },
+}
+
+impl Message {
+    /// The ballot the message speaks for (for `Nack`, the promised one).
+    pub fn ballot(&self) -> Ballot {
+        match self {
+            Message::Prepare { ballot, .. }
+            | Message::Promise { ballot, .. }
+            | Message::Accept { ballot, .. }
+            | Message::Accepted { ballot, .. }
+            | Message::Heartbeat { ballot, .. }
+            | Message::HeartbeatAck { ballot, .. }
+            | Message::CatchUpRequest { ballot, .. }
+            | Message::CatchUp { ballot, .. } => *ballot,
+            Message::Nack { promised } => *promised,
+        }
+    }
+}
+
+/// A message and its destination.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Envelope {
+    /// The replica to deliver to; may be the sender itself.
+    pub to: NodeId,
+    /// What to deliver.
+    pub msg: Message,
+}
+
+/// Identifies a linearizable read the driver asked the core to order.
+pub type ReadId = u64;
+
+/// Acceptor state to make durable.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Persist {
+    /// A new promised ballot, if it rose.
+    pub promised: Option<Ballot>,
+    /// Votes (and chosen values learned by catch-up) to write, in order; a
+    /// later entry for the same slot replaces an earlier one.
+    pub entries: Vec<Accepted>,
+}
+
+impl Persist {
+    /// True when there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.promised.is_none() && self.entries.is_empty()
+    }
+}
+
+/// Everything the core asks the driver to do after a batch of inputs.
+///
+/// The driver must, in this order: send `messages` (they depend on nothing
+/// unwritten); make `persist` durable (one sync for all of it: group commit);
+/// then send `persisted_messages`, which include replies promising or
+/// accepting what `persist` holds, and messages to this replica itself (feed
+/// those back into the core). `chosen` may be applied once `persist` is
+/// durable.
+#[derive(Debug, Default)]
+pub struct Ready {
+    /// Messages that may go out at once, before or while `persist` syncs.
+    pub messages: Vec<Envelope>,
+    /// State to make durable before any of `persisted_messages` is sent.
+    pub persist: Persist,
+    /// Messages that may go out only once `persist` is durable.
+    pub persisted_messages: Vec<Envelope>,
+    /// Newly chosen slots, consecutive and in order, to apply.
+    pub chosen: Vec<(Slot, Value)>,
+    /// Reads whose barrier passed: serve each once the applied index reaches
+    /// its slot.
+    pub reads: Vec<(ReadId, Slot)>,
+    /// Reads that can no longer be served here (leadership was lost).
+    pub failed_reads: Vec<ReadId>,
+    /// Client commands that were queued but never given a slot, because
+    /// leadership was lost. They are certainly not in the log.
+    pub dropped: Vec<Bytes>,
+}
+
+impl Ready {
+    /// True when there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.messages.is_empty()
+            && self.persist.is_empty()
+            && self.persisted_messages.is_empty()
+            && self.chosen.is_empty()
+            && self.reads.is_empty()
+            && self.failed_reads.is_empty()
+            && self.dropped.is_empty()
+    }
+}

@@ -1,0 +1,29 @@
+//! The consensus core: Multi-Paxos with a stable leader, sans I/O.
+//!
+//! No tokio, sled or tonic here: the core is a deterministic state machine
+//! driven by ticks, messages and client proposals, whose only output is a
+//! [`Ready`] saying what to persist, what to send (and whether only after
+//! persisting), and what is now chosen. Time is a tick count given in;
+//! randomness comes from [`Config::seed`]. The node driver runs it over real
+//! disks and sockets; the simulator in `tests/simulation` runs it over a
+//! faulty simulated network and checks every step.
+//!
+//! Where the rules live, each next to its tests:
+//!
+//! - [`acceptor`]: what may be promised and accepted (phase 1b, phase 2b);
+//! - [`recovery`]: which value a new leader re-proposes per slot;
+//! - [`replica`]: elections, the pipelined phase 2, quorum counting, the
+//!   commit index, the follower's commit rule, catch-up, and ReadIndex.
+
+pub mod acceptor;
+pub mod ballot;
+pub mod config;
+pub mod message;
+pub mod recovery;
+pub mod replica;
+pub mod rng;
+
+pub use ballot::{Ballot, NodeId, Slot};
+pub use config::Config;
+pub use message::{Accepted, Envelope, Message, Persist, ReadId, Ready, Value};
+pub use replica::{FollowerStatus, NotLeader, Replica, Role, Status};

@@ -1,0 +1,663 @@
+//! A linearizability checker for key-value histories.
+//!
+//! The algorithm is the one of Wing & Gong, improved by Lowe, as used by
+//! Porcupine and Knossos: a depth-first search for a sequential order of the
+//! operations (a *linearization*) that respects real time and that the
+//! sequential model accepts, backtracking on a dead end, with a cache of the
+//! (set of linearized operations, model state) pairs already explored, since
+//! the rest of the search only depends on that pair.
+//!
+//! Keys are independent registers, so by P-compositionality (Horn & Kroening)
+//! a history is linearizable iff each per-key sub-history is; checking them one
+//! by one keeps the search space small.
+//!
+//! Real time: operation A must be linearized before B iff `A.ret < B.call`.
+//! Equal times are treated as concurrent, which is the permissive choice: a
+//! simulator that stamps a reply and a later request with the same tick cannot
+//! tell which came first, so a violation is only reported when no reading of
+//! equal times explains the history.
+//!
+//! An operation without output (the client never heard back) has return time
+//! +infinity: it may be linearized anywhere after its call, with whatever
+//! output the model produces, or not at all. Leaving it out is equivalent to
+//! linearizing it last, since the state after the end of the history is not
+//! observed.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+
+/// An operation's input on one key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Input {
+    /// Read the key.
+    Get,
+    /// Create the key with this value; fails if it exists.
+    Insert(i32),
+    /// Overwrite an existing key; fails if it is absent.
+    Update(i32),
+    /// Create or overwrite the key.
+    Upsert(i32),
+    /// Delete an existing key; fails if it is absent.
+    Remove,
+}
+
+/// What the client was told.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Output {
+    /// Get: the value, or `None` for NOT_FOUND.
+    Value(Option<i32>),
+    /// Insert succeeded, or Upsert of an absent key.
+    Inserted,
+    /// Update succeeded, or Upsert of a present key.
+    Updated {
+        /// The value the key held before.
+        previous: i32,
+    },
+    /// Remove succeeded.
+    Removed {
+        /// The value the key held before.
+        previous: i32,
+    },
+    /// Insert of a present key.
+    AlreadyExists,
+    /// Update or Remove of an absent key.
+    NotFound,
+}
+
+/// One client operation as observed by the client.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Operation {
+    /// The client that issued the operation (for reports only).
+    pub client: u64,
+    /// The key the operation is on.
+    pub key: String,
+    /// What the client asked for.
+    pub input: Input,
+    /// `None`: the client never heard back (crash, timeout, end of run); the
+    /// operation may or may not have taken effect, with any output.
+    pub output: Option<Output>,
+    /// Logical time the client invoked the operation.
+    pub call: u64,
+    /// Logical time the client got its reply; ignored when `output` is `None`
+    /// (treated as +infinity).
+    pub ret: u64,
+}
+
+/// A key whose sub-history has no linearization.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Violation {
+    /// The key at fault.
+    pub key: String,
+    /// The key's sub-history, sorted by call time; `message` refers to
+    /// operations by their index in this list.
+    pub ops: Vec<Operation>,
+    /// What went wrong, including the longest linearizable prefix found.
+    pub message: String,
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "linearizability violation on key {:?} ({} operations):",
+            self.key,
+            self.ops.len()
+        )?;
+        for (i, op) in self.ops.iter().enumerate() {
+            write!(f, "  [{i}] client {} call {} ", op.client, op.call)?;
+            match op.output {
+                Some(output) => writeln!(f, "ret {}: {:?} -> {:?}", op.ret, op.input, output)?,
+                None => writeln!(f, "ret never: {:?} -> (no reply)", op.input)?,
+            }
+        }
+        write!(f, "{}", self.message)
+    }
+}
+
+/// Checks that `history` is linearizable with respect to a map from keys to
+/// `i32` values, all keys initially absent.
+///
+/// Keys are checked in sorted order; the first violating key is reported.
+///
+/// # Panics
+///
+/// If an operation with an output has `ret < call`, which no real execution
+/// produces.
+pub fn check(history: &[Operation]) -> Result<(), Violation> {
+    let mut by_key: BTreeMap<&str, Vec<Operation>> = BTreeMap::new();
+    for op in history {
+        assert!(
+            op.output.is_none() || op.call <= op.ret,
+            "operation returns before it is called: {op:?}"
+        );
+        by_key.entry(&op.key).or_default().push(op.clone());
+    }
+    for (key, mut ops) in by_key {
+        // Stable sort: the search relies on call order (see `next_candidate`).
+        ops.sort_by_key(|op| op.call);
+        check_key(key, ops)?;
+    }
+    Ok(())
+}
+
+/// Applies `input` to the register's `state`, returning the output and the
+/// new state.
+fn step(state: Option<i32>, input: Input) -> (Output, Option<i32>) {
+    match (input, state) {
+        (Input::Get, _) => (Output::Value(state), state),
+        (Input::Insert(v), None) => (Output::Inserted, Some(v)),
+        (Input::Insert(_), Some(_)) => (Output::AlreadyExists, state),
+        (Input::Update(v), Some(p)) => (Output::Updated { previous: p }, Some(v)),
+        (Input::Update(_), None) => (Output::NotFound, None),
+        (Input::Upsert(v), None) => (Output::Inserted, Some(v)),
+        (Input::Upsert(v), Some(p)) => (Output::Updated { previous: p }, Some(v)),
+        (Input::Remove, Some(p)) => (Output::Removed { previous: p }, None),
+        (Input::Remove, None) => (Output::NotFound, None),
+    }
+}
+
+/// A fixed-size set of operation indices.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct Bitset(Vec<u64>);
+
+impl Bitset {
+    fn new(len: usize) -> Self {
+        Bitset(vec![0; len.div_ceil(64)])
+    }
+
+    fn contains(&self, i: usize) -> bool {
+        self.0[i / 64] & (1 << (i % 64)) != 0
+    }
+
+    fn insert(&mut self, i: usize) {
+        self.0[i / 64] |= 1 << (i % 64);
+    }
+
+    fn remove(&mut self, i: usize) {
+        self.0[i / 64] &= !(1 << (i % 64));
+    }
+
+    /// The smallest index below `len` not in the set.
+    fn first_absent(&self, len: usize) -> Option<usize> {
+        self.0
+            .iter()
+            .enumerate()
+            .find(|(_, w)| **w != u64::MAX)
+            .map(|(i, w)| i * 64 + w.trailing_ones() as usize)
+            .filter(|&i| i < len)
+    }
+}
+
+/// One key's sub-history prepared for the search.
+struct Search {
+    /// Operations sorted by call time.
+    ops: Vec<Operation>,
+    /// Return time of each operation, +infinity (`u64::MAX`) when pending.
+    ret: Vec<u64>,
+}
+
+impl Search {
+    /// The first operation at index `from` or later that may be linearized
+    /// next, given the set already linearized.
+    ///
+    /// An operation may come next iff no other unlinearized operation returned
+    /// strictly before it was called, i.e. iff its call is at most the
+    /// smallest return time among unlinearized operations.
+    fn next_candidate(&self, linearized: &Bitset, from: usize) -> Option<usize> {
+        let first = linearized.first_absent(self.ops.len())?;
+        // Ops are sorted by call and ret >= call, so once an op is called
+        // after the minimum so far, neither it nor any later op can lower it.
+        let mut min_ret = u64::MAX;
+        for i in first..self.ops.len() {
+            if self.ops[i].call > min_ret {
+                break;
+            }
+            if !linearized.contains(i) {
+                min_ret = min_ret.min(self.ret[i]);
+            }
+        }
+        (from.max(first)..self.ops.len())
+            .take_while(|&i| self.ops[i].call <= min_ret)
+            .find(|&i| !linearized.contains(i))
+    }
+}
+
+/// Searches for a linearization of one key's operations, sorted by call time.
+fn check_key(key: &str, ops: Vec<Operation>) -> Result<(), Violation> {
+    let ret = ops
+        .iter()
+        .map(|op| {
+            if op.output.is_some() {
+                op.ret
+            } else {
+                u64::MAX
+            }
+        })
+        .collect();
+    let search = Search { ops, ret };
+    let n = search.ops.len();
+    let completed = search.ops.iter().filter(|op| op.output.is_some()).count();
+
+    let mut linearized = Bitset::new(n);
+    let mut state: Option<i32> = None;
+    // Completed operations linearized so far; pending ones need not be.
+    let mut done = 0;
+    // The current partial linearization: (operation, state before it).
+    let mut stack: Vec<(usize, Option<i32>)> = Vec::new();
+    // Where to resume looking for candidates at the current depth.
+    let mut from = 0;
+    let mut seen: HashSet<(Bitset, Option<i32>)> = HashSet::new();
+    // The longest partial linearization found, for the report.
+    let mut longest: (Vec<usize>, Option<i32>) = (Vec::new(), None);
+
+    loop {
+        if done == completed {
+            return Ok(());
+        }
+        let Some(i) = search.next_candidate(&linearized, from) else {
+            // Dead end: undo the last choice and try the next candidate at
+            // that depth, or give up when there is nothing left to undo.
+            let Some((last, before)) = stack.pop() else {
+                return Err(violation(key, search.ops, longest));
+            };
+            linearized.remove(last);
+            state = before;
+            if search.ops[last].output.is_some() {
+                done -= 1;
+            }
+            from = last + 1;
+            continue;
+        };
+        from = i + 1;
+        let op = &search.ops[i];
+        let (output, next) = step(state, op.input);
+        match op.output {
+            Some(expected) if expected != output => continue,
+            // A pending op that leaves the state alone is pointless to
+            // linearize: leaving it out is always at least as good, since it
+            // never constrains other ops (its return time is infinite).
+            None if next == state => continue,
+            _ => {}
+        }
+        linearized.insert(i);
+        if !seen.insert((linearized.clone(), next)) {
+            // Explored before, from another order of the same ops.
+            linearized.remove(i);
+            continue;
+        }
+        stack.push((i, state));
+        state = next;
+        if op.output.is_some() {
+            done += 1;
+        }
+        from = 0;
+        if stack.len() > longest.0.len() {
+            longest = (stack.iter().map(|&(j, _)| j).collect(), state);
+        }
+    }
+}
+
+fn violation(key: &str, ops: Vec<Operation>, longest: (Vec<usize>, Option<i32>)) -> Violation {
+    let (prefix, state) = longest;
+    let prefix: Vec<String> = prefix.iter().map(|i| format!("[{i}]")).collect();
+    let message = format!(
+        "no linearization exists; the longest linearizable prefix found is \
+         ({}), leaving the key at {state:?}, and no remaining operation can \
+         come next",
+        prefix.join(" ")
+    );
+    Violation {
+        key: key.to_string(),
+        ops,
+        message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A completed operation on key "k".
+    fn op(client: u64, call: u64, ret: u64, input: Input, output: Output) -> Operation {
+        Operation {
+            client,
+            key: "k".to_string(),
+            input,
+            output: Some(output),
+            call,
+            ret,
+        }
+    }
+
+    /// An operation on key "k" whose client never heard back.
+    fn pending(client: u64, call: u64, input: Input) -> Operation {
+        Operation {
+            client,
+            key: "k".to_string(),
+            input,
+            output: None,
+            call,
+            ret: 0,
+        }
+    }
+
+    fn on(key: &str, mut op: Operation) -> Operation {
+        op.key = key.to_string();
+        op
+    }
+
+    fn get(v: Option<i32>) -> Output {
+        Output::Value(v)
+    }
+
+    #[test]
+    fn empty_history_is_linearizable() {
+        assert_eq!(check(&[]), Ok(()));
+    }
+
+    #[test]
+    fn sequential_valid_history() {
+        use Input::*;
+        let h = [
+            op(1, 0, 1, Get, get(None)),
+            op(1, 2, 3, Insert(1), Output::Inserted),
+            op(2, 4, 5, Insert(2), Output::AlreadyExists),
+            op(2, 6, 7, Update(3), Output::Updated { previous: 1 }),
+            op(1, 8, 9, Upsert(4), Output::Updated { previous: 3 }),
+            op(1, 10, 11, Get, get(Some(4))),
+            op(3, 12, 13, Remove, Output::Removed { previous: 4 }),
+            op(3, 14, 15, Remove, Output::NotFound),
+            op(1, 16, 17, Update(5), Output::NotFound),
+            op(2, 18, 19, Upsert(6), Output::Inserted),
+            op(3, 20, 21, Get, get(Some(6))),
+        ];
+        assert_eq!(check(&h), Ok(()));
+    }
+
+    #[test]
+    fn stale_read_after_completed_write_is_rejected() {
+        let h = [
+            op(1, 0, 1, Input::Upsert(1), Output::Inserted),
+            op(1, 2, 3, Input::Upsert(2), Output::Updated { previous: 1 }),
+            op(2, 4, 5, Input::Get, get(Some(1))),
+        ];
+        let v = check(&h).unwrap_err();
+        assert_eq!(v.key, "k");
+        assert!(v.to_string().contains("no linearization exists"), "{v}");
+    }
+
+    #[test]
+    fn equal_times_are_concurrent() {
+        // The read is called at the tick the write returns, so it may still
+        // be ordered before the write.
+        let h = [
+            op(1, 0, 5, Input::Upsert(1), Output::Inserted),
+            op(2, 5, 6, Input::Get, get(None)),
+        ];
+        assert_eq!(check(&h), Ok(()));
+        // One tick later it may not.
+        let h = [
+            op(1, 0, 5, Input::Upsert(1), Output::Inserted),
+            op(2, 6, 7, Input::Get, get(None)),
+        ];
+        assert!(check(&h).is_err());
+    }
+
+    #[test]
+    fn concurrent_writes_and_reads_consistent_with_one_order() {
+        // Writes of 1 and 2 overlap; the readers agree that 2 came last,
+        // and one of them saw 1 in between.
+        let h = [
+            op(1, 0, 10, Input::Upsert(1), Output::Updated { previous: 2 }),
+            op(2, 0, 10, Input::Upsert(2), Output::Inserted),
+            op(3, 1, 2, Input::Get, get(Some(2))),
+            op(3, 3, 12, Input::Get, get(Some(1))),
+            op(4, 11, 12, Input::Get, get(Some(1))),
+            op(4, 13, 14, Input::Get, get(Some(1))),
+        ];
+        assert_eq!(check(&h), Ok(()));
+    }
+
+    #[test]
+    fn readers_agreeing_on_order_of_concurrent_writes_are_accepted() {
+        let h = [
+            op(1, 0, 100, Input::Upsert(1), Output::Inserted),
+            op(2, 0, 100, Input::Upsert(2), Output::Updated { previous: 1 }),
+            op(3, 10, 20, Input::Get, get(Some(1))),
+            op(3, 30, 40, Input::Get, get(Some(2))),
+            op(4, 50, 60, Input::Get, get(Some(2))),
+        ];
+        assert_eq!(check(&h), Ok(()));
+    }
+
+    #[test]
+    fn readers_seeing_concurrent_writes_in_contradictory_orders_are_rejected() {
+        // Reader 3 sees 1 then 2, so write 1 precedes write 2; reader 4, which
+        // runs after reader 3, sees 2 then 1. Each write happens once.
+        // Upsert outputs are left pending so only the reads constrain order.
+        let h = [
+            pending(1, 0, Input::Upsert(1)),
+            pending(2, 0, Input::Upsert(2)),
+            op(3, 10, 20, Input::Get, get(Some(1))),
+            op(3, 30, 40, Input::Get, get(Some(2))),
+            op(4, 50, 60, Input::Get, get(Some(2))),
+            op(4, 70, 80, Input::Get, get(Some(1))),
+        ];
+        assert!(check(&h).is_err());
+    }
+
+    #[test]
+    fn two_successful_inserts_without_remove_are_rejected() {
+        let h = [
+            op(1, 0, 1, Input::Insert(1), Output::Inserted),
+            op(2, 2, 3, Input::Insert(2), Output::Inserted),
+        ];
+        assert!(check(&h).is_err());
+    }
+
+    #[test]
+    fn concurrent_inserts_one_wins() {
+        let h = [
+            op(1, 0, 10, Input::Insert(1), Output::AlreadyExists),
+            op(2, 1, 9, Input::Insert(2), Output::Inserted),
+            op(3, 11, 12, Input::Get, get(Some(2))),
+        ];
+        assert_eq!(check(&h), Ok(()));
+    }
+
+    #[test]
+    fn pending_write_observed_later_is_accepted() {
+        let h = [
+            op(1, 0, 1, Input::Insert(1), Output::Inserted),
+            pending(2, 2, Input::Update(7)),
+            op(3, 50, 51, Input::Get, get(Some(7))),
+            op(3, 52, 53, Input::Remove, Output::Removed { previous: 7 }),
+        ];
+        assert_eq!(check(&h), Ok(()));
+    }
+
+    #[test]
+    fn pending_write_never_observed_is_accepted() {
+        let h = [
+            op(1, 0, 1, Input::Insert(1), Output::Inserted),
+            pending(2, 2, Input::Update(7)),
+            op(3, 50, 51, Input::Get, get(Some(1))),
+            op(3, 52, 53, Input::Get, get(Some(1))),
+        ];
+        assert_eq!(check(&h), Ok(()));
+    }
+
+    #[test]
+    fn pending_write_cannot_take_effect_before_its_call() {
+        let h = [
+            op(1, 0, 1, Input::Get, get(Some(7))),
+            pending(2, 2, Input::Upsert(7)),
+        ];
+        assert!(check(&h).is_err());
+    }
+
+    #[test]
+    fn read_of_unwritten_value_is_rejected() {
+        let h = [
+            op(1, 0, 10, Input::Upsert(1), Output::Inserted),
+            op(2, 0, 10, Input::Get, get(Some(3))),
+        ];
+        assert!(check(&h).is_err());
+    }
+
+    #[test]
+    fn wrong_previous_in_updated_is_rejected() {
+        let h = [
+            op(1, 0, 1, Input::Insert(1), Output::Inserted),
+            op(1, 2, 3, Input::Update(2), Output::Updated { previous: 5 }),
+        ];
+        assert!(check(&h).is_err());
+    }
+
+    #[test]
+    fn keys_are_checked_independently() {
+        // Each key alone is fine in "a"; "b" reads a value only "a" holds.
+        let h = [
+            on("a", op(1, 0, 1, Input::Insert(1), Output::Inserted)),
+            on("b", op(2, 0, 1, Input::Insert(2), Output::Inserted)),
+            on("a", op(1, 2, 3, Input::Get, get(Some(1)))),
+            on("b", op(2, 2, 3, Input::Get, get(Some(1)))),
+        ];
+        let v = check(&h).unwrap_err();
+        assert_eq!(v.key, "b");
+        assert_eq!(v.ops.len(), 2);
+        assert!(v.ops.iter().all(|op| op.key == "b"));
+        let text = v.to_string();
+        assert!(text.contains("key \"b\""), "{text}");
+        assert!(text.contains("no linearization exists"), "{text}");
+    }
+
+    /// SplitMix64: a small deterministic PRNG, enough for test generation.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next_u64(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+
+        /// Uniform-ish in `lo..=hi`.
+        fn range(&mut self, lo: u64, hi: u64) -> u64 {
+            lo + self.next_u64() % (hi - lo + 1)
+        }
+    }
+
+    /// Generates a linearizable history: each op takes effect atomically at
+    /// its own linearization point (multiples of 10, in generation order) on
+    /// a model map, and its interval is stretched randomly around that point
+    /// without overlapping its client's neighbouring ops. Some ops are left
+    /// pending, and then their client stops; a pending op may or may not have
+    /// taken effect.
+    fn random_history(seed: u64, clients: usize, keys: usize, len: usize) -> Vec<Operation> {
+        let mut rng = Rng(seed);
+        let mut model: BTreeMap<String, Option<i32>> = BTreeMap::new();
+        // Per client slot: its ops (as indices into `history`), plus the
+        // client id currently in that slot (replaced when one stops).
+        let mut slots: Vec<(u64, Vec<usize>)> = (0..clients as u64).map(|c| (c, vec![])).collect();
+        let mut next_client = clients as u64;
+        let mut history: Vec<Operation> = Vec::new();
+        for n in 0..len {
+            let lp = 10 * (n as u64 + 1);
+            let slot = rng.range(0, clients as u64 - 1) as usize;
+            let key = format!("k{}", rng.range(0, keys as u64 - 1));
+            // Few values, so that they repeat and reads are ambiguous.
+            let v = rng.range(0, 4) as i32;
+            let input = match rng.range(0, 5) {
+                0 | 1 => Input::Get,
+                2 => Input::Insert(v),
+                3 => Input::Update(v),
+                4 => Input::Upsert(v),
+                _ => Input::Remove,
+            };
+            let state = model.entry(key.clone()).or_default();
+            let is_pending = rng.range(0, 19) == 0;
+            let takes_effect = !is_pending || rng.range(0, 1) == 0;
+            let (output, next) = step(*state, input);
+            if takes_effect {
+                *state = next;
+            }
+            history.push(Operation {
+                client: slots[slot].0,
+                key,
+                input,
+                output: (!is_pending).then_some(output),
+                // [lp, lp] for now; `stretch` widens it around lp.
+                call: lp,
+                ret: lp,
+            });
+            slots[slot].1.push(n);
+            if is_pending {
+                // The client is gone; a fresh one takes its slot.
+                let (_, ops) = std::mem::replace(&mut slots[slot], (next_client, vec![]));
+                next_client += 1;
+                stretch(&mut rng, &mut history, &ops);
+            }
+        }
+        for (_, ops) in &slots {
+            stretch(&mut rng, &mut history, ops);
+        }
+        history
+    }
+
+    /// Widens the intervals of one client's consecutive ops, each of which
+    /// starts as [lp, lp], keeping them inside the gaps between neighbours so
+    /// the client never has two ops outstanding.
+    fn stretch(rng: &mut Rng, history: &mut [Operation], ops: &[usize]) {
+        let mut prev_ret = 0;
+        for (k, &i) in ops.iter().enumerate() {
+            let lp = history[i].call;
+            let next_lp = ops.get(k + 1).map(|&j| history[j].call);
+            history[i].call = rng.range(prev_ret + 1, lp);
+            let ret = match next_lp {
+                Some(next) => rng.range(lp, next - 1),
+                None => rng.range(lp, lp + 100),
+            };
+            history[i].ret = ret;
+            prev_ret = ret;
+        }
+    }
+
+    #[test]
+    fn random_linearizable_histories_are_accepted() {
+        for seed in 0..200 {
+            let h = random_history(seed, 6, 3, 300);
+            if let Err(v) = check(&h) {
+                panic!("seed {seed}: {v}");
+            }
+        }
+    }
+
+    #[test]
+    fn random_single_key_high_concurrency_histories_are_accepted() {
+        for seed in 0..50 {
+            let h = random_history(1000 + seed, 10, 1, 400);
+            if let Err(v) = check(&h) {
+                panic!("seed {seed}: {v}");
+            }
+        }
+    }
+
+    #[test]
+    fn random_histories_with_a_corrupted_read_are_rejected() {
+        for seed in 0..200 {
+            let mut h = random_history(seed, 6, 3, 300);
+            let gets: Vec<usize> = (0..h.len())
+                .filter(|&i| h[i].input == Input::Get && h[i].output.is_some())
+                .collect();
+            let mut rng = Rng(seed ^ 0xdead_beef);
+            let i = gets[rng.range(0, gets.len() as u64 - 1) as usize];
+            // Values written are 0..=4, so 99 was never written.
+            h[i].output = Some(Output::Value(Some(99)));
+            let v = check(&h).expect_err("corrupted history accepted");
+            assert_eq!(v.key, h[i].key, "seed {seed}");
+        }
+    }
+}
