@@ -1054,7 +1054,7 @@ mod tests {
         }
     }
 
-    fn only<'a>(ready: &'a Ready, to: NodeId) -> Vec<&'a Message> {
+    fn only(ready: &Ready, to: NodeId) -> Vec<&Message> {
         ready
             .messages
             .iter()

@@ -23,7 +23,7 @@
 //! linearizing it last, since the state after the end of the history is not
 //! observed.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
 /// An operation's input on one key.
@@ -156,7 +156,7 @@ fn step(state: Option<i32>, input: Input) -> (Output, Option<i32>) {
     }
 }
 
-/// A fixed-size set of operation indices.
+/// A fixed-size set of small indices.
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct Bitset(Vec<u64>);
 
@@ -177,6 +177,11 @@ impl Bitset {
         self.0[i / 64] &= !(1 << (i % 64));
     }
 
+    /// Whether every element of `self` is in `other` (of the same size).
+    fn is_subset(&self, other: &Bitset) -> bool {
+        self.0.iter().zip(&other.0).all(|(a, b)| a & !b == 0)
+    }
+
     /// The smallest index below `len` not in the set.
     fn first_absent(&self, len: usize) -> Option<usize> {
         self.0
@@ -189,117 +194,186 @@ impl Bitset {
 }
 
 /// One key's sub-history prepared for the search.
+///
+/// Completed and pending operations are kept apart because they play
+/// different roles: completed ones must all be linearized and bound when
+/// others may be, pending ones are optional and never bound anything.
+/// A *choice* numbers the candidates: `c < completed.len()` is
+/// `completed[c]`, otherwise it is `pending[c - completed.len()]`.
 struct Search {
-    /// Operations sorted by call time.
+    /// The sub-history, sorted by call time.
     ops: Vec<Operation>,
-    /// Return time of each operation, +infinity (`u64::MAX`) when pending.
-    ret: Vec<u64>,
+    /// Indices into `ops` of the completed operations, in call order.
+    completed: Vec<usize>,
+    /// Indices into `ops` of the pending operations, in call order.
+    pending: Vec<usize>,
 }
 
 impl Search {
-    /// The first operation at index `from` or later that may be linearized
-    /// next, given the set already linearized.
+    fn op(&self, choice: usize) -> &Operation {
+        match choice.checked_sub(self.completed.len()) {
+            None => &self.ops[self.completed[choice]],
+            Some(p) => &self.ops[self.pending[p]],
+        }
+    }
+
+    /// The first choice numbered `from` or more that may be linearized next,
+    /// given the completed operations linearized (`done`) and the pending
+    /// ones linearized (`used`). Completed candidates come before pending
+    /// ones: pending ops are rarely needed, so trying them last finds a
+    /// linearization sooner.
     ///
-    /// An operation may come next iff no other unlinearized operation returned
+    /// An operation may come next iff no unlinearized operation returned
     /// strictly before it was called, i.e. iff its call is at most the
-    /// smallest return time among unlinearized operations.
-    fn next_candidate(&self, linearized: &Bitset, from: usize) -> Option<usize> {
-        let first = linearized.first_absent(self.ops.len())?;
+    /// smallest return time among unlinearized completed operations.
+    fn next_candidate(&self, done: &Bitset, used: &Bitset, from: usize) -> Option<usize> {
+        let nc = self.completed.len();
+        let first = done.first_absent(nc)?;
         // Ops are sorted by call and ret >= call, so once an op is called
         // after the minimum so far, neither it nor any later op can lower it.
         let mut min_ret = u64::MAX;
-        for i in first..self.ops.len() {
-            if self.ops[i].call > min_ret {
+        for c in first..nc {
+            let op = self.op(c);
+            if op.call > min_ret {
                 break;
             }
-            if !linearized.contains(i) {
-                min_ret = min_ret.min(self.ret[i]);
+            if !done.contains(c) {
+                min_ret = min_ret.min(op.ret);
             }
         }
-        (from.max(first)..self.ops.len())
-            .take_while(|&i| self.ops[i].call <= min_ret)
-            .find(|&i| !linearized.contains(i))
+        let completed = (from.max(first)..nc)
+            .take_while(|&c| self.op(c).call <= min_ret)
+            .find(|&c| !done.contains(c));
+        if completed.is_some() {
+            return completed;
+        }
+        (from.saturating_sub(nc)..self.pending.len())
+            .take_while(|&p| self.op(nc + p).call <= min_ret)
+            .filter(|&p| !used.contains(p))
+            // Unused pending ops with the same input are interchangeable
+            // (being called earlier, the first one is eligible whenever a
+            // later one is), so only the first is worth trying.
+            .find(|&p| {
+                let input = self.op(nc + p).input;
+                (0..p).all(|q| used.contains(q) || self.op(nc + q).input != input)
+            })
+            .map(|p| nc + p)
     }
 }
 
 /// Searches for a linearization of one key's operations, sorted by call time.
 fn check_key(key: &str, ops: Vec<Operation>) -> Result<(), Violation> {
-    let ret = ops
-        .iter()
-        .map(|op| {
-            if op.output.is_some() {
-                op.ret
-            } else {
-                u64::MAX
-            }
-        })
-        .collect();
-    let search = Search { ops, ret };
-    let n = search.ops.len();
-    let completed = search.ops.iter().filter(|op| op.output.is_some()).count();
+    let (completed, pending) = (0..ops.len()).partition(|&i| ops[i].output.is_some());
+    let search = Search {
+        ops,
+        completed,
+        pending,
+    };
+    let nc = search.completed.len();
 
-    let mut linearized = Bitset::new(n);
+    // Completed and pending operations linearized so far.
+    let mut done = Bitset::new(nc);
+    let mut used = Bitset::new(search.pending.len());
+    let mut done_count = 0;
     let mut state: Option<i32> = None;
-    // Completed operations linearized so far; pending ones need not be.
-    let mut done = 0;
-    // The current partial linearization: (operation, state before it).
+    // The current partial linearization: (choice, state before it).
     let mut stack: Vec<(usize, Option<i32>)> = Vec::new();
     // Where to resume looking for candidates at the current depth.
     let mut from = 0;
-    let mut seen: HashSet<(Bitset, Option<i32>)> = HashSet::new();
+    // Search states already explored: for each (completed ops linearized,
+    // model state), the sets of pending ops linearized. A state is skipped
+    // if an explored one had a subset of its pending ops linearized: the
+    // unused pending ops only add options, as they never bound anything.
+    let mut seen: HashMap<(Bitset, Option<i32>), Vec<Bitset>> = HashMap::new();
     // The longest partial linearization found, for the report.
     let mut longest: (Vec<usize>, Option<i32>) = (Vec::new(), None);
+    let (mut steps, mut pend_steps, mut subchecks) = (0u64, 0u64, 0usize);
 
     loop {
-        if done == completed {
+        if done_count == nc {
+            let tot: usize = seen.values().map(|v| v.len()).sum();
+            let mx = seen.values().map(|v| v.len()).max().unwrap_or(0);
+            if std::env::var("STATS").is_ok() {
+                eprintln!(
+                    "steps {steps} pend_steps {pend_steps} seen {} tot {tot} max {mx} subchecks {subchecks}",
+                    seen.len()
+                );
+            }
             return Ok(());
         }
-        let Some(i) = search.next_candidate(&linearized, from) else {
+        let Some(c) = search.next_candidate(&done, &used, from) else {
             // Dead end: undo the last choice and try the next candidate at
             // that depth, or give up when there is nothing left to undo.
             let Some((last, before)) = stack.pop() else {
-                return Err(violation(key, search.ops, longest));
+                return Err(violation(key, &search, longest));
             };
-            linearized.remove(last);
-            state = before;
-            if search.ops[last].output.is_some() {
-                done -= 1;
+            if last < nc {
+                done.remove(last);
+                done_count -= 1;
+            } else {
+                used.remove(last - nc);
             }
+            state = before;
             from = last + 1;
             continue;
         };
-        from = i + 1;
-        let op = &search.ops[i];
+        from = c + 1;
+        steps += 1;
+        if c >= nc {
+            pend_steps += 1;
+        }
+        let op = search.op(c);
         let (output, next) = step(state, op.input);
         match op.output {
             Some(expected) if expected != output => continue,
             // A pending op that leaves the state alone is pointless to
-            // linearize: leaving it out is always at least as good, since it
-            // never constrains other ops (its return time is infinite).
+            // linearize: leaving it out is always at least as good.
             None if next == state => continue,
             _ => {}
         }
-        linearized.insert(i);
-        if !seen.insert((linearized.clone(), next)) {
-            // Explored before, from another order of the same ops.
-            linearized.remove(i);
+        if c < nc {
+            done.insert(c);
+        } else {
+            used.insert(c - nc);
+        }
+        let explored = seen.entry((done.clone(), next)).or_default();
+        subchecks += explored.len();
+        if explored.iter().any(|p| p.is_subset(&used)) {
+            // Explored before, from another order or with fewer pending ops.
+            if c < nc {
+                done.remove(c);
+            } else {
+                used.remove(c - nc);
+            }
             continue;
         }
-        stack.push((i, state));
-        state = next;
-        if op.output.is_some() {
-            done += 1;
+        // Sets dominated by the new one need no longer be kept.
+        explored.retain(|p| !used.is_subset(p));
+        explored.push(used.clone());
+        if c < nc {
+            done_count += 1;
         }
+        stack.push((c, state));
+        state = next;
         from = 0;
         if stack.len() > longest.0.len() {
-            longest = (stack.iter().map(|&(j, _)| j).collect(), state);
+            longest = (stack.iter().map(|&(c, _)| c).collect(), state);
         }
     }
 }
 
-fn violation(key: &str, ops: Vec<Operation>, longest: (Vec<usize>, Option<i32>)) -> Violation {
+/// Builds the report for a key without linearization, given the longest
+/// partial linearization found (as choices) and the state it leads to.
+fn violation(key: &str, search: &Search, longest: (Vec<usize>, Option<i32>)) -> Violation {
     let (prefix, state) = longest;
-    let prefix: Vec<String> = prefix.iter().map(|i| format!("[{i}]")).collect();
+    let nc = search.completed.len();
+    let prefix: Vec<String> = prefix
+        .iter()
+        .map(|&c| match c.checked_sub(nc) {
+            None => format!("[{}]", search.completed[c]),
+            Some(p) => format!("[{}]", search.pending[p]),
+        })
+        .collect();
     let message = format!(
         "no linearization exists; the longest linearizable prefix found is \
          ({}), leaving the key at {state:?}, and no remaining operation can \
@@ -308,7 +382,7 @@ fn violation(key: &str, ops: Vec<Operation>, longest: (Vec<usize>, Option<i32>))
     );
     Violation {
         key: key.to_string(),
-        ops,
+        ops: search.ops.clone(),
         message,
     }
 }
@@ -532,6 +606,9 @@ mod tests {
         assert!(text.contains("no linearization exists"), "{text}");
     }
 
+    pub fn random_history_pub(seed: u64, c: usize, k: usize, l: usize) -> Vec<Operation> {
+        random_history(seed, c, k, l)
+    }
     /// SplitMix64: a small deterministic PRNG, enough for test generation.
     struct Rng(u64);
 
@@ -569,7 +646,10 @@ mod tests {
             let slot = rng.range(0, clients as u64 - 1) as usize;
             let key = format!("k{}", rng.range(0, keys as u64 - 1));
             // Few values, so that they repeat and reads are ambiguous.
-            let v = rng.range(0, 4) as i32;
+            let v = rng.range(
+                0,
+                std::env::var("VR").map(|v| v.parse().unwrap()).unwrap_or(4),
+            ) as i32;
             let input = match rng.range(0, 5) {
                 0 | 1 => Input::Get,
                 2 => Input::Insert(v),
@@ -578,7 +658,7 @@ mod tests {
                 _ => Input::Remove,
             };
             let state = model.entry(key.clone()).or_default();
-            let is_pending = rng.range(0, 19) == 0;
+            let is_pending = rng.range(0, 19) == 0 && std::env::var("NOPEND").is_err();
             let takes_effect = !is_pending || rng.range(0, 1) == 0;
             let (output, next) = step(*state, input);
             if takes_effect {
@@ -658,6 +738,19 @@ mod tests {
             h[i].output = Some(Output::Value(Some(99)));
             let v = check(&h).expect_err("corrupted history accepted");
             assert_eq!(v.key, h[i].key, "seed {seed}");
+        }
+    }
+}
+#[cfg(test)]
+mod tmp_profile {
+    #[test]
+    fn tmp_profile() {
+        for seed in 0..50u64 {
+            let h = super::tests::random_history_pub(1000 + seed, 10, 1, 400);
+            let pend = h.iter().filter(|o| o.output.is_none()).count();
+            let t = std::time::Instant::now();
+            let r = super::check(&h).is_ok();
+            eprintln!("seed {seed} pending {pend} ok {r} {:?}", t.elapsed());
         }
     }
 }

@@ -2,3 +2,107 @@
 //! linearizability checker for the client histories they record.
 
 mod linearizability;
+mod world;
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use world::{Params, Stats, World};
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    match std::env::var(name) {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
+        Err(_) => default,
+    }
+}
+
+/// Runs one seed; a panic inside the core counts as a failure of that seed.
+fn run_seed(seed: u64, ops: usize) -> Result<Stats, String> {
+    let params = Params::from_seed(seed, ops);
+    let outcome = catch_unwind(AssertUnwindSafe(|| {
+        let mut world = World::new(seed, params.clone());
+        world.run().map(|()| world.stats.clone())
+    }));
+    match outcome {
+        Ok(Ok(stats)) => Ok(stats),
+        Ok(Err(violation)) => Err(format!("{violation}\n  params: {params:?}")),
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            Err(format!("panicked: {msg}\n  params: {params:?}"))
+        }
+    }
+}
+
+/// The simulator over many seeds (`PAXOSKV_SIM_SEEDS`, default 500, from
+/// `PAXOSKV_SIM_FIRST_SEED`, default 1), each with `PAXOSKV_SIM_OPS` client
+/// operations (default 200); or exactly one seed with `PAXOSKV_SIM_SEED`.
+#[test]
+fn simulated_clusters_stay_safe_linearizable_and_live() {
+    let ops = env_u64("PAXOSKV_SIM_OPS", 200) as usize;
+    let seeds: Vec<u64> = match std::env::var("PAXOSKV_SIM_SEED") {
+        Ok(seed) => vec![seed.parse().expect("PAXOSKV_SIM_SEED is a number")],
+        Err(_) => {
+            let first = env_u64("PAXOSKV_SIM_FIRST_SEED", 1);
+            (first..first + env_u64("PAXOSKV_SIM_SEEDS", 500)).collect()
+        }
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunks: Vec<Vec<u64>> = (0..threads)
+        .map(|t| seeds.iter().copied().skip(t).step_by(threads).collect())
+        .collect();
+    let results: Vec<(u64, Result<Stats, String>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = chunks
+            .into_iter()
+            .map(|chunk| {
+                scope.spawn(move || {
+                    chunk
+                        .into_iter()
+                        .map(|seed| (seed, run_seed(seed, ops)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("simulation thread"))
+            .collect()
+    });
+
+    let mut total = Stats::default();
+    let mut failures = Vec::new();
+    for (seed, result) in &results {
+        match result {
+            Ok(s) => {
+                total.ops_completed += s.ops_completed;
+                total.ops_unanswered += s.ops_unanswered;
+                total.messages += s.messages;
+                total.dropped += s.dropped;
+                total.duplicated += s.duplicated;
+                total.crashes += s.crashes;
+                total.torn_readies += s.torn_readies;
+                total.partitions += s.partitions;
+                total.pauses += s.pauses;
+                total.leader_changes += s.leader_changes;
+                total.slots_chosen += s.slots_chosen;
+                total.ticks += s.ticks;
+            }
+            Err(e) => failures.push(format!(
+                "seed {seed} failed (replay: PAXOSKV_SIM_SEED={seed}): {e}"
+            )),
+        }
+    }
+    println!("simulated {} seeds x {ops} ops: {total:?}", results.len());
+    if !failures.is_empty() {
+        panic!(
+            "{} of {} seeds failed:\n{}",
+            failures.len(),
+            results.len(),
+            failures.join("\n")
+        );
+    }
+}
