@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "proto/paxoskv/v1/kv.proto",
         "proto/paxoskv/v1/replica.proto",
+        "proto/paxoskv/v1/admin.proto",
     ];
     for proto in &protos {
         println!("cargo:rerun-if-changed={proto}");

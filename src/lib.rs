@@ -3,12 +3,33 @@
 //!
 //! Layers, each importing only those below it:
 //!
+//! - [`server`], [`cluster`], [`client`]: what the `paxoskv` command runs —
+//!   one replica, a local cluster of them, a client call;
+//! - [`service`], [`admin`]: the client API (`paxoskv.v1.KvStore`) and the
+//!   operator's view (`paxoskv.v1.Admin`) over gRPC;
+//! - [`node`]: the async driver that owns the core, the storage and the
+//!   transport;
+//! - [`transport`]: Paxos messages between replicas over long-lived gRPC
+//!   streams, one per peer, with reconnects;
+//! - [`storage`]: the one place that touches the disk (sled): the acceptor's
+//!   promise and votes, made durable with a real fsync, and the state machine
+//!   applied atomically with its applied index;
+//! - [`wire`]: the core's types in protobuf form, for the network and the disk;
 //! - [`kv`]: the state machine (the five operations and the dedup table);
 //! - [`paxos`]: the consensus core, sans-IO and deterministic;
 //! - [`pb`]: the generated protobuf and gRPC types.
 
+pub mod admin;
+pub mod client;
+pub mod cluster;
 pub mod kv;
+pub mod node;
 pub mod paxos;
+pub mod server;
+pub mod service;
+pub mod storage;
+pub mod transport;
+pub mod wire;
 
 /// Generated protobuf messages and gRPC stubs for `paxoskv.v1`.
 pub mod pb {

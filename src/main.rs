@@ -1,3 +1,239 @@
-fn main() {
-    println!("paxoskv {}", env!("CARGO_PKG_VERSION"));
+//! The `paxoskv` command: run a replica, a local cluster, or a client call.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use paxoskv::client::{self, Call};
+use paxoskv::cluster::{self, ClusterOptions};
+use paxoskv::paxos::NodeId;
+use paxoskv::server::{self, ServeOptions};
+
+/// A replicated key-value store kept consistent by Multi-Paxos.
+#[derive(Parser, Debug)]
+#[command(name = "paxoskv", version)]
+struct Cli {
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        env = "PAXOSKV_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Runs one replica.
+    Serve {
+        /// This replica's id (one of the ids in --peers).
+        #[arg(long, env = "PAXOSKV_ID")]
+        id: NodeId,
+        /// The gRPC address to serve on: client API, replica traffic, health, reflection.
+        #[arg(long, env = "PAXOSKV_LISTEN")]
+        listen: SocketAddr,
+        /// Every replica's gRPC address, this one included: 1=HOST:PORT,2=HOST:PORT,...
+        #[arg(long, env = "PAXOSKV_PEERS", value_parser = parse_peers)]
+        peers: BTreeMap<NodeId, String>,
+        /// Where this replica keeps its data.
+        #[arg(long, env = "PAXOSKV_DATA_DIR")]
+        data_dir: PathBuf,
+        /// The consensus clock period, in milliseconds.
+        #[arg(long, env = "PAXOSKV_TICK_MS", default_value_t = 10)]
+        tick_ms: u64,
+        /// sled's page cache, in MiB.
+        #[arg(long, env = "PAXOSKV_CACHE_MB", default_value_t = 64)]
+        cache_mb: u64,
+    },
+    /// Runs a local cluster of `serve` processes on 127.0.0.1 until Ctrl-C.
+    Cluster {
+        /// How many replicas.
+        #[arg(long, env = "PAXOSKV_REPLICAS", default_value_t = 3)]
+        replicas: u32,
+        /// Replica N listens on 127.0.0.1:(BASE_PORT + N - 1).
+        #[arg(long, env = "PAXOSKV_BASE_PORT", default_value_t = 8081)]
+        base_port: u16,
+        /// Replica N keeps its data in DATA_DIR/N.
+        #[arg(long, env = "PAXOSKV_DATA_DIR", default_value = "data")]
+        data_dir: PathBuf,
+    },
+    /// Reads a key.
+    Get {
+        key: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Adds a key; fails if it exists.
+    Insert {
+        key: String,
+        #[arg(allow_negative_numbers = true)]
+        value: i32,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Changes a key; fails if it is absent.
+    Update {
+        key: String,
+        #[arg(allow_negative_numbers = true)]
+        value: i32,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Inserts or updates a key.
+    Upsert {
+        key: String,
+        #[arg(allow_negative_numbers = true)]
+        value: i32,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Deletes a key; fails if it is absent.
+    Remove {
+        key: String,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+/// Where a client call goes.
+#[derive(clap::Args, Debug)]
+struct Target {
+    /// Any replica's gRPC address.
+    #[arg(long, env = "PAXOSKV_ENDPOINT", default_value = "127.0.0.1:8081")]
+    endpoint: String,
+    /// The call's deadline, in milliseconds.
+    #[arg(long, env = "PAXOSKV_TIMEOUT_MS", default_value_t = 5000)]
+    timeout_ms: u64,
+}
+
+fn parse_peers(s: &str) -> Result<BTreeMap<NodeId, String>, String> {
+    let mut peers = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{part:?} is not ID=HOST:PORT"))?;
+        let id: NodeId = id
+            .trim()
+            .parse()
+            .map_err(|_| format!("{id:?} in {part:?} is not a replica id"))?;
+        if addr.trim().is_empty() {
+            return Err(format!("replica {id} has an empty address"));
+        }
+        if peers.insert(id, addr.trim().to_string()).is_some() {
+            return Err(format!("replica {id} is listed twice"));
+        }
+    }
+    if peers.is_empty() {
+        return Err("no peers given".into());
+    }
+    Ok(peers)
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> ExitCode {
+    let call = match cli.command {
+        Command::Serve {
+            id,
+            listen,
+            peers,
+            data_dir,
+            tick_ms,
+            cache_mb,
+        } => {
+            init_logs(cli.log_format);
+            let opts = ServeOptions {
+                id,
+                listen,
+                peers,
+                data_dir,
+                tick: Duration::from_millis(tick_ms.max(1)),
+                cache_bytes: cache_mb * 1024 * 1024,
+                drain: Duration::from_secs(5),
+            };
+            return report(server::serve(opts).await);
+        }
+        Command::Cluster {
+            replicas,
+            base_port,
+            data_dir,
+        } => {
+            init_logs(cli.log_format);
+            let opts = ClusterOptions {
+                replicas,
+                base_port,
+                data_dir,
+                metrics_base_port: None,
+            };
+            return report(cluster::run(opts).await);
+        }
+        Command::Get { key, target } => (Call::Get { key }, target),
+        Command::Insert { key, value, target } => (Call::Insert { key, value }, target),
+        Command::Update { key, value, target } => (Call::Update { key, value }, target),
+        Command::Upsert { key, value, target } => (Call::Upsert { key, value }, target),
+        Command::Remove { key, target } => (Call::Remove { key }, target),
+    };
+    let (call, target) = call;
+    match client::run(
+        &target.endpoint,
+        Duration::from_millis(target.timeout_ms),
+        call,
+    )
+    .await
+    {
+        Ok(out) => {
+            println!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(status) => {
+            eprintln!("error: {:?}: {}", status.code(), status.message());
+            ExitCode::from(client::exit_code(&status) as u8)
+        }
+    }
+}
+
+fn report(result: Result<(), Box<dyn std::error::Error + Send + Sync>>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -1,0 +1,76 @@
+//! `paxoskv.v1.Admin`: what a replica knows of itself and its peers, for
+//! `paxoskv status`, tests and operators (also callable with grpcurl).
+
+use std::collections::BTreeMap;
+
+use tonic::{Request, Response, Status};
+
+use crate::node::{NodeError, NodeHandle};
+use crate::paxos::{NodeId, Role};
+use crate::pb;
+
+/// The Admin service of one replica.
+pub struct AdminService {
+    node: NodeHandle,
+    peers: BTreeMap<NodeId, String>,
+}
+
+impl AdminService {
+    /// Reports on `node`; `peers` maps every replica id to its address.
+    pub fn new(node: NodeHandle, peers: BTreeMap<NodeId, String>) -> Self {
+        AdminService { node, peers }
+    }
+
+    /// The tonic server for this service.
+    pub fn into_server(self) -> pb::admin_server::AdminServer<Self> {
+        pb::admin_server::AdminServer::new(self)
+    }
+}
+
+/// The name a role goes by in status output.
+pub fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Leader => "leader",
+        Role::Follower => "follower",
+        Role::Candidate => "candidate",
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminService {
+    async fn status(
+        &self,
+        _: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let status = self.node.status().await.map_err(|e| match e {
+            NodeError::Stopped => Status::unavailable("replica is shutting down"),
+            other => Status::internal(format!("{other:?}")),
+        })?;
+        let tick_ms = status.tick.as_millis() as u64;
+        let peers = self
+            .peers
+            .iter()
+            .map(|(&id, address)| {
+                let follower = status.core.followers.iter().find(|f| f.id == id);
+                pb::Peer {
+                    id,
+                    address: address.clone(),
+                    committed: follower.map_or(0, |f| f.committed),
+                    silent_ms: follower.map_or(0, |f| f.silent_ticks * tick_ms),
+                    connected: id == status.core.id
+                        || status.connected.get(&id).copied().unwrap_or(false),
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::StatusResponse {
+            id: status.core.id,
+            role: role_name(status.core.role).to_string(),
+            leader: status.core.leader.unwrap_or(0),
+            ballot_round: status.core.promised.round,
+            ballot_node: status.core.promised.node,
+            committed: status.core.committed,
+            applied: status.applied,
+            peers,
+        }))
+    }
+}

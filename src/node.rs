@@ -1,0 +1,444 @@
+//! The async driver around the consensus core.
+//!
+//! One tokio task owns the [`Replica`] and runs a loop: take an input (a
+//! peer's message, a client's request, a clock tick), then everything else
+//! already queued, then do what the core's [`Ready`](crate::paxos::Ready)
+//! says — send, sync, send what waited for the sync, apply, answer. While a
+//! sync runs, new inputs queue up and go into the next sync together: that
+//! is the group commit.
+//!
+//! Client calls reach the loop through a [`NodeHandle`]. A write becomes a
+//! [`kv::Command`] proposed to the core; its caller is answered with the
+//! state machine's own reply once the command's slot is applied here. A read
+//! goes through the core's ReadIndex barrier and is answered from the state
+//! machine once it has applied the read's index.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, error, info, warn};
+
+use crate::kv::{self, Op, Reply};
+use crate::paxos::{Message, NodeId, ReadId, Replica, Role, Slot, Status, Value};
+use crate::storage::Storage;
+use crate::transport::Transport;
+
+/// Why the node could not serve a call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeError {
+    /// This replica does not lead; ask the one given, if known.
+    NotLeader(Option<NodeId>),
+    /// Leadership was lost before the command got a log slot: it is certainly
+    /// not in the log, and may be retried as is.
+    Retry,
+    /// The replica is shutting down.
+    Stopped,
+}
+
+type WriteReply = oneshot::Sender<Result<Reply, NodeError>>;
+type ReadReply = oneshot::Sender<Result<Option<i32>, NodeError>>;
+
+enum Request {
+    Write {
+        command: kv::Command,
+        reply: WriteReply,
+    },
+    Read {
+        key: String,
+        reply: ReadReply,
+    },
+    Status {
+        reply: oneshot::Sender<NodeStatus>,
+    },
+}
+
+/// What a node reports about itself.
+#[derive(Clone, Debug)]
+pub struct NodeStatus {
+    /// The core's view.
+    pub core: Status,
+    /// The state machine has applied every slot up to this one.
+    pub applied: Slot,
+    /// Whether the stream to each peer is connected.
+    pub connected: BTreeMap<NodeId, bool>,
+    /// The core's clock period, to turn ticks into time.
+    pub tick: Duration,
+}
+
+/// A cheap, cloneable way to call into a running node.
+#[derive(Clone)]
+pub struct NodeHandle {
+    id: NodeId,
+    requests: mpsc::Sender<Request>,
+    leader: watch::Receiver<Option<NodeId>>,
+}
+
+impl NodeHandle {
+    /// The replica's id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// The leader this replica currently follows (itself when leading).
+    pub fn leader(&self) -> Option<NodeId> {
+        *self.leader.borrow()
+    }
+
+    /// Waits until the known leader changes (or the node stops).
+    pub async fn leader_changed(&mut self) -> Result<(), NodeError> {
+        self.leader.changed().await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// Proposes a write and waits until it is applied here; returns the
+    /// state machine's reply.
+    pub async fn write(
+        &self,
+        key: String,
+        op: Op,
+        client_id: u64,
+        sequence: u64,
+    ) -> Result<Reply, NodeError> {
+        let command = kv::Command {
+            proposal_id: 0, // assigned by the node, which knows which ids are free
+            client_id,
+            sequence,
+            key,
+            op,
+        };
+        let (reply, rx) = oneshot::channel();
+        self.call(Request::Write { command, reply }, rx).await?
+    }
+
+    /// A linearizable read of `key`.
+    pub async fn read(&self, key: String) -> Result<Option<i32>, NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.call(Request::Read { key, reply }, rx).await?
+    }
+
+    /// The core's view of the replica and, when leading, of its followers.
+    pub async fn status(&self) -> Result<NodeStatus, NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.call(Request::Status { reply }, rx).await
+    }
+
+    async fn call<T>(&self, request: Request, rx: oneshot::Receiver<T>) -> Result<T, NodeError> {
+        self.requests
+            .send(request)
+            .await
+            .map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)
+    }
+}
+
+/// The node's fatal failures: after one, the replica must stop.
+#[derive(Debug)]
+pub struct NodeFailure(pub String);
+
+impl std::fmt::Display for NodeFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NodeFailure {}
+
+/// The driver: owns the core and everything it needs.
+pub struct Node {
+    replica: Replica,
+    storage: Arc<Storage>,
+    transport: Transport,
+    tick: Duration,
+    peer_rx: mpsc::Receiver<(NodeId, Message)>,
+    requests: mpsc::Receiver<Request>,
+    leader_tx: watch::Sender<Option<NodeId>>,
+    applied: Slot,
+    next_proposal: u64,
+    next_read: ReadId,
+    writes: HashMap<u64, WriteReply>,
+    reads: HashMap<ReadId, (String, ReadReply)>,
+    /// Reads whose barrier passed, by the index they wait for.
+    ready_reads: BTreeMap<Slot, Vec<ReadId>>,
+    ticks: u64,
+    last_role: Role,
+}
+
+/// How many inputs one loop iteration takes before it syncs.
+const MAX_INPUTS_PER_ROUND: usize = 4096;
+
+impl Node {
+    /// A node over `replica` (already restored from `storage`); messages from
+    /// peers arrive on `peer_rx`. Returns the node to run and a handle to it.
+    pub fn new(
+        replica: Replica,
+        storage: Arc<Storage>,
+        transport: Transport,
+        peer_rx: mpsc::Receiver<(NodeId, Message)>,
+        tick: Duration,
+    ) -> (Node, NodeHandle) {
+        let (tx, requests) = mpsc::channel(16 * 1024);
+        let (leader_tx, leader) = watch::channel(None);
+        let id = replica.id();
+        let applied = replica.committed();
+        // Proposal ids need only be unique among this replica's waiters;
+        // starting from the clock keeps a restarted replica from matching a
+        // reply to a proposal of its previous life.
+        let next_proposal = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+            ^ (u64::from(id) << 56);
+        let node = Node {
+            last_role: Role::Follower,
+            replica,
+            storage,
+            transport,
+            tick,
+            peer_rx,
+            requests,
+            leader_tx,
+            applied,
+            next_proposal,
+            next_read: 1,
+            writes: HashMap::new(),
+            reads: HashMap::new(),
+            ready_reads: BTreeMap::new(),
+            ticks: 0,
+        };
+        (
+            node,
+            NodeHandle {
+                id,
+                requests: tx,
+                leader,
+            },
+        )
+    }
+
+    /// Runs until `shutdown` turns true (or every handle is gone). Calls in
+    /// flight are then failed with [`NodeError::Stopped`].
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), NodeFailure> {
+        let mut ticker = tokio::time::interval(self.tick);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => break,
+                Some((from, msg)) = self.peer_rx.recv() => self.replica.step(from, msg),
+                request = self.requests.recv() => match request {
+                    Some(request) => self.on_request(request),
+                    None => break,
+                },
+                _ = ticker.tick() => self.on_tick(),
+            }
+            // Everything already waiting joins this round (and its sync).
+            for _ in 0..MAX_INPUTS_PER_ROUND {
+                if let Ok((from, msg)) = self.peer_rx.try_recv() {
+                    self.replica.step(from, msg);
+                } else if let Ok(request) = self.requests.try_recv() {
+                    self.on_request(request);
+                } else {
+                    break;
+                }
+            }
+            self.process_ready().await?;
+            self.publish_leader();
+        }
+        info!(replica = self.replica.id(), "node stopping");
+        Ok(())
+    }
+
+    fn on_tick(&mut self) {
+        self.replica.tick();
+        self.ticks += 1;
+        // Callers that gave up (deadline passed) leave their waiter behind;
+        // sweep those now and then.
+        if self.ticks.is_multiple_of(100) {
+            self.writes.retain(|_, tx| !tx.is_closed());
+            self.reads.retain(|_, (_, tx)| !tx.is_closed());
+        }
+    }
+
+    fn on_request(&mut self, request: Request) {
+        match request {
+            Request::Write { mut command, reply } => {
+                self.next_proposal = self.next_proposal.wrapping_add(1);
+                command.proposal_id = self.next_proposal;
+                match self.replica.propose(command.encode()) {
+                    Ok(()) => {
+                        self.writes.insert(command.proposal_id, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(NodeError::NotLeader(e.leader)));
+                    }
+                }
+            }
+            Request::Read { key, reply } => {
+                let id = self.next_read;
+                self.next_read += 1;
+                match self.replica.read(id) {
+                    Ok(()) => {
+                        self.reads.insert(id, (key, reply));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(NodeError::NotLeader(e.leader)));
+                    }
+                }
+            }
+            Request::Status { reply } => {
+                let connected = self
+                    .replica
+                    .config()
+                    .peers()
+                    .map(|p| (p, self.transport.peer_connected(p)))
+                    .collect();
+                let _ = reply.send(NodeStatus {
+                    core: self.replica.status(),
+                    applied: self.applied,
+                    connected,
+                    tick: self.tick,
+                });
+            }
+        }
+    }
+
+    /// Does what the core asks until it asks nothing more.
+    async fn process_ready(&mut self) -> Result<(), NodeFailure> {
+        let id = self.replica.id();
+        loop {
+            let ready = self.replica.take_ready();
+            if ready.is_empty() {
+                return Ok(());
+            }
+            let mut to_self = Vec::new();
+            // 1. What depends on nothing unwritten goes out at once.
+            for e in &ready.messages {
+                if e.to == id {
+                    to_self.push(e.msg.clone());
+                } else {
+                    self.transport.send(e.to, &e.msg);
+                }
+            }
+            // 2. The sync: one for everything gathered this round.
+            if !ready.persist.is_empty() {
+                let storage = Arc::clone(&self.storage);
+                let persist = ready.persist;
+                blocking(move || storage.persist(&persist)).await?;
+            }
+            // 3. Replies that promise or accept what is now on disk.
+            for e in &ready.persisted_messages {
+                if e.to == id {
+                    to_self.push(e.msg.clone());
+                } else {
+                    self.transport.send(e.to, &e.msg);
+                }
+            }
+            // 4. Apply what is chosen, and answer the writers waiting here.
+            if !ready.chosen.is_empty() {
+                self.apply(ready.chosen).await?;
+            }
+            // 5. Reads: those whose barrier passed wait for their index.
+            for (read, index) in ready.reads {
+                self.ready_reads.entry(index).or_default().push(read);
+            }
+            for read in ready.failed_reads {
+                if let Some((_, tx)) = self.reads.remove(&read) {
+                    let _ = tx.send(Err(NodeError::Retry));
+                }
+            }
+            for command in ready.dropped {
+                if let Ok(command) = kv::Command::decode(&command)
+                    && let Some(tx) = self.writes.remove(&command.proposal_id)
+                {
+                    let _ = tx.send(Err(NodeError::Retry));
+                }
+            }
+            self.serve_reads()?;
+            for msg in to_self {
+                self.replica.step(id, msg);
+            }
+        }
+    }
+
+    async fn apply(&mut self, chosen: Vec<(Slot, Value)>) -> Result<(), NodeFailure> {
+        let last = chosen.last().map_or(self.applied, |(slot, _)| *slot);
+        let storage = Arc::clone(&self.storage);
+        let replies = blocking(move || storage.apply(&chosen)).await?;
+        self.applied = last;
+        for (proposal_id, reply) in replies {
+            if let Some(tx) = self.writes.remove(&proposal_id) {
+                let _ = tx.send(Ok(reply));
+            }
+        }
+        Ok(())
+    }
+
+    fn serve_reads(&mut self) -> Result<(), NodeFailure> {
+        while let Some(entry) = self.ready_reads.first_entry() {
+            if *entry.key() > self.applied {
+                break;
+            }
+            for read in entry.remove() {
+                if let Some((key, tx)) = self.reads.remove(&read) {
+                    let value = self
+                        .storage
+                        .get(&key)
+                        .map_err(|e| NodeFailure(format!("reading {key:?}: {e}")))?;
+                    let _ = tx.send(Ok(value));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn publish_leader(&mut self) {
+        let status = self.replica.status();
+        if status.role != self.last_role {
+            match status.role {
+                Role::Leader => info!(
+                    replica = status.id,
+                    ballot = %status.promised,
+                    committed = status.committed,
+                    "elected leader"
+                ),
+                Role::Candidate => debug!(replica = status.id, "campaigning"),
+                Role::Follower if self.last_role == Role::Leader => warn!(
+                    replica = status.id,
+                    ballot = %status.promised,
+                    "lost leadership"
+                ),
+                Role::Follower => {}
+            }
+            self.last_role = status.role;
+        }
+        self.leader_tx.send_if_modified(|leader| {
+            if *leader != status.leader {
+                if let Some(l) = status.leader
+                    && status.role == Role::Follower
+                {
+                    info!(replica = status.id, leader = l, ballot = %status.promised, "following leader");
+                }
+                *leader = status.leader;
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
+
+/// Runs blocking storage work off the async threads.
+async fn blocking<T, E>(f: impl FnOnce() -> Result<T, E> + Send + 'static) -> Result<T, NodeFailure>
+where
+    T: Send + 'static,
+    E: std::fmt::Display + Send + 'static,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => {
+            error!(error = %e, "storage failed; stopping the replica");
+            Err(NodeFailure(format!("storage: {e}")))
+        }
+        Err(e) => Err(NodeFailure(format!("storage task: {e}"))),
+    }
+}

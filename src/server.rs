@@ -1,0 +1,177 @@
+//! One replica, assembled: storage, core, node, transport, and the gRPC
+//! server that carries the client API, the replica service, health and
+//! reflection on one address.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::{info, warn};
+
+use crate::admin::AdminService;
+use crate::node::Node;
+use crate::paxos::{self, NodeId, Replica};
+use crate::pb;
+use crate::service::KvService;
+use crate::storage::Storage;
+use crate::transport::{PaxosService, Transport};
+
+/// How to run a replica.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// This replica's id; must be a key of `peers`.
+    pub id: NodeId,
+    /// Where to serve gRPC.
+    pub listen: SocketAddr,
+    /// Every replica's gRPC address, this one included.
+    pub peers: BTreeMap<NodeId, String>,
+    /// sled's directory.
+    pub data_dir: PathBuf,
+    /// The core's clock period.
+    pub tick: Duration,
+    /// sled's cache size.
+    pub cache_bytes: u64,
+    /// How long in-flight calls get to finish after SIGTERM.
+    pub drain: Duration,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Runs the replica until SIGTERM or SIGINT, then stops taking calls, lets
+/// those in flight finish (up to `drain`), flushes and returns.
+pub async fn serve(opts: ServeOptions) -> Result<(), BoxError> {
+    if !opts.peers.contains_key(&opts.id) {
+        return Err(format!(
+            "--id {} is not among --peers {:?}",
+            opts.id,
+            opts.peers.keys().collect::<Vec<_>>()
+        )
+        .into());
+    }
+    let storage = Arc::new(Storage::open(&opts.data_dir, opts.cache_bytes)?);
+    let durable = storage.load()?;
+    info!(
+        replica = opts.id,
+        data_dir = %opts.data_dir.display(),
+        promised = %durable.promised,
+        votes = durable.votes.len(),
+        applied = durable.applied,
+        "restored"
+    );
+    let mut cfg = paxos::Config::new(opts.id, opts.peers.keys().copied().collect());
+    cfg.seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+        ^ u64::from(opts.id);
+    let replica = Replica::new(cfg, durable.promised, durable.votes, durable.applied)?;
+
+    let listener = TcpListener::bind(opts.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", opts.listen))?;
+
+    let (peer_tx, peer_rx) = mpsc::channel(64 * 1024);
+    let others = opts
+        .peers
+        .iter()
+        .filter(|(id, _)| **id != opts.id)
+        .map(|(id, a)| (*id, a.clone()))
+        .collect();
+    let transport = Transport::start(opts.id, others);
+    let (node, handle) = Node::new(replica, Arc::clone(&storage), transport, peer_rx, opts.tick);
+    let (stop_node, node_stopped) = watch::channel(false);
+    let mut node_task = tokio::spawn(node.run(node_stopped));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<pb::kv_store_server::KvStoreServer<KvService>>()
+        .await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let (stop_server, server_stopped) = watch::channel(false);
+    let mut server_stopped_rx = server_stopped.clone();
+    let server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?)
+        .add_service(AdminService::new(handle.clone(), opts.peers.clone()).into_server())
+        .add_service(KvService::new(handle, opts.peers.clone()).into_server())
+        .add_service(
+            PaxosService::new(peer_tx)
+                .with_shutdown(server_stopped.clone())
+                .into_server(),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            let _ = server_stopped_rx.changed().await;
+        });
+    let mut server_task = tokio::spawn(server);
+    info!(replica = opts.id, listen = %opts.listen, "serving");
+
+    // Run until a signal, or until the node or the server fails on its own.
+    tokio::select! {
+        signal = shutdown_signal() => info!(signal, "shutting down"),
+        result = &mut node_task => {
+            let _ = stop_server.send(true);
+            return match result {
+                Ok(Ok(())) => Err("node stopped unexpectedly".into()),
+                Ok(Err(failure)) => Err(failure.into()),
+                Err(e) => Err(e.into()),
+            };
+        }
+        result = &mut server_task => {
+            let _ = stop_node.send(true);
+            return match result {
+                Ok(Ok(())) => Err("gRPC server stopped unexpectedly".into()),
+                Ok(Err(e)) => Err(e.into()),
+                Err(e) => Err(e.into()),
+            };
+        }
+    }
+    drop(server_stopped);
+
+    // Stop taking calls; calls in flight still have the node to finish on.
+    health
+        .set_not_serving::<pb::kv_store_server::KvStoreServer<KvService>>()
+        .await;
+    let _ = stop_server.send(true);
+    // Peer streams never end on their own, so graceful shutdown is bounded.
+    if tokio::time::timeout(opts.drain, &mut server_task)
+        .await
+        .is_err()
+    {
+        server_task.abort();
+    }
+    let _ = stop_node.send(true);
+    match node_task.await {
+        Ok(Ok(())) => {}
+        Ok(Err(failure)) => warn!(error = %failure, "node failed while stopping"),
+        Err(e) => warn!(error = %e, "node task failed while stopping"),
+    }
+    storage.flush()?;
+    info!(replica = opts.id, "stopped");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT, naming which.
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers, only a kill stops us; wait forever.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}

@@ -1,0 +1,482 @@
+//! `paxoskv.v1.KvStore`, the client API, as served by every replica.
+//!
+//! A call is validated first: bad input never reaches the log. Then the local
+//! node serves it if it leads; otherwise the call is forwarded to the leader
+//! it knows, or waits (up to the call's deadline) until one is known.
+//!
+//! Retries inside one call are only made where they cannot apply a write
+//! twice: when the command is known not to be in the log (not the leader;
+//! leadership lost before a slot), or when the write carries a request id,
+//! so the state machine deduplicates it.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Response, Status};
+
+use crate::kv::{Op, Reply};
+use crate::node::{NodeError, NodeHandle};
+use crate::paxos::NodeId;
+use crate::pb;
+use crate::pb::kv_store_client::KvStoreClient;
+
+/// Longest key accepted, in bytes.
+pub const MAX_KEY_BYTES: usize = 1024;
+
+/// Deadline of a call that sets none.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Header marking a call forwarded by a replica, with its hop count.
+const FORWARDED: &str = "x-paxoskv-forwarded";
+/// A call is forwarded at most this many times (leaders can change under it).
+const MAX_HOPS: u32 = 3;
+
+/// The KvStore service of one replica.
+pub struct KvService {
+    node: NodeHandle,
+    peers: BTreeMap<NodeId, String>,
+    clients: Mutex<BTreeMap<NodeId, KvStoreClient<Channel>>>,
+}
+
+impl KvService {
+    /// Serves calls through `node`; `peers` maps every replica id to its
+    /// gRPC address, for forwarding.
+    pub fn new(node: NodeHandle, peers: BTreeMap<NodeId, String>) -> Self {
+        KvService {
+            node,
+            peers,
+            clients: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// The tonic server for this service.
+    pub fn into_server(self) -> pb::kv_store_server::KvStoreServer<Self> {
+        pb::kv_store_server::KvStoreServer::new(self)
+    }
+
+    fn client(&self, leader: NodeId) -> Result<KvStoreClient<Channel>, Status> {
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = clients.get(&leader) {
+            return Ok(c.clone());
+        }
+        let addr = self
+            .peers
+            .get(&leader)
+            .ok_or_else(|| Status::internal(format!("leader {leader} is not in the peer list")))?;
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| Status::internal(format!("bad address {addr} for replica {leader}: {e}")))?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        let client = KvStoreClient::new(channel);
+        clients.insert(leader, client.clone());
+        Ok(client)
+    }
+
+    /// Serves `call` here if this replica leads, else forwards it to the
+    /// leader, retrying where that is safe, until done or the deadline.
+    async fn serve(&self, meta: CallMeta, call: Call) -> Result<Answer, Status> {
+        let mut node = self.node.clone();
+        let retry_safe = call.retry_safe();
+        loop {
+            let left = meta.deadline.saturating_duration_since(Instant::now());
+            let Ok(outcome) = tokio::time::timeout(left, call.local(&node)).await else {
+                return Err(unavailable_at_deadline(node.leader()));
+            };
+            match outcome {
+                Ok(answer) => return Ok(answer),
+                Err(NodeError::Stopped) => {
+                    return Err(Status::unavailable("replica is shutting down"));
+                }
+                Err(NodeError::Retry) => tokio::time::sleep(Duration::from_millis(10)).await,
+                Err(NodeError::NotLeader(Some(leader)))
+                    if leader != node.id() && meta.hops < MAX_HOPS =>
+                {
+                    let left = meta.deadline.saturating_duration_since(Instant::now());
+                    match call
+                        .clone()
+                        .forward(self.client(leader)?, left, meta.hops + 1)
+                        .await
+                    {
+                        Ok(answer) => return Ok(answer),
+                        // The leader may have died; look again shortly.
+                        Err(status) if retry_safe && is_unreachable(&status) => {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        Err(status) => return Err(status),
+                    }
+                }
+                Err(NodeError::NotLeader(_)) => {
+                    // No leader known (or forwarded too often): wait for news.
+                    let left = meta.deadline.saturating_duration_since(Instant::now());
+                    let wait = left.min(Duration::from_millis(100));
+                    let _ = tokio::time::timeout(wait, node.leader_changed()).await;
+                }
+            }
+            if Instant::now() >= meta.deadline {
+                return Err(unavailable_at_deadline(node.leader()));
+            }
+        }
+    }
+}
+
+/// A validated client call.
+#[derive(Clone)]
+enum Call {
+    Get(pb::GetRequest),
+    Insert(pb::InsertRequest),
+    Remove(pb::RemoveRequest),
+    Update(pb::UpdateRequest),
+    Upsert(pb::UpsertRequest),
+}
+
+/// How a call was answered: by this replica's node, or by the leader.
+enum Answer {
+    Read(Option<i32>),
+    Wrote(Reply),
+    Get(pb::GetResponse),
+    Insert(pb::InsertResponse),
+    Remove(pb::RemoveResponse),
+    Update(pb::UpdateResponse),
+    Upsert(pb::UpsertResponse),
+}
+
+impl Call {
+    /// A read may always be retried; a write only with a request id, which
+    /// the state machine deduplicates.
+    fn retry_safe(&self) -> bool {
+        let id = match self {
+            Call::Get(_) => return true,
+            Call::Insert(r) => &r.request_id,
+            Call::Remove(r) => &r.request_id,
+            Call::Update(r) => &r.request_id,
+            Call::Upsert(r) => &r.request_id,
+        };
+        id.is_some()
+    }
+
+    async fn local(&self, node: &NodeHandle) -> Result<Answer, NodeError> {
+        let (key, op, id) = match self {
+            Call::Get(r) => return node.read(r.key.clone()).await.map(Answer::Read),
+            Call::Insert(r) => (
+                &r.key,
+                Op::Insert(r.value.unwrap_or_default()),
+                r.request_id,
+            ),
+            Call::Remove(r) => (&r.key, Op::Remove, r.request_id),
+            Call::Update(r) => (
+                &r.key,
+                Op::Update(r.value.unwrap_or_default()),
+                r.request_id,
+            ),
+            Call::Upsert(r) => (
+                &r.key,
+                Op::Upsert(r.value.unwrap_or_default()),
+                r.request_id,
+            ),
+        };
+        let (client_id, sequence) = id.map_or((0, 0), |r| (r.client_id, r.sequence));
+        node.write(key.clone(), op, client_id, sequence)
+            .await
+            .map(Answer::Wrote)
+    }
+
+    async fn forward(
+        self,
+        mut c: KvStoreClient<Channel>,
+        left: Duration,
+        hops: u32,
+    ) -> Result<Answer, Status> {
+        Ok(match self {
+            Call::Get(r) => Answer::Get(c.get(forwarded(r, left, hops)).await?.into_inner()),
+            Call::Insert(r) => {
+                Answer::Insert(c.insert(forwarded(r, left, hops)).await?.into_inner())
+            }
+            Call::Remove(r) => {
+                Answer::Remove(c.remove(forwarded(r, left, hops)).await?.into_inner())
+            }
+            Call::Update(r) => {
+                Answer::Update(c.update(forwarded(r, left, hops)).await?.into_inner())
+            }
+            Call::Upsert(r) => {
+                Answer::Upsert(c.upsert(forwarded(r, left, hops)).await?.into_inner())
+            }
+        })
+    }
+}
+
+/// What a call carries besides its message.
+#[derive(Clone, Copy)]
+struct CallMeta {
+    deadline: Instant,
+    hops: u32,
+}
+
+impl CallMeta {
+    fn of<T>(request: &Request<T>) -> Self {
+        let meta = request.metadata();
+        let timeout = meta
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout)
+            .unwrap_or(DEFAULT_DEADLINE);
+        let hops = meta
+            .get(FORWARDED)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        CallMeta {
+            deadline: Instant::now() + timeout,
+            hops,
+        }
+    }
+}
+
+/// Parses gRPC's `grpc-timeout` header: digits and a unit (H, M, S, m, u, n).
+fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = v.split_at(v.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+fn is_unreachable(status: &Status) -> bool {
+    status.code() == Code::Unavailable && !status.message().starts_with("no ")
+}
+
+fn unavailable_at_deadline(leader: Option<NodeId>) -> Status {
+    match leader {
+        None => Status::unavailable("no leader: no quorum elected one within the call's deadline"),
+        Some(l) => Status::unavailable(format!(
+            "no quorum confirmed the call within its deadline (leader is replica {l}); a write may or may not have taken effect, retry it with the same request_id"
+        )),
+    }
+}
+
+/// Builds a forwarded request: same message, the remaining deadline, one
+/// more hop.
+fn forwarded<T>(message: T, left: Duration, hops: u32) -> Request<T> {
+    let mut request = Request::new(message);
+    request.set_timeout(left);
+    if let Ok(v) = MetadataValue::try_from(hops.to_string()) {
+        request.metadata_mut().insert(FORWARDED, v);
+    }
+    request
+}
+
+// ----- validation -----------------------------------------------------------
+
+/// Checks a key against the contract; the error names the field.
+pub fn validate_key(key: &str) -> Result<(), Status> {
+    if key.is_empty() {
+        return Err(Status::invalid_argument("key must not be empty"));
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "key is {} bytes long; at most {MAX_KEY_BYTES} are allowed",
+            key.len()
+        )));
+    }
+    Ok(())
+}
+
+fn validate_value(value: Option<i32>) -> Result<i32, Status> {
+    value.ok_or_else(|| Status::invalid_argument("value is required"))
+}
+
+fn validate_request_id(id: &Option<pb::RequestId>) -> Result<(), Status> {
+    match id {
+        Some(r) if r.client_id == 0 => Err(Status::invalid_argument(
+            "request_id.client_id must not be 0",
+        )),
+        Some(r) if r.sequence == 0 => Err(Status::invalid_argument(
+            "request_id.sequence must be at least 1",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Turns a reply of the state machine into the contract's status, or the
+/// given success.
+fn reply_status(key: &str, reply: Reply) -> Status {
+    match reply {
+        Reply::AlreadyExists => Status::already_exists(format!("key {key:?} already exists")),
+        Reply::NotFound => Status::not_found(format!("key {key:?} not found")),
+        Reply::Stale { last } => Status::failed_precondition(format!(
+            "request_id.sequence is older than {last}, the last one applied for this client_id"
+        )),
+        other => Status::internal(format!("unexpected reply {other:?}")),
+    }
+}
+
+/// The answer of the wrong shape for a call: a bug, not a user error.
+fn mismatch() -> Status {
+    Status::internal("internal error: answer does not match the call")
+}
+
+#[tonic::async_trait]
+impl pb::kv_store_server::KvStore for KvService {
+    async fn get(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::GetResponse>, Status> {
+        let meta = CallMeta::of(&request);
+        let r = request.into_inner();
+        validate_key(&r.key)?;
+        let key = r.key.clone();
+        match self.serve(meta, Call::Get(r)).await? {
+            Answer::Read(Some(value)) => Ok(Response::new(pb::GetResponse { value })),
+            Answer::Read(None) => Err(Status::not_found(format!("key {key:?} not found"))),
+            Answer::Get(response) => Ok(Response::new(response)),
+            _ => Err(mismatch()),
+        }
+    }
+
+    async fn insert(
+        &self,
+        request: Request<pb::InsertRequest>,
+    ) -> Result<Response<pb::InsertResponse>, Status> {
+        let meta = CallMeta::of(&request);
+        let r = request.into_inner();
+        validate_key(&r.key)?;
+        validate_value(r.value)?;
+        validate_request_id(&r.request_id)?;
+        let key = r.key.clone();
+        match self.serve(meta, Call::Insert(r)).await? {
+            Answer::Wrote(Reply::Inserted) => Ok(Response::new(pb::InsertResponse {})),
+            Answer::Wrote(other) => Err(reply_status(&key, other)),
+            Answer::Insert(response) => Ok(Response::new(response)),
+            _ => Err(mismatch()),
+        }
+    }
+
+    async fn remove(
+        &self,
+        request: Request<pb::RemoveRequest>,
+    ) -> Result<Response<pb::RemoveResponse>, Status> {
+        let meta = CallMeta::of(&request);
+        let r = request.into_inner();
+        validate_key(&r.key)?;
+        validate_request_id(&r.request_id)?;
+        let key = r.key.clone();
+        match self.serve(meta, Call::Remove(r)).await? {
+            Answer::Wrote(Reply::Removed { previous }) => {
+                Ok(Response::new(pb::RemoveResponse { previous }))
+            }
+            Answer::Wrote(other) => Err(reply_status(&key, other)),
+            Answer::Remove(response) => Ok(Response::new(response)),
+            _ => Err(mismatch()),
+        }
+    }
+
+    async fn update(
+        &self,
+        request: Request<pb::UpdateRequest>,
+    ) -> Result<Response<pb::UpdateResponse>, Status> {
+        let meta = CallMeta::of(&request);
+        let r = request.into_inner();
+        validate_key(&r.key)?;
+        validate_value(r.value)?;
+        validate_request_id(&r.request_id)?;
+        let key = r.key.clone();
+        match self.serve(meta, Call::Update(r)).await? {
+            Answer::Wrote(Reply::Updated { previous }) => {
+                Ok(Response::new(pb::UpdateResponse { previous }))
+            }
+            Answer::Wrote(other) => Err(reply_status(&key, other)),
+            Answer::Update(response) => Ok(Response::new(response)),
+            _ => Err(mismatch()),
+        }
+    }
+
+    async fn upsert(
+        &self,
+        request: Request<pb::UpsertRequest>,
+    ) -> Result<Response<pb::UpsertResponse>, Status> {
+        let meta = CallMeta::of(&request);
+        let r = request.into_inner();
+        validate_key(&r.key)?;
+        validate_value(r.value)?;
+        validate_request_id(&r.request_id)?;
+        let key = r.key.clone();
+        match self.serve(meta, Call::Upsert(r)).await? {
+            Answer::Wrote(Reply::Inserted) => {
+                Ok(Response::new(pb::UpsertResponse { inserted: true }))
+            }
+            Answer::Wrote(Reply::Updated { .. }) => {
+                Ok(Response::new(pb::UpsertResponse { inserted: false }))
+            }
+            Answer::Wrote(other) => Err(reply_status(&key, other)),
+            Answer::Upsert(response) => Ok(Response::new(response)),
+            _ => Err(mismatch()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_checked_against_the_contract() {
+        assert!(validate_key("k").is_ok());
+        assert!(validate_key(&"x".repeat(1024)).is_ok());
+        let empty = validate_key("").unwrap_err();
+        assert_eq!(empty.code(), Code::InvalidArgument);
+        assert!(empty.message().contains("key"));
+        let long = validate_key(&"x".repeat(1025)).unwrap_err();
+        assert_eq!(long.code(), Code::InvalidArgument);
+        assert!(long.message().contains("1025"));
+    }
+
+    #[test]
+    fn a_missing_value_and_a_zero_request_id_are_refused_by_name() {
+        assert_eq!(
+            validate_value(None).unwrap_err().message(),
+            "value is required"
+        );
+        let id = Some(pb::RequestId {
+            client_id: 0,
+            sequence: 1,
+        });
+        assert!(
+            validate_request_id(&id)
+                .unwrap_err()
+                .message()
+                .contains("client_id")
+        );
+        let id = Some(pb::RequestId {
+            client_id: 3,
+            sequence: 0,
+        });
+        assert!(
+            validate_request_id(&id)
+                .unwrap_err()
+                .message()
+                .contains("sequence")
+        );
+    }
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("S"), None);
+        assert_eq!(parse_grpc_timeout("10x"), None);
+    }
+}

@@ -1,0 +1,884 @@
+//! Paxos messages between replicas, over long-lived gRPC streams.
+//!
+//! # Design
+//!
+//! Every replica dials every peer and keeps **one outbound stream per peer**:
+//! a single call of the bidirectional `paxoskv.v1.Paxos/Stream` RPC, on whose
+//! request side it sends all of its messages for that peer, in the order they
+//! were handed to [`Transport::send`]. The peer's [`PaxosService`] reads them
+//! off that stream and hands them to its node. The response side of the call
+//! is left open and unused: the server sends nothing on it and closes it only
+//! when the call is over. A peer sends its own messages (the answers, too) on
+//! *its* outbound stream to us. So between two replicas there are two calls,
+//! one per direction, and a leader has one ordered, pipelined stream to each
+//! follower: phase 2 needs no round trip per slot.
+//!
+//! ```text
+//!   replica 1                                replica 2
+//!   Transport ── Stream call (1 → 2) ──────▶ PaxosService ──▶ inbox
+//!   inbox ◀──── PaxosService ◀──── Stream call (2 → 1) ── Transport
+//! ```
+//!
+//! ## Sending
+//!
+//! [`Transport::send`] never blocks: it encodes the message and pushes it
+//! onto the peer's bounded queue ([`QUEUE_CAPACITY`] messages). If the queue
+//! is full or the peer is unknown, the message is dropped and counted (see
+//! [`Transport::dropped`]). Paxos tolerates lost messages: the core re-sends
+//! what matters (accepts on its pipeline timer, heartbeats every tick,
+//! prepares on election timeouts).
+//!
+//! Each peer has one task that owns the receiving end of that queue. It
+//! loops: connect, open the `Stream` call, forward the queue into the call
+//! until the call fails or ends, then reconnect with exponential backoff
+//! ([`MIN_BACKOFF`] doubling to [`MAX_BACKOFF`], back to the minimum after a
+//! connection succeeds). Messages already handed to a call that then dies are
+//! lost, as on any network.
+//!
+//! While a peer is unreachable, its queue keeps filling. Before every
+//! connection attempt the task trims it to the **newest**
+//! [`KEEP_WHILE_DISCONNECTED`] messages (the older ones are counted as
+//! dropped), so a long outage does not replay a flood of stale traffic when
+//! the peer comes back, while a short blip loses nothing.
+//!
+//! ## Noticing a dead peer
+//!
+//! A crashed peer's kernel resets the connection and the call fails at once.
+//! A peer that is gone without a word (power loss, partition, `SIGSTOP`) is
+//! noticed by HTTP/2 keepalive: a PING every [`KEEPALIVE_INTERVAL`], and the
+//! connection is dropped if one is not answered within [`KEEPALIVE_TIMEOUT`].
+//! Opening the call is bounded by [`OPEN_TIMEOUT`] as well.
+//!
+//! ## Logging
+//!
+//! A peer that was reachable and is no longer is logged once at WARN ("lost
+//! peer"), and once at INFO when it is back ("peer reachable"); individual
+//! retries are at DEBUG. A peer never reached since start-up is logged at
+//! WARN ("peer unreachable") only once it has been failing for
+//! [`STARTUP_GRACE`], so that a cluster whose replicas start a few seconds
+//! apart stays quiet.
+//!
+//! ## Receiving, and shutting down
+//!
+//! [`PaxosService`] decodes each incoming message and awaits room in the
+//! node's inbox (backpressure travels back to the sender through HTTP/2 flow
+//! control). A message that does not decode is logged at WARN and skipped;
+//! the stream carries on.
+//!
+//! Because the streams are long-lived, a server's graceful shutdown (tonic's
+//! `serve_with_shutdown`, which waits for every call to finish) would wait on
+//! them forever. Give the service a shutdown signal with
+//! [`PaxosService::with_shutdown`]: once it turns true, every open stream
+//! ends and the dialling peers go back to reconnecting.
+
+use std::collections::BTreeMap;
+use std::error::Error as StdError;
+use std::future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::{self, Instant};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, error, info, warn};
+
+use crate::paxos::{Message, NodeId};
+use crate::pb;
+use crate::pb::paxos_client::PaxosClient;
+use crate::pb::paxos_server::{Paxos, PaxosServer};
+use crate::wire;
+
+/// Capacity of each peer's outbound queue, in messages.
+pub const QUEUE_CAPACITY: usize = 8192;
+
+/// While a peer is unreachable, its queue is trimmed to this many of the
+/// newest messages before every connection attempt.
+pub const KEEP_WHILE_DISCONNECTED: usize = 1024;
+
+/// First delay between connection attempts.
+pub const MIN_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Longest delay between connection attempts.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// How long a TCP connect may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long the peer may take to answer the opening of a `Stream` call.
+pub const OPEN_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Interval between HTTP/2 keepalive PINGs on a peer connection.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A connection whose keepalive PING goes unanswered this long is dropped.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A peer never reached since start-up is logged at WARN only after it has
+/// been unreachable this long.
+pub const STARTUP_GRACE: Duration = Duration::from_secs(5);
+
+/// Largest Paxos message accepted from a peer. Promise and CatchUp messages
+/// carry many log entries, far more than gRPC's 4 MiB default.
+pub const MAX_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
+
+/// Messages handed from the peer task to the live call but not yet taken by
+/// HTTP/2. Small: the real buffer is the peer's queue, and whatever sits here
+/// when the connection dies is lost.
+const CALL_BUFFER: usize = 64;
+
+/// The sending side: one outbound stream per peer, each kept up by its own
+/// task.
+///
+/// Dropping the `Transport` stops every peer task (and so closes the
+/// streams).
+#[derive(Debug)]
+pub struct Transport {
+    /// This replica's id, stamped on every outgoing message.
+    id: NodeId,
+    /// The peers, by id.
+    peers: BTreeMap<NodeId, PeerHandle>,
+    /// Messages dropped: queue full, unknown peer, or trimmed while the peer
+    /// was unreachable. Shared with the peer tasks.
+    dropped: Arc<AtomicU64>,
+}
+
+/// What the [`Transport`] keeps of one peer.
+#[derive(Debug)]
+struct PeerHandle {
+    /// The peer's outbound queue, drained by its task.
+    queue: mpsc::Sender<pb::PeerMessage>,
+    /// Whether a `Stream` call to the peer is open right now.
+    connected: Arc<AtomicBool>,
+    /// The peer task, aborted when the transport is dropped.
+    task: JoinHandle<()>,
+}
+
+impl Transport {
+    /// Starts a transport for replica `id`, with one task per peer dialling
+    /// `peers[peer]` (a `"host:port"` address; an `http://` URI is accepted
+    /// too). An entry for `id` itself is ignored.
+    ///
+    /// Must be called from within a tokio runtime. Returns at once; the
+    /// connections are made in the background and messages sent before they
+    /// are up wait in the queues.
+    pub fn start(id: NodeId, peers: BTreeMap<NodeId, String>) -> Transport {
+        let dropped = Arc::new(AtomicU64::new(0));
+        let mut handles = BTreeMap::new();
+
+        for (peer, addr) in peers {
+            if peer == id {
+                continue;
+            }
+            let (queue, rx) = mpsc::channel(QUEUE_CAPACITY);
+            let connected = Arc::new(AtomicBool::new(false));
+            let task = PeerTask {
+                peer,
+                addr,
+                queue: rx,
+                connected: connected.clone(),
+                dropped: dropped.clone(),
+                link: Link::Starting {
+                    since: Instant::now(),
+                },
+            };
+            let task = tokio::spawn(task.run());
+            handles.insert(
+                peer,
+                PeerHandle {
+                    queue,
+                    connected,
+                    task,
+                },
+            );
+        }
+
+        Transport {
+            id,
+            peers: handles,
+            dropped,
+        }
+    }
+
+    /// Queues `msg` for peer `to`. Never blocks: if the peer's queue is full,
+    /// or `to` is not a known peer, the message is dropped and counted.
+    pub fn send(&self, to: NodeId, msg: &Message) {
+        let Some(peer) = self.peers.get(&to) else {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            debug!(peer = to, "dropping message for unknown peer");
+            return;
+        };
+
+        // Reserve room first, so a dropped message costs no encoding.
+        match peer.queue.try_reserve() {
+            Ok(permit) => permit.send(wire::message_to_pb(self.id, msg)),
+            Err(mpsc::error::TrySendError::Full(())) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                debug!(peer = to, "peer queue full; dropping message");
+            }
+            Err(mpsc::error::TrySendError::Closed(())) => {
+                // Only if the peer task has died; it logged why.
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                debug!(peer = to, "peer task stopped; dropping message");
+            }
+        }
+    }
+
+    /// Whether a stream to peer `to` is open right now (false for unknown
+    /// peers).
+    pub fn peer_connected(&self, to: NodeId) -> bool {
+        self.peers
+            .get(&to)
+            .is_some_and(|peer| peer.connected.load(Ordering::Relaxed))
+    }
+
+    /// The peers this transport sends to, in id order.
+    pub fn peer_ids(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.peers.keys().copied()
+    }
+
+    /// Total messages dropped so far: queue full, unknown peer, or discarded
+    /// while the peer was unreachable.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Transport {
+    fn drop(&mut self) {
+        for peer in self.peers.values() {
+            peer.task.abort();
+        }
+    }
+}
+
+/// What the peer task knows about the link, to log changes once.
+#[derive(Clone, Copy, Debug)]
+enum Link {
+    /// Never reached since the task started at `since`.
+    Starting { since: Instant },
+    /// A `Stream` call is open.
+    Up,
+    /// Unreachable, and already logged as such.
+    Down,
+}
+
+/// How a `Stream` call ended.
+enum CallEnd {
+    /// The transport was dropped: stop for good.
+    Shutdown,
+    /// The call failed or the peer closed it: reconnect.
+    Lost(String),
+}
+
+/// The task that keeps one peer's outbound stream up.
+struct PeerTask {
+    peer: NodeId,
+    addr: String,
+    /// The receiving end of the peer's queue.
+    queue: mpsc::Receiver<pb::PeerMessage>,
+    /// Mirrors `link` being `Up`, for [`Transport::peer_connected`].
+    connected: Arc<AtomicBool>,
+    dropped: Arc<AtomicU64>,
+    link: Link,
+}
+
+impl PeerTask {
+    /// Connects, streams, reconnects, until the transport is dropped.
+    async fn run(mut self) {
+        let endpoint = match self.endpoint() {
+            Ok(endpoint) => endpoint,
+            Err(err) => {
+                // A configuration error: retrying will not fix it.
+                error!(
+                    peer = self.peer,
+                    addr = %self.addr,
+                    error = %error_chain(&err),
+                    "invalid peer address; not dialling this peer"
+                );
+                return;
+            }
+        };
+
+        let mut backoff = MIN_BACKOFF;
+        loop {
+            self.trim_queue();
+
+            let reason = match self.open(&endpoint).await {
+                Ok((calls, replies)) => {
+                    self.mark_up();
+                    backoff = MIN_BACKOFF;
+                    match self.pump(calls, replies).await {
+                        CallEnd::Shutdown => return,
+                        CallEnd::Lost(reason) => reason,
+                    }
+                }
+                Err(reason) => reason,
+            };
+            self.mark_down(&reason);
+
+            time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// The endpoint for the peer, with the timeouts and keepalives above.
+    fn endpoint(&self) -> Result<Endpoint, tonic::transport::Error> {
+        let uri = if self.addr.contains("://") {
+            self.addr.clone()
+        } else {
+            format!("http://{}", self.addr)
+        };
+        Ok(Endpoint::from_shared(uri)?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true))
+    }
+
+    /// Makes a fresh connection and opens the `Stream` call on it. Returns
+    /// the sender that feeds the call's request stream and the (unused)
+    /// response stream, which ends or fails when the call does.
+    async fn open(
+        &self,
+        endpoint: &Endpoint,
+    ) -> Result<(mpsc::Sender<pb::PeerMessage>, Streaming<pb::PeerMessage>), String> {
+        let channel: Channel = endpoint
+            .connect()
+            .await
+            .map_err(|err| format!("connect: {}", error_chain(&err)))?;
+        let mut client = PaxosClient::new(channel).max_decoding_message_size(MAX_MESSAGE_SIZE);
+
+        let (calls, outbound) = mpsc::channel(CALL_BUFFER);
+        let opened = time::timeout(OPEN_TIMEOUT, client.stream(ReceiverStream::new(outbound)))
+            .await
+            .map_err(|_| "open stream: timed out".to_string())?
+            .map_err(|status| format!("open stream: {}", status_text(&status)))?;
+        Ok((calls, opened.into_inner()))
+    }
+
+    /// Forwards the queue into the open call until the call ends.
+    async fn pump(
+        &mut self,
+        calls: mpsc::Sender<pb::PeerMessage>,
+        mut replies: Streaming<pb::PeerMessage>,
+    ) -> CallEnd {
+        loop {
+            tokio::select! {
+                // The peer sends nothing on this side of the call, so this
+                // only completes when the call ends or fails.
+                reply = replies.message() => match reply {
+                    Ok(Some(_)) => debug!(peer = self.peer, "ignoring message on response stream"),
+                    Ok(None) => return CallEnd::Lost("peer closed the stream".to_string()),
+                    Err(status) => return CallEnd::Lost(status_text(&status)),
+                },
+                msg = self.queue.recv() => {
+                    let Some(msg) = msg else {
+                        // Every sender is gone: the transport was dropped.
+                        return CallEnd::Shutdown;
+                    };
+                    // Waits only while HTTP/2 flow control holds the call
+                    // back. If the connection dies meanwhile, hyper drops the
+                    // request stream and this fails.
+                    if calls.send(msg).await.is_err() {
+                        return CallEnd::Lost("connection closed".to_string());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Discards all but the newest [`KEEP_WHILE_DISCONNECTED`] queued
+    /// messages.
+    fn trim_queue(&mut self) {
+        let mut discarded = 0;
+        while self.queue.len() > KEEP_WHILE_DISCONNECTED {
+            if self.queue.try_recv().is_err() {
+                break;
+            }
+            discarded += 1;
+        }
+        if discarded > 0 {
+            self.dropped.fetch_add(discarded, Ordering::Relaxed);
+            debug!(
+                peer = self.peer,
+                discarded, "discarded stale messages queued while peer was unreachable"
+            );
+        }
+    }
+
+    /// A `Stream` call is open.
+    fn mark_up(&mut self) {
+        self.connected.store(true, Ordering::Relaxed);
+        match self.link {
+            Link::Starting { .. } | Link::Down => {
+                info!(peer = self.peer, addr = %self.addr, "peer reachable");
+            }
+            Link::Up => {}
+        }
+        self.link = Link::Up;
+    }
+
+    /// A connection attempt failed, or the open call ended, for `reason`.
+    fn mark_down(&mut self, reason: &str) {
+        self.connected.store(false, Ordering::Relaxed);
+        match self.link {
+            Link::Up => {
+                warn!(peer = self.peer, addr = %self.addr, reason, "lost peer");
+                self.link = Link::Down;
+            }
+            Link::Starting { since } if since.elapsed() >= STARTUP_GRACE => {
+                warn!(peer = self.peer, addr = %self.addr, reason, "peer unreachable");
+                self.link = Link::Down;
+            }
+            Link::Starting { .. } | Link::Down => {
+                debug!(peer = self.peer, addr = %self.addr, reason, "peer still unreachable");
+            }
+        }
+    }
+}
+
+/// The receiving side: the `paxoskv.v1.Paxos` gRPC service, which hands
+/// every message a peer streams to us to the local node's inbox.
+#[derive(Debug, Clone)]
+pub struct PaxosService {
+    /// Where decoded messages go, with the sender's id.
+    inbox: mpsc::Sender<(NodeId, Message)>,
+    /// Once this turns true, every open stream ends.
+    shutdown: Option<watch::Receiver<bool>>,
+}
+
+impl PaxosService {
+    /// A service that pushes each `(from, message)` it receives into `inbox`,
+    /// waiting for room when it is full.
+    pub fn new(inbox: mpsc::Sender<(NodeId, Message)>) -> Self {
+        PaxosService {
+            inbox,
+            shutdown: None,
+        }
+    }
+
+    /// Ends every open stream, and refuses to read from new ones, once
+    /// `shutdown` holds true. Needed for a graceful server shutdown, which
+    /// otherwise waits forever for the peers' long-lived streams to finish.
+    pub fn with_shutdown(mut self, shutdown: watch::Receiver<bool>) -> Self {
+        self.shutdown = Some(shutdown);
+        self
+    }
+
+    /// The gRPC server for this service, accepting messages up to
+    /// [`MAX_MESSAGE_SIZE`].
+    pub fn into_server(self) -> PaxosServer<Self> {
+        PaxosServer::new(self).max_decoding_message_size(MAX_MESSAGE_SIZE)
+    }
+}
+
+#[tonic::async_trait]
+impl Paxos for PaxosService {
+    /// Never yields a message; ends when the call is over.
+    type StreamStream = ReceiverStream<Result<pb::PeerMessage, Status>>;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<pb::PeerMessage>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let remote = request
+            .remote_addr()
+            .map_or_else(|| "unknown".to_string(), |addr| addr.to_string());
+        let inbound = request.into_inner();
+
+        // The response stream stays open for as long as the reader task
+        // holds `open`, and ends when the task drops it.
+        let (open, response) = mpsc::channel(1);
+        let inbox = self.inbox.clone();
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            debug!(%remote, "peer stream opened");
+            tokio::select! {
+                () = read_stream(inbound, inbox, &remote) => {}
+                () = shutting_down(shutdown) => {
+                    debug!(%remote, "closing peer stream: shutting down");
+                }
+            }
+            drop(open);
+        });
+
+        Ok(Response::new(ReceiverStream::new(response)))
+    }
+}
+
+/// Reads one peer's stream into the inbox until the stream ends or fails, or
+/// the inbox is closed.
+async fn read_stream(
+    mut inbound: Streaming<pb::PeerMessage>,
+    inbox: mpsc::Sender<(NodeId, Message)>,
+    remote: &str,
+) {
+    loop {
+        let msg = match inbound.message().await {
+            Ok(Some(msg)) => msg,
+            Ok(None) => {
+                debug!(%remote, "peer stream ended");
+                return;
+            }
+            Err(status) => {
+                debug!(%remote, error = %status_text(&status), "peer stream failed");
+                return;
+            }
+        };
+
+        match wire::message_from_pb(msg) {
+            Ok(decoded) => {
+                if inbox.send(decoded).await.is_err() {
+                    debug!(%remote, "inbox closed; dropping peer stream");
+                    return;
+                }
+            }
+            Err(err) => {
+                warn!(%remote, error = %err, "skipping peer message that does not decode");
+            }
+        }
+    }
+}
+
+/// Completes once `shutdown` holds true; never, without a signal or once its
+/// sender is gone.
+async fn shutting_down(shutdown: Option<watch::Receiver<bool>>) {
+    if let Some(mut shutdown) = shutdown
+        && shutdown.wait_for(|&stop| stop).await.is_ok()
+    {
+        return;
+    }
+    future::pending().await
+}
+
+/// A gRPC status as one line: its code, message and underlying causes.
+fn status_text(status: &Status) -> String {
+    let text = format!("{:?}: {}", status.code(), status.message());
+    with_causes(text, status.source())
+}
+
+/// An error and its chain of causes, as one line (tonic's transport errors
+/// say little more than "transport error" on their own).
+fn error_chain(err: &(dyn StdError + 'static)) -> String {
+    with_causes(err.to_string(), err.source())
+}
+
+/// Appends each cause in the chain from `source` to `text`, skipping those
+/// whose text is already there (errors often repeat their cause).
+fn with_causes(mut text: String, mut source: Option<&(dyn StdError + 'static)>) -> String {
+    while let Some(err) = source {
+        let cause = err.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+        source = err.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use bytes::Bytes;
+    use tokio::net::TcpListener;
+    use tokio::sync::oneshot;
+    use tokio_stream::wrappers::TcpListenerStream;
+    use tonic::transport::Server;
+
+    use super::*;
+    use crate::paxos::{Ballot, Value};
+
+    /// Bound on every wait in these tests.
+    const WAIT: Duration = Duration::from_secs(5);
+
+    fn heartbeat(read_round: u64) -> Message {
+        Message::Heartbeat {
+            ballot: Ballot::new(1, 1),
+            commit: 0,
+            read_round,
+        }
+    }
+
+    /// The `read_round` of a heartbeat, to identify test messages.
+    fn round_of(msg: &Message) -> u64 {
+        match msg {
+            Message::Heartbeat { read_round, .. } => *read_round,
+            other => panic!("expected a heartbeat, got {other:?}"),
+        }
+    }
+
+    /// Binds a listener on 127.0.0.1 (port 0 for any), retrying briefly in
+    /// case a just-stopped server's socket is not quite released.
+    async fn bind(addr: SocketAddr) -> TcpListener {
+        let mut last_err = None;
+        for _ in 0..50 {
+            match TcpListener::bind(addr).await {
+                Ok(listener) => return listener,
+                Err(err) => last_err = Some(err),
+            }
+            time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("cannot bind {addr}: {last_err:?}");
+    }
+
+    /// A `PaxosService` server running on the test's runtime, stopped
+    /// gracefully through the service's shutdown signal.
+    struct GracefulServer {
+        addr: SocketAddr,
+        stop: watch::Sender<bool>,
+        task: JoinHandle<Result<(), tonic::transport::Error>>,
+    }
+
+    impl GracefulServer {
+        async fn start(addr: SocketAddr, inbox: mpsc::Sender<(NodeId, Message)>) -> Self {
+            let listener = bind(addr).await;
+            let addr = listener.local_addr().expect("local addr");
+            let (stop, stopped) = watch::channel(false);
+            let service = PaxosService::new(inbox).with_shutdown(stopped.clone());
+            let mut signal = stopped;
+            let task = tokio::spawn(
+                Server::builder()
+                    .add_service(service.into_server())
+                    .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                        let _ = signal.wait_for(|&stop| stop).await;
+                    }),
+            );
+            GracefulServer { addr, stop, task }
+        }
+
+        /// Stops the server and waits (bounded) for it to finish.
+        async fn stop(self) {
+            self.stop.send_replace(true);
+            time::timeout(WAIT, self.task)
+                .await
+                .expect("graceful shutdown finishes despite open peer streams")
+                .expect("server task")
+                .expect("server");
+        }
+    }
+
+    /// A `PaxosService` server on its own runtime and thread, so that it can
+    /// be killed outright: dropping the runtime drops every connection, as a
+    /// crash would.
+    struct CrashableServer {
+        addr: SocketAddr,
+        kill: oneshot::Sender<()>,
+        thread: std::thread::JoinHandle<()>,
+    }
+
+    impl CrashableServer {
+        fn start(addr: SocketAddr, inbox: mpsc::Sender<(NodeId, Message)>) -> Self {
+            let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+            let (kill, killed) = oneshot::channel::<()>();
+            let thread = std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                runtime.block_on(async move {
+                    let listener = bind(addr).await;
+                    bound_tx
+                        .send(listener.local_addr().expect("local addr"))
+                        .expect("report address");
+                    let server = Server::builder()
+                        .add_service(PaxosService::new(inbox).into_server())
+                        .serve_with_incoming(TcpListenerStream::new(listener));
+                    tokio::select! {
+                        _ = server => {}
+                        _ = killed => {}
+                    }
+                });
+                // Dropping the runtime here kills every connection task.
+                drop(runtime);
+            });
+            let addr = bound_rx.recv_timeout(WAIT).expect("server bound");
+            CrashableServer { addr, kill, thread }
+        }
+
+        async fn kill(self) {
+            let _ = self.kill.send(());
+            let thread = self.thread;
+            time::timeout(WAIT, tokio::task::spawn_blocking(move || thread.join()))
+                .await
+                .expect("server thread exits")
+                .expect("join task")
+                .expect("server thread");
+        }
+    }
+
+    /// The next message in the inbox, waiting at most [`WAIT`].
+    async fn next(inbox: &mut mpsc::Receiver<(NodeId, Message)>) -> (NodeId, Message) {
+        time::timeout(WAIT, inbox.recv())
+            .await
+            .expect("a message within the wait")
+            .expect("inbox open")
+    }
+
+    /// Waits (bounded) until `peer_connected(2)` is `want`.
+    async fn wait_connected(transport: &Transport, want: bool) {
+        time::timeout(WAIT, async {
+            while transport.peer_connected(2) != want {
+                time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("peer_connected(2) never became {want}"));
+    }
+
+    fn peers(addr: SocketAddr) -> BTreeMap<NodeId, String> {
+        BTreeMap::from([(1, "127.0.0.1:1".to_string()), (2, addr.to_string())])
+    }
+
+    #[tokio::test]
+    async fn messages_arrive_in_order_with_sender_id() {
+        let (inbox_tx, mut inbox) = mpsc::channel(1024);
+        let server = GracefulServer::start("127.0.0.1:0".parse().unwrap(), inbox_tx).await;
+        // The entry for node 1 (ourselves) is ignored.
+        let transport = Transport::start(1, peers(server.addr));
+        assert_eq!(transport.peer_ids().collect::<Vec<_>>(), vec![2]);
+
+        let accept = Message::Accept {
+            ballot: Ballot::new(3, 1),
+            slot: 7,
+            value: Value::Batch(vec![Bytes::from_static(b"cmd")]),
+            commit: 6,
+        };
+        let sent = vec![heartbeat(1), accept, heartbeat(2), heartbeat(3)];
+        for msg in &sent {
+            transport.send(2, msg);
+        }
+
+        for want in &sent {
+            let (from, got) = next(&mut inbox).await;
+            assert_eq!(from, 1);
+            assert_eq!(&got, want);
+        }
+        wait_connected(&transport, true).await;
+        assert_eq!(transport.dropped(), 0);
+
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn unknown_peer_is_dropped_and_counted() {
+        let transport = Transport::start(1, BTreeMap::new());
+        transport.send(9, &heartbeat(1));
+        assert_eq!(transport.dropped(), 1);
+        assert!(!transport.peer_connected(9));
+    }
+
+    #[tokio::test]
+    async fn reconnects_after_peer_crash() {
+        let (inbox_tx, mut inbox) = mpsc::channel(1024);
+        let server = CrashableServer::start("127.0.0.1:0".parse().unwrap(), inbox_tx.clone());
+        let addr = server.addr;
+        let transport = Transport::start(1, peers(addr));
+
+        for round in 1..=3 {
+            transport.send(2, &heartbeat(round));
+        }
+        for round in 1..=3 {
+            assert_eq!(round_of(&next(&mut inbox).await.1), round);
+        }
+        wait_connected(&transport, true).await;
+
+        // Kill the peer; the transport notices.
+        server.kill().await;
+        wait_connected(&transport, false).await;
+
+        // Sent while the peer is down: kept in the queue (far fewer than
+        // KEEP_WHILE_DISCONNECTED), delivered once it is back.
+        for round in 100..105 {
+            transport.send(2, &heartbeat(round));
+        }
+
+        // Restart on the same port.
+        let server = CrashableServer::start(addr, inbox_tx);
+        assert_eq!(server.addr, addr);
+        wait_connected(&transport, true).await;
+        for round in 1000..1004 {
+            transport.send(2, &heartbeat(round));
+        }
+
+        let mut got = Vec::new();
+        while got.last() != Some(&1003) {
+            let (from, msg) = next(&mut inbox).await;
+            assert_eq!(from, 1);
+            got.push(round_of(&msg));
+        }
+        let want: Vec<u64> = (100..105).chain(1000..1004).collect();
+        assert_eq!(got, want);
+
+        server.kill().await;
+    }
+
+    #[tokio::test]
+    async fn graceful_shutdown_ends_streams_and_transport_reconnects() {
+        let (inbox_tx, mut inbox) = mpsc::channel(1024);
+        let server = GracefulServer::start("127.0.0.1:0".parse().unwrap(), inbox_tx.clone()).await;
+        let addr = server.addr;
+        let transport = Transport::start(1, peers(addr));
+
+        transport.send(2, &heartbeat(1));
+        assert_eq!(round_of(&next(&mut inbox).await.1), 1);
+
+        // Would hang without `with_shutdown`: the stream never ends by itself.
+        server.stop().await;
+        wait_connected(&transport, false).await;
+        transport.send(2, &heartbeat(2)); // may or may not survive: fine
+
+        let server = GracefulServer::start(addr, inbox_tx).await;
+        wait_connected(&transport, true).await;
+        for round in 10..13 {
+            transport.send(2, &heartbeat(round));
+        }
+        let mut got = Vec::new();
+        while got.last() != Some(&12) {
+            got.push(round_of(&next(&mut inbox).await.1));
+        }
+        got.retain(|&round| round != 2);
+        assert_eq!(got, vec![10, 11, 12]);
+
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn undecodable_message_is_skipped_and_stream_survives() {
+        let (inbox_tx, mut inbox) = mpsc::channel(1024);
+        let server = GracefulServer::start("127.0.0.1:0".parse().unwrap(), inbox_tx).await;
+
+        // Dial by hand, to send a message with no kind.
+        let channel = Endpoint::from_shared(format!("http://{}", server.addr))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect");
+        let mut client = PaxosClient::new(channel);
+        let (tx, rx) = mpsc::channel(8);
+        let call = client.stream(ReceiverStream::new(rx)).await.expect("open");
+
+        tx.send(pb::PeerMessage {
+            from: 1,
+            kind: None,
+        })
+        .await
+        .expect("send bad");
+        tx.send(wire::message_to_pb(1, &heartbeat(5)))
+            .await
+            .expect("send good");
+
+        let (from, msg) = next(&mut inbox).await;
+        assert_eq!((from, round_of(&msg)), (1, 5));
+
+        drop(call);
+        drop(tx);
+        server.stop().await;
+    }
+}

