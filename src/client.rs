@@ -7,6 +7,7 @@ use tonic::transport::Endpoint;
 use tonic::{Code, Request, Status};
 
 use crate::pb;
+use crate::pb::admin_client::AdminClient;
 use crate::pb::kv_store_client::KvStoreClient;
 
 /// One client call.
@@ -130,4 +131,119 @@ fn with_deadline<T>(message: T, timeout: Duration) -> Request<T> {
     let mut request = Request::new(message);
     request.set_timeout(timeout);
     request
+}
+
+/// One replica's line in `paxoskv status`.
+struct Row {
+    id: u32,
+    address: String,
+    status: Option<pb::StatusResponse>,
+}
+
+/// Asks `endpoint` for the cluster's members, then every member for its
+/// status, and renders a table. Returns the table and, if the cluster is not
+/// healthy (no leader, or fewer than a majority answering), why.
+pub async fn cluster_status(
+    endpoint: &str,
+    timeout: Duration,
+) -> Result<(String, Option<String>), Status> {
+    let first = admin_status(endpoint, timeout).await?;
+    let mut rows = Vec::new();
+    let calls = first.peers.clone().into_iter().map(|p| async move {
+        let status = admin_status(&p.address, timeout).await.ok();
+        (p.id, p.address, status)
+    });
+    for (id, address, status) in futures_join_all(calls).await {
+        rows.push(Row {
+            id,
+            address,
+            status,
+        });
+    }
+    let leader = rows
+        .iter()
+        .filter_map(|r| r.status.as_ref())
+        .filter(|s| s.role == "leader")
+        .max_by_key(|s| (s.ballot_round, s.ballot_node))
+        .cloned();
+    let mut out = format!(
+        "{:<4} {:<22} {:<10} {:<9} {:>10} {:>10} {:>6} {:>13}\n",
+        "ID", "ADDRESS", "ROLE", "BALLOT", "COMMITTED", "APPLIED", "LAG", "LAST CONTACT"
+    );
+    for row in &rows {
+        let Some(s) = &row.status else {
+            out += &format!("{:<4} {:<22} {:<10}\n", row.id, row.address, "unreachable");
+            continue;
+        };
+        let lag = leader.as_ref().map_or("-".to_string(), |l| {
+            l.committed.saturating_sub(s.applied).to_string()
+        });
+        let contact = match &leader {
+            Some(l) if l.id == s.id => "leader".to_string(),
+            Some(l) => l
+                .peers
+                .iter()
+                .find(|p| p.id == s.id)
+                .map_or("-".to_string(), |p| format!("{} ms ago", p.silent_ms)),
+            None => "-".to_string(),
+        };
+        out += &format!(
+            "{:<4} {:<22} {:<10} {:<9} {:>10} {:>10} {:>6} {:>13}\n",
+            s.id,
+            row.address,
+            s.role,
+            format!("{}.{}", s.ballot_round, s.ballot_node),
+            s.committed,
+            s.applied,
+            lag,
+            contact
+        );
+    }
+    let answering = rows.iter().filter(|r| r.status.is_some()).count();
+    let majority = rows.len() / 2 + 1;
+    let problem = if answering < majority {
+        Some(format!(
+            "no quorum: {answering} of {} replicas answer, {majority} needed",
+            rows.len()
+        ))
+    } else if leader.is_none() {
+        Some("no leader".to_string())
+    } else {
+        None
+    };
+    Ok((out, problem))
+}
+
+async fn admin_status(endpoint: &str, timeout: Duration) -> Result<pb::StatusResponse, Status> {
+    let url = if endpoint.contains("://") {
+        endpoint.to_string()
+    } else {
+        format!("http://{endpoint}")
+    };
+    let channel = Endpoint::from_shared(url)
+        .map_err(|e| Status::invalid_argument(format!("bad address {endpoint:?}: {e}")))?
+        .connect_timeout(timeout)
+        .connect()
+        .await
+        .map_err(|e| Status::unavailable(format!("cannot connect to {endpoint}: {e}")))?;
+    let response = AdminClient::new(channel)
+        .status(with_deadline(pb::StatusRequest {}, timeout))
+        .await?;
+    Ok(response.into_inner())
+}
+
+/// Awaits every future concurrently, keeping their order.
+async fn futures_join_all<F>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        if let Ok(v) = h.await {
+            out.push(v);
+        }
+    }
+    out
 }

@@ -7,6 +7,7 @@
 //!   one replica, a local cluster of them, a client call;
 //! - [`service`], [`admin`]: the client API (`paxoskv.v1.KvStore`) and the
 //!   operator's view (`paxoskv.v1.Admin`) over gRPC;
+//! - [`metrics`]: every metric's name, and the Prometheus exporter;
 //! - [`node`]: the async driver that owns the core, the storage and the
 //!   transport;
 //! - [`transport`]: Paxos messages between replicas over long-lived gRPC
@@ -23,6 +24,7 @@ pub mod admin;
 pub mod client;
 pub mod cluster;
 pub mod kv;
+pub mod metrics;
 pub mod node;
 pub mod paxos;
 pub mod server;

@@ -59,6 +59,9 @@ enum Command {
         /// sled's page cache, in MiB.
         #[arg(long, env = "PAXOSKV_CACHE_MB", default_value_t = 64)]
         cache_mb: u64,
+        /// Serve Prometheus metrics at http://ADDR/metrics.
+        #[arg(long, env = "PAXOSKV_METRICS_LISTEN")]
+        metrics_listen: Option<SocketAddr>,
     },
     /// Runs a local cluster of `serve` processes on 127.0.0.1 until Ctrl-C.
     Cluster {
@@ -71,6 +74,15 @@ enum Command {
         /// Replica N keeps its data in DATA_DIR/N.
         #[arg(long, env = "PAXOSKV_DATA_DIR", default_value = "data")]
         data_dir: PathBuf,
+        /// Replica N serves metrics on 127.0.0.1:(METRICS_BASE_PORT + N); 0 turns them off.
+        #[arg(long, env = "PAXOSKV_METRICS_BASE_PORT", default_value_t = 9090)]
+        metrics_base_port: u16,
+    },
+    /// Prints every replica's role, ballot, indexes and lag; exits 6 if the
+    /// cluster has no leader or no quorum.
+    Status {
+        #[command(flatten)]
+        target: Target,
     },
     /// Reads a key.
     Get {
@@ -176,6 +188,7 @@ async fn run(cli: Cli) -> ExitCode {
             data_dir,
             tick_ms,
             cache_mb,
+            metrics_listen,
         } => {
             init_logs(cli.log_format);
             let opts = ServeOptions {
@@ -186,6 +199,7 @@ async fn run(cli: Cli) -> ExitCode {
                 tick: Duration::from_millis(tick_ms.max(1)),
                 cache_bytes: cache_mb * 1024 * 1024,
                 drain: Duration::from_secs(5),
+                metrics_listen,
             };
             return report(server::serve(opts).await);
         }
@@ -193,15 +207,34 @@ async fn run(cli: Cli) -> ExitCode {
             replicas,
             base_port,
             data_dir,
+            metrics_base_port,
         } => {
             init_logs(cli.log_format);
             let opts = ClusterOptions {
                 replicas,
                 base_port,
                 data_dir,
-                metrics_base_port: None,
+                metrics_base_port: (metrics_base_port != 0).then_some(metrics_base_port),
             };
             return report(cluster::run(opts).await);
+        }
+        Command::Status { target } => {
+            let timeout = Duration::from_millis(target.timeout_ms);
+            return match client::cluster_status(&target.endpoint, timeout).await {
+                Ok((table, None)) => {
+                    print!("{table}");
+                    ExitCode::SUCCESS
+                }
+                Ok((table, Some(problem))) => {
+                    print!("{table}");
+                    eprintln!("error: {problem}");
+                    ExitCode::from(client::exit::UNAVAILABLE as u8)
+                }
+                Err(status) => {
+                    eprintln!("error: {:?}: {}", status.code(), status.message());
+                    ExitCode::from(client::exit_code(&status) as u8)
+                }
+            };
         }
         Command::Get { key, target } => (Call::Get { key }, target),
         Command::Insert { key, value, target } => (Call::Insert { key, value }, target),

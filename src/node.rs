@@ -18,9 +18,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use crate::kv::{self, Op, Reply};
+use crate::metrics as m;
 use crate::paxos::{Message, NodeId, ReadId, Replica, Role, Slot, Status, Value};
 use crate::storage::Storage;
 use crate::transport::Transport;
@@ -156,7 +158,8 @@ pub struct Node {
     applied: Slot,
     next_proposal: u64,
     next_read: ReadId,
-    writes: HashMap<u64, WriteReply>,
+    /// Writes proposed here, with when they were proposed.
+    writes: HashMap<u64, (WriteReply, Instant)>,
     reads: HashMap<ReadId, (String, ReadReply)>,
     /// Reads whose barrier passed, by the index they wait for.
     ready_reads: BTreeMap<Slot, Vec<ReadId>>,
@@ -254,8 +257,11 @@ impl Node {
         // Callers that gave up (deadline passed) leave their waiter behind;
         // sweep those now and then.
         if self.ticks.is_multiple_of(100) {
-            self.writes.retain(|_, tx| !tx.is_closed());
+            self.writes.retain(|_, (tx, _)| !tx.is_closed());
             self.reads.retain(|_, (_, tx)| !tx.is_closed());
+        }
+        if self.ticks.is_multiple_of(10) {
+            self.export_metrics();
         }
     }
 
@@ -266,7 +272,8 @@ impl Node {
                 command.proposal_id = self.next_proposal;
                 match self.replica.propose(command.encode()) {
                     Ok(()) => {
-                        self.writes.insert(command.proposal_id, reply);
+                        self.writes
+                            .insert(command.proposal_id, (reply, Instant::now()));
                     }
                     Err(e) => {
                         let _ = reply.send(Err(NodeError::NotLeader(e.leader)));
@@ -323,7 +330,11 @@ impl Node {
             if !ready.persist.is_empty() {
                 let storage = Arc::clone(&self.storage);
                 let persist = ready.persist;
+                let (started, written) = (Instant::now(), self.storage.bytes_written());
                 blocking(move || storage.persist(&persist)).await?;
+                metrics::histogram!(m::SYNC_DURATION).record(started.elapsed().as_secs_f64());
+                metrics::counter!(m::WRITTEN_BYTES)
+                    .increment(self.storage.bytes_written() - written);
             }
             // 3. Replies that promise or accept what is now on disk.
             for e in &ready.persisted_messages {
@@ -348,7 +359,7 @@ impl Node {
             }
             for command in ready.dropped {
                 if let Ok(command) = kv::Command::decode(&command)
-                    && let Some(tx) = self.writes.remove(&command.proposal_id)
+                    && let Some((tx, _)) = self.writes.remove(&command.proposal_id)
                 {
                     let _ = tx.send(Err(NodeError::Retry));
                 }
@@ -362,11 +373,18 @@ impl Node {
 
     async fn apply(&mut self, chosen: Vec<(Slot, Value)>) -> Result<(), NodeFailure> {
         let last = chosen.last().map_or(self.applied, |(slot, _)| *slot);
+        for (_, value) in &chosen {
+            if let Value::Batch(commands) = value {
+                metrics::counter!(m::COMMANDS_COMMITTED).increment(commands.len() as u64);
+                metrics::histogram!(m::BATCH_SIZE).record(commands.len() as f64);
+            }
+        }
         let storage = Arc::clone(&self.storage);
         let replies = blocking(move || storage.apply(&chosen)).await?;
         self.applied = last;
         for (proposal_id, reply) in replies {
-            if let Some(tx) = self.writes.remove(&proposal_id) {
+            if let Some((tx, proposed)) = self.writes.remove(&proposal_id) {
+                metrics::histogram!(m::COMMIT_DURATION).record(proposed.elapsed().as_secs_f64());
                 let _ = tx.send(Ok(reply));
             }
         }
@@ -419,11 +437,44 @@ impl Node {
                     info!(replica = status.id, leader = l, ballot = %status.promised, "following leader");
                 }
                 *leader = status.leader;
+                metrics::counter!(m::LEADER_CHANGES).increment(1);
                 true
             } else {
                 false
             }
         });
+    }
+}
+
+impl Node {
+    /// Sets the gauges that describe this replica and, as leader, its
+    /// followers.
+    fn export_metrics(&self) {
+        let status = self.replica.status();
+        let leading = status.role == Role::Leader;
+        metrics::gauge!(m::COMMIT_INDEX).set(status.committed as f64);
+        metrics::gauge!(m::APPLIED_INDEX).set(self.applied as f64);
+        metrics::gauge!(m::BALLOT_ROUND).set(status.promised.round as f64);
+        metrics::gauge!(m::IS_LEADER).set(if leading { 1.0 } else { 0.0 });
+        metrics::gauge!(m::IN_FLIGHT).set(status.in_flight as f64);
+        metrics::counter!(m::ELECTIONS).absolute(status.elections);
+        metrics::counter!(m::PEER_MESSAGES_DROPPED).absolute(self.transport.dropped());
+        for peer in self.replica.config().peers() {
+            let label = peer.to_string();
+            let up = self.transport.peer_connected(peer);
+            metrics::gauge!(m::PEER_REACHABLE, "peer" => label.clone()).set(if up {
+                1.0
+            } else {
+                0.0
+            });
+            // Only a leader knows its followers; elsewhere these read 0.
+            let follower = status.followers.iter().find(|f| f.id == peer);
+            let lag = follower.map_or(0, |f| status.committed.saturating_sub(f.committed));
+            let silence =
+                follower.map_or(0.0, |f| (f.silent_ticks as f64) * self.tick.as_secs_f64());
+            metrics::gauge!(m::FOLLOWER_LAG, "peer" => label.clone()).set(lag as f64);
+            metrics::gauge!(m::FOLLOWER_SILENCE, "peer" => label).set(silence);
+        }
     }
 }
 

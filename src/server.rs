@@ -38,6 +38,8 @@ pub struct ServeOptions {
     pub cache_bytes: u64,
     /// How long in-flight calls get to finish after SIGTERM.
     pub drain: Duration,
+    /// Where to serve Prometheus metrics (`/metrics`), if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -52,6 +54,9 @@ pub async fn serve(opts: ServeOptions) -> Result<(), BoxError> {
             opts.peers.keys().collect::<Vec<_>>()
         )
         .into());
+    }
+    if let Some(addr) = opts.metrics_listen {
+        crate::metrics::install(addr)?;
     }
     let storage = Arc::new(Storage::open(&opts.data_dir, opts.cache_bytes)?);
     let durable = storage.load()?;

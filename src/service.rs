@@ -19,6 +19,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status};
 
 use crate::kv::{Op, Reply};
+use crate::metrics as m;
 use crate::node::{NodeError, NodeHandle};
 use crate::paxos::NodeId;
 use crate::pb;
@@ -82,6 +83,7 @@ impl KvService {
     async fn serve(&self, meta: CallMeta, call: Call) -> Result<Answer, Status> {
         let mut node = self.node.clone();
         let retry_safe = call.retry_safe();
+        let mut counted_wait = false;
         loop {
             let left = meta.deadline.saturating_duration_since(Instant::now());
             let Ok(outcome) = tokio::time::timeout(left, call.local(&node)).await else {
@@ -97,6 +99,7 @@ impl KvService {
                     if leader != node.id() && meta.hops < MAX_HOPS =>
                 {
                     let left = meta.deadline.saturating_duration_since(Instant::now());
+                    metrics::counter!(m::FORWARDED, "leader_known" => "true").increment(1);
                     match call
                         .clone()
                         .forward(self.client(leader)?, left, meta.hops + 1)
@@ -112,6 +115,10 @@ impl KvService {
                 }
                 Err(NodeError::NotLeader(_)) => {
                     // No leader known (or forwarded too often): wait for news.
+                    if !counted_wait {
+                        metrics::counter!(m::FORWARDED, "leader_known" => "false").increment(1);
+                        counted_wait = true;
+                    }
                     let left = meta.deadline.saturating_duration_since(Instant::now());
                     let wait = left.min(Duration::from_millis(100));
                     let _ = tokio::time::timeout(wait, node.leader_changed()).await;
@@ -328,9 +335,8 @@ fn mismatch() -> Status {
     Status::internal("internal error: answer does not match the call")
 }
 
-#[tonic::async_trait]
-impl pb::kv_store_server::KvStore for KvService {
-    async fn get(
+impl KvService {
+    async fn do_get(
         &self,
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetResponse>, Status> {
@@ -346,7 +352,7 @@ impl pb::kv_store_server::KvStore for KvService {
         }
     }
 
-    async fn insert(
+    async fn do_insert(
         &self,
         request: Request<pb::InsertRequest>,
     ) -> Result<Response<pb::InsertResponse>, Status> {
@@ -364,7 +370,7 @@ impl pb::kv_store_server::KvStore for KvService {
         }
     }
 
-    async fn remove(
+    async fn do_remove(
         &self,
         request: Request<pb::RemoveRequest>,
     ) -> Result<Response<pb::RemoveResponse>, Status> {
@@ -383,7 +389,7 @@ impl pb::kv_store_server::KvStore for KvService {
         }
     }
 
-    async fn update(
+    async fn do_update(
         &self,
         request: Request<pb::UpdateRequest>,
     ) -> Result<Response<pb::UpdateResponse>, Status> {
@@ -403,7 +409,7 @@ impl pb::kv_store_server::KvStore for KvService {
         }
     }
 
-    async fn upsert(
+    async fn do_upsert(
         &self,
         request: Request<pb::UpsertRequest>,
     ) -> Result<Response<pb::UpsertResponse>, Status> {
@@ -424,6 +430,61 @@ impl pb::kv_store_server::KvStore for KvService {
             Answer::Upsert(response) => Ok(Response::new(response)),
             _ => Err(mismatch()),
         }
+    }
+}
+
+/// Counts a call by method and status code, and times it.
+async fn observed<T>(
+    method: &'static str,
+    call: impl Future<Output = Result<T, Status>>,
+) -> Result<T, Status> {
+    let started = Instant::now();
+    let result = call.await;
+    let code = match &result {
+        Ok(_) => Code::Ok,
+        Err(status) => status.code(),
+    };
+    metrics::counter!(m::REQUESTS, "method" => method, "code" => format!("{code:?}")).increment(1);
+    metrics::histogram!(m::REQUEST_DURATION, "method" => method)
+        .record(started.elapsed().as_secs_f64());
+    result
+}
+
+#[tonic::async_trait]
+impl pb::kv_store_server::KvStore for KvService {
+    async fn get(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::GetResponse>, Status> {
+        observed("Get", self.do_get(request)).await
+    }
+
+    async fn insert(
+        &self,
+        request: Request<pb::InsertRequest>,
+    ) -> Result<Response<pb::InsertResponse>, Status> {
+        observed("Insert", self.do_insert(request)).await
+    }
+
+    async fn remove(
+        &self,
+        request: Request<pb::RemoveRequest>,
+    ) -> Result<Response<pb::RemoveResponse>, Status> {
+        observed("Remove", self.do_remove(request)).await
+    }
+
+    async fn update(
+        &self,
+        request: Request<pb::UpdateRequest>,
+    ) -> Result<Response<pb::UpdateResponse>, Status> {
+        observed("Update", self.do_update(request)).await
+    }
+
+    async fn upsert(
+        &self,
+        request: Request<pb::UpsertRequest>,
+    ) -> Result<Response<pb::UpsertResponse>, Status> {
+        observed("Upsert", self.do_upsert(request)).await
     }
 }
 

@@ -70,6 +70,8 @@ pub struct Status {
     pub queued: usize,
     /// As leader: what it knows of each follower.
     pub followers: Vec<FollowerStatus>,
+    /// Elections this replica has started since it was created.
+    pub elections: u64,
 }
 
 /// The leader's view of one follower.
@@ -162,6 +164,7 @@ pub struct Replica {
     election_deadline: u64,
     max_round_seen: u64,
     catch_up_sent_at: Option<u64>,
+    elections: u64,
     ready: Ready,
 }
 
@@ -188,6 +191,7 @@ impl Replica {
             election_deadline: 0,
             max_round_seen: promised.round,
             catch_up_sent_at: None,
+            elections: 0,
             ready: Ready::default(),
         };
         replica.reset_election_timer();
@@ -246,6 +250,7 @@ impl Replica {
             in_flight,
             queued,
             followers,
+            elections: self.elections,
         }
     }
 
@@ -369,6 +374,7 @@ impl Replica {
 
     fn start_election(&mut self) {
         self.step_down();
+        self.elections += 1;
         let round = self.acceptor.promised().round.max(self.max_round_seen) + 1;
         let ballot = Ballot::new(round, self.cfg.id);
         let from_slot = self.committed + 1;
