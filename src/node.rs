@@ -320,6 +320,14 @@ impl Node {
             let mut to_self = Vec::new();
             // 1. What depends on nothing unwritten goes out at once.
             for e in &ready.messages {
+                if let Message::CatchUpRequest {
+                    ballot,
+                    from_slot,
+                    to_slot,
+                } = &e.msg
+                {
+                    info!(replica = id, leader = e.to, %ballot, from_slot, to_slot, "catching up");
+                }
                 if e.to == id {
                     to_self.push(e.msg.clone());
                 } else {

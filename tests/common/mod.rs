@@ -2,17 +2,20 @@
 //!
 //! Every process is killed when the [`Cluster`] is dropped, whatever the
 //! test's outcome; data lives in a fresh directory under the system temp
-//! dir, removed at the end.
+//! dir, removed at the end. Every replica also serves Prometheus metrics on
+//! a port of its own ([`Cluster::metrics`]).
 
 #![allow(dead_code)] // each test binary uses its own part of this harness
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use paxoskv::pb;
+use paxoskv::pb::admin_client::AdminClient;
 use paxoskv::pb::kv_store_client::KvStoreClient;
 use tonic::transport::Channel;
 
@@ -35,23 +38,30 @@ pub fn free_ports(n: usize) -> Vec<u16> {
 /// A running test cluster.
 pub struct Cluster {
     pub dir: PathBuf,
+    /// Each replica's gRPC address.
     pub addrs: BTreeMap<u32, String>,
+    /// Each replica's metrics address: `http://ADDR/metrics`.
+    pub metrics: BTreeMap<u32, String>,
     procs: BTreeMap<u32, Child>,
 }
 
 impl Cluster {
     /// Starts `n` replicas and waits until one leads.
     pub fn start(name: &str, n: u32) -> Cluster {
-        let ports = free_ports(n as usize);
+        let ports = free_ports(2 * n as usize);
         let dir = std::env::temp_dir().join(format!("paxoskv-test-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create test dir");
         let addrs = (1..=n)
             .map(|id| (id, format!("127.0.0.1:{}", ports[id as usize - 1])))
             .collect();
+        let metrics = (1..=n)
+            .map(|id| (id, format!("127.0.0.1:{}", ports[(n + id) as usize - 1])))
+            .collect();
         let mut cluster = Cluster {
             dir,
             addrs,
+            metrics,
             procs: BTreeMap::new(),
         };
         for id in 1..=n {
@@ -81,6 +91,8 @@ impl Cluster {
                 &self.addrs[&id],
                 "--peers",
                 &self.peers_arg(),
+                "--metrics-listen",
+                &self.metrics[&id],
             ])
             .arg("--data-dir")
             .arg(self.dir.join(format!("data-{id}")))
@@ -135,6 +147,48 @@ impl Cluster {
         KvStoreClient::new(channel)
     }
 
+    /// Replica `id`'s own view of itself (`paxoskv.v1.Admin/Status`).
+    pub async fn status(&self, id: u32) -> Result<pb::StatusResponse, tonic::Status> {
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://{}", self.addrs[&id]))
+                .expect("endpoint")
+                .connect_timeout(Duration::from_secs(1))
+                .connect_lazy();
+        let mut req = tonic::Request::new(pb::StatusRequest {});
+        req.set_timeout(Duration::from_secs(1));
+        Ok(AdminClient::new(channel).status(req).await?.into_inner())
+    }
+
+    /// The running replica that says it leads (Admin/Status role
+    /// `leader`; the highest ballot if several do), waiting up to `within`
+    /// for one.
+    pub async fn leader(&self, within: Duration) -> u32 {
+        let deadline = Instant::now() + within;
+        loop {
+            let mut best: Option<(u64, u32, u32)> = None;
+            for &id in self.procs.keys() {
+                if let Ok(s) = self.status(id).await
+                    && s.role == "leader"
+                    && best.is_none_or(|(r, n, _)| (s.ballot_round, s.ballot_node) > (r, n))
+                {
+                    best = Some((s.ballot_round, s.ballot_node, id));
+                }
+            }
+            if let Some((_, _, id)) = best {
+                return id;
+            }
+            if Instant::now() > deadline {
+                panic!("no replica says it leads after {within:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Replica `id`'s `/metrics` page (Prometheus text format).
+    pub fn scrape(&self, id: u32) -> Result<String, String> {
+        http_get(&self.metrics[&id], "/metrics")
+    }
+
     /// Waits until replica `id` answers reads (so a leader exists and it can
     /// reach it), up to `within`.
     pub async fn wait_ready(&self, id: u32, within: Duration) {
@@ -170,4 +224,75 @@ impl Drop for Cluster {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// A plain HTTP/1.1 GET of `path` on `addr`, returning the body of a 200
+/// answer. Enough for `/metrics` and the Prometheus API; bounded by timeouts.
+pub fn http_get(addr: &str, path: &str) -> Result<String, String> {
+    let timeout = Duration::from_secs(5);
+    let sock = addr
+        .to_socket_addrs()
+        .map_err(|e| format!("{addr}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{addr}: no address"))?;
+    let mut stream =
+        TcpStream::connect_timeout(&sock, timeout).map_err(|e| format!("connect {addr}: {e}"))?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    stream
+        .set_write_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept-Encoding: identity\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| format!("send to {addr}: {e}"))?;
+    let mut raw = Vec::new();
+    stream
+        .read_to_end(&mut raw)
+        .map_err(|e| format!("read from {addr}: {e}"))?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| format!("{addr}{path}: no end of headers"))?;
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let mut body = raw[split + 4..].to_vec();
+    let status_line = head.lines().next().unwrap_or_default();
+    let chunked = head.lines().any(|l| {
+        let l = l.to_ascii_lowercase();
+        l.starts_with("transfer-encoding:") && l.contains("chunked")
+    });
+    if chunked {
+        body = dechunk(&body).ok_or_else(|| format!("{addr}{path}: bad chunked body"))?;
+    }
+    let body = String::from_utf8(body).map_err(|e| format!("{addr}{path}: {e}"))?;
+    if status_line.split_whitespace().nth(1) != Some("200") {
+        return Err(format!("{addr}{path}: {status_line}: {body}"));
+    }
+    Ok(body)
+}
+
+fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let eol = data.windows(2).position(|w| w == b"\r\n")?;
+        let size_field = std::str::from_utf8(&data[..eol]).ok()?;
+        let size = usize::from_str_radix(size_field.split(';').next()?.trim(), 16).ok()?;
+        data = &data[eol + 2..];
+        if size == 0 {
+            return Some(out);
+        }
+        out.extend_from_slice(data.get(..size)?);
+        data = data.get(size + 2..)?;
+    }
+}
+
+/// The value of the sample `series` (a metric name, with its labels exactly
+/// as exposed, e.g. `paxoskv_peer_reachable{peer="2"}`) in a `/metrics` page.
+pub fn sample(page: &str, series: &str) -> Option<f64> {
+    page.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok())?
+    })
 }
