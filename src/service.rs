@@ -237,10 +237,18 @@ impl CallMeta {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         CallMeta {
-            deadline: Instant::now() + timeout,
+            deadline: Instant::now() + answer_within(timeout),
             hops,
         }
     }
+}
+
+/// How long a call may take here: its deadline less a margin, so that a call
+/// that cannot finish gets this replica's reason (and a forwarding follower
+/// gets the leader's) before the caller's own timer fires and hides it.
+fn answer_within(timeout: Duration) -> Duration {
+    let margin = (timeout / 10).min(Duration::from_millis(250));
+    timeout - margin
 }
 
 /// Parses gRPC's `grpc-timeout` header: digits and a unit (H, M, S, m, u, n).
@@ -433,11 +441,18 @@ impl KvService {
     }
 }
 
-/// Counts a call by method and status code, and times it.
+/// Counts a call by method and status code, and times it. A call another
+/// replica forwarded here (`forwarded_in`) is not counted again: it was
+/// counted, end to end, where the client sent it, so the sum over replicas
+/// is the clients' traffic.
 async fn observed<T>(
     method: &'static str,
+    forwarded_in: bool,
     call: impl Future<Output = Result<T, Status>>,
 ) -> Result<T, Status> {
+    if forwarded_in {
+        return call.await;
+    }
     let started = Instant::now();
     let result = call.await;
     let code = match &result {
@@ -456,35 +471,40 @@ impl pb::kv_store_server::KvStore for KvService {
         &self,
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetResponse>, Status> {
-        observed("Get", self.do_get(request)).await
+        let forwarded_in = request.metadata().contains_key(FORWARDED);
+        observed("Get", forwarded_in, self.do_get(request)).await
     }
 
     async fn insert(
         &self,
         request: Request<pb::InsertRequest>,
     ) -> Result<Response<pb::InsertResponse>, Status> {
-        observed("Insert", self.do_insert(request)).await
+        let forwarded_in = request.metadata().contains_key(FORWARDED);
+        observed("Insert", forwarded_in, self.do_insert(request)).await
     }
 
     async fn remove(
         &self,
         request: Request<pb::RemoveRequest>,
     ) -> Result<Response<pb::RemoveResponse>, Status> {
-        observed("Remove", self.do_remove(request)).await
+        let forwarded_in = request.metadata().contains_key(FORWARDED);
+        observed("Remove", forwarded_in, self.do_remove(request)).await
     }
 
     async fn update(
         &self,
         request: Request<pb::UpdateRequest>,
     ) -> Result<Response<pb::UpdateResponse>, Status> {
-        observed("Update", self.do_update(request)).await
+        let forwarded_in = request.metadata().contains_key(FORWARDED);
+        observed("Update", forwarded_in, self.do_update(request)).await
     }
 
     async fn upsert(
         &self,
         request: Request<pb::UpsertRequest>,
     ) -> Result<Response<pb::UpsertResponse>, Status> {
-        observed("Upsert", self.do_upsert(request)).await
+        let forwarded_in = request.metadata().contains_key(FORWARDED);
+        observed("Upsert", forwarded_in, self.do_upsert(request)).await
     }
 }
 
@@ -539,5 +559,18 @@ mod tests {
         assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
         assert_eq!(parse_grpc_timeout("S"), None);
         assert_eq!(parse_grpc_timeout("10x"), None);
+    }
+
+    #[test]
+    fn a_call_is_answered_before_its_callers_deadline() {
+        assert_eq!(
+            answer_within(Duration::from_secs(2)),
+            Duration::from_millis(1800)
+        );
+        assert_eq!(
+            answer_within(Duration::from_secs(30)),
+            Duration::from_millis(29_750)
+        );
+        assert_eq!(answer_within(Duration::ZERO), Duration::ZERO);
     }
 }

@@ -433,7 +433,9 @@ fn unfiltered_selectors(expr: &str) -> Vec<String> {
 #[test]
 fn dashboard_imports_as_is() {
     let d = dashboard();
-    let ds = "${DS_PROMETHEUS}";
+    // Panels follow the `datasource` variable; its default is the datasource
+    // chosen for DS_PROMETHEUS at import.
+    let ds = "${datasource}";
     let mut problems = Vec::new();
 
     let schema = d["schemaVersion"].as_u64().unwrap_or(0);
@@ -455,9 +457,13 @@ fn dashboard_imports_as_is() {
         .unwrap_or_default();
     let var = |name: &str| vars.iter().find(|v| v["name"] == name).cloned();
     match var("datasource") {
-        Some(v) if v["type"] == "datasource" && v["query"] == "prometheus" => {}
+        Some(v)
+            if v["type"] == "datasource"
+                && v["query"] == "prometheus"
+                && v["current"]["value"] == "${DS_PROMETHEUS}" => {}
         other => problems.push(format!(
-            "templating variable `datasource` must be a prometheus datasource variable: {other:?}"
+            "templating variable `datasource` must be a prometheus datasource variable \
+             defaulting to ${{DS_PROMETHEUS}}: {other:?}"
         )),
     }
     match var("instance") {
