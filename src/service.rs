@@ -78,19 +78,42 @@ impl KvService {
         Ok(client)
     }
 
+    /// Checks, counts and serves one call of method `M`.
+    async fn handle<M: Method>(
+        &self,
+        request: Request<M>,
+    ) -> Result<Response<M::Response>, Status> {
+        let forwarded_in = request.metadata().contains_key(FORWARDED);
+        observed(M::NAME, forwarded_in, async {
+            let meta = CallMeta::of(&request);
+            let call = request.into_inner();
+            let action = call.check()?;
+            self.serve(meta, call, action).await.map(Response::new)
+        })
+        .await
+    }
+
     /// Serves `call` here if this replica leads, else forwards it to the
     /// leader, retrying where that is safe, until done or the deadline.
-    async fn serve(&self, meta: CallMeta, call: Call) -> Result<Answer, Status> {
+    async fn serve<M: Method>(
+        &self,
+        meta: CallMeta,
+        call: M,
+        action: Action,
+    ) -> Result<M::Response, Status> {
         let mut node = self.node.clone();
-        let retry_safe = call.retry_safe();
+        // A read may always be retried; a write only with a request id,
+        // which the state machine deduplicates.
+        let retry_safe = matches!(action, Action::Read) || call.request_id().is_some();
         let mut counted_wait = false;
         loop {
             let left = meta.deadline.saturating_duration_since(Instant::now());
-            let Ok(outcome) = tokio::time::timeout(left, call.local(&node)).await else {
+            let local = run_locally(&node, &call, action);
+            let Ok(outcome) = tokio::time::timeout(left, local).await else {
                 return Err(unavailable_at_deadline(node.leader()));
             };
             match outcome {
-                Ok(answer) => return Ok(answer),
+                Ok(outcome) => return M::respond(call.key(), outcome),
                 Err(NodeError::Stopped) => {
                     return Err(Status::unavailable("replica is shutting down"));
                 }
@@ -100,12 +123,9 @@ impl KvService {
                 {
                     let left = meta.deadline.saturating_duration_since(Instant::now());
                     metrics::counter!(m::FORWARDED, "leader_known" => "true").increment(1);
-                    match call
-                        .clone()
-                        .forward(self.client(leader)?, left, meta.hops + 1)
-                        .await
-                    {
-                        Ok(answer) => return Ok(answer),
+                    let request = forwarded(call.clone(), left, meta.hops + 1);
+                    match M::forward(self.client(leader)?, request).await {
+                        Ok(response) => return Ok(response.into_inner()),
                         // The leader may have died; look again shortly.
                         Err(status) if retry_safe && is_unreachable(&status) => {
                             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -131,88 +151,213 @@ impl KvService {
     }
 }
 
-/// A validated client call.
-#[derive(Clone)]
-enum Call {
-    Get(pb::GetRequest),
-    Insert(pb::InsertRequest),
-    Remove(pb::RemoveRequest),
-    Update(pb::UpdateRequest),
-    Upsert(pb::UpsertRequest),
+/// What a checked call asks of the log.
+#[derive(Clone, Copy)]
+enum Action {
+    Read,
+    Write(Op),
 }
 
-/// How a call was answered: by this replica's node, or by the leader.
-enum Answer {
+/// What the local node answered.
+enum Outcome {
     Read(Option<i32>),
     Wrote(Reply),
-    Get(pb::GetResponse),
-    Insert(pb::InsertResponse),
-    Remove(pb::RemoveResponse),
-    Update(pb::UpdateResponse),
-    Upsert(pb::UpsertResponse),
 }
 
-impl Call {
-    /// A read may always be retried; a write only with a request id, which
-    /// the state machine deduplicates.
-    fn retry_safe(&self) -> bool {
-        let id = match self {
-            Call::Get(_) => return true,
-            Call::Insert(r) => &r.request_id,
-            Call::Remove(r) => &r.request_id,
-            Call::Update(r) => &r.request_id,
-            Call::Upsert(r) => &r.request_id,
-        };
-        id.is_some()
+/// Asks this replica's node to do `action` for `call`.
+async fn run_locally<M: Method>(
+    node: &NodeHandle,
+    call: &M,
+    action: Action,
+) -> Result<Outcome, NodeError> {
+    let key = call.key().to_string();
+    match action {
+        Action::Read => node.read(key).await.map(Outcome::Read),
+        Action::Write(op) => {
+            let (client_id, sequence) = call
+                .request_id()
+                .map_or((0, 0), |r| (r.client_id, r.sequence));
+            node.write(key, op, client_id, sequence)
+                .await
+                .map(Outcome::Wrote)
+        }
     }
+}
 
-    async fn local(&self, node: &NodeHandle) -> Result<Answer, NodeError> {
-        let (key, op, id) = match self {
-            Call::Get(r) => return node.read(r.key.clone()).await.map(Answer::Read),
-            Call::Insert(r) => (
-                &r.key,
-                Op::Insert(r.value.unwrap_or_default()),
-                r.request_id,
-            ),
-            Call::Remove(r) => (&r.key, Op::Remove, r.request_id),
-            Call::Update(r) => (
-                &r.key,
-                Op::Update(r.value.unwrap_or_default()),
-                r.request_id,
-            ),
-            Call::Upsert(r) => (
-                &r.key,
-                Op::Upsert(r.value.unwrap_or_default()),
-                r.request_id,
-            ),
-        };
-        let (client_id, sequence) = id.map_or((0, 0), |r| (r.client_id, r.sequence));
-        node.write(key.clone(), op, client_id, sequence)
-            .await
-            .map(Answer::Wrote)
+/// One KvStore method, by its request type: how the request is checked,
+/// how the node's outcome becomes the response, and how the call is
+/// forwarded. The flow around it (`KvService::serve`) is the same for all.
+trait Method: Clone + Send + Sync + 'static {
+    type Response: Send;
+    /// The gRPC method name, for metrics.
+    const NAME: &'static str;
+    fn key(&self) -> &str;
+    fn request_id(&self) -> Option<pb::RequestId>;
+    /// Checks the request against the contract (the error names the field)
+    /// and says what it asks of the log.
+    fn check(&self) -> Result<Action, Status>;
+    /// The contract's response, or status, for what the node answered.
+    fn respond(key: &str, outcome: Outcome) -> Result<Self::Response, Status>;
+    /// Sends the call to the leader.
+    fn forward(
+        client: KvStoreClient<Channel>,
+        request: Request<Self>,
+    ) -> impl Future<Output = Result<Response<Self::Response>, Status>> + Send;
+}
+
+impl Method for pb::GetRequest {
+    type Response = pb::GetResponse;
+    const NAME: &'static str = "Get";
+    fn key(&self) -> &str {
+        &self.key
     }
-
+    fn request_id(&self) -> Option<pb::RequestId> {
+        None
+    }
+    fn check(&self) -> Result<Action, Status> {
+        validate_key(&self.key)?;
+        Ok(Action::Read)
+    }
+    fn respond(key: &str, outcome: Outcome) -> Result<Self::Response, Status> {
+        match outcome {
+            Outcome::Read(Some(value)) => Ok(pb::GetResponse { value }),
+            Outcome::Read(None) => Err(Status::not_found(format!("key {key:?} not found"))),
+            Outcome::Wrote(_) => Err(mismatch()),
+        }
+    }
     async fn forward(
-        self,
-        mut c: KvStoreClient<Channel>,
-        left: Duration,
-        hops: u32,
-    ) -> Result<Answer, Status> {
-        Ok(match self {
-            Call::Get(r) => Answer::Get(c.get(forwarded(r, left, hops)).await?.into_inner()),
-            Call::Insert(r) => {
-                Answer::Insert(c.insert(forwarded(r, left, hops)).await?.into_inner())
-            }
-            Call::Remove(r) => {
-                Answer::Remove(c.remove(forwarded(r, left, hops)).await?.into_inner())
-            }
-            Call::Update(r) => {
-                Answer::Update(c.update(forwarded(r, left, hops)).await?.into_inner())
-            }
-            Call::Upsert(r) => {
-                Answer::Upsert(c.upsert(forwarded(r, left, hops)).await?.into_inner())
-            }
-        })
+        mut client: KvStoreClient<Channel>,
+        request: Request<Self>,
+    ) -> Result<Response<Self::Response>, Status> {
+        client.get(request).await
+    }
+}
+
+/// Checks what every write carries, and makes its action.
+fn check_write(
+    key: &str,
+    request_id: &Option<pb::RequestId>,
+    op: Result<Op, Status>,
+) -> Result<Action, Status> {
+    validate_key(key)?;
+    let op = op?;
+    validate_request_id(request_id)?;
+    Ok(Action::Write(op))
+}
+
+/// The state machine's reply to a write.
+fn wrote(outcome: Outcome) -> Result<Reply, Status> {
+    match outcome {
+        Outcome::Wrote(reply) => Ok(reply),
+        Outcome::Read(_) => Err(mismatch()),
+    }
+}
+
+impl Method for pb::InsertRequest {
+    type Response = pb::InsertResponse;
+    const NAME: &'static str = "Insert";
+    fn key(&self) -> &str {
+        &self.key
+    }
+    fn request_id(&self) -> Option<pb::RequestId> {
+        self.request_id
+    }
+    fn check(&self) -> Result<Action, Status> {
+        let op = validate_value(self.value).map(Op::Insert);
+        check_write(&self.key, &self.request_id, op)
+    }
+    fn respond(key: &str, outcome: Outcome) -> Result<Self::Response, Status> {
+        match wrote(outcome)? {
+            Reply::Inserted => Ok(pb::InsertResponse {}),
+            other => Err(reply_status(key, other)),
+        }
+    }
+    async fn forward(
+        mut client: KvStoreClient<Channel>,
+        request: Request<Self>,
+    ) -> Result<Response<Self::Response>, Status> {
+        client.insert(request).await
+    }
+}
+
+impl Method for pb::RemoveRequest {
+    type Response = pb::RemoveResponse;
+    const NAME: &'static str = "Remove";
+    fn key(&self) -> &str {
+        &self.key
+    }
+    fn request_id(&self) -> Option<pb::RequestId> {
+        self.request_id
+    }
+    fn check(&self) -> Result<Action, Status> {
+        check_write(&self.key, &self.request_id, Ok(Op::Remove))
+    }
+    fn respond(key: &str, outcome: Outcome) -> Result<Self::Response, Status> {
+        match wrote(outcome)? {
+            Reply::Removed { previous } => Ok(pb::RemoveResponse { previous }),
+            other => Err(reply_status(key, other)),
+        }
+    }
+    async fn forward(
+        mut client: KvStoreClient<Channel>,
+        request: Request<Self>,
+    ) -> Result<Response<Self::Response>, Status> {
+        client.remove(request).await
+    }
+}
+
+impl Method for pb::UpdateRequest {
+    type Response = pb::UpdateResponse;
+    const NAME: &'static str = "Update";
+    fn key(&self) -> &str {
+        &self.key
+    }
+    fn request_id(&self) -> Option<pb::RequestId> {
+        self.request_id
+    }
+    fn check(&self) -> Result<Action, Status> {
+        let op = validate_value(self.value).map(Op::Update);
+        check_write(&self.key, &self.request_id, op)
+    }
+    fn respond(key: &str, outcome: Outcome) -> Result<Self::Response, Status> {
+        match wrote(outcome)? {
+            Reply::Updated { previous } => Ok(pb::UpdateResponse { previous }),
+            other => Err(reply_status(key, other)),
+        }
+    }
+    async fn forward(
+        mut client: KvStoreClient<Channel>,
+        request: Request<Self>,
+    ) -> Result<Response<Self::Response>, Status> {
+        client.update(request).await
+    }
+}
+
+impl Method for pb::UpsertRequest {
+    type Response = pb::UpsertResponse;
+    const NAME: &'static str = "Upsert";
+    fn key(&self) -> &str {
+        &self.key
+    }
+    fn request_id(&self) -> Option<pb::RequestId> {
+        self.request_id
+    }
+    fn check(&self) -> Result<Action, Status> {
+        let op = validate_value(self.value).map(Op::Upsert);
+        check_write(&self.key, &self.request_id, op)
+    }
+    fn respond(key: &str, outcome: Outcome) -> Result<Self::Response, Status> {
+        match wrote(outcome)? {
+            Reply::Inserted => Ok(pb::UpsertResponse { inserted: true }),
+            Reply::Updated { .. } => Ok(pb::UpsertResponse { inserted: false }),
+            other => Err(reply_status(key, other)),
+        }
+    }
+    async fn forward(
+        mut client: KvStoreClient<Channel>,
+        request: Request<Self>,
+    ) -> Result<Response<Self::Response>, Status> {
+        client.upsert(request).await
     }
 }
 
@@ -343,104 +488,6 @@ fn mismatch() -> Status {
     Status::internal("internal error: answer does not match the call")
 }
 
-impl KvService {
-    async fn do_get(
-        &self,
-        request: Request<pb::GetRequest>,
-    ) -> Result<Response<pb::GetResponse>, Status> {
-        let meta = CallMeta::of(&request);
-        let r = request.into_inner();
-        validate_key(&r.key)?;
-        let key = r.key.clone();
-        match self.serve(meta, Call::Get(r)).await? {
-            Answer::Read(Some(value)) => Ok(Response::new(pb::GetResponse { value })),
-            Answer::Read(None) => Err(Status::not_found(format!("key {key:?} not found"))),
-            Answer::Get(response) => Ok(Response::new(response)),
-            _ => Err(mismatch()),
-        }
-    }
-
-    async fn do_insert(
-        &self,
-        request: Request<pb::InsertRequest>,
-    ) -> Result<Response<pb::InsertResponse>, Status> {
-        let meta = CallMeta::of(&request);
-        let r = request.into_inner();
-        validate_key(&r.key)?;
-        validate_value(r.value)?;
-        validate_request_id(&r.request_id)?;
-        let key = r.key.clone();
-        match self.serve(meta, Call::Insert(r)).await? {
-            Answer::Wrote(Reply::Inserted) => Ok(Response::new(pb::InsertResponse {})),
-            Answer::Wrote(other) => Err(reply_status(&key, other)),
-            Answer::Insert(response) => Ok(Response::new(response)),
-            _ => Err(mismatch()),
-        }
-    }
-
-    async fn do_remove(
-        &self,
-        request: Request<pb::RemoveRequest>,
-    ) -> Result<Response<pb::RemoveResponse>, Status> {
-        let meta = CallMeta::of(&request);
-        let r = request.into_inner();
-        validate_key(&r.key)?;
-        validate_request_id(&r.request_id)?;
-        let key = r.key.clone();
-        match self.serve(meta, Call::Remove(r)).await? {
-            Answer::Wrote(Reply::Removed { previous }) => {
-                Ok(Response::new(pb::RemoveResponse { previous }))
-            }
-            Answer::Wrote(other) => Err(reply_status(&key, other)),
-            Answer::Remove(response) => Ok(Response::new(response)),
-            _ => Err(mismatch()),
-        }
-    }
-
-    async fn do_update(
-        &self,
-        request: Request<pb::UpdateRequest>,
-    ) -> Result<Response<pb::UpdateResponse>, Status> {
-        let meta = CallMeta::of(&request);
-        let r = request.into_inner();
-        validate_key(&r.key)?;
-        validate_value(r.value)?;
-        validate_request_id(&r.request_id)?;
-        let key = r.key.clone();
-        match self.serve(meta, Call::Update(r)).await? {
-            Answer::Wrote(Reply::Updated { previous }) => {
-                Ok(Response::new(pb::UpdateResponse { previous }))
-            }
-            Answer::Wrote(other) => Err(reply_status(&key, other)),
-            Answer::Update(response) => Ok(Response::new(response)),
-            _ => Err(mismatch()),
-        }
-    }
-
-    async fn do_upsert(
-        &self,
-        request: Request<pb::UpsertRequest>,
-    ) -> Result<Response<pb::UpsertResponse>, Status> {
-        let meta = CallMeta::of(&request);
-        let r = request.into_inner();
-        validate_key(&r.key)?;
-        validate_value(r.value)?;
-        validate_request_id(&r.request_id)?;
-        let key = r.key.clone();
-        match self.serve(meta, Call::Upsert(r)).await? {
-            Answer::Wrote(Reply::Inserted) => {
-                Ok(Response::new(pb::UpsertResponse { inserted: true }))
-            }
-            Answer::Wrote(Reply::Updated { .. }) => {
-                Ok(Response::new(pb::UpsertResponse { inserted: false }))
-            }
-            Answer::Wrote(other) => Err(reply_status(&key, other)),
-            Answer::Upsert(response) => Ok(Response::new(response)),
-            _ => Err(mismatch()),
-        }
-    }
-}
-
 /// Counts a call by method and status code, and times it. A call another
 /// replica forwarded here (`forwarded_in`) is not counted again: it was
 /// counted, end to end, where the client sent it, so the sum over replicas
@@ -471,40 +518,35 @@ impl pb::kv_store_server::KvStore for KvService {
         &self,
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetResponse>, Status> {
-        let forwarded_in = request.metadata().contains_key(FORWARDED);
-        observed("Get", forwarded_in, self.do_get(request)).await
+        self.handle(request).await
     }
 
     async fn insert(
         &self,
         request: Request<pb::InsertRequest>,
     ) -> Result<Response<pb::InsertResponse>, Status> {
-        let forwarded_in = request.metadata().contains_key(FORWARDED);
-        observed("Insert", forwarded_in, self.do_insert(request)).await
+        self.handle(request).await
     }
 
     async fn remove(
         &self,
         request: Request<pb::RemoveRequest>,
     ) -> Result<Response<pb::RemoveResponse>, Status> {
-        let forwarded_in = request.metadata().contains_key(FORWARDED);
-        observed("Remove", forwarded_in, self.do_remove(request)).await
+        self.handle(request).await
     }
 
     async fn update(
         &self,
         request: Request<pb::UpdateRequest>,
     ) -> Result<Response<pb::UpdateResponse>, Status> {
-        let forwarded_in = request.metadata().contains_key(FORWARDED);
-        observed("Update", forwarded_in, self.do_update(request)).await
+        self.handle(request).await
     }
 
     async fn upsert(
         &self,
         request: Request<pb::UpsertRequest>,
     ) -> Result<Response<pb::UpsertResponse>, Status> {
-        let forwarded_in = request.metadata().contains_key(FORWARDED);
-        observed("Upsert", forwarded_in, self.do_upsert(request)).await
+        self.handle(request).await
     }
 }
 

@@ -11,52 +11,9 @@ use std::time::{Duration, Instant};
 
 use common::Cluster;
 use paxoskv::pb;
-use paxoskv::pb::admin_client::AdminClient;
 use paxoskv::storage::Storage;
 use tokio::sync::watch;
-
-/// Replica `id`'s own status, if it answers.
-async fn status(cluster: &Cluster, id: u32) -> Option<pb::StatusResponse> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.addrs[&id]))
-        .ok()?
-        .connect_timeout(Duration::from_millis(300))
-        .connect_lazy();
-    let mut req = tonic::Request::new(pb::StatusRequest {});
-    req.set_timeout(Duration::from_millis(500));
-    AdminClient::new(channel)
-        .status(req)
-        .await
-        .ok()
-        .map(|r| r.into_inner())
-}
-
-/// The replica that leads with the highest ballot, among those alive.
-async fn leader(cluster: &Cluster, alive: &[u32]) -> Option<u32> {
-    let mut best = None;
-    for &id in alive {
-        if let Some(s) = status(cluster, id).await
-            && s.role == "leader"
-            && best.is_none_or(|(r, n, _)| (s.ballot_round, s.ballot_node) > (r, n))
-        {
-            best = Some((s.ballot_round, s.ballot_node, id));
-        }
-    }
-    best.map(|(_, _, id)| id)
-}
-
-async fn wait_for_leader(cluster: &Cluster, alive: &[u32], within: Duration) -> u32 {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(l) = leader(cluster, alive).await {
-            return l;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no leader among {alive:?} within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+use tokio::task::JoinHandle;
 
 /// Acknowledged writes: key -> value, and for each, when the attempt that
 /// succeeded was sent and when it was acknowledged.
@@ -124,6 +81,62 @@ async fn writer(
     }
 }
 
+/// A writer running in the background (`writer`), aimed at some replicas.
+struct Load {
+    acked: Arc<Mutex<Acked>>,
+    targets: watch::Sender<Vec<u32>>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Load {
+    /// Starts writing through every replica of `cluster`.
+    fn start(cluster: &Cluster) -> Load {
+        let acked = Arc::new(Mutex::new(Acked::default()));
+        let (targets, targets_rx) = watch::channel(cluster.addrs.keys().copied().collect());
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(writer(
+            cluster.addrs.clone(),
+            targets_rx,
+            Arc::clone(&acked),
+            stop_rx,
+        ));
+        Load {
+            acked,
+            targets,
+            stop,
+            task,
+        }
+    }
+
+    /// Sends the writes through `ids` only, from now on.
+    fn aim(&self, ids: Vec<u32>) {
+        self.targets.send_replace(ids);
+    }
+
+    /// How many writes have been acknowledged so far.
+    fn acked(&self) -> usize {
+        self.acked.lock().unwrap().values.len()
+    }
+
+    /// When the first write sent after `t` was acknowledged, if it was.
+    fn first_ack_of_a_write_sent_after(&self, t: Instant) -> Option<Instant> {
+        let acked = self.acked.lock().unwrap();
+        acked
+            .times
+            .iter()
+            .find(|(sent, _)| *sent > t)
+            .map(|(_, ack)| *ack)
+    }
+
+    /// Stops writing and returns what was acknowledged.
+    async fn finish(self) -> Acked {
+        self.stop.send_replace(true);
+        self.task.await.expect("writer task");
+        std::mem::take(&mut *self.acked.lock().unwrap())
+    }
+}
+
 /// Waits until every replica in `ids` has applied as far as the leader has
 /// committed (with writes stopped).
 async fn wait_caught_up(cluster: &Cluster, ids: &[u32], within: Duration) {
@@ -131,7 +144,13 @@ async fn wait_caught_up(cluster: &Cluster, ids: &[u32], within: Duration) {
     loop {
         let mut applied = Vec::new();
         for &id in ids {
-            applied.push(status(cluster, id).await.map(|s| (s.committed, s.applied)));
+            applied.push(
+                cluster
+                    .status(id)
+                    .await
+                    .ok()
+                    .map(|s| (s.committed, s.applied)),
+            );
         }
         let leader_commit = applied.iter().flatten().map(|(c, _)| *c).max().unwrap_or(0);
         if leader_commit > 0
@@ -181,39 +200,23 @@ fn verify_disks(cluster: &mut Cluster, acked: &Acked) {
 async fn killing_the_leader_under_load_loses_no_acknowledged_write() {
     let mut cluster = Cluster::start("kill-leader", 3);
     cluster.wait_ready(1, Duration::from_secs(15)).await;
-    let acked = Arc::new(Mutex::new(Acked::default()));
-    let (targets_tx, targets) = watch::channel(vec![1, 2, 3]);
-    let (stop_tx, stop) = watch::channel(false);
-    let w = tokio::spawn(writer(
-        cluster.addrs.clone(),
-        targets,
-        Arc::clone(&acked),
-        stop,
-    ));
+    let load = Load::start(&cluster);
 
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let old = wait_for_leader(&cluster, &[1, 2, 3], Duration::from_secs(5)).await;
-    let before = acked.lock().unwrap().values.len();
-    assert!(before > 0, "no write acknowledged before the kill");
+    let old = cluster.leader(Duration::from_secs(5)).await;
+    assert!(load.acked() > 0, "no write acknowledged before the kill");
     cluster.kill(old);
     let killed_at = Instant::now();
-    let alive: Vec<u32> = (1..=3).filter(|&i| i != old).collect();
-    targets_tx.send(alive.clone()).unwrap();
+    load.aim((1..=3).filter(|&i| i != old).collect());
 
     // A new leader takes writes within a few seconds: the first write sent
     // after the kill is acknowledged within 10 s.
-    let new = wait_for_leader(&cluster, &alive, Duration::from_secs(10)).await;
+    let new = cluster.leader(Duration::from_secs(10)).await;
     assert_ne!(new, old);
     let deadline = killed_at + Duration::from_secs(10);
     let first_after = loop {
-        if let Some((_, t)) = acked
-            .lock()
-            .unwrap()
-            .times
-            .iter()
-            .find(|(sent, _)| *sent > killed_at)
-        {
-            break *t;
+        if let Some(t) = load.first_ack_of_a_write_sent_after(killed_at) {
+            break t;
         }
         assert!(
             Instant::now() < deadline,
@@ -229,12 +232,10 @@ async fn killing_the_leader_under_load_loses_no_acknowledged_write() {
     // The killed replica comes back and catches up.
     tokio::time::sleep(Duration::from_secs(1)).await;
     cluster.spawn(old);
-    targets_tx.send(vec![1, 2, 3]).unwrap();
+    load.aim(vec![1, 2, 3]);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    stop_tx.send(true).unwrap();
-    w.await.unwrap();
+    let acked = load.finish().await;
     wait_caught_up(&cluster, &[1, 2, 3], Duration::from_secs(20)).await;
-    let acked = acked.lock().unwrap();
     println!("acknowledged writes: {}", acked.values.len());
     verify_disks(&mut cluster, &acked);
 }
@@ -243,26 +244,16 @@ async fn killing_the_leader_under_load_loses_no_acknowledged_write() {
 async fn every_replica_killed_and_restarted_in_turn_while_writing() {
     let mut cluster = Cluster::start("rolling-kill", 3);
     cluster.wait_ready(1, Duration::from_secs(15)).await;
-    let acked = Arc::new(Mutex::new(Acked::default()));
-    let (targets_tx, targets) = watch::channel(vec![1, 2, 3]);
-    let (stop_tx, stop) = watch::channel(false);
-    let w = tokio::spawn(writer(
-        cluster.addrs.clone(),
-        targets,
-        Arc::clone(&acked),
-        stop,
-    ));
+    let load = Load::start(&cluster);
 
     for id in 1..=3 {
         tokio::time::sleep(Duration::from_millis(700)).await;
         cluster.kill(id);
-        targets_tx
-            .send((1..=3).filter(|&i| i != id).collect())
-            .unwrap();
-        let count = acked.lock().unwrap().values.len();
+        load.aim((1..=3).filter(|&i| i != id).collect());
         // The other two keep taking writes.
+        let count = load.acked();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while acked.lock().unwrap().values.len() < count + 5 {
+        while load.acked() < count + 5 {
             assert!(
                 Instant::now() < deadline,
                 "no progress with replica {id} down"
@@ -270,14 +261,12 @@ async fn every_replica_killed_and_restarted_in_turn_while_writing() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         cluster.spawn(id);
-        targets_tx.send(vec![1, 2, 3]).unwrap();
-        wait_for_leader(&cluster, &[1, 2, 3], Duration::from_secs(10)).await;
+        load.aim(vec![1, 2, 3]);
+        cluster.leader(Duration::from_secs(10)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    stop_tx.send(true).unwrap();
-    w.await.unwrap();
+    let acked = load.finish().await;
     wait_caught_up(&cluster, &[1, 2, 3], Duration::from_secs(20)).await;
-    let acked = acked.lock().unwrap();
     println!("acknowledged writes: {}", acked.values.len());
     verify_disks(&mut cluster, &acked);
 }
