@@ -95,18 +95,21 @@ pub async fn serve(opts: ServeOptions) -> Result<(), BoxError> {
     health
         .set_serving::<pb::kv_store_server::KvStoreServer<KvService>>()
         .await;
-    let reflection = || {
+    // Each reflection service describes itself; give each the other's
+    // descriptor too, so both versions list every service.
+    let reflection = |other_reflection_version| {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(other_reflection_version)
     };
     let (stop_server, server_stopped) = watch::channel(false);
     let mut server_stopped_rx = server_stopped.clone();
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(health_service)
-        .add_service(reflection().build_v1()?)
-        .add_service(reflection().build_v1alpha()?)
+        .add_service(reflection(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET).build_v1()?)
+        .add_service(reflection(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET).build_v1alpha()?)
         .add_service(AdminService::new(handle.clone(), opts.peers.clone()).into_server())
         .add_service(KvService::new(handle, opts.peers.clone()).into_server())
         .add_service(

@@ -105,12 +105,23 @@ async fn grpcurl_drives_every_operation_on_every_replica() {
             "paxoskv.v1.KvStore",
             "paxoskv.v1.Admin",
             "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
         ] {
             assert!(
                 list.ok && list.stdout.contains(service),
                 "replica {id}: list lacks {service}: {list:?}"
             );
         }
+        // grpcurl 1.8 asks v1alpha; newer clients ask v1. Ask v1 by hand.
+        let v1 = run(&[
+            "-plaintext",
+            "-d",
+            r#"{"list_services":""}"#,
+            addr,
+            "grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        ]);
+        assert_ok(&v1, "paxoskv.v1.KvStore");
         let describe = run(&["-plaintext", addr, "describe", "paxoskv.v1.KvStore"]);
         assert!(
             describe.ok && describe.stdout.contains("rpc Upsert"),
