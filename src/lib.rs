@@ -8,8 +8,10 @@
 //! - [`service`], [`admin`]: the client API (`paxoskv.v1.KvStore`) and the
 //!   operator's view (`paxoskv.v1.Admin`) over gRPC;
 //! - [`metrics`]: every metric's name, and the Prometheus exporter;
-//! - [`node`]: the async driver that owns the core, the storage and the
-//!   transport;
+//! - [`node`]: the async shell that owns the driver, the storage and the
+//!   transport, and does the I/O the driver asks for;
+//! - [`driver`]: the core plus the bookkeeping of client calls, sans I/O:
+//!   which caller gets which answer (the simulator runs it too);
 //! - [`transport`]: Paxos messages between replicas over long-lived gRPC
 //!   streams, one per peer, with reconnects;
 //! - [`storage`]: the one place that touches the disk (sled): the acceptor's
@@ -23,6 +25,7 @@
 pub mod admin;
 pub mod client;
 pub mod cluster;
+pub mod driver;
 pub mod kv;
 pub mod metrics;
 pub mod node;

@@ -1,19 +1,17 @@
-//! The async driver around the consensus core.
+//! The async shell around the [`Driver`].
 //!
-//! One tokio task owns the [`Replica`] and runs a loop: take an input (a
-//! peer's message, a client's request, a clock tick), then everything else
-//! already queued, then do what the core's [`Ready`](crate::paxos::Ready)
-//! says — send, sync, send what waited for the sync, apply, answer. While a
-//! sync runs, new inputs queue up and go into the next sync together: that
-//! is the group commit.
+//! One tokio task owns the driver (the consensus core and the calls waiting
+//! on it) and runs a loop: take an input (a peer's message, a client's
+//! request, a clock tick), then everything else already queued, then do
+//! what the driver's [`Work`](crate::driver::Work) says — send, sync, send
+//! what waited for the sync, answer, apply. While a sync runs, new inputs
+//! queue up and go into the next sync together: that is the group commit.
 //!
-//! Client calls reach the loop through a [`NodeHandle`]. A write becomes a
-//! [`kv::Command`] proposed to the core; its caller is answered with the
-//! state machine's own reply once the command's slot is applied here. A read
-//! goes through the core's ReadIndex barrier and is answered from the state
-//! machine once it has applied the read's index.
+//! Which caller gets which answer is decided by the driver, not here: this
+//! module only turns its answers into replies on the callers' channels (a
+//! read's value is read from the state machine when the driver says so).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,23 +19,15 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
+use crate::driver::{Answer, Driver};
 use crate::kv::{self, Op, Reply};
 use crate::metrics as m;
-use crate::paxos::{Message, NodeId, ReadId, Replica, Role, Slot, Status, Value};
+use crate::paxos::{Message, NodeId, Replica, Role, Slot, Status, Value};
 use crate::storage::Storage;
 use crate::transport::Transport;
 
-/// Why the node could not serve a call.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NodeError {
-    /// This replica does not lead; ask the one given, if known.
-    NotLeader(Option<NodeId>),
-    /// Leadership was lost before the command got a log slot: it is certainly
-    /// not in the log, and may be retried as is.
-    Retry,
-    /// The replica is shutting down.
-    Stopped,
-}
+/// Why the node could not serve a call (decided by the [`Driver`]).
+pub use crate::driver::CallError as NodeError;
 
 type WriteReply = oneshot::Sender<Result<Reply, NodeError>>;
 type ReadReply = oneshot::Sender<Result<Option<i32>, NodeError>>;
@@ -103,7 +93,7 @@ impl NodeHandle {
         sequence: u64,
     ) -> Result<Reply, NodeError> {
         let command = kv::Command {
-            proposal_id: 0, // assigned by the node, which knows which ids are free
+            proposal_id: 0, // assigned by the driver, which knows which ids are free
             client_id,
             sequence,
             key,
@@ -146,23 +136,19 @@ impl std::fmt::Display for NodeFailure {
 
 impl std::error::Error for NodeFailure {}
 
-/// The driver: owns the core and everything it needs.
+/// A write's caller, and when it was proposed (for the commit latency).
+type WriteWaiter = (WriteReply, Instant);
+
+/// The async shell: owns the [`Driver`] (the core and its waiting calls)
+/// and the I/O it asks for.
 pub struct Node {
-    replica: Replica,
+    driver: Driver<WriteWaiter, ReadReply>,
     storage: Arc<Storage>,
     transport: Transport,
     tick: Duration,
     peer_rx: mpsc::Receiver<(NodeId, Message)>,
     requests: mpsc::Receiver<Request>,
     leader_tx: watch::Sender<Option<NodeId>>,
-    applied: Slot,
-    next_proposal: u64,
-    next_read: ReadId,
-    /// Writes proposed here, with when they were proposed.
-    writes: HashMap<u64, (WriteReply, Instant)>,
-    reads: HashMap<ReadId, (String, ReadReply)>,
-    /// Reads whose barrier passed, by the index they wait for.
-    ready_reads: BTreeMap<Slot, Vec<ReadId>>,
     ticks: u64,
     last_role: Role,
 }
@@ -187,25 +173,19 @@ impl Node {
         // Proposal ids need only be unique among this replica's waiters;
         // starting from the clock keeps a restarted replica from matching a
         // reply to a proposal of its previous life.
-        let next_proposal = std::time::SystemTime::now()
+        let first_proposal = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64)
             ^ (u64::from(id) << 56);
         let node = Node {
             last_role: Role::Follower,
-            replica,
+            driver: Driver::new(replica, applied, first_proposal),
             storage,
             transport,
             tick,
             peer_rx,
             requests,
             leader_tx,
-            applied,
-            next_proposal,
-            next_read: 1,
-            writes: HashMap::new(),
-            reads: HashMap::new(),
-            ready_reads: BTreeMap::new(),
             ticks: 0,
         };
         (
@@ -227,7 +207,7 @@ impl Node {
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => break,
-                Some((from, msg)) = self.peer_rx.recv() => self.replica.step(from, msg),
+                Some((from, msg)) = self.peer_rx.recv() => self.driver.step(from, msg),
                 request = self.requests.recv() => match request {
                     Some(request) => self.on_request(request),
                     None => break,
@@ -237,7 +217,7 @@ impl Node {
             // Everything already waiting joins this round (and its sync).
             for _ in 0..MAX_INPUTS_PER_ROUND {
                 if let Ok((from, msg)) = self.peer_rx.try_recv() {
-                    self.replica.step(from, msg);
+                    self.driver.step(from, msg);
                 } else if let Ok(request) = self.requests.try_recv() {
                     self.on_request(request);
                 } else {
@@ -247,18 +227,20 @@ impl Node {
             self.process_ready().await?;
             self.publish_leader();
         }
-        info!(replica = self.replica.id(), "node stopping");
+        info!(replica = self.driver.replica().id(), "node stopping");
+        let answers = self.driver.stop();
+        self.answer(answers)?;
         Ok(())
     }
 
     fn on_tick(&mut self) {
-        self.replica.tick();
+        self.driver.tick();
         self.ticks += 1;
         // Callers that gave up (deadline passed) leave their waiter behind;
         // sweep those now and then.
         if self.ticks.is_multiple_of(100) {
-            self.writes.retain(|_, (tx, _)| !tx.is_closed());
-            self.reads.retain(|_, (_, tx)| !tx.is_closed());
+            self.driver
+                .retain_callers(|(tx, _)| !tx.is_closed(), |tx| !tx.is_closed());
         }
         if self.ticks.is_multiple_of(10) {
             self.export_metrics();
@@ -267,41 +249,20 @@ impl Node {
 
     fn on_request(&mut self, request: Request) {
         match request {
-            Request::Write { mut command, reply } => {
-                self.next_proposal = self.next_proposal.wrapping_add(1);
-                command.proposal_id = self.next_proposal;
-                match self.replica.propose(command.encode()) {
-                    Ok(()) => {
-                        self.writes
-                            .insert(command.proposal_id, (reply, Instant::now()));
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(NodeError::NotLeader(e.leader)));
-                    }
-                }
+            Request::Write { command, reply } => {
+                self.driver.write(command, (reply, Instant::now()));
             }
-            Request::Read { key, reply } => {
-                let id = self.next_read;
-                self.next_read += 1;
-                match self.replica.read(id) {
-                    Ok(()) => {
-                        self.reads.insert(id, (key, reply));
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(NodeError::NotLeader(e.leader)));
-                    }
-                }
-            }
+            Request::Read { key, reply } => self.driver.read(key, reply),
             Request::Status { reply } => {
-                let connected = self
-                    .replica
+                let replica = self.driver.replica();
+                let connected = replica
                     .config()
                     .peers()
                     .map(|p| (p, self.transport.peer_connected(p)))
                     .collect();
                 let _ = reply.send(NodeStatus {
-                    core: self.replica.status(),
-                    applied: self.applied,
+                    core: replica.status(),
+                    applied: self.driver.applied(),
                     connected,
                     tick: self.tick,
                 });
@@ -309,17 +270,17 @@ impl Node {
         }
     }
 
-    /// Does what the core asks until it asks nothing more.
+    /// Does what the driver asks until it asks nothing more.
     async fn process_ready(&mut self) -> Result<(), NodeFailure> {
-        let id = self.replica.id();
+        let id = self.driver.replica().id();
         loop {
-            let ready = self.replica.take_ready();
-            if ready.is_empty() {
+            let work = self.driver.take_ready();
+            if work.is_empty() {
                 return Ok(());
             }
             let mut to_self = Vec::new();
             // 1. What depends on nothing unwritten goes out at once.
-            for e in &ready.messages {
+            for e in work.messages {
                 if let Message::CatchUpRequest {
                     ballot,
                     from_slot,
@@ -329,15 +290,15 @@ impl Node {
                     info!(replica = id, leader = e.to, %ballot, from_slot, to_slot, "catching up");
                 }
                 if e.to == id {
-                    to_self.push(e.msg.clone());
+                    to_self.push(e.msg);
                 } else {
                     self.transport.send(e.to, &e.msg);
                 }
             }
             // 2. The sync: one for everything gathered this round.
-            if !ready.persist.is_empty() {
+            if !work.persist.is_empty() {
                 let storage = Arc::clone(&self.storage);
-                let persist = ready.persist;
+                let persist = work.persist;
                 let (started, written) = (Instant::now(), self.storage.bytes_written());
                 blocking(move || storage.persist(&persist)).await?;
                 metrics::histogram!(m::SYNC_DURATION).record(started.elapsed().as_secs_f64());
@@ -345,42 +306,29 @@ impl Node {
                     .increment(self.storage.bytes_written() - written);
             }
             // 3. Replies that promise or accept what is now on disk.
-            for e in &ready.persisted_messages {
+            for e in work.persisted_messages {
                 if e.to == id {
-                    to_self.push(e.msg.clone());
+                    to_self.push(e.msg);
                 } else {
                     self.transport.send(e.to, &e.msg);
                 }
             }
-            // 4. Apply what is chosen, and answer the writers waiting here.
-            if !ready.chosen.is_empty() {
-                self.apply(ready.chosen).await?;
+            // 4. Answers due now; then apply what is chosen, which answers
+            //    the writers (and readers) waiting for it.
+            self.answer(work.answers)?;
+            if !work.chosen.is_empty() {
+                self.apply(work.chosen).await?;
             }
-            // 5. Reads: those whose barrier passed wait for their index.
-            for (read, index) in ready.reads {
-                self.ready_reads.entry(index).or_default().push(read);
-            }
-            for read in ready.failed_reads {
-                if let Some((_, tx)) = self.reads.remove(&read) {
-                    let _ = tx.send(Err(NodeError::Retry));
-                }
-            }
-            for command in ready.dropped {
-                if let Ok(command) = kv::Command::decode(&command)
-                    && let Some((tx, _)) = self.writes.remove(&command.proposal_id)
-                {
-                    let _ = tx.send(Err(NodeError::Retry));
-                }
-            }
-            self.serve_reads()?;
             for msg in to_self {
-                self.replica.step(id, msg);
+                self.driver.step_own(msg);
             }
         }
     }
 
     async fn apply(&mut self, chosen: Vec<(Slot, Value)>) -> Result<(), NodeFailure> {
-        let last = chosen.last().map_or(self.applied, |(slot, _)| *slot);
+        let last = chosen
+            .last()
+            .map_or(self.driver.applied(), |(slot, _)| *slot);
         for (_, value) in &chosen {
             if let Value::Batch(commands) = value {
                 metrics::counter!(m::COMMANDS_COMMITTED).increment(commands.len() as u64);
@@ -389,28 +337,40 @@ impl Node {
         }
         let storage = Arc::clone(&self.storage);
         let replies = blocking(move || storage.apply(&chosen)).await?;
-        self.applied = last;
-        for (proposal_id, reply) in replies {
-            if let Some((tx, proposed)) = self.writes.remove(&proposal_id) {
-                metrics::histogram!(m::COMMIT_DURATION).record(proposed.elapsed().as_secs_f64());
-                let _ = tx.send(Ok(reply));
-            }
-        }
-        Ok(())
+        let answers = self.driver.applied_through(last, replies);
+        self.answer(answers)
     }
 
-    fn serve_reads(&mut self) -> Result<(), NodeFailure> {
-        while let Some(entry) = self.ready_reads.first_entry() {
-            if *entry.key() > self.applied {
-                break;
-            }
-            for read in entry.remove() {
-                if let Some((key, tx)) = self.reads.remove(&read) {
+    /// Delivers the driver's answers; a read is served from the state
+    /// machine as it is now.
+    fn answer(&self, answers: Vec<Answer<WriteWaiter, ReadReply>>) -> Result<(), NodeFailure> {
+        for answer in answers {
+            match answer {
+                Answer::Write {
+                    caller: (tx, proposed),
+                    result,
+                } => {
+                    if result.is_ok() {
+                        metrics::histogram!(m::COMMIT_DURATION)
+                            .record(proposed.elapsed().as_secs_f64());
+                    }
+                    let _ = tx.send(result);
+                }
+                Answer::Read {
+                    caller,
+                    result: Ok(key),
+                } => {
                     let value = self
                         .storage
                         .get(&key)
                         .map_err(|e| NodeFailure(format!("reading {key:?}: {e}")))?;
-                    let _ = tx.send(Ok(value));
+                    let _ = caller.send(Ok(value));
+                }
+                Answer::Read {
+                    caller,
+                    result: Err(e),
+                } => {
+                    let _ = caller.send(Err(e));
                 }
             }
         }
@@ -418,7 +378,7 @@ impl Node {
     }
 
     fn publish_leader(&mut self) {
-        let status = self.replica.status();
+        let status = self.driver.replica().status();
         if status.role != self.last_role {
             match status.role {
                 Role::Leader => info!(
@@ -458,16 +418,16 @@ impl Node {
     /// Sets the gauges that describe this replica and, as leader, its
     /// followers.
     fn export_metrics(&self) {
-        let status = self.replica.status();
+        let status = self.driver.replica().status();
         let leading = status.role == Role::Leader;
         metrics::gauge!(m::COMMIT_INDEX).set(status.committed as f64);
-        metrics::gauge!(m::APPLIED_INDEX).set(self.applied as f64);
+        metrics::gauge!(m::APPLIED_INDEX).set(self.driver.applied() as f64);
         metrics::gauge!(m::BALLOT_ROUND).set(status.promised.round as f64);
         metrics::gauge!(m::IS_LEADER).set(if leading { 1.0 } else { 0.0 });
         metrics::gauge!(m::IN_FLIGHT).set(status.in_flight as f64);
         metrics::counter!(m::ELECTIONS).absolute(status.elections);
         metrics::counter!(m::PEER_MESSAGES_DROPPED).absolute(self.transport.dropped());
-        for peer in self.replica.config().peers() {
+        for peer in self.driver.replica().config().peers() {
             let label = peer.to_string();
             let up = self.transport.peer_connected(peer);
             metrics::gauge!(m::PEER_REACHABLE, "peer" => label.clone()).set(if up {

@@ -118,6 +118,12 @@ impl KvService {
                     return Err(Status::unavailable("replica is shutting down"));
                 }
                 Err(NodeError::Retry) => tokio::time::sleep(Duration::from_millis(10)).await,
+                // With a request id the state machine deduplicates: asking
+                // again is safe, and learns the outcome.
+                Err(NodeError::Unknown) if retry_safe => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(NodeError::Unknown) => return Err(outcome_unknown()),
                 Err(NodeError::NotLeader(Some(leader)))
                     if leader != node.id() && meta.hops < MAX_HOPS =>
                 {
@@ -425,6 +431,14 @@ fn unavailable_at_deadline(leader: Option<NodeId>) -> Status {
             "no quorum confirmed the call within its deadline (leader is replica {l}); a write may or may not have taken effect, retry it with the same request_id"
         )),
     }
+}
+
+/// A write without a request id whose leader stepped down while its slot
+/// was undecided, and whose outcome this replica could not learn in time.
+fn outcome_unknown() -> Status {
+    Status::unavailable(
+        "the leader changed while the write was in flight and its outcome could not be learned; it may or may not have taken effect (send a request_id to make retries safe)",
+    )
 }
 
 /// Builds a forwarded request: same message, the remaining deadline, one

@@ -164,6 +164,10 @@ pub struct Ready {
     /// Client commands that were queued but never given a slot, because
     /// leadership was lost. They are certainly not in the log.
     pub dropped: Vec<Bytes>,
+    /// Set when a leadership ended: the highest slot it proposed. Commands
+    /// it had given slots have an unknown outcome until those slots are
+    /// learned (they are then applied, or certainly not in the log).
+    pub abandoned_through: Option<Slot>,
 }
 
 impl Ready {
@@ -176,5 +180,6 @@ impl Ready {
             && self.reads.is_empty()
             && self.failed_reads.is_empty()
             && self.dropped.is_empty()
+            && self.abandoned_through.is_none()
     }
 }

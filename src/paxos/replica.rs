@@ -508,6 +508,7 @@ impl Replica {
     fn step_down(&mut self) {
         if let State::Leader(l) = std::mem::replace(&mut self.state, State::Follower) {
             self.ready.dropped.extend(l.queued);
+            self.ready.abandoned_through = Some(l.next_slot - 1);
             self.ready.failed_reads.extend(l.unindexed_reads);
             self.ready
                 .failed_reads

@@ -1,0 +1,709 @@
+//! What a replica tells its callers: the consensus core plus the bookkeeping
+//! of client calls, sans I/O.
+//!
+//! [`Driver`] owns the [`Replica`] and every call waiting on it. The async
+//! shell ([`crate::node`]) and the deterministic simulator
+//! (`tests/simulation`) both run this very type, so the logic that decides
+//! which caller gets which answer lives once and is what the simulator's
+//! seeds check:
+//!
+//! - a write is proposed under a fresh proposal id and answered with the
+//!   reply the state machine produced when the command's slot was applied
+//!   here ([`Driver::applied`]), never with a guess;
+//! - a read is answered once its ReadIndex barrier passed and the state
+//!   machine has applied the read's index;
+//! - a command handed back by a leader that stepped down before giving it a
+//!   slot, and a read that lost its leader, are answered
+//!   [`CallError::Retry`]: they are certainly not in the log;
+//! - a write that had a slot when its leader stepped down is in doubt: it is
+//!   answered with its reply if its slot turns out to hold it, with
+//!   [`CallError::Retry`] once this replica has applied past every slot that
+//!   leadership proposed without finding it, and with
+//!   [`CallError::Unknown`] if that is not learned within
+//!   [`Driver::doubt_ticks`] ticks.
+//!
+//! The shell does what [`Work`] says, in order: send `messages`; make
+//! `persist` durable; send `persisted_messages` (those to this replica go
+//! back in through [`Driver::step_own`]); apply `chosen` to the state
+//! machine and report the replies through [`Driver::applied`]; deliver every
+//! [`Answer`]. Callers are opaque tokens (`W` for writes, `R` for reads): a
+//! oneshot sender in the shell, a ticket in the simulator.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::kv::{Command, Reply};
+use crate::paxos::{Envelope, Message, NodeId, Persist, ReadId, Ready, Replica, Slot, Value};
+
+/// Why a call could not be served here.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CallError {
+    /// This replica does not lead; ask the one given, if known.
+    NotLeader(Option<NodeId>),
+    /// The call is certainly not in the log (it never got a slot, or its
+    /// slot was chosen with another value): it may be retried as is.
+    Retry,
+    /// The write had a slot when its leader stepped down, and whether that
+    /// slot chose it could not be learned here in time. It may or may not
+    /// take effect; only a retry with the same request id is safe.
+    Unknown,
+    /// The replica is shutting down.
+    Stopped,
+}
+
+/// An answer for one waiting caller.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Answer<W, R> {
+    /// The outcome of a write.
+    Write {
+        /// Who asked.
+        caller: W,
+        /// The state machine's reply, or why there is none.
+        result: Result<Reply, CallError>,
+    },
+    /// The outcome of a read. `Ok(key)` means: read `key` from the state
+    /// machine as it is now (it has applied at least the read's index) and
+    /// answer with that.
+    Read {
+        /// Who asked.
+        caller: R,
+        /// The key to serve, or why it cannot be served.
+        result: Result<String, CallError>,
+    },
+}
+
+/// What the shell must do after a batch of inputs, in field order.
+#[derive(Debug)]
+pub struct Work<W, R> {
+    /// Messages that may go out at once.
+    pub messages: Vec<Envelope>,
+    /// State to make durable (one sync) before `persisted_messages` leave.
+    pub persist: Persist,
+    /// Messages that wait for `persist`; those to this replica go back in
+    /// through [`Driver::step_own`].
+    pub persisted_messages: Vec<Envelope>,
+    /// Chosen slots, in order, to apply once `persist` is durable; report
+    /// the state machine's replies through [`Driver::applied`].
+    pub chosen: Vec<(Slot, Value)>,
+    /// Callers to answer now.
+    pub answers: Vec<Answer<W, R>>,
+}
+
+impl<W, R> Work<W, R> {
+    /// True when there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.messages.is_empty()
+            && self.persist.is_empty()
+            && self.persisted_messages.is_empty()
+            && self.chosen.is_empty()
+            && self.answers.is_empty()
+    }
+}
+
+/// A write waiting for its command's slot to be applied.
+#[derive(Debug)]
+struct PendingWrite<W> {
+    caller: W,
+    /// Set when the leader that gave the command a slot stepped down.
+    doubt: Option<Doubt>,
+}
+
+/// A write whose leader stepped down after giving it a slot.
+#[derive(Clone, Copy, Debug)]
+struct Doubt {
+    /// Every slot that leadership proposed is at or below this one.
+    through: Slot,
+    /// The tick at which the write is answered [`CallError::Unknown`].
+    give_up_at: u64,
+}
+
+/// The consensus core and the calls waiting on it. See the module docs.
+#[derive(Debug)]
+pub struct Driver<W, R> {
+    replica: Replica,
+    /// The state machine has applied every slot up to this one.
+    applied: Slot,
+    now: u64,
+    next_proposal: u64,
+    next_read: ReadId,
+    writes: HashMap<u64, PendingWrite<W>>,
+    reads: HashMap<ReadId, (String, R)>,
+    /// Reads whose barrier passed, by the index they wait for.
+    reads_at: BTreeMap<Slot, Vec<ReadId>>,
+    answers: Vec<Answer<W, R>>,
+}
+
+impl<W, R> Driver<W, R> {
+    /// A driver over `replica`, whose state machine has applied through
+    /// `applied`. Proposal ids start after `first_proposal_id`, which must
+    /// make them unique among every command this replica ever proposes
+    /// (across restarts too), since the state machine's replies are matched
+    /// to callers by it.
+    pub fn new(replica: Replica, applied: Slot, first_proposal_id: u64) -> Self {
+        Driver {
+            replica,
+            applied,
+            now: 0,
+            next_proposal: first_proposal_id,
+            next_read: 1,
+            writes: HashMap::new(),
+            reads: HashMap::new(),
+            reads_at: BTreeMap::new(),
+            answers: Vec::new(),
+        }
+    }
+
+    /// The core, to look at.
+    pub fn replica(&self) -> &Replica {
+        &self.replica
+    }
+
+    /// The state machine has applied every slot up to this one.
+    pub fn applied(&self) -> Slot {
+        self.applied
+    }
+
+    /// How long, in ticks, a write in doubt waits to learn its outcome here
+    /// before it is answered [`CallError::Unknown`]: three election
+    /// timeouts, time for a new leader to be elected and to tell us.
+    pub fn doubt_ticks(&self) -> u64 {
+        3 * self.replica.config().election_ticks
+    }
+
+    /// How many writes and reads are waiting.
+    pub fn waiting(&self) -> (usize, usize) {
+        (self.writes.len(), self.reads.len())
+    }
+
+    /// Advances the clock: the core's timers, and writes in doubt too long.
+    pub fn tick(&mut self) {
+        self.now += 1;
+        self.replica.tick();
+        let now = self.now;
+        let expired: Vec<u64> = self
+            .writes
+            .iter()
+            .filter(|(_, w)| w.doubt.is_some_and(|d| now >= d.give_up_at))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in expired {
+            self.answer_write(id, Err(CallError::Unknown));
+        }
+    }
+
+    /// A message from peer `from`.
+    pub fn step(&mut self, from: NodeId, msg: Message) {
+        self.replica.step(from, msg);
+    }
+
+    /// A message this replica's core addressed to itself, delivered once the
+    /// sync it waited for is done.
+    pub fn step_own(&mut self, msg: Message) {
+        let id = self.replica.id();
+        self.replica.step(id, msg);
+    }
+
+    /// Proposes a write for `caller`. `command.proposal_id` is assigned here;
+    /// the id is returned when the core took the command (else `caller` is
+    /// answered with [`CallError::NotLeader`]).
+    pub fn write(&mut self, mut command: Command, caller: W) -> Option<u64> {
+        self.next_proposal = self.next_proposal.wrapping_add(1);
+        command.proposal_id = self.next_proposal;
+        match self.replica.propose(command.encode()) {
+            Ok(()) => {
+                let pending = PendingWrite {
+                    caller,
+                    doubt: None,
+                };
+                let old = self.writes.insert(command.proposal_id, pending);
+                assert!(old.is_none(), "proposal id {} reused", command.proposal_id);
+                Some(command.proposal_id)
+            }
+            Err(e) => {
+                self.answers.push(Answer::Write {
+                    caller,
+                    result: Err(CallError::NotLeader(e.leader)),
+                });
+                None
+            }
+        }
+    }
+
+    /// A linearizable read of `key` for `caller`.
+    pub fn read(&mut self, key: String, caller: R) {
+        let id = self.next_read;
+        self.next_read += 1;
+        match self.replica.read(id) {
+            Ok(()) => {
+                self.reads.insert(id, (key, caller));
+            }
+            Err(e) => self.answers.push(Answer::Read {
+                caller,
+                result: Err(CallError::NotLeader(e.leader)),
+            }),
+        }
+    }
+
+    /// Collects what the core asks for, and the answers due now.
+    pub fn take_ready(&mut self) -> Work<W, R> {
+        let Ready {
+            messages,
+            persist,
+            persisted_messages,
+            chosen,
+            reads,
+            failed_reads,
+            dropped,
+            abandoned_through,
+        } = self.replica.take_ready();
+        for read in failed_reads {
+            self.fail_read(read, CallError::Retry);
+        }
+        for command in dropped {
+            // Our own encoding; a command that does not decode has no
+            // waiter here to answer.
+            if let Ok(command) = Command::decode(&command) {
+                self.answer_write(command.proposal_id, Err(CallError::Retry));
+            }
+        }
+        if let Some(through) = abandoned_through {
+            self.doubt_writes(through);
+        }
+        for (read, index) in reads {
+            self.reads_at.entry(index).or_default().push(read);
+        }
+        self.serve_reads();
+        Work {
+            messages,
+            persist,
+            persisted_messages,
+            chosen,
+            answers: std::mem::take(&mut self.answers),
+        }
+    }
+
+    /// The state machine applied every slot through `through`, and these are
+    /// its replies by proposal id. Returns the callers to answer.
+    pub fn applied_through(
+        &mut self,
+        through: Slot,
+        replies: impl IntoIterator<Item = (u64, Reply)>,
+    ) -> Vec<Answer<W, R>> {
+        assert!(
+            through >= self.applied,
+            "applied index went back from {} to {through}",
+            self.applied
+        );
+        assert!(
+            through <= self.replica.committed(),
+            "applied {through} beyond the commit index {}",
+            self.replica.committed()
+        );
+        self.applied = through;
+        for (proposal_id, reply) in replies {
+            self.answer_write(proposal_id, Ok(reply));
+        }
+        // A write in doubt whose slots are all applied without it was not
+        // chosen: certainly not in the log.
+        let resolved: Vec<u64> = self
+            .writes
+            .iter()
+            .filter(|(_, w)| w.doubt.is_some_and(|d| d.through <= through))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in resolved {
+            self.answer_write(id, Err(CallError::Retry));
+        }
+        self.serve_reads();
+        std::mem::take(&mut self.answers)
+    }
+
+    /// Forgets callers that went away (their deadline passed), keeping those
+    /// for which `keep_write` / `keep_read` say true.
+    pub fn retain_callers(
+        &mut self,
+        keep_write: impl Fn(&W) -> bool,
+        keep_read: impl Fn(&R) -> bool,
+    ) {
+        self.writes.retain(|_, w| keep_write(&w.caller));
+        self.reads.retain(|_, (_, r)| keep_read(r));
+    }
+
+    /// Answers every waiting caller [`CallError::Stopped`]: the replica is
+    /// going away.
+    pub fn stop(&mut self) -> Vec<Answer<W, R>> {
+        let writes: Vec<u64> = self.writes.keys().copied().collect();
+        for id in writes {
+            self.answer_write(id, Err(CallError::Stopped));
+        }
+        let reads: Vec<ReadId> = self.reads.keys().copied().collect();
+        for id in reads {
+            self.fail_read(id, CallError::Stopped);
+        }
+        self.reads_at.clear();
+        std::mem::take(&mut self.answers)
+    }
+
+    /// Every write waiting when a leadership that proposed through `through`
+    /// ended is in doubt. (Writes queued but never given a slot were handed
+    /// back as `dropped` and answered already.)
+    fn doubt_writes(&mut self, through: Slot) {
+        let doubt = Doubt {
+            through,
+            give_up_at: self.now + self.doubt_ticks(),
+        };
+        for w in self.writes.values_mut() {
+            w.doubt.get_or_insert(doubt);
+        }
+        if through <= self.applied {
+            // Nothing left to learn: resolve at once.
+            let ids: Vec<u64> = self.writes.keys().copied().collect();
+            for id in ids {
+                self.answer_write(id, Err(CallError::Retry));
+            }
+        }
+    }
+
+    fn answer_write(&mut self, proposal_id: u64, result: Result<Reply, CallError>) {
+        if let Some(w) = self.writes.remove(&proposal_id) {
+            self.answers.push(Answer::Write {
+                caller: w.caller,
+                result,
+            });
+        }
+    }
+
+    fn fail_read(&mut self, read: ReadId, error: CallError) {
+        if let Some((_, caller)) = self.reads.remove(&read) {
+            self.answers.push(Answer::Read {
+                caller,
+                result: Err(error),
+            });
+        }
+    }
+
+    /// Reads whose index the state machine has reached are served now.
+    fn serve_reads(&mut self) {
+        while let Some(entry) = self.reads_at.first_entry() {
+            if *entry.key() > self.applied {
+                break;
+            }
+            for read in entry.remove() {
+                if let Some((key, caller)) = self.reads.remove(&read) {
+                    self.answers.push(Answer::Read {
+                        caller,
+                        result: Ok(key),
+                    });
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeSet, VecDeque};
+
+    use super::*;
+    use crate::kv::{self, KvState, MemState, Op};
+    use crate::paxos::{Ballot, Config};
+
+    type Answers = Vec<Answer<&'static str, &'static str>>;
+    type ReadAnswer = (&'static str, Result<Option<i32>, CallError>);
+    type WriteAnswer = (&'static str, Result<Reply, CallError>);
+
+    /// Drivers on a lossless network (but for the isolated ones), each with
+    /// an in-memory state machine; persisting is instant.
+    struct Cluster {
+        drivers: BTreeMap<NodeId, Driver<&'static str, &'static str>>,
+        machines: BTreeMap<NodeId, MemState>,
+        queue: VecDeque<(NodeId, Envelope)>,
+        isolated: BTreeSet<NodeId>,
+        /// Every answer given, by replica, with reads already served.
+        answers: BTreeMap<NodeId, Vec<ReadAnswer>>,
+        writes: BTreeMap<NodeId, Vec<WriteAnswer>>,
+        /// A replica whose chosen slots wait in `unapplied`, not applied.
+        lagging: Option<NodeId>,
+        unapplied: Vec<(Slot, Value)>,
+    }
+
+    impl Cluster {
+        fn new(n: u32) -> Self {
+            let members: Vec<NodeId> = (1..=n).collect();
+            let drivers = members
+                .iter()
+                .map(|&id| {
+                    let mut cfg = Config::new(id, members.clone());
+                    cfg.heartbeat_ticks = 2;
+                    cfg.election_ticks = 10;
+                    let replica = Replica::new(cfg, Ballot::ZERO, Vec::new(), 0).unwrap();
+                    (id, Driver::new(replica, 0, u64::from(id) << 32))
+                })
+                .collect();
+            Cluster {
+                drivers,
+                machines: members.iter().map(|&id| (id, MemState::new())).collect(),
+                queue: VecDeque::new(),
+                isolated: BTreeSet::new(),
+                answers: BTreeMap::new(),
+                writes: BTreeMap::new(),
+                lagging: None,
+                unapplied: Vec::new(),
+            }
+        }
+
+        fn d(&mut self, id: NodeId) -> &mut Driver<&'static str, &'static str> {
+            self.drivers.get_mut(&id).unwrap()
+        }
+
+        fn deliver(&mut self, id: NodeId, answers: Answers) {
+            for answer in answers {
+                match answer {
+                    Answer::Write { caller, result } => {
+                        self.writes.entry(id).or_default().push((caller, result))
+                    }
+                    Answer::Read { caller, result } => {
+                        let result = result.map(|key| self.machines[&id].get(&key));
+                        self.answers.entry(id).or_default().push((caller, result));
+                    }
+                }
+            }
+        }
+
+        /// Does one replica's work as a shell would.
+        fn flush(&mut self, id: NodeId) {
+            loop {
+                let work = self.d(id).take_ready();
+                if work.is_empty() {
+                    return;
+                }
+                for e in work.messages.into_iter().chain(work.persisted_messages) {
+                    if e.to == id {
+                        self.d(id).step_own(e.msg);
+                    } else if !self.isolated.contains(&id) && !self.isolated.contains(&e.to) {
+                        self.queue.push_back((id, e));
+                    }
+                }
+                self.deliver(id, work.answers);
+                if self.lagging == Some(id) {
+                    self.unapplied.extend(work.chosen);
+                } else if let Some(&(last, _)) = work.chosen.last() {
+                    let replies = self.apply(id, &work.chosen);
+                    let answers = self.d(id).applied_through(last, replies);
+                    self.deliver(id, answers);
+                }
+            }
+        }
+
+        fn apply(&mut self, id: NodeId, chosen: &[(Slot, Value)]) -> Vec<(u64, Reply)> {
+            let machine = self.machines.get_mut(&id).unwrap();
+            let mut replies = Vec::new();
+            for (_, value) in chosen {
+                if let Value::Batch(commands) = value {
+                    for c in commands {
+                        let cmd = Command::decode(c).unwrap();
+                        replies.push((cmd.proposal_id, kv::apply(machine, &cmd)));
+                    }
+                }
+            }
+            replies
+        }
+
+        /// Applies what the lagging replica held back.
+        fn catch_up_lagging(&mut self) -> (Slot, Vec<(u64, Reply)>) {
+            let id = self.lagging.take().unwrap();
+            let chosen = std::mem::take(&mut self.unapplied);
+            (chosen.last().unwrap().0, self.apply(id, &chosen))
+        }
+
+        fn run(&mut self) {
+            let ids: Vec<NodeId> = self.drivers.keys().copied().collect();
+            for &id in &ids {
+                self.flush(id);
+            }
+            while let Some((from, e)) = self.queue.pop_front() {
+                self.d(e.to).step(from, e.msg);
+                self.flush(e.to);
+            }
+        }
+
+        /// Ticks only the replicas of `among` until one of them leads.
+        fn elect(&mut self, among: &[NodeId]) -> NodeId {
+            for _ in 0..10_000 {
+                if let Some(&l) = among.iter().find(|&&id| self.d(id).replica().is_leader()) {
+                    return l;
+                }
+                for &id in among {
+                    self.d(id).tick();
+                }
+                self.run();
+            }
+            panic!("no leader among {among:?}");
+        }
+
+        fn write(&mut self, id: NodeId, key: &str, op: Op, caller: &'static str) -> Option<u64> {
+            let command = Command {
+                proposal_id: 0,
+                client_id: 0,
+                sequence: 0,
+                key: key.into(),
+                op,
+            };
+            self.d(id).write(command, caller)
+        }
+
+        fn written(&self, id: NodeId) -> &[WriteAnswer] {
+            self.writes.get(&id).map_or(&[], Vec::as_slice)
+        }
+    }
+
+    #[test]
+    fn each_writer_gets_the_reply_of_its_own_command() {
+        let mut c = Cluster::new(3);
+        let l = c.elect(&[1]);
+        c.write(l, "k", Op::Insert(1), "first");
+        c.write(l, "k", Op::Insert(2), "second");
+        c.write(l, "k", Op::Update(3), "third");
+        c.run();
+        assert_eq!(
+            c.written(l),
+            &[
+                ("first", Ok(Reply::Inserted)),
+                ("second", Ok(Reply::AlreadyExists)),
+                ("third", Ok(Reply::Updated { previous: 1 })),
+            ]
+        );
+        // Followers applied the same commands but have no caller for them.
+        assert!(c.written(2).is_empty() && c.written(3).is_empty());
+        assert_eq!(c.d(2).waiting(), (0, 0));
+    }
+
+    #[test]
+    fn a_non_leader_answers_at_once_with_the_leader_it_knows() {
+        let mut c = Cluster::new(3);
+        let l = c.elect(&[1]);
+        assert_eq!(c.write(2, "k", Op::Upsert(1), "w"), None);
+        c.d(2).read("k".into(), "r");
+        c.run();
+        assert_eq!(c.written(2), &[("w", Err(CallError::NotLeader(Some(l))))]);
+        assert_eq!(
+            c.answers[&2],
+            vec![("r", Err(CallError::NotLeader(Some(l))))]
+        );
+    }
+
+    #[test]
+    fn a_read_is_served_only_once_the_state_machine_reached_its_index() {
+        let mut c = Cluster::new(3);
+        let l = c.elect(&[1]);
+        // The leader learns its write chosen but its state machine lags.
+        c.lagging = Some(l);
+        c.write(l, "k", Op::Insert(7), "w");
+        c.run();
+        assert_eq!(c.d(l).replica().committed(), 1);
+        assert_eq!(c.d(l).applied(), 0);
+        c.d(l).read("k".into(), "r");
+        c.run();
+        assert!(
+            !c.answers.contains_key(&l),
+            "confirmed by a quorum, but index 1 is not applied"
+        );
+        let (last, replies) = c.catch_up_lagging();
+        let answers = c.d(l).applied_through(last, replies);
+        c.deliver(l, answers);
+        assert_eq!(c.written(l), &[("w", Ok(Reply::Inserted))]);
+        assert_eq!(c.answers[&l], vec![("r", Ok(Some(7)))]);
+    }
+
+    /// Leader 1 gives a write a slot, is cut off before anyone accepts it,
+    /// and learns of a new leader only after the slot was chosen otherwise.
+    fn deposed_with_a_write_in_its_slot() -> Cluster {
+        let mut c = Cluster::new(3);
+        assert_eq!(c.elect(&[1]), 1);
+        c.isolated.insert(1);
+        c.write(1, "k", Op::Insert(1), "lost");
+        c.run();
+        assert!(c.written(1).is_empty());
+        let new = c.elect(&[2, 3]);
+        c.write(new, "k", Op::Insert(2), "winner");
+        c.run();
+        assert_eq!(c.written(new), &[("winner", Ok(Reply::Inserted))]);
+        c
+    }
+
+    #[test]
+    fn a_deposed_leaders_write_is_answered_retry_once_its_slot_is_learned_without_it() {
+        let mut c = deposed_with_a_write_in_its_slot();
+        c.isolated.clear();
+        for _ in 0..30 {
+            let ids: Vec<NodeId> = (2..=3).collect();
+            for id in ids {
+                c.d(id).tick();
+            }
+            c.run();
+        }
+        assert!(!c.d(1).replica().is_leader());
+        assert_eq!(c.d(1).applied(), c.d(2).applied());
+        assert_eq!(c.written(1), &[("lost", Err(CallError::Retry))]);
+        assert_eq!(c.machines[&1].get("k"), Some(2));
+    }
+
+    #[test]
+    fn a_deposed_leaders_write_is_answered_unknown_when_its_outcome_cannot_be_learned() {
+        let mut c = deposed_with_a_write_in_its_slot();
+        // Still cut off: it steps down on its own (no quorum heard)...
+        while c.d(1).replica().is_leader() {
+            c.d(1).tick();
+            c.flush(1);
+        }
+        assert!(c.written(1).is_empty(), "in doubt, not yet given up");
+        // ...and cannot learn the slot, so after a while says so.
+        for _ in 0..c.d(1).doubt_ticks() {
+            c.d(1).tick();
+            c.flush(1);
+        }
+        assert_eq!(c.written(1), &[("lost", Err(CallError::Unknown))]);
+    }
+
+    #[test]
+    fn commands_never_given_a_slot_and_reads_of_a_lost_leadership_are_answered_retry() {
+        let mut c = Cluster::new(3);
+        let l = c.elect(&[1]);
+        c.write(l, "k", Op::Insert(1), "queued");
+        c.d(l).read("k".into(), "r");
+        let ballot = c.d(l).replica().status().promised;
+        c.d(l).step(
+            3,
+            Message::Nack {
+                promised: Ballot::new(ballot.round + 1, 3),
+            },
+        );
+        c.flush(l);
+        assert_eq!(c.written(l), &[("queued", Err(CallError::Retry))]);
+        assert_eq!(c.answers[&l], vec![("r", Err(CallError::Retry))]);
+        assert_eq!(c.d(l).waiting(), (0, 0));
+    }
+
+    #[test]
+    fn stopping_answers_everyone_waiting() {
+        let mut c = Cluster::new(3);
+        let l = c.elect(&[1]);
+        c.isolated.insert(l);
+        c.write(l, "k", Op::Insert(1), "w");
+        c.d(l).read("k".into(), "r");
+        c.flush(l);
+        let answers = c.d(l).stop();
+        assert_eq!(
+            answers,
+            vec![
+                Answer::Write {
+                    caller: "w",
+                    result: Err(CallError::Stopped)
+                },
+                Answer::Read {
+                    caller: "r",
+                    result: Err(CallError::Stopped)
+                },
+            ]
+        );
+    }
+}
