@@ -25,9 +25,11 @@
 //! - **answers**: every call a replica takes is answered exactly once (or
 //!   dies with the replica); a write with the reply its command got in the
 //!   chosen log; "certainly not in the log" only for commands never chosen;
-//! - **reads**: a leader that a majority had durably deposed when a read
-//!   arrived never serves it (the leader-isolation fault steers reads to
-//!   the deposed leader to give it the chance).
+//! - **reads**: a read is served from a state that includes every slot
+//!   applied anywhere before it arrived, and a leader that a majority had
+//!   durably deposed when a read arrived never serves it (the
+//!   leader-isolation fault steers reads to the deposed leader to give it
+//!   the chance).
 //!
 //! At the end it heals the network, restarts everyone, requires every
 //! operation and every call to complete and every replica to converge, and
@@ -69,6 +71,11 @@ pub struct Params {
     /// Per tick: probability that a random replica freezes (a long GC or VM
     /// pause): no ticks, no messages, until it resumes and finds them queued.
     pub pause: f64,
+    /// Probability that a message arrives very late (one to ten election
+    /// timeouts), as messages queued for a disconnected peer do when the
+    /// stream comes back: stale votes and promises reach a replica that has
+    /// moved on, even one re-elected under a newer ballot.
+    pub late: f64,
 }
 
 impl Params {
@@ -90,6 +97,7 @@ impl Params {
             torn_ready: rng.range(0, 30) as f64 / 1000.0,
             max_sync: rng.range(0, 5),
             pause: rng.range(0, if harsh { 40 } else { 10 }) as f64 / 10_000.0,
+            late: rng.range(0, 80) as f64 / 1000.0,
         }
     }
 }
@@ -106,6 +114,7 @@ pub struct Stats {
     pub torn_readies: u64,
     pub partitions: u64,
     pub pauses: u64,
+    pub late: u64,
     pub leader_changes: u64,
     pub slots_chosen: u64,
     pub ticks: u64,
@@ -258,6 +267,9 @@ pub struct World {
     call_proposal: BTreeMap<u64, u64>,
     /// Reads that arrived at a leader already deposed (see `on_request`).
     deposed_reads: BTreeSet<u64>,
+    /// The longest applied log when each read arrived: it must be served
+    /// from a state at least that far along.
+    read_floor: BTreeMap<u64, Slot>,
     /// A deposed leader that clients are steered to for a while, to give
     /// it reads it must refuse.
     bait: Option<(NodeId, u64)>,
@@ -322,6 +334,7 @@ impl World {
             outstanding: BTreeMap::new(),
             call_proposal: BTreeMap::new(),
             deposed_reads: BTreeSet::new(),
+            read_floor: BTreeMap::new(),
             bait: None,
             last_leader: None,
             stats: Stats::default(),
@@ -401,7 +414,12 @@ impl World {
             1
         };
         for _ in 0..copies {
-            let delay = self.rng.range(1, self.p.max_delay + 1);
+            let delay = if self.faulty() && self.chance(self.p.late) {
+                self.stats.late += 1;
+                self.rng.range(ELECTION, 10 * ELECTION)
+            } else {
+                self.rng.range(1, self.p.max_delay + 1)
+            };
             self.schedule(delay, event.clone());
         }
     }
@@ -625,9 +643,19 @@ impl World {
             answers,
         } = work;
         // Oracle: a replica treats a slot as chosen only if a majority holds
-        // that very value durably under one ballot.
+        // that very value durably under one ballot; a leader, under its own
+        // ballot (it counts only votes cast under it).
+        let leading = self.nodes[&id]
+            .driver
+            .as_ref()
+            .map(Driver::replica)
+            .filter(|r| r.is_leader())
+            .map(|r| r.status().promised);
         for (slot, value) in &chosen {
             self.check_chosen(id, *slot, value)?;
+            if let Some(ballot) = leading {
+                self.check_chosen_under(id, *slot, value, ballot)?;
+            }
         }
         for e in messages {
             self.send_peer(id, e.to, e.msg)?;
@@ -800,6 +828,18 @@ impl World {
         }
     }
 
+    /// Oracle, for a leader's own commits: a majority holds `value` for
+    /// `slot` durably under the leader's `ballot` itself.
+    fn check_chosen_under(&self, id: NodeId, slot: Slot, value: &Value, ballot: Ballot) -> Check {
+        match self.votes.get(&(slot, ballot)) {
+            Some((v, voters)) if v == value && voters.len() >= self.majority() => Ok(()),
+            other => Err(format!(
+                "leader {id} took slot {slot} as chosen under its ballot {ballot}, but the durable votes under it are {:?}",
+                other.map(|(v, voters)| (v == value, voters))
+            )),
+        }
+    }
+
     /// Applies a chosen slot to the replica's state machine; returns the
     /// state machine's replies by proposal id, for the driver.
     fn apply(&mut self, id: NodeId, slot: Slot, value: Value) -> Result<Vec<(u64, Reply)>, String> {
@@ -917,7 +957,15 @@ impl World {
                                     "replica {id} served read {caller:?}, which arrived after a majority had promised a higher ballot than its own"
                                 ));
                             }
-                            let value = self.nodes[&id].machine.kv.get(&key);
+                            let machine = &self.nodes[&id].machine;
+                            let floor = self.read_floor.get(&caller.id).copied().unwrap_or(0);
+                            if machine.applied < floor {
+                                return Err(format!(
+                                    "replica {id} served read {caller:?} at slot {}, but slot {floor} was applied before it arrived",
+                                    machine.applied
+                                ));
+                            }
+                            let value = machine.kv.get(&key);
                             Response::Done(Output::Value(value))
                         }
                         Err(e) => retry(e),
@@ -1017,6 +1065,10 @@ impl World {
         if deposed {
             self.deposed_reads.insert(call.id);
         }
+        // For the reads oracle: the read must see every slot applied
+        // anywhere before it arrived.
+        self.read_floor
+            .insert(call.id, self.applied_log.len() as Slot);
         self.outstanding.entry(to).or_default().insert(call.id);
         let d = self.driver(to);
         match req {
@@ -1266,6 +1318,21 @@ mod oracles_can_fail {
         assert!(w.check_chosen(2, 1, &value("y")).is_err());
     }
 
+    #[test]
+    fn chosen_value_catches_a_leader_counting_votes_of_another_ballot() {
+        let mut w = world();
+        let (old, new) = (Ballot::new(1, 1), Ballot::new(3, 1));
+        // The value was chosen under the old ballot; the re-elected leader
+        // re-proposes it, and has only its own vote under the new one.
+        w.record_vote(1, vote(1, old, "x")).unwrap();
+        w.record_vote(2, vote(1, old, "x")).unwrap();
+        w.record_vote(1, vote(1, new, "x")).unwrap();
+        assert_eq!(w.check_chosen(1, 1, &value("x")), Ok(()));
+        assert!(w.check_chosen_under(1, 1, &value("x"), new).is_err());
+        w.record_vote(3, vote(1, new, "x")).unwrap();
+        assert_eq!(w.check_chosen_under(1, 1, &value("x"), new), Ok(()));
+    }
+
     fn promise_message(ballot: Ballot, accepted: Vec<Accepted>) -> Message {
         Message::Promise { ballot, accepted }
     }
@@ -1328,5 +1395,21 @@ mod oracles_can_fail {
             result: Err(CallError::Retry),
         };
         assert_eq!(w.answer(1, vec![refused]), Ok(()));
+    }
+
+    #[test]
+    fn reads_catch_a_read_served_from_before_a_write_applied_elsewhere() {
+        let mut w = world();
+        let c = call(&mut w, 1);
+        // Slot 1 was applied somewhere before the read arrived at replica 1,
+        // whose state machine has not got there.
+        w.read_floor.insert(c.id, 1);
+        let served = || Answer::Read {
+            caller: c,
+            result: Ok("k".into()),
+        };
+        assert!(w.answer(1, vec![served()]).is_err());
+        w.nodes.get_mut(&1).unwrap().machine.applied = 1;
+        assert_eq!(w.answer(1, vec![served()]), Ok(()));
     }
 }
