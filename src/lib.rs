@@ -12,6 +12,8 @@
 //!   transport;
 //! - [`transport`]: Paxos messages between replicas over long-lived gRPC
 //!   streams, one per peer, with reconnects;
+//! - [`dial`]: the one way to make a channel to a replica, from any address
+//!   form `--peers` and `--endpoint` accept;
 //! - [`storage`]: the one place that touches the disk (sled): the acceptor's
 //!   promise and votes, made durable with a real fsync, and the state machine
 //!   applied atomically with its applied index;
@@ -23,6 +25,7 @@
 pub mod admin;
 pub mod client;
 pub mod cluster;
+pub mod dial;
 pub mod kv;
 pub mod metrics;
 pub mod node;

@@ -11,6 +11,7 @@ use tracing_subscriber::EnvFilter;
 
 use paxoskv::client::{self, Call};
 use paxoskv::cluster::{self, ClusterOptions};
+use paxoskv::dial;
 use paxoskv::paxos::NodeId;
 use paxoskv::server::{self, ServeOptions};
 
@@ -48,6 +49,7 @@ enum Command {
         #[arg(long, env = "PAXOSKV_LISTEN")]
         listen: SocketAddr,
         /// Every replica's gRPC address, this one included: 1=HOST:PORT,2=HOST:PORT,...
+        /// (each HOST:PORT or http://HOST:PORT).
         #[arg(long, env = "PAXOSKV_PEERS", value_parser = parse_peers)]
         peers: BTreeMap<NodeId, String>,
         /// Where this replica keeps its data.
@@ -125,8 +127,8 @@ enum Command {
 /// Where a client call goes.
 #[derive(clap::Args, Debug)]
 struct Target {
-    /// Any replica's gRPC address.
-    #[arg(long, env = "PAXOSKV_ENDPOINT", default_value = "127.0.0.1:8081")]
+    /// Any replica's gRPC address: HOST:PORT or http://HOST:PORT.
+    #[arg(long, env = "PAXOSKV_ENDPOINT", default_value = "127.0.0.1:8081", value_parser = parse_endpoint)]
     endpoint: String,
     /// The call's deadline, in milliseconds.
     #[arg(long, env = "PAXOSKV_TIMEOUT_MS", default_value_t = 5000)]
@@ -146,6 +148,8 @@ fn parse_peers(s: &str) -> Result<BTreeMap<NodeId, String>, String> {
         if addr.trim().is_empty() {
             return Err(format!("replica {id} has an empty address"));
         }
+        // Refused here, at start, rather than when the replica first dials.
+        dial::endpoint(addr).map_err(|e| format!("replica {id}: {e}"))?;
         if peers.insert(id, addr.trim().to_string()).is_some() {
             return Err(format!("replica {id} is listed twice"));
         }
@@ -154,6 +158,13 @@ fn parse_peers(s: &str) -> Result<BTreeMap<NodeId, String>, String> {
         return Err("no peers given".into());
     }
     Ok(peers)
+}
+
+/// Checks `--endpoint` with the same rules every dial uses, so a bad
+/// address is refused before any call, by name.
+fn parse_endpoint(s: &str) -> Result<String, String> {
+    dial::endpoint(s).map_err(|e| e.to_string())?;
+    Ok(s.trim().to_string())
 }
 
 fn init_logs(format: LogFormat) {

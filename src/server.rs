@@ -55,6 +55,11 @@ pub async fn serve(opts: ServeOptions) -> Result<(), BoxError> {
         )
         .into());
     }
+    // `main.rs` checks these when parsing; a server assembled another way
+    // fails here, at start, rather than when it first dials the peer.
+    for (id, addr) in &opts.peers {
+        crate::dial::endpoint(addr).map_err(|e| format!("--peers: replica {id}: {e}"))?;
+    }
     if let Some(addr) = opts.metrics_listen {
         crate::metrics::install(addr)?;
     }

@@ -15,9 +15,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
+use crate::dial;
 use crate::kv::{Op, Reply};
 use crate::metrics as m;
 use crate::node::{NodeError, NodeHandle};
@@ -68,10 +69,10 @@ impl KvService {
             .peers
             .get(&leader)
             .ok_or_else(|| Status::internal(format!("leader {leader} is not in the peer list")))?;
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| Status::internal(format!("bad address {addr} for replica {leader}: {e}")))?
-            .connect_timeout(Duration::from_secs(1))
-            .tcp_nodelay(true)
+        // `paxoskv serve` refuses bad peer addresses at start; this is for
+        // a server assembled some other way.
+        let channel = dial::endpoint(addr)
+            .map_err(|e| Status::internal(format!("replica {leader}: {e}")))?
             .connect_lazy();
         let client = KvStoreClient::new(channel);
         clients.insert(leader, client.clone());

@@ -47,11 +47,10 @@ async fn writer(
             let live = targets.borrow().clone();
             turn += 1;
             let id = live[turn % live.len()];
-            let channel =
-                tonic::transport::Endpoint::from_shared(format!("http://{}", cluster_addrs[&id]))
-                    .expect("endpoint")
-                    .connect_timeout(Duration::from_millis(300))
-                    .connect_lazy();
+            let channel = paxoskv::dial::endpoint(&cluster_addrs[&id])
+                .expect("endpoint")
+                .connect_timeout(Duration::from_millis(300))
+                .connect_lazy();
             let mut client = pb::kv_store_client::KvStoreClient::new(channel);
             let mut req = tonic::Request::new(pb::InsertRequest {
                 key: key.clone(),

@@ -279,11 +279,7 @@ fn drive_load(
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = Vec::new();
     for &id in cluster.addrs.keys() {
-        let channel =
-            tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.addrs[&id]))
-                .expect("endpoint")
-                .connect_timeout(Duration::from_secs(1))
-                .connect_lazy();
+        let channel = common::channel(&cluster.addrs[&id]);
         let stop = stop.clone();
         let answered = answered.clone();
         tasks.push(tokio::spawn(async move {
