@@ -7,6 +7,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::info;
 use tracing_subscriber::EnvFilter;
 
 use paxoskv::client::{self, Call};
@@ -212,7 +214,11 @@ async fn run(cli: Cli) -> ExitCode {
                 drain: Duration::from_secs(5),
                 metrics_listen,
             };
-            return report(server::serve(opts).await);
+            let shutdown = match shutdown_signal() {
+                Ok(shutdown) => shutdown,
+                Err(e) => return report(Err(e)),
+            };
+            return report(server::serve(opts, shutdown).await);
         }
         Command::Cluster {
             replicas,
@@ -227,7 +233,11 @@ async fn run(cli: Cli) -> ExitCode {
                 data_dir,
                 metrics_base_port: (metrics_base_port != 0).then_some(metrics_base_port),
             };
-            return report(cluster::run(opts).await);
+            let shutdown = match shutdown_signal() {
+                Ok(shutdown) => shutdown,
+                Err(e) => return report(Err(e)),
+            };
+            return report(cluster::run(opts, shutdown).await);
         }
         Command::Status { target } => {
             let timeout = Duration::from_millis(target.timeout_ms);
@@ -272,7 +282,27 @@ async fn run(cli: Cli) -> ExitCode {
     }
 }
 
-fn report(result: Result<(), Box<dyn std::error::Error + Send + Sync>>) -> ExitCode {
+/// The one place `serve` and `cluster` learn they must stop: a future that
+/// resolves on the first SIGTERM or SIGINT, logging which. The handlers are
+/// installed at once, before the replica (or cluster) starts, so a signal
+/// that arrives during start-up is not lost: it stops the process cleanly as
+/// soon as it is up, instead of killing it the default way.
+fn shutdown_signal() -> Result<impl Future<Output = ()> + Send + 'static, BoxError> {
+    let installing = |e| format!("cannot install the SIGTERM/SIGINT handlers: {e}");
+    let mut term = signal(SignalKind::terminate()).map_err(installing)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(installing)?;
+    Ok(async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        info!(signal = name, "signal received");
+    })
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+fn report(result: Result<(), BoxError>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
