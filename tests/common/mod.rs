@@ -4,8 +4,14 @@
 //! test's outcome; data lives in a fresh directory under the system temp
 //! dir, removed at the end. Every replica also serves Prometheus metrics on
 //! a port of its own ([`Cluster::metrics`]).
+//!
+//! Next to it: [`load`], client traffic in the background, and
+//! [`prometheus`], a real Prometheus and promtool.
 
 #![allow(dead_code)] // each test binary uses its own part of this harness
+
+pub mod load;
+pub mod prometheus;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
