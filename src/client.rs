@@ -3,9 +3,10 @@
 
 use std::time::Duration;
 
-use tonic::transport::Endpoint;
+use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
+use crate::dial;
 use crate::pb;
 use crate::pb::admin_client::AdminClient;
 use crate::pb::kv_store_client::KvStoreClient;
@@ -52,21 +53,21 @@ pub fn exit_code(status: &Status) -> i32 {
     }
 }
 
-/// Makes the call against `endpoint` (host:port) and returns what to print
-/// on success.
-pub async fn run(endpoint: &str, timeout: Duration, call: Call) -> Result<String, Status> {
-    let url = if endpoint.contains("://") {
-        endpoint.to_string()
-    } else {
-        format!("http://{endpoint}")
-    };
-    let channel = Endpoint::from_shared(url)
-        .map_err(|e| Status::invalid_argument(format!("bad --endpoint {endpoint:?}: {e}")))?
+/// Connects to the replica at `address` (any form [`dial::endpoint`]
+/// accepts), allowing the connect the call's whole `timeout`.
+async fn connect(address: &str, timeout: Duration) -> Result<Channel, Status> {
+    dial::endpoint(address)
+        .map_err(|e| Status::invalid_argument(e.to_string()))?
         .connect_timeout(timeout)
         .connect()
         .await
-        .map_err(|e| Status::unavailable(format!("cannot connect to {endpoint}: {e}")))?;
-    let mut client = KvStoreClient::new(channel);
+        .map_err(|e| Status::unavailable(format!("cannot connect to {address}: {e}")))
+}
+
+/// Makes the call against `endpoint` (`host:port` or `http://host:port`) and
+/// returns what to print on success.
+pub async fn run(endpoint: &str, timeout: Duration, call: Call) -> Result<String, Status> {
+    let mut client = KvStoreClient::new(connect(endpoint, timeout).await?);
     Ok(match call {
         Call::Get { key } => client
             .get(with_deadline(pb::GetRequest { key }, timeout))
@@ -215,18 +216,7 @@ pub async fn cluster_status(
 }
 
 async fn admin_status(endpoint: &str, timeout: Duration) -> Result<pb::StatusResponse, Status> {
-    let url = if endpoint.contains("://") {
-        endpoint.to_string()
-    } else {
-        format!("http://{endpoint}")
-    };
-    let channel = Endpoint::from_shared(url)
-        .map_err(|e| Status::invalid_argument(format!("bad address {endpoint:?}: {e}")))?
-        .connect_timeout(timeout)
-        .connect()
-        .await
-        .map_err(|e| Status::unavailable(format!("cannot connect to {endpoint}: {e}")))?;
-    let response = AdminClient::new(channel)
+    let response = AdminClient::new(connect(endpoint, timeout).await?)
         .status(with_deadline(pb::StatusRequest {}, timeout))
         .await?;
     Ok(response.into_inner())

@@ -23,9 +23,12 @@ pub struct ClusterOptions {
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Starts the replicas, prints how to talk to them, and stops them all
-/// cleanly (SIGTERM, then wait) on Ctrl-C or SIGTERM. Fails if a replica
-/// exits on its own.
-pub async fn run(opts: ClusterOptions) -> Result<(), BoxError> {
+/// cleanly (SIGTERM, then wait) once `shutdown` resolves (in `paxoskv
+/// cluster`: Ctrl-C or SIGTERM). Fails if a replica exits on its own.
+pub async fn run(
+    opts: ClusterOptions,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), BoxError> {
     if opts.replicas == 0 {
         return Err("--replicas must be at least 1".into());
     }
@@ -99,25 +102,27 @@ pub async fn run(opts: ClusterOptions) -> Result<(), BoxError> {
     println!("\nOr with the CLI: paxoskv get apple --endpoint {b}");
     println!("Ctrl-C stops the cluster.\n");
 
-    let outcome = wait_for_signal_or_exit(&mut children).await;
+    let outcome = tokio::select! {
+        () = shutdown => Ok(()),
+        failure = first_exit(&mut children) => Err(failure),
+    };
     stop_all(&mut children).await;
     outcome
 }
 
-async fn wait_for_signal_or_exit(children: &mut [(u32, Child)]) -> Result<(), BoxError> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
+/// Resolves, with the reason, once a replica has exited (or can no longer
+/// be waited on); never otherwise.
+async fn first_exit(children: &mut [(u32, Child)]) -> BoxError {
     loop {
-        tokio::select! {
-            _ = term.recv() => return Ok(()),
-            _ = int.recv() => return Ok(()),
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {
-                for (id, child) in children.iter_mut() {
-                    if let Some(status) = child.try_wait()? {
-                        return Err(format!("replica {id} exited on its own ({status}); see its log above").into());
-                    }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for (id, child) in children.iter_mut() {
+            match child.try_wait() {
+                Ok(None) => {}
+                Ok(Some(status)) => {
+                    return format!("replica {id} exited on its own ({status}); see its log above")
+                        .into();
                 }
+                Err(e) => return format!("replica {id}: {e}").into(),
             }
         }
     }

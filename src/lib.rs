@@ -14,6 +14,8 @@
 //!   which caller gets which answer (the simulator runs it too);
 //! - [`transport`]: Paxos messages between replicas over long-lived gRPC
 //!   streams, one per peer, with reconnects;
+//! - [`dial`]: the one way to make a channel to a replica, from any address
+//!   form `--peers` and `--endpoint` accept;
 //! - [`storage`]: the one place that touches the disk (sled): the acceptor's
 //!   promise and votes, made durable with a real fsync, and the state machine
 //!   applied atomically with its applied index;
@@ -25,6 +27,7 @@
 pub mod admin;
 pub mod client;
 pub mod cluster;
+pub mod dial;
 pub mod driver;
 pub mod kv;
 pub mod metrics;

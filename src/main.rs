@@ -7,10 +7,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::info;
 use tracing_subscriber::EnvFilter;
 
 use paxoskv::client::{self, Call};
 use paxoskv::cluster::{self, ClusterOptions};
+use paxoskv::dial;
 use paxoskv::paxos::NodeId;
 use paxoskv::server::{self, ServeOptions};
 
@@ -48,6 +51,7 @@ enum Command {
         #[arg(long, env = "PAXOSKV_LISTEN")]
         listen: SocketAddr,
         /// Every replica's gRPC address, this one included: 1=HOST:PORT,2=HOST:PORT,...
+        /// (each HOST:PORT or http://HOST:PORT).
         #[arg(long, env = "PAXOSKV_PEERS", value_parser = parse_peers)]
         peers: BTreeMap<NodeId, String>,
         /// Where this replica keeps its data.
@@ -125,8 +129,8 @@ enum Command {
 /// Where a client call goes.
 #[derive(clap::Args, Debug)]
 struct Target {
-    /// Any replica's gRPC address.
-    #[arg(long, env = "PAXOSKV_ENDPOINT", default_value = "127.0.0.1:8081")]
+    /// Any replica's gRPC address: HOST:PORT or http://HOST:PORT.
+    #[arg(long, env = "PAXOSKV_ENDPOINT", default_value = "127.0.0.1:8081", value_parser = parse_endpoint)]
     endpoint: String,
     /// The call's deadline, in milliseconds.
     #[arg(long, env = "PAXOSKV_TIMEOUT_MS", default_value_t = 5000)]
@@ -146,6 +150,8 @@ fn parse_peers(s: &str) -> Result<BTreeMap<NodeId, String>, String> {
         if addr.trim().is_empty() {
             return Err(format!("replica {id} has an empty address"));
         }
+        // Refused here, at start, rather than when the replica first dials.
+        dial::endpoint(addr).map_err(|e| format!("replica {id}: {e}"))?;
         if peers.insert(id, addr.trim().to_string()).is_some() {
             return Err(format!("replica {id} is listed twice"));
         }
@@ -154,6 +160,13 @@ fn parse_peers(s: &str) -> Result<BTreeMap<NodeId, String>, String> {
         return Err("no peers given".into());
     }
     Ok(peers)
+}
+
+/// Checks `--endpoint` with the same rules every dial uses, so a bad
+/// address is refused before any call, by name.
+fn parse_endpoint(s: &str) -> Result<String, String> {
+    dial::endpoint(s).map_err(|e| e.to_string())?;
+    Ok(s.trim().to_string())
 }
 
 fn init_logs(format: LogFormat) {
@@ -201,7 +214,11 @@ async fn run(cli: Cli) -> ExitCode {
                 drain: Duration::from_secs(5),
                 metrics_listen,
             };
-            return report(server::serve(opts).await);
+            let shutdown = match shutdown_signal() {
+                Ok(shutdown) => shutdown,
+                Err(e) => return report(Err(e)),
+            };
+            return report(server::serve(opts, shutdown).await);
         }
         Command::Cluster {
             replicas,
@@ -216,7 +233,11 @@ async fn run(cli: Cli) -> ExitCode {
                 data_dir,
                 metrics_base_port: (metrics_base_port != 0).then_some(metrics_base_port),
             };
-            return report(cluster::run(opts).await);
+            let shutdown = match shutdown_signal() {
+                Ok(shutdown) => shutdown,
+                Err(e) => return report(Err(e)),
+            };
+            return report(cluster::run(opts, shutdown).await);
         }
         Command::Status { target } => {
             let timeout = Duration::from_millis(target.timeout_ms);
@@ -261,7 +282,27 @@ async fn run(cli: Cli) -> ExitCode {
     }
 }
 
-fn report(result: Result<(), Box<dyn std::error::Error + Send + Sync>>) -> ExitCode {
+/// The one place `serve` and `cluster` learn they must stop: a future that
+/// resolves on the first SIGTERM or SIGINT, logging which. The handlers are
+/// installed at once, before the replica (or cluster) starts, so a signal
+/// that arrives during start-up is not lost: it stops the process cleanly as
+/// soon as it is up, instead of killing it the default way.
+fn shutdown_signal() -> Result<impl Future<Output = ()> + Send + 'static, BoxError> {
+    let installing = |e| format!("cannot install the SIGTERM/SIGINT handlers: {e}");
+    let mut term = signal(SignalKind::terminate()).map_err(installing)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(installing)?;
+    Ok(async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        info!(signal = name, "signal received");
+    })
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+fn report(result: Result<(), BoxError>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

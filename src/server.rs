@@ -44,9 +44,13 @@ pub struct ServeOptions {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Runs the replica until SIGTERM or SIGINT, then stops taking calls, lets
-/// those in flight finish (up to `drain`), flushes and returns.
-pub async fn serve(opts: ServeOptions) -> Result<(), BoxError> {
+/// Runs the replica until `shutdown` resolves (in `paxoskv serve`: SIGTERM
+/// or SIGINT), then stops taking calls, lets those in flight finish (up to
+/// `drain`), flushes and returns.
+pub async fn serve(
+    opts: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), BoxError> {
     if !opts.peers.contains_key(&opts.id) {
         return Err(format!(
             "--id {} is not among --peers {:?}",
@@ -54,6 +58,11 @@ pub async fn serve(opts: ServeOptions) -> Result<(), BoxError> {
             opts.peers.keys().collect::<Vec<_>>()
         )
         .into());
+    }
+    // `main.rs` checks these when parsing; a server assembled another way
+    // fails here, at start, rather than when it first dials the peer.
+    for (id, addr) in &opts.peers {
+        crate::dial::endpoint(addr).map_err(|e| format!("--peers: replica {id}: {e}"))?;
     }
     if let Some(addr) = opts.metrics_listen {
         crate::metrics::install(addr)?;
@@ -123,9 +132,10 @@ pub async fn serve(opts: ServeOptions) -> Result<(), BoxError> {
     let mut server_task = tokio::spawn(server);
     info!(replica = opts.id, listen = %opts.listen, "serving");
 
-    // Run until a signal, or until the node or the server fails on its own.
+    // Run until told to stop, or until the node or the server fails on its
+    // own.
     tokio::select! {
-        signal = shutdown_signal() => info!(signal, "shutting down"),
+        () = shutdown => info!(replica = opts.id, "shutting down"),
         result = &mut node_task => {
             let _ = stop_server.send(true);
             return match result {
@@ -166,20 +176,4 @@ pub async fn serve(opts: ServeOptions) -> Result<(), BoxError> {
     storage.flush()?;
     info!(replica = opts.id, "stopped");
     Ok(())
-}
-
-/// Resolves on SIGTERM or SIGINT, naming which.
-async fn shutdown_signal() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers, only a kill stops us; wait forever.
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    }
 }

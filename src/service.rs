@@ -15,9 +15,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
+use crate::dial;
 use crate::kv::{Op, Reply};
 use crate::metrics as m;
 use crate::node::{NodeError, NodeHandle};
@@ -33,6 +34,10 @@ pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Header marking a call forwarded by a replica, with its hop count.
 const FORWARDED: &str = "x-paxoskv-forwarded";
+/// Metadata key on every UNAVAILABLE status a replica gives on purpose; its
+/// value is an [`Unavailable`] reason. An UNAVAILABLE without it came from
+/// the network: the replica could not be reached.
+pub const REASON: &str = "x-paxoskv-reason";
 /// A call is forwarded at most this many times (leaders can change under it).
 const MAX_HOPS: u32 = 3;
 
@@ -68,10 +73,10 @@ impl KvService {
             .peers
             .get(&leader)
             .ok_or_else(|| Status::internal(format!("leader {leader} is not in the peer list")))?;
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| Status::internal(format!("bad address {addr} for replica {leader}: {e}")))?
-            .connect_timeout(Duration::from_secs(1))
-            .tcp_nodelay(true)
+        // `paxoskv serve` refuses bad peer addresses at start; this is for
+        // a server assembled some other way.
+        let channel = dial::endpoint(addr)
+            .map_err(|e| Status::internal(format!("replica {leader}: {e}")))?
             .connect_lazy();
         let client = KvStoreClient::new(channel);
         clients.insert(leader, client.clone());
@@ -115,7 +120,7 @@ impl KvService {
             match outcome {
                 Ok(outcome) => return M::respond(call.key(), outcome),
                 Err(NodeError::Stopped) => {
-                    return Err(Status::unavailable("replica is shutting down"));
+                    return Err(Unavailable::ShuttingDown.status("replica is shutting down"));
                 }
                 Err(NodeError::Retry) => tokio::time::sleep(Duration::from_millis(10)).await,
                 // With a request id the state machine deduplicates: asking
@@ -133,7 +138,7 @@ impl KvService {
                     match M::forward(self.client(leader)?, request).await {
                         Ok(response) => return Ok(response.into_inner()),
                         // The leader may have died; look again shortly.
-                        Err(status) if retry_safe && is_unreachable(&status) => {
+                        Err(status) if retry_safe && leader_may_be_gone(&status) => {
                             tokio::time::sleep(Duration::from_millis(50)).await;
                         }
                         Err(status) => return Err(status),
@@ -420,14 +425,79 @@ fn parse_grpc_timeout(v: &str) -> Option<Duration> {
     })
 }
 
-fn is_unreachable(status: &Status) -> bool {
-    status.code() == Code::Unavailable && !status.message().starts_with("no ")
+/// Why a replica itself answered UNAVAILABLE. It travels in the status's
+/// metadata under [`REASON`], so that a forwarding replica (or any client)
+/// tells "the leader answered UNAVAILABLE on purpose" from "the leader could
+/// not be reached" without reading the message, which is for people.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unavailable {
+    /// No leader was known within the call's deadline.
+    NoLeader,
+    /// The leader could not get a quorum to confirm the call in time.
+    NoQuorum,
+    /// The replica is stopping and takes no more calls.
+    ShuttingDown,
+    /// The leader changed while the write was in flight, and whether its
+    /// slot chose it could not be learned in time.
+    OutcomeUnknown,
+}
+
+impl Unavailable {
+    const ALL: [Unavailable; 4] = [
+        Unavailable::NoLeader,
+        Unavailable::NoQuorum,
+        Unavailable::ShuttingDown,
+        Unavailable::OutcomeUnknown,
+    ];
+
+    /// The value under [`REASON`].
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unavailable::NoLeader => "no-leader",
+            Unavailable::NoQuorum => "no-quorum",
+            Unavailable::ShuttingDown => "shutting-down",
+            Unavailable::OutcomeUnknown => "outcome-unknown",
+        }
+    }
+
+    /// An UNAVAILABLE status with `message`, marked with this reason.
+    pub fn status(self, message: impl Into<String>) -> Status {
+        let mut status = Status::unavailable(message);
+        status
+            .metadata_mut()
+            .insert(REASON, MetadataValue::from_static(self.as_str()));
+        status
+    }
+
+    /// The reason a replica marked `status` with, if it is an UNAVAILABLE
+    /// that a replica gave on purpose.
+    pub fn of(status: &Status) -> Option<Unavailable> {
+        if status.code() != Code::Unavailable {
+            return None;
+        }
+        let value = status.metadata().get(REASON)?.to_str().ok()?;
+        Unavailable::ALL.into_iter().find(|r| r.as_str() == value)
+    }
+}
+
+/// Whether a forwarded call's failure means the leader may be gone, so that
+/// looking for the leader again is worth it: it could not be reached (an
+/// UNAVAILABLE no replica marked), or it is shutting down. A leader that
+/// answered "no leader" or "no quorum" did so at the call's deadline; there
+/// is no time left to try again.
+fn leader_may_be_gone(status: &Status) -> bool {
+    status.code() == Code::Unavailable
+        && matches!(
+            Unavailable::of(status),
+            None | Some(Unavailable::ShuttingDown)
+        )
 }
 
 fn unavailable_at_deadline(leader: Option<NodeId>) -> Status {
     match leader {
-        None => Status::unavailable("no leader: no quorum elected one within the call's deadline"),
-        Some(l) => Status::unavailable(format!(
+        None => Unavailable::NoLeader
+            .status("no leader: no quorum elected one within the call's deadline"),
+        Some(l) => Unavailable::NoQuorum.status(format!(
             "no quorum confirmed the call within its deadline (leader is replica {l}); a write may or may not have taken effect, retry it with the same request_id"
         )),
     }
@@ -436,7 +506,7 @@ fn unavailable_at_deadline(leader: Option<NodeId>) -> Status {
 /// A write without a request id whose leader stepped down while its slot
 /// was undecided, and whose outcome this replica could not learn in time.
 fn outcome_unknown() -> Status {
-    Status::unavailable(
+    Unavailable::OutcomeUnknown.status(
         "the leader changed while the write was in flight and its outcome could not be learned; it may or may not have taken effect (send a request_id to make retries safe)",
     )
 }
@@ -615,6 +685,75 @@ mod tests {
         assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
         assert_eq!(parse_grpc_timeout("S"), None);
         assert_eq!(parse_grpc_timeout("10x"), None);
+    }
+
+    /// `status` as a client receives it: through the HTTP/2 headers.
+    fn over_the_wire(status: &Status) -> Status {
+        let mut headers = tonic::codegen::http::HeaderMap::new();
+        status.add_header(&mut headers).expect("encode status");
+        Status::from_header_map(&headers).expect("decode status")
+    }
+
+    #[test]
+    fn a_replicas_own_unavailable_is_marked_and_survives_the_wire() {
+        for (status, want) in [
+            (unavailable_at_deadline(None), Unavailable::NoLeader),
+            (unavailable_at_deadline(Some(2)), Unavailable::NoQuorum),
+            (
+                Unavailable::ShuttingDown.status("replica is shutting down"),
+                Unavailable::ShuttingDown,
+            ),
+        ] {
+            assert_eq!(status.code(), Code::Unavailable);
+            let received = over_the_wire(&status);
+            assert_eq!(Unavailable::of(&received), Some(want), "{status:?}");
+            assert_eq!(
+                received
+                    .metadata()
+                    .get(REASON)
+                    .and_then(|v| v.to_str().ok()),
+                Some(want.as_str())
+            );
+        }
+    }
+
+    #[test]
+    fn unreachable_is_told_from_answered_by_the_marker_not_the_message() {
+        // Not reached: whatever the message says, even if it reads like ours.
+        for message in [
+            "dns error",
+            "tcp connect error",
+            "no route to host",
+            "no leader",
+        ] {
+            let status = over_the_wire(&Status::unavailable(message));
+            assert_eq!(Unavailable::of(&status), None, "{message}");
+            assert!(leader_may_be_gone(&status), "{message}");
+        }
+        // Answered on purpose: whatever the message says.
+        for reason in [
+            Unavailable::NoLeader,
+            Unavailable::NoQuorum,
+            Unavailable::OutcomeUnknown,
+        ] {
+            let status = over_the_wire(&reason.status("the leader gave up"));
+            assert!(!leader_may_be_gone(&status), "{reason:?}");
+        }
+        // A leader that is stopping: look for the next one.
+        let stopping = over_the_wire(&Unavailable::ShuttingDown.status("bye"));
+        assert!(leader_may_be_gone(&stopping));
+        // Only UNAVAILABLE counts, marked or not; an unknown reason is no
+        // reason.
+        assert!(!leader_may_be_gone(&Status::not_found("no such key")));
+        let mut odd = Status::internal("boom");
+        odd.metadata_mut()
+            .insert(REASON, MetadataValue::from_static("no-quorum"));
+        assert_eq!(Unavailable::of(&odd), None);
+        let mut unknown = Status::unavailable("?");
+        unknown
+            .metadata_mut()
+            .insert(REASON, MetadataValue::from_static("some-future-reason"));
+        assert_eq!(Unavailable::of(&unknown), None);
     }
 
     #[test]

@@ -86,6 +86,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, error, info, warn};
 
+use crate::dial::{self, DialError};
 use crate::paxos::{Message, NodeId};
 use crate::pb;
 use crate::pb::paxos_client::PaxosClient;
@@ -104,9 +105,6 @@ pub const MIN_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Longest delay between connection attempts.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(1);
-
-/// How long a TCP connect may take.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How long the peer may take to answer the opening of a `Stream` call.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(3);
@@ -159,8 +157,9 @@ struct PeerHandle {
 
 impl Transport {
     /// Starts a transport for replica `id`, with one task per peer dialling
-    /// `peers[peer]` (a `"host:port"` address; an `http://` URI is accepted
-    /// too). An entry for `id` itself is ignored.
+    /// `peers[peer]` (any form [`dial::endpoint`] accepts). An entry for `id`
+    /// itself is ignored, and so is a peer whose address is invalid (logged
+    /// at ERROR; `paxoskv serve` refuses such addresses at start).
     ///
     /// Must be called from within a tokio runtime. Returns at once; the
     /// connections are made in the background and messages sent before they
@@ -296,7 +295,7 @@ impl PeerTask {
                 error!(
                     peer = self.peer,
                     addr = %self.addr,
-                    error = %error_chain(&err),
+                    error = %err,
                     "invalid peer address; not dialling this peer"
                 );
                 return;
@@ -325,16 +324,10 @@ impl PeerTask {
         }
     }
 
-    /// The endpoint for the peer, with the timeouts and keepalives above.
-    fn endpoint(&self) -> Result<Endpoint, tonic::transport::Error> {
-        let uri = if self.addr.contains("://") {
-            self.addr.clone()
-        } else {
-            format!("http://{}", self.addr)
-        };
-        Ok(Endpoint::from_shared(uri)?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
+    /// The endpoint for the peer: the shared dial settings, and the
+    /// keepalives above, which notice a peer gone without a word.
+    fn endpoint(&self) -> Result<Endpoint, DialError> {
+        Ok(dial::endpoint(&self.addr)?
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true))
@@ -855,7 +848,7 @@ mod tests {
         let server = GracefulServer::start("127.0.0.1:0".parse().unwrap(), inbox_tx).await;
 
         // Dial by hand, to send a message with no kind.
-        let channel = Endpoint::from_shared(format!("http://{}", server.addr))
+        let channel = dial::endpoint(&server.addr.to_string())
             .expect("endpoint")
             .connect()
             .await

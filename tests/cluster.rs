@@ -5,137 +5,11 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::Cluster;
-use paxoskv::pb;
+use common::load::{Acked, Load, Traffic};
 use paxoskv::storage::Storage;
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
-
-/// Acknowledged writes: key -> value, and for each, when the attempt that
-/// succeeded was sent and when it was acknowledged.
-#[derive(Default)]
-struct Acked {
-    values: BTreeMap<String, i32>,
-    times: Vec<(Instant, Instant)>,
-}
-
-/// Writes distinct keys in a loop, each through a replica chosen in turn
-/// among `targets`, retrying with the same request id on failure (so a
-/// retry is applied at most once). Records what was acknowledged.
-async fn writer(
-    cluster_addrs: BTreeMap<u32, String>,
-    targets: watch::Receiver<Vec<u32>>,
-    acked: Arc<Mutex<Acked>>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let client_id = 0xC0FFEE;
-    let mut seq = 0u64;
-    let mut turn = 0usize;
-    while !*stop.borrow() {
-        seq += 1;
-        let key = format!("key-{seq:06}");
-        let value = seq as i32;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if *stop.borrow() || Instant::now() > deadline {
-                break;
-            }
-            let live = targets.borrow().clone();
-            turn += 1;
-            let id = live[turn % live.len()];
-            let channel =
-                tonic::transport::Endpoint::from_shared(format!("http://{}", cluster_addrs[&id]))
-                    .expect("endpoint")
-                    .connect_timeout(Duration::from_millis(300))
-                    .connect_lazy();
-            let mut client = pb::kv_store_client::KvStoreClient::new(channel);
-            let mut req = tonic::Request::new(pb::InsertRequest {
-                key: key.clone(),
-                value: Some(value),
-                request_id: Some(pb::RequestId {
-                    client_id,
-                    sequence: seq,
-                }),
-            });
-            req.set_timeout(Duration::from_secs(2));
-            let sent = Instant::now();
-            match client.insert(req).await {
-                Ok(_) => {
-                    let mut a = acked.lock().unwrap();
-                    a.values.insert(key.clone(), value);
-                    a.times.push((sent, Instant::now()));
-                    break;
-                }
-                Err(_) => {
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-                        _ = stop.changed() => {}
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// A writer running in the background (`writer`), aimed at some replicas.
-struct Load {
-    acked: Arc<Mutex<Acked>>,
-    targets: watch::Sender<Vec<u32>>,
-    stop: watch::Sender<bool>,
-    task: JoinHandle<()>,
-}
-
-impl Load {
-    /// Starts writing through every replica of `cluster`.
-    fn start(cluster: &Cluster) -> Load {
-        let acked = Arc::new(Mutex::new(Acked::default()));
-        let (targets, targets_rx) = watch::channel(cluster.addrs.keys().copied().collect());
-        let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(writer(
-            cluster.addrs.clone(),
-            targets_rx,
-            Arc::clone(&acked),
-            stop_rx,
-        ));
-        Load {
-            acked,
-            targets,
-            stop,
-            task,
-        }
-    }
-
-    /// Sends the writes through `ids` only, from now on.
-    fn aim(&self, ids: Vec<u32>) {
-        self.targets.send_replace(ids);
-    }
-
-    /// How many writes have been acknowledged so far.
-    fn acked(&self) -> usize {
-        self.acked.lock().unwrap().values.len()
-    }
-
-    /// When the first write sent after `t` was acknowledged, if it was.
-    fn first_ack_of_a_write_sent_after(&self, t: Instant) -> Option<Instant> {
-        let acked = self.acked.lock().unwrap();
-        acked
-            .times
-            .iter()
-            .find(|(sent, _)| *sent > t)
-            .map(|(_, ack)| *ack)
-    }
-
-    /// Stops writing and returns what was acknowledged.
-    async fn finish(self) -> Acked {
-        self.stop.send_replace(true);
-        self.task.await.expect("writer task");
-        std::mem::take(&mut *self.acked.lock().unwrap())
-    }
-}
 
 /// Waits until every replica in `ids` has applied as far as the leader has
 /// committed (with writes stopped).
@@ -200,7 +74,7 @@ fn verify_disks(cluster: &mut Cluster, acked: &Acked) {
 async fn killing_the_leader_under_load_loses_no_acknowledged_write() {
     let mut cluster = Cluster::start("kill-leader", 3);
     cluster.wait_ready(1, Duration::from_secs(15)).await;
-    let load = Load::start(&cluster);
+    let load = Load::start(&cluster, Traffic::AckedInserts);
 
     tokio::time::sleep(Duration::from_secs(1)).await;
     let old = cluster.leader(Duration::from_secs(5)).await;
@@ -244,7 +118,7 @@ async fn killing_the_leader_under_load_loses_no_acknowledged_write() {
 async fn every_replica_killed_and_restarted_in_turn_while_writing() {
     let mut cluster = Cluster::start("rolling-kill", 3);
     cluster.wait_ready(1, Duration::from_secs(15)).await;
-    let load = Load::start(&cluster);
+    let load = Load::start(&cluster, Traffic::AckedInserts);
 
     for id in 1..=3 {
         tokio::time::sleep(Duration::from_millis(700)).await;

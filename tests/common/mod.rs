@@ -4,8 +4,14 @@
 //! test's outcome; data lives in a fresh directory under the system temp
 //! dir, removed at the end. Every replica also serves Prometheus metrics on
 //! a port of its own ([`Cluster::metrics`]).
+//!
+//! Next to it: [`load`], client traffic in the background, and
+//! [`prometheus`], a real Prometheus and promtool.
 
 #![allow(dead_code)] // each test binary uses its own part of this harness
+
+pub mod load;
+pub mod prometheus;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -35,19 +41,55 @@ pub fn free_ports(n: usize) -> Vec<u16> {
         .collect()
 }
 
+/// How a cluster's `--peers` spells each replica's address: every form
+/// `--peers` accepts (README, "Running replicas yourself").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerForm {
+    /// `127.0.0.1:PORT`
+    Plain,
+    /// `http://127.0.0.1:PORT`
+    Http,
+}
+
+impl PeerForm {
+    /// `addr` (`host:port`) spelt this way.
+    pub fn spell(self, addr: &str) -> String {
+        match self {
+            PeerForm::Plain => addr.to_string(),
+            PeerForm::Http => format!("http://{addr}"),
+        }
+    }
+}
+
+/// A channel to the replica at `addr`, made as paxoskv makes its own
+/// ([`paxoskv::dial::endpoint`]), connecting on first use.
+pub fn channel(addr: &str) -> Channel {
+    paxoskv::dial::endpoint(addr)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .connect_lazy()
+}
+
 /// A running test cluster.
 pub struct Cluster {
     pub dir: PathBuf,
-    /// Each replica's gRPC address.
+    /// Each replica's gRPC address (`host:port`).
     pub addrs: BTreeMap<u32, String>,
     /// Each replica's metrics address: `http://ADDR/metrics`.
     pub metrics: BTreeMap<u32, String>,
+    /// How `--peers` spells the addresses.
+    pub peer_form: PeerForm,
     procs: BTreeMap<u32, Child>,
 }
 
 impl Cluster {
-    /// Starts `n` replicas and waits until one leads.
+    /// Starts `n` replicas, with `--peers` as plain `host:port` addresses.
     pub fn start(name: &str, n: u32) -> Cluster {
+        Cluster::start_with(name, n, PeerForm::Plain)
+    }
+
+    /// Starts `n` replicas, with `--peers` addresses spelt as `peer_form`
+    /// says.
+    pub fn start_with(name: &str, n: u32, peer_form: PeerForm) -> Cluster {
         let ports = free_ports(2 * n as usize);
         let dir = std::env::temp_dir().join(format!("paxoskv-test-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -62,6 +104,7 @@ impl Cluster {
             dir,
             addrs,
             metrics,
+            peer_form,
             procs: BTreeMap::new(),
         };
         for id in 1..=n {
@@ -73,7 +116,7 @@ impl Cluster {
     fn peers_arg(&self) -> String {
         self.addrs
             .iter()
-            .map(|(id, a)| format!("{id}={a}"))
+            .map(|(id, a)| format!("{id}={}", self.peer_form.spell(a)))
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -137,23 +180,14 @@ impl Cluster {
         std::fs::read_to_string(self.dir.join(format!("replica-{id}.log"))).unwrap_or_default()
     }
 
-    /// A client connected to replica `id`.
+    /// A client for replica `id` (connecting on first use).
     pub async fn client(&self, id: u32) -> KvStoreClient<Channel> {
-        let channel =
-            tonic::transport::Endpoint::from_shared(format!("http://{}", self.addrs[&id]))
-                .expect("endpoint")
-                .connect_timeout(Duration::from_secs(1))
-                .connect_lazy();
-        KvStoreClient::new(channel)
+        KvStoreClient::new(channel(&self.addrs[&id]))
     }
 
     /// Replica `id`'s own view of itself (`paxoskv.v1.Admin/Status`).
     pub async fn status(&self, id: u32) -> Result<pb::StatusResponse, tonic::Status> {
-        let channel =
-            tonic::transport::Endpoint::from_shared(format!("http://{}", self.addrs[&id]))
-                .expect("endpoint")
-                .connect_timeout(Duration::from_secs(1))
-                .connect_lazy();
+        let channel = channel(&self.addrs[&id]);
         let mut req = tonic::Request::new(pb::StatusRequest {});
         req.set_timeout(Duration::from_secs(1));
         Ok(AdminClient::new(channel).status(req).await?.into_inner())
