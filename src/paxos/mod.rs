@@ -12,8 +12,16 @@
 //!
 //! - [`acceptor`]: what may be promised and accepted (phase 1b, phase 2b);
 //! - [`recovery`]: which value a new leader re-proposes per slot;
-//! - [`replica`]: elections, the pipelined phase 2, quorum counting, the
-//!   commit index, the follower's commit rule, catch-up, and ReadIndex.
+//! - [`replica`]: one replica, split by role into
+//!   - `replica/election.rs`: prepare, promise, becoming leader, stepping
+//!     down, the election timer, leader stickiness;
+//!   - `replica/leader.rs`: the pipelined phase 2, counting accepts, the
+//!     commit index, re-sends, heartbeats, check-quorum, serving catch-up;
+//!   - `replica/reads.rs`: ReadIndex;
+//!   - `replica/learner.rs`: the follower's side of phase 2, its commit rule,
+//!     and catching up.
+//!
+//! `testing.rs` (tests only) holds the unit tests' lossless network.
 
 pub mod acceptor;
 pub mod ballot;
@@ -22,6 +30,8 @@ pub mod message;
 pub mod recovery;
 pub mod replica;
 pub mod rng;
+#[cfg(test)]
+mod testing;
 
 pub use ballot::{Ballot, NodeId, Slot};
 pub use config::Config;

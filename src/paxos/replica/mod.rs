@@ -1,0 +1,395 @@
+//! One replica's share of Multi-Paxos: acceptor, learner, and — when elected
+//! — leader, as a deterministic state machine.
+//!
+//! The driver feeds it [`Replica::tick`], [`Replica::step`] (a message),
+//! [`Replica::propose`] and [`Replica::read`], then collects the work to do
+//! with [`Replica::take_ready`]. Nothing here does I/O or reads a clock.
+//!
+//! How a leadership goes:
+//!
+//! 1. A follower that hears no leader for a randomised election timeout
+//!    picks a ballot above every one it has seen, promises it to itself and
+//!    sends `Prepare(ballot, first slot it does not know chosen)`.
+//! 2. With a majority of promises it re-proposes, under its ballot, the
+//!    highest-ballot vote reported for every slot up to the highest reported
+//!    one, and a no-op where none was reported ([`recover`]).
+//! 3. It then streams one `Accept` per slot without waiting for earlier
+//!    slots, up to `window` slots in flight; commands that arrive meanwhile
+//!    wait and go together into the next slot. A slot is chosen on a majority
+//!    of `Accepted` under the leader's ballot, the leader's own counted only
+//!    once durable. The commit index (end of the contiguous chosen prefix)
+//!    rides on every accept and heartbeat.
+//! 4. It steps down the moment it sees a higher ballot, or when it has not
+//!    heard from a majority for two election timeouts.
+//!
+//! One file per part:
+//!
+//! - this one: the [`Replica`], its public API, and the dispatch of inputs
+//!   to the role that handles them;
+//! - `election.rs`: prepare, promise, becoming leader, stepping down, the
+//!   election timer and leader stickiness;
+//! - `leader.rs`: the phase 2 pipeline, counting accepts, advancing the
+//!   commit index, re-sends, heartbeats, check-quorum, serving catch-up;
+//! - `reads.rs`: ReadIndex;
+//! - `learner.rs`: the follower's side of phase 2, learning the commit index,
+//!   and catching up.
+//!
+//! Leader-only code is written as methods of `Leader`, reached through
+//! `Replica::leading`: the role is checked in one place, and an input meant
+//! for a leader that reaches a follower is visibly dropped at the dispatch,
+//! not silently in each helper.
+//!
+//! [`recover`]: super::recovery::recover
+
+mod election;
+mod leader;
+mod learner;
+mod reads;
+
+use bytes::Bytes;
+
+use super::acceptor::Acceptor;
+use super::ballot::{Ballot, NodeId, Slot};
+use super::config::Config;
+use super::message::{Accepted, Envelope, Message, ReadId, Ready, Value};
+use super::rng::Rng;
+
+use election::Candidate;
+use leader::Leader;
+
+/// The replica's part in the protocol right now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Follows a leader (or waits for one).
+    Follower,
+    /// Running phase 1 for its ballot.
+    Candidate,
+    /// Leading with its ballot.
+    Leader,
+}
+
+/// This replica is not the leader; `leader` is the one it follows, if any.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NotLeader {
+    /// The replica to ask instead, when known.
+    pub leader: Option<NodeId>,
+}
+
+/// A snapshot of the replica's state, for metrics and status displays.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Status {
+    /// This replica's id.
+    pub id: NodeId,
+    /// Its role.
+    pub role: Role,
+    /// The highest ballot it has promised.
+    pub promised: Ballot,
+    /// The leader it follows (itself when leading).
+    pub leader: Option<NodeId>,
+    /// Every slot up to this one is known chosen here.
+    pub committed: Slot,
+    /// As leader: slots proposed and not yet committed.
+    pub in_flight: usize,
+    /// As leader: commands waiting for a slot.
+    pub queued: usize,
+    /// As leader: what it knows of each follower.
+    pub followers: Vec<FollowerStatus>,
+    /// Elections this replica has started since it was created.
+    pub elections: u64,
+}
+
+/// The leader's view of one follower.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FollowerStatus {
+    /// The follower.
+    pub id: NodeId,
+    /// The follower's committed index, as it last reported it.
+    pub committed: Slot,
+    /// Ticks since the follower last answered.
+    pub silent_ticks: u64,
+}
+
+/// The leader a follower believes in, and what it said of its commit index.
+#[derive(Clone, Copy, Debug)]
+struct Leadership {
+    id: NodeId,
+    ballot: Ballot,
+    commit: Slot,
+}
+
+/// The role and the state only that role has.
+#[derive(Debug)]
+enum State {
+    Follower,
+    Candidate(Candidate),
+    Leader(Leader),
+}
+
+/// A replica of the Multi-Paxos log, sans I/O.
+#[derive(Debug)]
+pub struct Replica {
+    core: Core,
+    state: State,
+}
+
+/// What a replica holds whatever its role: configuration, clock, acceptor,
+/// what it knows chosen, whom it follows, and the output being gathered.
+/// Kept apart from the role's own state so that a role's methods can take
+/// both (`&mut Leader`, `&mut Core`) at once.
+#[derive(Debug)]
+struct Core {
+    cfg: Config,
+    rng: Rng,
+    now: u64,
+    acceptor: Acceptor,
+    /// Every slot up to here is known chosen and has been handed out in
+    /// `Ready::chosen`.
+    committed: Slot,
+    leadership: Option<Leadership>,
+    last_leader_contact: u64,
+    election_deadline: u64,
+    max_round_seen: u64,
+    catch_up_sent_at: Option<u64>,
+    elections: u64,
+    ready: Ready,
+}
+
+impl Replica {
+    /// A replica restored from its durable acceptor state (`promised`,
+    /// `votes`) and the index its state machine has applied up to. A new
+    /// replica passes `Ballot::ZERO`, no votes, and 0.
+    pub fn new(
+        cfg: Config,
+        promised: Ballot,
+        votes: Vec<Accepted>,
+        applied: Slot,
+    ) -> Result<Self, String> {
+        cfg.validate()?;
+        let mut replica = Replica {
+            core: Core {
+                rng: Rng::new(cfg.seed),
+                cfg,
+                now: 0,
+                acceptor: Acceptor::restore(promised, votes),
+                committed: applied,
+                leadership: None,
+                last_leader_contact: 0,
+                election_deadline: 0,
+                max_round_seen: promised.round,
+                catch_up_sent_at: None,
+                elections: 0,
+                ready: Ready::default(),
+            },
+            state: State::Follower,
+        };
+        replica.core.reset_election_timer();
+        Ok(replica)
+    }
+
+    /// This replica's id.
+    pub fn id(&self) -> NodeId {
+        self.core.cfg.id
+    }
+
+    /// Its configuration.
+    pub fn config(&self) -> &Config {
+        &self.core.cfg
+    }
+
+    /// True while leading.
+    pub fn is_leader(&self) -> bool {
+        matches!(self.state, State::Leader(_))
+    }
+
+    /// The leader this replica follows (itself when leading), if any.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.core.leader()
+    }
+
+    /// Every slot up to this one is known chosen (and handed out).
+    pub fn committed(&self) -> Slot {
+        self.core.committed
+    }
+
+    /// A snapshot of the replica's state.
+    pub fn status(&self) -> Status {
+        let (role, in_flight, queued, followers) = match &self.state {
+            State::Follower => (Role::Follower, 0, 0, Vec::new()),
+            State::Candidate(_) => (Role::Candidate, 0, 0, Vec::new()),
+            State::Leader(l) => (
+                Role::Leader,
+                l.in_flight.len(),
+                l.queued.len(),
+                l.followers(self.core.now),
+            ),
+        };
+        Status {
+            id: self.core.cfg.id,
+            role,
+            promised: self.core.acceptor.promised(),
+            leader: self.leader(),
+            committed: self.core.committed,
+            in_flight,
+            queued,
+            followers,
+            elections: self.core.elections,
+        }
+    }
+
+    /// Queues a client command for the log. It gets a slot in
+    /// [`take_ready`](Self::take_ready), batched with the others queued by
+    /// then. Only the leader takes commands.
+    pub fn propose(&mut self, command: Bytes) -> Result<(), NotLeader> {
+        let not_leader = self.core.not_leader();
+        let (l, _) = self.leading().ok_or(not_leader)?;
+        l.queued.push_back(command);
+        Ok(())
+    }
+
+    /// Orders a linearizable read (ReadIndex). Once a majority has confirmed
+    /// this replica is still leader after the read arrived, `Ready::reads`
+    /// yields `(id, index)`: answer the read from the state machine once it
+    /// has applied `index`. A new leader gives reads an index only once every
+    /// slot it recovered is chosen under its own ballot.
+    pub fn read(&mut self, id: ReadId) -> Result<(), NotLeader> {
+        let not_leader = self.core.not_leader();
+        let (l, core) = self.leading().ok_or(not_leader)?;
+        l.read(core, id);
+        Ok(())
+    }
+
+    /// Advances the clock by one tick: elections, heartbeats, re-sends.
+    pub fn tick(&mut self) {
+        self.core.now += 1;
+        if let Some((l, core)) = self.leading() {
+            // Check quorum: a leader cut off from a majority steps down, so
+            // its clients go elsewhere and it stops ignoring candidates.
+            if !l.hears_a_majority(core) {
+                self.step_down();
+                return;
+            }
+            l.tick(core);
+        } else if self.core.now >= self.core.election_deadline {
+            self.start_election();
+        } else {
+            self.core.request_catch_up();
+        }
+    }
+
+    /// Handles a message from replica `from` (which may be this one: the
+    /// driver feeds back messages addressed to self).
+    pub fn step(&mut self, from: NodeId, msg: Message) {
+        match msg {
+            Message::Prepare { ballot, from_slot } => self.on_prepare(from, ballot, from_slot),
+            Message::Promise { ballot, accepted } => self.on_promise(from, ballot, accepted),
+            Message::Nack { promised } => self.observe(promised),
+            Message::Accept {
+                ballot,
+                slot,
+                value,
+                commit,
+            } => self.on_accept(from, ballot, slot, value, commit),
+            Message::Accepted { ballot, slot } => {
+                if let Some((l, core)) = self.leading() {
+                    l.on_accepted(core, from, ballot, slot);
+                }
+            }
+            Message::Heartbeat {
+                ballot,
+                commit,
+                read_round,
+            } => self.on_heartbeat(from, ballot, commit, read_round),
+            Message::HeartbeatAck {
+                ballot,
+                read_round,
+                committed,
+            } => {
+                if let Some((l, core)) = self.leading() {
+                    l.on_heartbeat_ack(core, from, ballot, read_round, committed);
+                }
+            }
+            Message::CatchUpRequest {
+                ballot,
+                from_slot,
+                to_slot,
+            } => {
+                if let Some((l, core)) = self.leading() {
+                    l.on_catch_up_request(core, from, ballot, from_slot, to_slot);
+                }
+            }
+            Message::CatchUp {
+                ballot,
+                entries,
+                commit,
+            } => self.on_catch_up(from, ballot, entries, commit),
+        }
+    }
+
+    /// Gives queued commands their slots, announces pending read rounds, and
+    /// returns everything the driver must now do.
+    pub fn take_ready(&mut self) -> Ready {
+        if let Some((l, core)) = self.leading() {
+            l.fill_pipeline(core);
+            l.announce_read_round(core);
+        }
+        std::mem::take(&mut self.core.ready)
+    }
+
+    /// The leader's state and the rest of the replica, when leading: the one
+    /// place where leader-only code checks the role.
+    fn leading(&mut self) -> Option<(&mut Leader, &mut Core)> {
+        match &mut self.state {
+            State::Leader(l) => Some((l, &mut self.core)),
+            _ => None,
+        }
+    }
+}
+
+impl Core {
+    /// The leader this replica follows (itself when leading), if any.
+    fn leader(&self) -> Option<NodeId> {
+        self.leadership.map(|l| l.id)
+    }
+
+    fn not_leader(&self) -> NotLeader {
+        NotLeader {
+            leader: self.leader(),
+        }
+    }
+
+    /// Hands out `slot`, the next one, as chosen with `value`: the commit
+    /// index moves up by one.
+    fn choose(&mut self, slot: Slot, value: Value) {
+        self.committed = slot;
+        self.ready.chosen.push((slot, value));
+    }
+
+    fn reset_election_timer(&mut self) {
+        let t = self.cfg.election_ticks;
+        self.election_deadline = self.now + self.rng.range(t, 2 * t);
+    }
+
+    fn peers(&self) -> impl Iterator<Item = NodeId> + use<> {
+        self.cfg.peers().collect::<Vec<_>>().into_iter()
+    }
+
+    fn send(&mut self, to: NodeId, msg: Message) {
+        self.ready.messages.push(Envelope { to, msg });
+    }
+
+    fn send_after_persist(&mut self, to: NodeId, msg: Message) {
+        self.ready.persisted_messages.push(Envelope { to, msg });
+    }
+
+    fn persist_promise(&mut self) {
+        self.ready.persist.promised = Some(self.acceptor.promised());
+    }
+
+    fn persist_vote(&mut self, slot: Slot, ballot: Ballot, value: &Value) {
+        self.ready.persist.entries.push(Accepted {
+            slot,
+            ballot,
+            value: value.clone(),
+        });
+    }
+}

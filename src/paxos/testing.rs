@@ -1,0 +1,108 @@
+//! What the core's unit tests share: a lossless in-order network of
+//! replicas ([`Net`]) and small helpers. The simulator in `tests/simulation`
+//! is the faulty version.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use bytes::Bytes;
+
+use super::ballot::{Ballot, NodeId, Slot};
+use super::config::Config;
+use super::message::{Envelope, Message, ReadId, Ready, Value};
+use super::replica::Replica;
+
+/// A client command with `s` as its bytes.
+pub fn cmd(s: &str) -> Bytes {
+    Bytes::copy_from_slice(s.as_bytes())
+}
+
+/// A batch of the commands `items`.
+pub fn batch(items: &[&str]) -> Value {
+    Value::Batch(items.iter().map(|s| cmd(s)).collect())
+}
+
+/// Replica `id` of a cluster of `1..=n`, with short timeouts.
+pub fn config(id: NodeId, n: u32) -> Config {
+    let mut cfg = Config::new(id, (1..=n).collect());
+    cfg.heartbeat_ticks = 2;
+    cfg.election_ticks = 10;
+    cfg.resend_ticks = 5;
+    cfg.catch_up_ticks = 3;
+    cfg
+}
+
+/// A new replica `id` of a cluster of `1..=n`.
+pub fn replica(id: NodeId, n: u32) -> Replica {
+    Replica::new(config(id, n), Ballot::ZERO, Vec::new(), 0).unwrap()
+}
+
+/// The messages in `ready` (sent at once or after the sync) addressed to `to`.
+pub fn only(ready: &Ready, to: NodeId) -> Vec<&Message> {
+    ready
+        .messages
+        .iter()
+        .chain(&ready.persisted_messages)
+        .filter(|e| e.to == to)
+        .map(|e| &e.msg)
+        .collect()
+}
+
+/// A lossless, in-order network of replicas, enough to put one replica in a
+/// given state.
+pub struct Net {
+    pub nodes: BTreeMap<NodeId, Replica>,
+    /// Messages sent and not yet delivered, with their sender.
+    pub queue: VecDeque<(NodeId, Envelope)>,
+    /// What each replica was told is chosen, in order.
+    pub chosen: BTreeMap<NodeId, Vec<(Slot, Value)>>,
+    /// Every read whose barrier passed, on any replica.
+    pub reads: Vec<(ReadId, Slot)>,
+}
+
+impl Net {
+    /// Replicas `1..=n`, all new.
+    pub fn new(n: u32) -> Self {
+        Net {
+            nodes: (1..=n).map(|id| (id, replica(id, n))).collect(),
+            queue: VecDeque::new(),
+            chosen: BTreeMap::new(),
+            reads: Vec::new(),
+        }
+    }
+
+    /// Replica `id`.
+    pub fn node(&mut self, id: NodeId) -> &mut Replica {
+        self.nodes.get_mut(&id).unwrap()
+    }
+
+    /// Takes a replica's Ready as a driver would (persisting is a no-op
+    /// here: the core already holds the state in memory).
+    pub fn flush(&mut self, id: NodeId) {
+        let ready = self.node(id).take_ready();
+        for e in ready.messages.into_iter().chain(ready.persisted_messages) {
+            self.queue.push_back((id, e));
+        }
+        self.chosen.entry(id).or_default().extend(ready.chosen);
+        self.reads.extend(ready.reads);
+    }
+
+    /// Delivers everything until quiet.
+    pub fn run(&mut self) {
+        let ids: Vec<_> = self.nodes.keys().copied().collect();
+        for &id in &ids {
+            self.flush(id);
+        }
+        while let Some((from, e)) = self.queue.pop_front() {
+            self.node(e.to).step(from, e.msg);
+            self.flush(e.to);
+        }
+    }
+
+    /// Ticks replica `id` until it leads, delivering everything each tick.
+    pub fn elect(&mut self, id: NodeId) {
+        while !self.node(id).is_leader() {
+            self.node(id).tick();
+            self.run();
+        }
+    }
+}
