@@ -74,11 +74,6 @@ impl Config {
         Ok(())
     }
 
-    /// How many replicas make a majority.
-    pub fn majority(&self) -> usize {
-        self.members.len() / 2 + 1
-    }
-
     /// Every member but this replica.
     pub fn peers(&self) -> impl Iterator<Item = NodeId> + '_ {
         self.members.iter().copied().filter(move |&m| m != self.id)

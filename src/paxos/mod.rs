@@ -12,6 +12,7 @@
 //!
 //! - [`acceptor`]: what may be promised and accepted (phase 1b, phase 2b);
 //! - [`recovery`]: which value a new leader re-proposes per slot;
+//! - [`quorum`]: what counts as a majority, for every vote of the protocol;
 //! - [`replica`]: one replica, split by role into
 //!   - `replica/election.rs`: prepare, promise, becoming leader, stepping
 //!     down, the election timer, leader stickiness;
@@ -27,6 +28,7 @@ pub mod acceptor;
 pub mod ballot;
 pub mod config;
 pub mod message;
+pub mod quorum;
 pub mod recovery;
 pub mod replica;
 pub mod rng;

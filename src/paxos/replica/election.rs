@@ -7,6 +7,7 @@ use super::leader::Leader;
 use super::{Core, Leadership, Replica, State};
 use crate::paxos::ballot::{Ballot, NodeId, Slot};
 use crate::paxos::message::{Accepted, Message};
+use crate::paxos::quorum;
 use crate::paxos::recovery::recover;
 
 /// A replica running phase 1 for `ballot`.
@@ -83,7 +84,6 @@ impl Replica {
     }
 
     pub(super) fn on_promise(&mut self, from: NodeId, ballot: Ballot, accepted: Vec<Accepted>) {
-        let majority = self.core.cfg.majority();
         let State::Candidate(c) = &mut self.state else {
             return;
         };
@@ -91,7 +91,7 @@ impl Replica {
             return;
         }
         c.promises.insert(from, accepted);
-        if c.promises.len() >= majority {
+        if quorum::is_majority(&self.core.cfg.members, |m| c.promises.contains_key(&m)) {
             self.become_leader();
         }
     }

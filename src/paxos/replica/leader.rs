@@ -14,12 +14,13 @@ use super::reads::PendingRead;
 use super::{Core, FollowerStatus};
 use crate::paxos::ballot::{Ballot, NodeId, Slot};
 use crate::paxos::message::{Envelope, Message, ReadId, Value};
+use crate::paxos::quorum::{self, Votes};
 
 /// A slot the leader proposed and has not yet committed.
 #[derive(Debug)]
 pub(super) struct Proposal {
     value: Value,
-    acks: Vec<NodeId>,
+    acks: Votes,
     chosen: bool,
     sent_at: u64,
 }
@@ -97,12 +98,13 @@ impl Leader {
     /// last two election timeouts.
     pub(super) fn hears_a_majority(&self, core: &Core) -> bool {
         let window = 2 * core.cfg.election_ticks;
-        let heard = self
-            .progress
-            .values()
-            .filter(|p| core.now - p.last_ack < window)
-            .count();
-        heard + 1 >= core.cfg.majority()
+        quorum::is_majority(&core.cfg.members, |m| {
+            m == core.cfg.id
+                || self
+                    .progress
+                    .get(&m)
+                    .is_some_and(|p| core.now - p.last_ack < window)
+        })
     }
 
     /// A tick while leading: heartbeats when due, and re-sends.
@@ -153,7 +155,7 @@ impl Leader {
             slot,
             Proposal {
                 value: value.clone(),
-                acks: Vec::new(),
+                acks: Votes::new(),
                 chosen: false,
                 sent_at: core.now,
             },
@@ -202,12 +204,11 @@ impl Leader {
         let Some(proposal) = self.in_flight.get_mut(&slot) else {
             return;
         };
-        if proposal.chosen || proposal.acks.contains(&from) {
+        if proposal.chosen || !proposal.acks.insert(from) {
             return;
         }
-        proposal.acks.push(from);
         // Rule: chosen once a majority accepted it under this ballot.
-        if proposal.acks.len() >= core.cfg.majority() {
+        if proposal.acks.is_majority(&core.cfg.members) {
             proposal.chosen = true;
             self.advance_commit(core);
         }
@@ -239,7 +240,7 @@ impl Leader {
                 continue;
             }
             p.sent_at = now;
-            for &peer in peers.iter().filter(|peer| !p.acks.contains(peer)) {
+            for &peer in peers.iter().filter(|&&peer| !p.acks.contains(peer)) {
                 core.ready.messages.push(Envelope {
                     to: peer,
                     msg: Message::Accept {

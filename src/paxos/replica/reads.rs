@@ -6,6 +6,7 @@ use super::Core;
 use super::leader::Leader;
 use crate::paxos::ballot::{Ballot, NodeId, Slot};
 use crate::paxos::message::ReadId;
+use crate::paxos::quorum;
 
 /// A read waiting for a quorum to confirm leadership in round `round`.
 #[derive(Debug)]
@@ -64,12 +65,14 @@ impl Leader {
     /// anything before that point.
     fn confirm_reads(&mut self, core: &mut Core) {
         while let Some(read) = self.reads.front() {
-            let acks = 1 + self
-                .progress
-                .values()
-                .filter(|p| p.read_round >= read.round)
-                .count();
-            if read.round > self.read_round || acks < core.cfg.majority() {
+            let confirmed = quorum::is_majority(&core.cfg.members, |m| {
+                m == core.cfg.id
+                    || self
+                        .progress
+                        .get(&m)
+                        .is_some_and(|p| p.read_round >= read.round)
+            });
+            if read.round > self.read_round || !confirmed {
                 break;
             }
             core.ready.reads.push((read.id, read.index));
