@@ -18,6 +18,19 @@ pub(super) struct Candidate {
     promises: BTreeMap<NodeId, Vec<Accepted>>,
 }
 
+impl Candidate {
+    pub(super) fn check_invariants(&self, core: &Core) {
+        assert_eq!(
+            self.ballot.node, core.cfg.id,
+            "a candidate's ballot is its own"
+        );
+        assert!(
+            self.ballot <= core.acceptor.promised(),
+            "a candidate promised its own ballot to itself"
+        );
+    }
+}
+
 impl Replica {
     pub(super) fn start_election(&mut self) {
         self.step_down();
@@ -38,18 +51,20 @@ impl Replica {
         // must not come back and use the same ballot with other values.
         let core = &mut self.core;
         let id = core.cfg.id;
-        if let Ok((change, votes)) = core.acceptor.prepare(ballot, from_slot) {
-            if change.promise_raised {
-                core.persist_promise();
-            }
-            core.send_after_persist(
-                id,
-                Message::Promise {
-                    ballot,
-                    accepted: votes,
-                },
-            );
-        }
+        // The round is above every one seen, our own promise included.
+        let (change, votes) = core
+            .acceptor
+            .prepare(ballot, from_slot)
+            .unwrap_or_else(|promised| panic!("own prepare {ballot} refused below {promised}"));
+        assert!(change.promise_raised, "a new ballot raises our promise");
+        core.persist_promise();
+        core.send_after_persist(
+            id,
+            Message::Promise {
+                ballot,
+                accepted: votes,
+            },
+        );
         for peer in core.peers() {
             core.send_after_persist(peer, Message::Prepare { ballot, from_slot });
         }
@@ -104,6 +119,10 @@ impl Replica {
         let from_slot = c.from_slot.max(core.committed + 1);
         let recovered = recover(from_slot, c.promises.values().map(Vec::as_slice));
         let recovered_through = recovered.last().map_or(core.committed, |&(slot, _)| slot);
+        assert!(
+            recovered.first().is_none_or(|&(slot, _)| slot == from_slot),
+            "recovery re-proposes every slot from the first one not known chosen"
+        );
         core.leadership = Some(Leadership {
             id: core.cfg.id,
             ballot: c.ballot,

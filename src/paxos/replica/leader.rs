@@ -82,6 +82,50 @@ impl Leader {
         }
     }
 
+    /// What holds of a leader between any two inputs.
+    pub(super) fn check_invariants(&self, core: &Core) {
+        assert_eq!(
+            self.ballot.node, core.cfg.id,
+            "a leader's ballot is its own"
+        );
+        assert!(
+            self.ballot >= core.acceptor.promised(),
+            "a higher promise steps a leader down before it is made"
+        );
+        assert!(
+            core.leadership
+                .is_some_and(|l| l.id == core.cfg.id && l.ballot == self.ballot),
+            "a leader follows itself"
+        );
+        assert!(
+            self.next_slot > core.committed,
+            "next_slot is past the commit index"
+        );
+        assert!(
+            self.in_flight
+                .first_key_value()
+                .is_none_or(|(&s, _)| s > core.committed)
+                && self
+                    .in_flight
+                    .last_key_value()
+                    .is_none_or(|(&s, _)| s < self.next_slot),
+            "slots in flight lie between the commit index and next_slot"
+        );
+        // Recovery may put more than a window of slots in flight at once;
+        // new slots are only opened below the window.
+        assert!(
+            self.in_flight.len() <= core.cfg.window || self.next_slot == self.recovered_through + 1,
+            "the window is never exceeded by new proposals"
+        );
+        debug_assert!(
+            self.in_flight.keys().all(|&slot| core
+                .acceptor
+                .vote(slot)
+                .is_some_and(|(b, _)| b == self.ballot)),
+            "our own acceptor voted for every slot we have in flight, under our ballot"
+        );
+    }
+
     /// What the leader knows of each follower, for [`Status`](super::Status).
     pub(super) fn followers(&self, now: u64) -> Vec<FollowerStatus> {
         self.progress
@@ -150,8 +194,14 @@ impl Leader {
     /// Proposes `value` for `slot` under the leader's ballot: our own accept
     /// goes to disk while the accepts go out to the followers.
     pub(super) fn propose_at(&mut self, core: &mut Core, slot: Slot, value: Value) {
+        assert!(
+            slot > core.committed && slot < self.next_slot,
+            "slot {slot} proposed outside the pipeline ({}, {})",
+            core.committed,
+            self.next_slot
+        );
         let ballot = self.ballot;
-        self.in_flight.insert(
+        let earlier = self.in_flight.insert(
             slot,
             Proposal {
                 value: value.clone(),
@@ -159,6 +209,11 @@ impl Leader {
                 chosen: false,
                 sent_at: core.now,
             },
+        );
+        // The heart of Paxos: one value per slot under one ballot.
+        assert!(
+            earlier.is_none(),
+            "slot {slot} proposed twice under {ballot}"
         );
         // Our own acceptor cannot refuse: any higher promise steps a leader
         // down before it is made (see `Replica::observe`).

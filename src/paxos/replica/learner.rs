@@ -79,6 +79,14 @@ impl Replica {
                 }
                 core.follow(from, ballot);
                 for (slot, value) in entries {
+                    // A vote under the leader's ballot is the value it
+                    // proposed, so it is the chosen one that it reports.
+                    debug_assert!(
+                        core.acceptor
+                            .vote(slot)
+                            .is_none_or(|(b, v)| b != ballot || *v == value),
+                        "leader {ballot} reports for slot {slot} a value other than it proposed"
+                    );
                     if slot > core.committed && core.acceptor.learn(ballot, slot, &value) {
                         core.persist_vote(slot, ballot, &value);
                     }

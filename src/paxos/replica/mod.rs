@@ -264,21 +264,28 @@ impl Replica {
         if let Some((l, core)) = self.leading() {
             // Check quorum: a leader cut off from a majority steps down, so
             // its clients go elsewhere and it stops ignoring candidates.
-            if !l.hears_a_majority(core) {
+            if l.hears_a_majority(core) {
+                l.tick(core);
+            } else {
                 self.step_down();
-                return;
             }
-            l.tick(core);
         } else if self.core.now >= self.core.election_deadline {
             self.start_election();
         } else {
             self.core.request_catch_up();
         }
+        self.check_invariants();
     }
 
     /// Handles a message from replica `from` (which may be this one: the
     /// driver feeds back messages addressed to self).
     pub fn step(&mut self, from: NodeId, msg: Message) {
+        self.dispatch(from, msg);
+        self.check_invariants();
+    }
+
+    /// Hands a message to the code for its kind (and for the role).
+    fn dispatch(&mut self, from: NodeId, msg: Message) {
         match msg {
             Message::Prepare { ballot, from_slot } => self.on_prepare(from, ballot, from_slot),
             Message::Promise { ballot, accepted } => self.on_promise(from, ballot, accepted),
@@ -332,7 +339,32 @@ impl Replica {
             l.fill_pipeline(core);
             l.announce_read_round(core);
         }
-        std::mem::take(&mut self.core.ready)
+        self.check_invariants();
+        let ready = std::mem::take(&mut self.core.ready);
+        // The chosen slots run on from the last ones handed out, up to the
+        // commit index: a driver applying them never passes it.
+        if let Some(&(last, _)) = ready.chosen.last() {
+            assert_eq!(last, self.core.committed, "chosen ends at the commit index");
+        }
+        debug_assert!(
+            ready.chosen.windows(2).all(|w| w[1].0 == w[0].0 + 1),
+            "chosen slots are consecutive"
+        );
+        ready
+    }
+
+    /// What holds between any two inputs, whatever the role.
+    fn check_invariants(&self) {
+        let core = &self.core;
+        assert!(
+            core.max_round_seen >= core.acceptor.promised().round,
+            "the highest round seen includes our own promise"
+        );
+        match &self.state {
+            State::Follower => {}
+            State::Candidate(c) => c.check_invariants(core),
+            State::Leader(l) => l.check_invariants(core),
+        }
     }
 
     /// The leader's state and the rest of the replica, when leading: the one
@@ -360,6 +392,11 @@ impl Core {
     /// Hands out `slot`, the next one, as chosen with `value`: the commit
     /// index moves up by one.
     fn choose(&mut self, slot: Slot, value: Value) {
+        assert_eq!(
+            Some(slot),
+            self.committed.checked_add(1),
+            "the commit index only moves up, one slot at a time"
+        );
         self.committed = slot;
         self.ready.chosen.push((slot, value));
     }
