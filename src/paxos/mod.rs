@@ -38,4 +38,4 @@ mod testing;
 pub use ballot::{Ballot, NodeId, Slot};
 pub use config::Config;
 pub use message::{Accepted, Envelope, Message, Persist, ReadId, Ready, Value};
-pub use replica::{FollowerStatus, NotLeader, Replica, Role, Status};
+pub use replica::{FollowerStatus, NotLeader, Refused, Replica, Role, Status};

@@ -93,7 +93,11 @@ impl Net {
             self.flush(id);
         }
         while let Some((from, e)) = self.queue.pop_front() {
-            self.node(e.to).step(from, e.msg);
+            if from == e.to {
+                self.node(e.to).step_own(e.msg);
+            } else {
+                self.node(e.to).step(from, e.msg).unwrap();
+            }
             self.flush(e.to);
         }
     }

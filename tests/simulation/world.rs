@@ -547,7 +547,13 @@ impl World {
                 let Some(r) = self.nodes.get_mut(&to).and_then(|n| n.replica.as_mut()) else {
                     return Ok(());
                 };
-                r.step(from, msg);
+                if from == to {
+                    r.step_own(msg);
+                } else if let Err(refused) = r.step(from, msg) {
+                    return Err(format!(
+                        "replica {to} refused a message from {from}: {refused}"
+                    ));
+                }
                 self.drain(to)
             }
             Event::ToReplica { ticket, to, req } => {

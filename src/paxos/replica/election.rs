@@ -242,12 +242,14 @@ mod tests {
         let ballot = leader.status().promised;
         leader.propose(cmd("queued")).unwrap();
         leader.read(7).unwrap();
-        leader.step(
-            3,
-            Message::Nack {
-                promised: Ballot::new(ballot.round + 1, 3),
-            },
-        );
+        leader
+            .step(
+                3,
+                Message::Nack {
+                    promised: Ballot::new(ballot.round + 1, 3),
+                },
+            )
+            .unwrap();
         assert!(!leader.is_leader());
         assert_eq!(leader.propose(cmd("late")), Err(NotLeader { leader: None }));
         let ready = leader.take_ready();
@@ -267,7 +269,8 @@ mod tests {
                 ballot: Ballot::new(promised.round + 5, 3),
                 from_slot: 1,
             },
-        );
+        )
+        .unwrap();
         let ready = f.take_ready();
         assert!(ready.persist.is_empty() && only(&ready, 3).is_empty());
         assert_eq!(f.status().promised, promised);
@@ -282,7 +285,8 @@ mod tests {
                 ballot: Ballot::new(promised.round + 5, 3),
                 from_slot: 1,
             },
-        );
+        )
+        .unwrap();
         assert!(matches!(
             only(&f.take_ready(), 3)[..],
             [Message::Promise { .. }]

@@ -382,10 +382,12 @@ mod tests {
             vec![&Message::Accepted { ballot, slot: 1 }]
         );
         // A follower's vote alone is not a majority of three.
-        leader.step(2, Message::Accepted { ballot, slot: 1 });
+        leader
+            .step(2, Message::Accepted { ballot, slot: 1 })
+            .unwrap();
         assert!(leader.take_ready().chosen.is_empty());
         // Our own, delivered back after the sync, completes it.
-        leader.step(1, Message::Accepted { ballot, slot: 1 });
+        leader.step_own(Message::Accepted { ballot, slot: 1 });
         assert_eq!(leader.take_ready().chosen, vec![(1, batch(&["x"]))]);
     }
 
@@ -397,19 +399,27 @@ mod tests {
         let ballot = leader.status().promised;
         leader.propose(cmd("x")).unwrap();
         leader.take_ready();
-        leader.step(1, Message::Accepted { ballot, slot: 1 });
-        leader.step(2, Message::Accepted { ballot, slot: 1 });
+        leader.step_own(Message::Accepted { ballot, slot: 1 });
+        leader
+            .step(2, Message::Accepted { ballot, slot: 1 })
+            .unwrap();
         // A vote under another ballot, and a repeated vote, do not count.
-        leader.step(
-            3,
-            Message::Accepted {
-                ballot: Ballot::new(ballot.round - 1, 3),
-                slot: 1,
-            },
-        );
-        leader.step(2, Message::Accepted { ballot, slot: 1 });
+        leader
+            .step(
+                3,
+                Message::Accepted {
+                    ballot: Ballot::new(ballot.round - 1, 3),
+                    slot: 1,
+                },
+            )
+            .unwrap();
+        leader
+            .step(2, Message::Accepted { ballot, slot: 1 })
+            .unwrap();
         assert!(leader.take_ready().chosen.is_empty());
-        leader.step(4, Message::Accepted { ballot, slot: 1 });
+        leader
+            .step(4, Message::Accepted { ballot, slot: 1 })
+            .unwrap();
         assert_eq!(leader.take_ready().chosen.len(), 1);
         assert_eq!(leader.committed(), 1);
     }
@@ -426,13 +436,15 @@ mod tests {
         }
         leader.take_ready();
         for slot in [3, 2] {
-            leader.step(1, Message::Accepted { ballot, slot });
-            leader.step(2, Message::Accepted { ballot, slot });
+            leader.step_own(Message::Accepted { ballot, slot });
+            leader.step(2, Message::Accepted { ballot, slot }).unwrap();
         }
         assert!(leader.take_ready().chosen.is_empty());
         assert_eq!(leader.committed(), 0);
-        leader.step(1, Message::Accepted { ballot, slot: 1 });
-        leader.step(3, Message::Accepted { ballot, slot: 1 });
+        leader.step_own(Message::Accepted { ballot, slot: 1 });
+        leader
+            .step(3, Message::Accepted { ballot, slot: 1 })
+            .unwrap();
         let chosen: Vec<Slot> = leader.take_ready().chosen.iter().map(|(s, _)| *s).collect();
         assert_eq!(chosen, vec![1, 2, 3]);
         assert_eq!(leader.committed(), 3);
@@ -470,8 +482,10 @@ mod tests {
             .collect();
         assert_eq!(sizes, vec![3, 3], "two slots of three; the window is full");
         assert_eq!(leader.status().queued, 4);
-        leader.step(1, Message::Accepted { ballot, slot: 1 });
-        leader.step(2, Message::Accepted { ballot, slot: 1 });
+        leader.step_own(Message::Accepted { ballot, slot: 1 });
+        leader
+            .step(2, Message::Accepted { ballot, slot: 1 })
+            .unwrap();
         let ready = leader.take_ready();
         assert!(
             only(&ready, 3)

@@ -170,7 +170,8 @@ mod tests {
                 ballot: new,
                 from_slot: 1,
             },
-        );
+        )
+        .unwrap();
         f.take_ready();
         let old = Ballot::new(4, 1);
         f.step(
@@ -181,7 +182,8 @@ mod tests {
                 value: batch(&["x"]),
                 commit: 0,
             },
-        );
+        )
+        .unwrap();
         f.step(
             1,
             Message::Heartbeat {
@@ -189,7 +191,8 @@ mod tests {
                 commit: 0,
                 read_round: 0,
             },
-        );
+        )
+        .unwrap();
         let ready = f.take_ready();
         assert!(ready.persist.is_empty());
         assert_eq!(
@@ -214,7 +217,8 @@ mod tests {
                 value: batch(&["stale"]),
                 commit: 0,
             },
-        );
+        )
+        .unwrap();
         f.step(
             3,
             Message::Accept {
@@ -223,7 +227,8 @@ mod tests {
                 value: batch(&["b"]),
                 commit: 0,
             },
-        );
+        )
+        .unwrap();
         f.take_ready();
         // The new leader says slots 1 and 2 are chosen. Our vote for 1 is
         // under the old ballot: it may not be the chosen value.
@@ -234,7 +239,8 @@ mod tests {
                 commit: 2,
                 read_round: 0,
             },
-        );
+        )
+        .unwrap();
         let ready = f.take_ready();
         assert!(ready.chosen.is_empty());
         assert!(only(&ready, 3).contains(&&Message::CatchUpRequest {
@@ -250,7 +256,8 @@ mod tests {
                 entries: vec![(1, batch(&["chosen"]))],
                 commit: 2,
             },
-        );
+        )
+        .unwrap();
         let ready = f.take_ready();
         assert_eq!(
             ready.chosen,

@@ -46,6 +46,8 @@ mod leader;
 mod learner;
 mod reads;
 
+use std::fmt;
+
 use bytes::Bytes;
 
 use super::acceptor::Acceptor;
@@ -74,6 +76,38 @@ pub struct NotLeader {
     /// The replica to ask instead, when known.
     pub leader: Option<NodeId>,
 }
+
+/// Why [`Replica::step`] refused a message. A refused message changes
+/// nothing: no promise, no vote, no reply. Honest members never cause one,
+/// so the driver may log each (rate-limited).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// The claimed sender is not a member of the configuration: only
+    /// members vote, and only their messages are heard.
+    NotMember(NodeId),
+    /// The message claims to come from this replica itself. Its own
+    /// messages come back through [`Replica::step_own`], never from the
+    /// network.
+    FromSelf,
+    /// A prepare, accept, heartbeat or catch-up speaks for `ballot`, which
+    /// is not the sender's own: a replica only proposes under ballots that
+    /// carry its id.
+    NotSendersBallot { from: NodeId, ballot: Ballot },
+}
+
+impl fmt::Display for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refused::NotMember(id) => write!(f, "sender {id} is not a member"),
+            Refused::FromSelf => f.write_str("sender claims to be this replica"),
+            Refused::NotSendersBallot { from, ballot } => {
+                write!(f, "replica {from} speaks for ballot {ballot}, not its own")
+            }
+        }
+    }
+}
+
+impl std::error::Error for Refused {}
 
 /// A snapshot of the replica's state, for metrics and status displays.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -277,11 +311,50 @@ impl Replica {
         self.check_invariants();
     }
 
-    /// Handles a message from replica `from` (which may be this one: the
-    /// driver feeds back messages addressed to self).
-    pub fn step(&mut self, from: NodeId, msg: Message) {
+    /// Handles a message from another replica, `from`. Refuses it, changing
+    /// nothing, unless `from` is a member other than this replica and the
+    /// message is one it may send (see [`Refused`]).
+    pub fn step(&mut self, from: NodeId, msg: Message) -> Result<(), Refused> {
+        self.admit(from, &msg)?;
         self.dispatch(from, msg);
         self.check_invariants();
+        Ok(())
+    }
+
+    /// Handles a message this replica addressed to itself in a [`Ready`]
+    /// (a candidate's own `Promise`, a leader's own `Accepted`), which the
+    /// driver delivers once the `persist` it depends on is durable.
+    pub fn step_own(&mut self, msg: Message) {
+        debug_assert!(
+            matches!(msg, Message::Promise { .. } | Message::Accepted { .. }),
+            "the core sends itself only promises and accepts: {msg:?}"
+        );
+        self.dispatch(self.core.cfg.id, msg);
+        self.check_invariants();
+    }
+
+    /// Whether a message claimed to be from `from` may be heard at all.
+    fn admit(&self, from: NodeId, msg: &Message) -> Result<(), Refused> {
+        if from == self.core.cfg.id {
+            return Err(Refused::FromSelf);
+        }
+        if !self.core.cfg.members.contains(&from) {
+            return Err(Refused::NotMember(from));
+        }
+        match msg {
+            Message::Prepare { ballot, .. }
+            | Message::Accept { ballot, .. }
+            | Message::Heartbeat { ballot, .. }
+            | Message::CatchUp { ballot, .. }
+                if ballot.node != from =>
+            {
+                Err(Refused::NotSendersBallot {
+                    from,
+                    ballot: *ballot,
+                })
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Hands a message to the code for its kind (and for the role).
@@ -428,5 +501,67 @@ impl Core {
             ballot,
             value: value.clone(),
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::paxos::testing::{Net, cmd, replica};
+
+    #[test]
+    fn only_members_other_than_this_replica_are_heard() {
+        let mut r = replica(2, 3);
+        let promised = r.status().promised;
+        let outsider = Message::Prepare {
+            ballot: Ballot::new(5, 9),
+            from_slot: 1,
+        };
+        assert_eq!(r.step(9, outsider), Err(Refused::NotMember(9)));
+        let impostor = Message::Prepare {
+            ballot: Ballot::new(6, 2),
+            from_slot: 1,
+        };
+        assert_eq!(r.step(2, impostor), Err(Refused::FromSelf));
+        assert!(r.take_ready().is_empty(), "nothing to persist or send");
+        assert_eq!(r.status().promised, promised);
+    }
+
+    #[test]
+    fn a_member_cannot_speak_for_another_members_ballot() {
+        let mut r = replica(2, 3);
+        let accept = Message::Accept {
+            ballot: Ballot::new(5, 3),
+            slot: 1,
+            value: Value::Noop,
+            commit: 0,
+        };
+        assert_eq!(
+            r.step(1, accept),
+            Err(Refused::NotSendersBallot {
+                from: 1,
+                ballot: Ballot::new(5, 3)
+            })
+        );
+        assert!(r.take_ready().is_empty(), "nothing to persist or send");
+        assert_eq!(r.leader(), None);
+    }
+
+    #[test]
+    fn an_accepted_claiming_to_be_the_leaders_own_does_not_count() {
+        let mut net = Net::new(3);
+        net.elect(1);
+        let leader = net.node(1);
+        let ballot = leader.status().promised;
+        leader.propose(cmd("x")).unwrap();
+        leader.take_ready();
+        // Before our own vote is durable, someone claims to be us.
+        let accepted = Message::Accepted { ballot, slot: 1 };
+        assert_eq!(leader.step(1, accepted.clone()), Err(Refused::FromSelf));
+        leader.step(2, accepted.clone()).unwrap();
+        assert!(leader.take_ready().chosen.is_empty());
+        // Our own, handed back by the driver after the sync, does.
+        leader.step_own(accepted);
+        assert_eq!(leader.take_ready().chosen.len(), 1);
     }
 }

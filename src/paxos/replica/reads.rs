@@ -134,13 +134,10 @@ mod tests {
         }
         let ready = net.node(1).take_ready();
         let ballot = net.node(1).status().promised;
-        net.node(1).step(
-            1,
-            Message::Promise {
-                ballot,
-                accepted: Vec::new(),
-            },
-        );
+        net.node(1).step_own(Message::Promise {
+            ballot,
+            accepted: Vec::new(),
+        });
         let prep = ready
             .persisted_messages
             .iter()
@@ -148,9 +145,9 @@ mod tests {
             .unwrap()
             .msg
             .clone();
-        net.node(2).step(1, prep);
+        net.node(2).step(1, prep).unwrap();
         let promise = net.node(2).take_ready().persisted_messages.remove(0).msg;
-        net.node(1).step(2, promise);
+        net.node(1).step(2, promise).unwrap();
         assert!(net.node(1).is_leader());
         net.node(1).read(42).unwrap();
         let ready = net.node(1).take_ready();
@@ -178,19 +175,23 @@ mod tests {
         // Even a heartbeat round acknowledged by all does not serve the read
         // before the recovered slots are chosen under the new ballot.
         for (from, round) in [(2, 0), (3, 0)] {
-            net.node(1).step(
-                from,
-                Message::HeartbeatAck {
-                    ballot,
-                    read_round: round,
-                    committed: 0,
-                },
-            );
+            net.node(1)
+                .step(
+                    from,
+                    Message::HeartbeatAck {
+                        ballot,
+                        read_round: round,
+                        committed: 0,
+                    },
+                )
+                .unwrap();
         }
         assert!(net.node(1).take_ready().reads.is_empty());
         for slot in 1..=3 {
-            net.node(1).step(1, Message::Accepted { ballot, slot });
-            net.node(1).step(3, Message::Accepted { ballot, slot });
+            net.node(1).step_own(Message::Accepted { ballot, slot });
+            net.node(1)
+                .step(3, Message::Accepted { ballot, slot })
+                .unwrap();
         }
         let ready = net.node(1).take_ready();
         assert_eq!(ready.chosen.len(), 3);
@@ -198,14 +199,16 @@ mod tests {
             ready.reads.is_empty(),
             "indexed now, but needs its own heartbeat round"
         );
-        net.node(1).step(
-            3,
-            Message::HeartbeatAck {
-                ballot,
-                read_round: 1,
-                committed: 3,
-            },
-        );
+        net.node(1)
+            .step(
+                3,
+                Message::HeartbeatAck {
+                    ballot,
+                    read_round: 1,
+                    committed: 3,
+                },
+            )
+            .unwrap();
         assert_eq!(net.node(1).take_ready().reads, vec![(42, 3)]);
     }
 
@@ -224,23 +227,27 @@ mod tests {
             other => panic!("expected a heartbeat, got {other:?}"),
         };
         // An ack of an earlier round says nothing about this read.
-        net.node(1).step(
-            2,
-            Message::HeartbeatAck {
-                ballot,
-                read_round: round - 1,
-                committed: 1,
-            },
-        );
+        net.node(1)
+            .step(
+                2,
+                Message::HeartbeatAck {
+                    ballot,
+                    read_round: round - 1,
+                    committed: 1,
+                },
+            )
+            .unwrap();
         assert!(net.node(1).take_ready().reads.is_empty());
-        net.node(1).step(
-            2,
-            Message::HeartbeatAck {
-                ballot,
-                read_round: round,
-                committed: 1,
-            },
-        );
+        net.node(1)
+            .step(
+                2,
+                Message::HeartbeatAck {
+                    ballot,
+                    read_round: round,
+                    committed: 1,
+                },
+            )
+            .unwrap();
         assert_eq!(net.node(1).take_ready().reads, vec![(9, 1)]);
     }
 }
