@@ -35,10 +35,14 @@ impl Replica {
     pub(super) fn start_election(&mut self) {
         self.step_down();
         let core = &mut self.core;
+        // No round left (which MAX_ROUND_JUMP makes unreachable): this
+        // replica can no longer campaign, but still follows and votes.
+        let Some(round) = Ballot::next_round(core.highest_round()) else {
+            return;
+        };
         core.elections += 1;
-        let round = core.acceptor.promised().round.max(core.max_round_seen) + 1;
         let ballot = Ballot::new(round, core.cfg.id);
-        let from_slot = core.committed + 1;
+        let from_slot = core.first_unchosen();
         core.max_round_seen = round;
         core.leadership = None;
         self.state = State::Candidate(Candidate {
@@ -116,7 +120,7 @@ impl Replica {
             return;
         };
         let core = &mut self.core;
-        let from_slot = c.from_slot.max(core.committed + 1);
+        let from_slot = c.from_slot.max(core.first_unchosen());
         let recovered = recover(from_slot, c.promises.values().map(Vec::as_slice));
         let recovered_through = recovered.last().map_or(core.committed, |&(slot, _)| slot);
         assert!(
@@ -201,8 +205,8 @@ impl Core {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::paxos::testing::{Net, cmd, only, replica};
-    use crate::paxos::{NotLeader, Role};
+    use crate::paxos::testing::{Net, cmd, config, only, replica};
+    use crate::paxos::{NotLeader, Replica, Role};
 
     #[test]
     fn a_silent_leader_is_replaced_by_election() {
@@ -232,6 +236,18 @@ mod tests {
             .filter(|e| matches!(e.msg, Message::Prepare { .. }))
             .count();
         assert_eq!(prepares, 2);
+    }
+
+    #[test]
+    fn a_replica_with_no_round_left_stops_campaigning_instead_of_wrapping() {
+        let last = Ballot::new(u64::MAX - 1, 2);
+        let mut r = Replica::new(config(1, 3), last, Vec::new(), 0).unwrap();
+        for _ in 0..100 {
+            r.tick();
+        }
+        assert_eq!(r.status().role, Role::Follower);
+        assert_eq!(r.status().promised, last);
+        assert!(r.take_ready().is_empty());
     }
 
     #[test]

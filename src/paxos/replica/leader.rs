@@ -71,7 +71,9 @@ impl Leader {
         Leader {
             ballot,
             recovered_through,
-            next_slot: recovered_through + 1,
+            next_slot: recovered_through
+                .checked_add(1)
+                .expect("recovered slots are below u64::MAX"),
             in_flight: BTreeMap::new(),
             queued: VecDeque::new(),
             progress,
@@ -114,7 +116,7 @@ impl Leader {
         // Recovery may put more than a window of slots in flight at once;
         // new slots are only opened below the window.
         assert!(
-            self.in_flight.len() <= core.cfg.window || self.next_slot == self.recovered_through + 1,
+            self.in_flight.len() <= core.cfg.window || self.next_slot - 1 == self.recovered_through,
             "the window is never exceeded by new proposals"
         );
         debug_assert!(
@@ -186,7 +188,7 @@ impl Leader {
                 batch.extend(self.queued.pop_front());
             }
             let slot = self.next_slot;
-            self.next_slot += 1;
+            self.next_slot = slot.checked_add(1).expect("slot numbers ran out");
             self.propose_at(core, slot, Value::Batch(batch));
         }
     }
@@ -272,7 +274,7 @@ impl Leader {
     /// Rule: the commit index is the end of the contiguous chosen prefix.
     fn advance_commit(&mut self, core: &mut Core) {
         while let Some(entry) = self.in_flight.first_entry() {
-            if *entry.key() != core.committed + 1 || !entry.get().chosen {
+            if *entry.key() != core.first_unchosen() || !entry.get().chosen {
                 break;
             }
             let (slot, proposal) = entry.remove_entry();

@@ -116,7 +116,7 @@ impl Core {
         leadership.commit = leadership.commit.max(commit);
         let leader_commit = leadership.commit;
         while self.committed < leader_commit {
-            let slot = self.committed + 1;
+            let slot = self.first_unchosen();
             match self.acceptor.vote(slot) {
                 Some((b, value)) if b == ballot => {
                     let value = value.clone();
@@ -148,7 +148,7 @@ impl Core {
             leadership.id,
             Message::CatchUpRequest {
                 ballot: leadership.ballot,
-                from_slot: self.committed + 1,
+                from_slot: self.first_unchosen(),
                 to_slot: leadership.commit,
             },
         );

@@ -93,6 +93,14 @@ pub enum Refused {
     /// is not the sender's own: a replica only proposes under ballots that
     /// carry its id.
     NotSendersBallot { from: NodeId, ballot: Ballot },
+    /// The message's ballot round is more than
+    /// [`Ballot::MAX_ROUND_JUMP`] above `highest`, the highest round this
+    /// replica has seen or promised, or is `u64::MAX`, which leaves no
+    /// round above it.
+    BallotOutOfRange { ballot: Ballot, highest: u64 },
+    /// A slot the message carries, to be voted on or learned, is 0 (slots
+    /// start at 1) or `u64::MAX` (it leaves no slot after it).
+    SlotOutOfRange { slot: Slot },
 }
 
 impl fmt::Display for Refused {
@@ -103,6 +111,11 @@ impl fmt::Display for Refused {
             Refused::NotSendersBallot { from, ballot } => {
                 write!(f, "replica {from} speaks for ballot {ballot}, not its own")
             }
+            Refused::BallotOutOfRange { ballot, highest } => write!(
+                f,
+                "ballot {ballot} is out of range: the highest round seen is {highest}"
+            ),
+            Refused::SlotOutOfRange { slot } => write!(f, "slot {slot} is out of range"),
         }
     }
 }
@@ -341,19 +354,36 @@ impl Replica {
         if !self.core.cfg.members.contains(&from) {
             return Err(Refused::NotMember(from));
         }
-        match msg {
-            Message::Prepare { ballot, .. }
-            | Message::Accept { ballot, .. }
-            | Message::Heartbeat { ballot, .. }
-            | Message::CatchUp { ballot, .. }
-                if ballot.node != from =>
-            {
-                Err(Refused::NotSendersBallot {
-                    from,
-                    ballot: *ballot,
-                })
+        if let Message::Prepare { ballot, .. }
+        | Message::Accept { ballot, .. }
+        | Message::Heartbeat { ballot, .. }
+        | Message::CatchUp { ballot, .. } = msg
+            && ballot.node != from
+        {
+            return Err(Refused::NotSendersBallot {
+                from,
+                ballot: *ballot,
+            });
+        }
+        let (ballot, highest) = (msg.ballot(), self.core.highest_round());
+        if !ballot.in_range(highest) {
+            return Err(Refused::BallotOutOfRange { ballot, highest });
+        }
+        // Every slot voted on or learned leaves room for the next one, so
+        // that `slot + 1` never overflows anywhere.
+        let bad_slot = match msg {
+            Message::Accept { slot, .. } => Some(*slot).filter(|&s| !slot_in_range(s)),
+            Message::Promise { accepted, .. } => {
+                accepted.iter().map(|a| a.slot).find(|&s| !slot_in_range(s))
             }
-            _ => Ok(()),
+            Message::CatchUp { entries, .. } => {
+                entries.iter().map(|e| e.0).find(|&s| !slot_in_range(s))
+            }
+            _ => None,
+        };
+        match bad_slot {
+            Some(slot) => Err(Refused::SlotOutOfRange { slot }),
+            None => Ok(()),
         }
     }
 
@@ -450,7 +480,25 @@ impl Replica {
     }
 }
 
+/// Whether `slot` may be voted on: slots run from 1 to `u64::MAX - 1`.
+fn slot_in_range(slot: Slot) -> bool {
+    slot != 0 && slot != u64::MAX
+}
+
 impl Core {
+    /// The highest round this replica has seen or promised.
+    fn highest_round(&self) -> u64 {
+        self.max_round_seen.max(self.acceptor.promised().round)
+    }
+
+    /// The first slot not known chosen. Every slot voted on or learned is
+    /// below `u64::MAX` (see [`Refused::SlotOutOfRange`]), so there is one.
+    fn first_unchosen(&self) -> Slot {
+        self.committed
+            .checked_add(1)
+            .expect("the commit index is below u64::MAX")
+    }
+
     /// The leader this replica follows (itself when leading), if any.
     fn leader(&self) -> Option<NodeId> {
         self.leadership.map(|l| l.id)
@@ -545,6 +593,72 @@ mod tests {
         );
         assert!(r.take_ready().is_empty(), "nothing to persist or send");
         assert_eq!(r.leader(), None);
+    }
+
+    #[test]
+    fn a_ballot_with_the_last_round_is_refused_and_the_replica_can_still_be_elected() {
+        let mut net = Net::new(3);
+        let last = Ballot::new(u64::MAX, 3);
+        let prepare = Message::Prepare {
+            ballot: last,
+            from_slot: 1,
+        };
+        let refused = Err(Refused::BallotOutOfRange {
+            ballot: last,
+            highest: 0,
+        });
+        assert_eq!(net.node(2).step(3, prepare), refused);
+        assert_eq!(
+            net.node(2).step(1, Message::Nack { promised: last }),
+            refused
+        );
+        assert!(net.node(2).take_ready().is_empty());
+        assert_eq!(net.node(2).status().promised, Ballot::ZERO);
+        net.elect(2);
+        assert_eq!(net.node(3).leader(), Some(2));
+    }
+
+    #[test]
+    fn a_round_may_jump_up_to_the_bound_above_the_highest_seen_and_no_further() {
+        let jump = Ballot::MAX_ROUND_JUMP;
+        let mut r = replica(2, 3);
+        let prepare = |round| Message::Prepare {
+            ballot: Ballot::new(round, 3),
+            from_slot: 1,
+        };
+        assert!(matches!(
+            r.step(3, prepare(jump + 1)),
+            Err(Refused::BallotOutOfRange { highest: 0, .. })
+        ));
+        assert!(r.take_ready().is_empty());
+        assert_eq!(r.status().promised, Ballot::ZERO);
+        // An honest gap, however large, is below the bound.
+        r.step(3, prepare(jump)).unwrap();
+        assert_eq!(r.status().promised, Ballot::new(jump, 3));
+        // The bound is measured from the highest round seen.
+        r.step(3, prepare(2 * jump)).unwrap();
+        assert_eq!(r.status().promised, Ballot::new(2 * jump, 3));
+    }
+
+    #[test]
+    fn slots_that_leave_no_room_after_them_are_refused() {
+        let mut r = replica(2, 3);
+        for slot in [0, u64::MAX] {
+            let accept = Message::Accept {
+                ballot: Ballot::new(1, 1),
+                slot,
+                value: Value::Noop,
+                commit: 0,
+            };
+            assert_eq!(r.step(1, accept), Err(Refused::SlotOutOfRange { slot }));
+            let catch_up = Message::CatchUp {
+                ballot: Ballot::new(1, 1),
+                entries: vec![(1, Value::Noop), (slot, Value::Noop)],
+                commit: 1,
+            };
+            assert_eq!(r.step(1, catch_up), Err(Refused::SlotOutOfRange { slot }));
+        }
+        assert!(r.take_ready().is_empty());
     }
 
     #[test]
