@@ -111,9 +111,16 @@ pub fn message_to_pb(from: NodeId, msg: &Message) -> pb::PeerMessage {
             ballot: b(ballot),
             from_slot: *from_slot,
         }),
-        Message::Promise { ballot, accepted } => Kind::Promise(pb::Promise {
+        Message::Promise {
+            ballot,
+            from_slot,
+            to_slot,
+            accepted,
+        } => Kind::Promise(pb::Promise {
             ballot: b(ballot),
             accepted: accepted.iter().map(accepted_to_pb).collect(),
+            from_slot: *from_slot,
+            to_slot: *to_slot,
         }),
         Message::Nack { promised } => Kind::Nack(pb::Nack {
             promised: b(promised),
@@ -164,6 +171,7 @@ pub fn message_to_pb(from: NodeId, msg: &Message) -> pb::PeerMessage {
             ballot,
             entries,
             commit,
+            more,
         } => Kind::CatchUp(pb::CatchUp {
             ballot: b(ballot),
             entries: entries
@@ -174,6 +182,7 @@ pub fn message_to_pb(from: NodeId, msg: &Message) -> pb::PeerMessage {
                 })
                 .collect(),
             commit: *commit,
+            more: *more,
         }),
     };
     pb::PeerMessage {
@@ -195,6 +204,8 @@ pub fn message_from_pb(m: pb::PeerMessage) -> Result<(NodeId, Message), WireErro
         },
         Kind::Promise(p) => Message::Promise {
             ballot: ballot_from_pb(p.ballot, "Promise.ballot")?,
+            from_slot: p.from_slot,
+            to_slot: p.to_slot,
             accepted: p
                 .accepted
                 .into_iter()
@@ -242,6 +253,7 @@ pub fn message_from_pb(m: pb::PeerMessage) -> Result<(NodeId, Message), WireErro
                 })
                 .collect::<Result<_, _>>()?,
             commit: c.commit,
+            more: c.more,
         },
     };
     Ok((m.from, msg))
@@ -266,6 +278,8 @@ mod tests {
             },
             Message::Promise {
                 ballot: b,
+                from_slot: 12,
+                to_slot: Some(20),
                 accepted: vec![
                     Accepted {
                         slot: 12,
@@ -279,8 +293,11 @@ mod tests {
                     },
                 ],
             },
+            // The last chunk covers every slot from its from_slot on.
             Message::Promise {
                 ballot: b,
+                from_slot: 21,
+                to_slot: None,
                 accepted: vec![],
             },
             Message::Nack {
@@ -328,6 +345,13 @@ mod tests {
                 ballot: b,
                 entries: vec![(3, Value::Noop), (4, batch(&[b"x", b"y"]))],
                 commit: 9,
+                more: true,
+            },
+            Message::CatchUp {
+                ballot: b,
+                entries: vec![(5, Value::Noop)],
+                commit: 9,
+                more: false,
             },
         ]
     }
@@ -341,6 +365,58 @@ mod tests {
             let decoded = pb::PeerMessage::decode(bytes.as_slice()).unwrap();
             assert_eq!(message_from_pb(decoded), Ok((4, msg.clone())), "{msg:?}");
         }
+    }
+
+    #[test]
+    fn the_cores_size_bound_is_never_below_the_encoded_size() {
+        // The largest varints everywhere, and commands of every length class.
+        let ballot = Ballot::new(u64::MAX - 1, u32::MAX);
+        let slot = u64::MAX - 1;
+        let value = Value::Batch(vec![
+            Bytes::new(),
+            Bytes::from(vec![7u8; 300]),
+            Bytes::from(vec![1u8; 70_000]),
+        ]);
+        let vote = Accepted {
+            slot,
+            ballot,
+            value: value.clone(),
+        };
+        let mut messages = every_message();
+        messages.extend([
+            Message::Promise {
+                ballot,
+                from_slot: slot,
+                to_slot: Some(slot),
+                accepted: vec![vote.clone(), vote],
+            },
+            Message::CatchUp {
+                ballot,
+                entries: vec![(slot, value.clone()), (slot, Value::Noop)],
+                commit: slot,
+                more: true,
+            },
+            Message::Accept {
+                ballot,
+                slot,
+                value,
+                commit: slot,
+            },
+        ]);
+        for msg in messages {
+            let len = message_to_pb(NodeId::MAX, &msg).encoded_len();
+            assert!(
+                len <= msg.size_bound(),
+                "{len} > {}: {msg:?}",
+                msg.size_bound()
+            );
+        }
+    }
+
+    #[test]
+    fn the_default_message_cap_is_well_under_what_the_transport_accepts() {
+        let cap = crate::paxos::Config::new(1, vec![1]).max_message_bytes;
+        assert!(cap * 8 <= crate::transport::MAX_MESSAGE_SIZE);
     }
 
     #[test]
@@ -446,7 +522,10 @@ mod tests {
         });
         assert_eq!(err_of(m), "Promise.accepted[0].value is missing");
 
-        let catch_up = every_message().pop().unwrap();
+        let catch_up = every_message()
+            .into_iter()
+            .find(|m| matches!(m, Message::CatchUp { more: true, .. }))
+            .unwrap();
         let m = tamper(&catch_up, |k| {
             if let Kind::CatchUp(c) = k {
                 c.entries[1].value = Some(pb::Value::default());

@@ -2,13 +2,13 @@
 //! replicas ([`Net`]) and small helpers. The simulator in `tests/simulation`
 //! is the faulty version.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use bytes::Bytes;
 
 use super::ballot::{Ballot, NodeId, Slot};
 use super::config::Config;
-use super::message::{Envelope, Message, ReadId, Ready, Value};
+use super::message::{Accepted, Envelope, Message, ReadId, Ready, Value};
 use super::replica::Replica;
 
 /// A client command with `s` as its bytes.
@@ -19,6 +19,14 @@ pub fn cmd(s: &str) -> Bytes {
 /// A batch of the commands `items`.
 pub fn batch(items: &[&str]) -> Value {
     Value::Batch(items.iter().map(|s| cmd(s)).collect())
+}
+
+/// Small messages: one command of at most 1000 bytes per slot, and at most
+/// 3000 bytes per message, which hold two such slots.
+pub fn small_messages(cfg: &mut Config) {
+    cfg.max_batch = 1;
+    cfg.max_batch_bytes = 1000;
+    cfg.max_message_bytes = 3000;
 }
 
 /// Replica `id` of a cluster of `1..=n`, with short timeouts.
@@ -57,17 +65,43 @@ pub struct Net {
     pub chosen: BTreeMap<NodeId, Vec<(Slot, Value)>>,
     /// Every read whose barrier passed, on any replica.
     pub reads: Vec<(ReadId, Slot)>,
+    /// Replicas cut off: what they send and what is sent to them is lost.
+    pub cut: BTreeSet<NodeId>,
+    /// Every message delivered, as `(from, to, message)`.
+    pub delivered: Vec<(NodeId, NodeId, Message)>,
 }
 
 impl Net {
     /// Replicas `1..=n`, all new.
     pub fn new(n: u32) -> Self {
+        Self::with_config(n, |_| {})
+    }
+
+    /// Replicas `1..=n`, all new, with [`config`] changed by `change`.
+    pub fn with_config(n: u32, change: impl Fn(&mut Config)) -> Self {
+        let nodes = (1..=n)
+            .map(|id| {
+                let mut cfg = config(id, n);
+                change(&mut cfg);
+                (id, Replica::new(cfg, Ballot::ZERO, Vec::new(), 0).unwrap())
+            })
+            .collect();
         Net {
-            nodes: (1..=n).map(|id| (id, replica(id, n))).collect(),
+            nodes,
             queue: VecDeque::new(),
             chosen: BTreeMap::new(),
             reads: Vec::new(),
+            cut: BTreeSet::new(),
+            delivered: Vec::new(),
         }
+    }
+
+    /// Replaces replica `id` by one restored from `promised` and `votes`,
+    /// with its configuration as it was.
+    pub fn restore(&mut self, id: NodeId, promised: Ballot, votes: Vec<Accepted>) {
+        let cfg = self.node(id).config().clone();
+        self.nodes
+            .insert(id, Replica::new(cfg, promised, votes, 0).unwrap());
     }
 
     /// Replica `id`.
@@ -93,6 +127,10 @@ impl Net {
             self.flush(id);
         }
         while let Some((from, e)) = self.queue.pop_front() {
+            if self.cut.contains(&from) || self.cut.contains(&e.to) {
+                continue;
+            }
+            self.delivered.push((from, e.to, e.msg.clone()));
             if from == e.to {
                 self.node(e.to).step_own(e.msg);
             } else {

@@ -312,6 +312,9 @@ impl World {
         cfg.window = 8;
         cfg.max_batch = 4;
         cfg.max_catch_up = 16;
+        // Small messages, so that catch-ups and promises go in pieces.
+        cfg.max_batch_bytes = 256;
+        cfg.max_message_bytes = 1024;
         cfg.seed = self.seed ^ (u64::from(id) << 32) ^ incarnation;
         cfg
     }

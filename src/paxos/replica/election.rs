@@ -15,7 +15,33 @@ use crate::paxos::recovery::recover;
 pub(super) struct Candidate {
     pub(super) ballot: Ballot,
     from_slot: Slot,
-    promises: BTreeMap<NodeId, Vec<Accepted>>,
+    /// Each acceptor's promise, as the chunks of it received so far, by the
+    /// first slot each covers.
+    promises: BTreeMap<NodeId, BTreeMap<Slot, PromiseChunk>>,
+}
+
+/// Part of an acceptor's promise: its votes for `from..=to_slot` (the key
+/// in [`Candidate::promises`] is `from`), or from `from` on when `to_slot`
+/// is `None`.
+#[derive(Debug)]
+struct PromiseChunk {
+    to_slot: Option<Slot>,
+    accepted: Vec<Accepted>,
+}
+
+/// Whether `chunks` cover every slot from `from_slot` on, without a gap.
+fn covers_from(chunks: &BTreeMap<Slot, PromiseChunk>, from_slot: Slot) -> bool {
+    let mut next = from_slot;
+    for (&first, chunk) in chunks {
+        if first > next {
+            return false;
+        }
+        match chunk.to_slot {
+            None => return true,
+            Some(to) => next = next.max(to.saturating_add(1)),
+        }
+    }
+    false
 }
 
 impl Candidate {
@@ -62,13 +88,7 @@ impl Replica {
             .unwrap_or_else(|promised| panic!("own prepare {ballot} refused below {promised}"));
         assert!(change.promise_raised, "a new ballot raises our promise");
         core.persist_promise();
-        core.send_after_persist(
-            id,
-            Message::Promise {
-                ballot,
-                accepted: votes,
-            },
-        );
+        core.send_promise(id, ballot, from_slot, votes);
         for peer in core.peers() {
             core.send_after_persist(peer, Message::Prepare { ballot, from_slot });
         }
@@ -90,27 +110,39 @@ impl Replica {
                     core.leadership = None;
                     core.reset_election_timer();
                 }
-                core.send_after_persist(
-                    from,
-                    Message::Promise {
-                        ballot,
-                        accepted: votes,
-                    },
-                );
+                core.send_promise(from, ballot, from_slot, votes);
             }
             Err(promised) => core.send(from, Message::Nack { promised }),
         }
     }
 
-    pub(super) fn on_promise(&mut self, from: NodeId, ballot: Ballot, accepted: Vec<Accepted>) {
+    /// A chunk of `from`'s promise of `ballot`, covering `first..=to_slot`.
+    /// Rule: an acceptor's promise counts once its chunks cover every slot
+    /// from the prepare's `from_slot` on; a lost chunk means this election
+    /// times out, and the next one asks again.
+    pub(super) fn on_promise(
+        &mut self,
+        from: NodeId,
+        ballot: Ballot,
+        first: Slot,
+        to_slot: Option<Slot>,
+        accepted: Vec<Accepted>,
+    ) {
         let State::Candidate(c) = &mut self.state else {
             return;
         };
         if c.ballot != ballot {
             return;
         }
-        c.promises.insert(from, accepted);
-        if quorum::is_majority(&self.core.cfg.members, |m| c.promises.contains_key(&m)) {
+        let chunk = PromiseChunk { to_slot, accepted };
+        c.promises.entry(from).or_default().insert(first, chunk);
+        let from_slot = c.from_slot;
+        let promised = |m| {
+            c.promises
+                .get(&m)
+                .is_some_and(|p| covers_from(p, from_slot))
+        };
+        if quorum::is_majority(&self.core.cfg.members, promised) {
             self.become_leader();
         }
     }
@@ -121,7 +153,12 @@ impl Replica {
         };
         let core = &mut self.core;
         let from_slot = c.from_slot.max(core.first_unchosen());
-        let recovered = recover(from_slot, c.promises.values().map(Vec::as_slice));
+        let votes = c
+            .promises
+            .values()
+            .filter(|chunks| covers_from(chunks, c.from_slot))
+            .flat_map(|chunks| chunks.values().map(|chunk| chunk.accepted.as_slice()));
+        let recovered = recover(from_slot, votes);
         let recovered_through = recovered.last().map_or(core.committed, |&(slot, _)| slot);
         assert!(
             recovered.first().is_none_or(|&(slot, _)| slot == from_slot),
@@ -187,6 +224,45 @@ impl State {
 }
 
 impl Core {
+    /// Sends `to` the promise of `ballot` with `votes` (every vote from
+    /// `from_slot` on, in slot order), in chunks each within the byte cap
+    /// (but never fewer than one vote per chunk), once it is durable.
+    pub(super) fn send_promise(
+        &mut self,
+        to: NodeId,
+        ballot: Ballot,
+        from_slot: Slot,
+        votes: Vec<Accepted>,
+    ) {
+        let budget = self.cfg.entry_budget();
+        let (mut first, mut chunk, mut bytes) = (from_slot, Vec::new(), 0);
+        for vote in votes {
+            debug_assert!(vote.slot >= first, "votes come in slot order");
+            let size = vote.value.size_bound();
+            if !chunk.is_empty() && bytes + size > budget {
+                let to_slot = Some(vote.slot - 1);
+                let accepted = std::mem::take(&mut chunk);
+                let msg = Message::Promise {
+                    ballot,
+                    from_slot: first,
+                    to_slot,
+                    accepted,
+                };
+                self.send_after_persist(to, msg);
+                (first, bytes) = (vote.slot, 0);
+            }
+            bytes += size;
+            chunk.push(vote);
+        }
+        let msg = Message::Promise {
+            ballot,
+            from_slot: first,
+            to_slot: None,
+            accepted: chunk,
+        };
+        self.send_after_persist(to, msg);
+    }
+
     /// Accepts `from` as the leader of `ballot` and restarts the election timer.
     pub(super) fn follow(&mut self, from: NodeId, ballot: Ballot) {
         if self.leadership.map(|l| l.ballot) != Some(ballot) {
@@ -205,8 +281,10 @@ impl Core {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::paxos::testing::{Net, cmd, config, only, replica};
-    use crate::paxos::{NotLeader, Replica, Role};
+    use crate::paxos::Value;
+    use crate::paxos::testing::{Net, cmd, config, only, replica, small_messages};
+    use crate::paxos::{NotLeader, Refused, Replica, Role};
+    use bytes::Bytes;
 
     #[test]
     fn a_silent_leader_is_replaced_by_election() {
@@ -248,6 +326,99 @@ mod tests {
         assert_eq!(r.status().role, Role::Follower);
         assert_eq!(r.status().promised, last);
         assert!(r.take_ready().is_empty());
+    }
+
+    /// What replica 1 recovers, as a new leader, from replica 2, which holds
+    /// large votes of earlier leaders, with messages capped at `cap` bytes;
+    /// and the estimated sizes of the promise messages 2 sent.
+    fn recover_large_votes(cap: usize) -> (Vec<(Slot, Value)>, Vec<usize>) {
+        let mut net = Net::with_config(3, |cfg| {
+            small_messages(cfg);
+            cfg.max_message_bytes = cap;
+        });
+        let vote = |slot: Slot, ballot: Ballot, fill: u8| Accepted {
+            slot,
+            ballot,
+            value: Value::Batch(vec![Bytes::from(vec![fill; 900])]),
+        };
+        let (older, newer) = (Ballot::new(1, 3), Ballot::new(2, 3));
+        let votes = [1, 2, 5, 6, 9].map(|s| vote(s, older, s as u8)).to_vec();
+        net.restore(2, newer, [votes, vec![vote(3, newer, 33)]].concat());
+        net.elect(1);
+        net.run();
+        let promises = net
+            .delivered
+            .iter()
+            .filter(|(from, to, m)| (*from, *to) == (2, 1) && matches!(m, Message::Promise { .. }))
+            .map(|(_, _, m)| m.size_bound())
+            .collect();
+        (net.chosen[&1].clone(), promises)
+    }
+
+    #[test]
+    fn a_promise_larger_than_the_cap_goes_in_chunks_and_recovers_the_same_values() {
+        let (unsplit, sizes) = recover_large_votes(1 << 20);
+        assert_eq!(sizes.len(), 1, "one promise of 6 votes");
+        let (split, sizes) = recover_large_votes(3000);
+        assert_eq!(sizes.len(), 3, "6 votes of 980 bytes, two by two");
+        assert!(sizes.iter().all(|&size| size <= 3000), "{sizes:?}");
+        assert_eq!(split, unsplit);
+        let slots: Vec<Slot> = split.iter().map(|(s, _)| *s).collect();
+        assert_eq!(slots, (1..=9).collect::<Vec<_>>());
+        assert_eq!(split[2].1, Value::Batch(vec![Bytes::from(vec![33; 900])]));
+        assert_eq!(split[3].1, Value::Noop, "a gap is filled with a no-op");
+    }
+
+    #[test]
+    fn a_promise_counts_only_once_its_chunks_cover_every_slot_from_the_prepares_on() {
+        let mut r = replica(1, 3);
+        while r.status().role != Role::Candidate {
+            r.tick();
+        }
+        let ballot = r.status().promised;
+        for e in r.take_ready().persisted_messages {
+            if e.to == 1 {
+                r.step_own(e.msg);
+            }
+        }
+        let chunk = |from_slot, to_slot| Message::Promise {
+            ballot,
+            from_slot,
+            to_slot,
+            accepted: Vec::new(),
+        };
+        r.step(2, chunk(1, Some(4))).unwrap();
+        r.step(2, chunk(7, None)).unwrap();
+        assert_eq!(
+            r.status().role,
+            Role::Candidate,
+            "slots 5 and 6 are missing"
+        );
+        r.step(2, chunk(5, Some(6))).unwrap();
+        assert!(r.is_leader());
+    }
+
+    #[test]
+    fn a_promise_chunk_holding_votes_outside_its_range_is_refused() {
+        let mut r = replica(1, 3);
+        let vote = Accepted {
+            slot: 9,
+            ballot: Ballot::new(1, 2),
+            value: Value::Noop,
+        };
+        let chunk = Message::Promise {
+            ballot: Ballot::new(1, 1),
+            from_slot: 1,
+            to_slot: Some(8),
+            accepted: vec![vote],
+        };
+        assert_eq!(
+            r.step(2, chunk),
+            Err(Refused::PromiseOutOfRange {
+                from_slot: 1,
+                to_slot: Some(8)
+            })
+        );
     }
 
     #[test]

@@ -341,25 +341,46 @@ impl Leader {
         let last = to_slot
             .min(core.committed)
             .min(from_slot.saturating_add(core.cfg.max_catch_up as u64 - 1));
-        let entries: Vec<(Slot, Value)> = (from_slot.max(1)..=last)
-            .map_while(|slot| core.acceptor.vote(slot).map(|(_, v)| (slot, v.clone())))
-            .collect();
-        let commit = core.committed;
-        core.send(
-            from,
-            Message::CatchUp {
-                ballot,
-                entries,
-                commit,
-            },
-        );
+        let entries = (from_slot.max(1)..=last)
+            .map_while(|slot| core.acceptor.vote(slot).map(|(_, v)| (slot, v.clone())));
+        // In pieces each within the byte cap, but never empty: a value alone
+        // always fits (Config::validate).
+        let (budget, commit) = (core.cfg.entry_budget(), core.committed);
+        let mut pieces = vec![Vec::new()];
+        let mut bytes = 0;
+        for (slot, value) in entries {
+            let size = value.size_bound();
+            let piece = pieces.last_mut().expect("at least one piece");
+            if !piece.is_empty() && bytes + size > budget {
+                pieces.push(Vec::new());
+                bytes = 0;
+            }
+            bytes += size;
+            pieces
+                .last_mut()
+                .expect("at least one piece")
+                .push((slot, value));
+        }
+        let count = pieces.len();
+        for (i, entries) in pieces.into_iter().enumerate() {
+            let more = i + 1 < count;
+            core.send(
+                from,
+                Message::CatchUp {
+                    ballot,
+                    entries,
+                    commit,
+                    more,
+                },
+            );
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::paxos::testing::{Net, batch, cmd, only};
+    use crate::paxos::testing::{Net, batch, cmd, only, small_messages};
 
     #[test]
     fn the_leader_counts_itself_only_once_its_accept_is_durable() {
@@ -529,6 +550,81 @@ mod tests {
             leader.take_ready();
         }
         assert!(!leader.is_leader());
+    }
+
+    #[test]
+    fn a_catch_up_larger_than_the_cap_goes_in_pieces_each_under_it() {
+        let mut net = Net::with_config(3, small_messages);
+        net.elect(1);
+        net.cut.insert(3);
+        for i in 1..=12u8 {
+            net.node(1).propose(Bytes::from(vec![i; 900])).unwrap();
+            net.run();
+        }
+        assert_eq!(net.node(1).committed(), 12);
+        assert_eq!(net.node(3).committed(), 0);
+        net.cut.clear();
+        net.delivered.clear();
+        net.node(1).tick();
+        net.node(1).tick();
+        net.run();
+        // 12 values of 980 bytes (as estimated) make 11,760 bytes: over the
+        // 3,000-byte cap, so they go two by two.
+        let pieces: Vec<(usize, Vec<Slot>)> = net
+            .delivered
+            .iter()
+            .filter_map(|(_, to, m)| match m {
+                Message::CatchUp { entries, .. } if *to == 3 => {
+                    Some((m.size_bound(), entries.iter().map(|e| e.0).collect()))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(pieces.len(), 6, "{pieces:?}");
+        assert!(
+            pieces
+                .iter()
+                .all(|(size, slots)| *size <= 3000 && !slots.is_empty())
+        );
+        let slots: Vec<Slot> = pieces.iter().flat_map(|p| p.1.clone()).collect();
+        assert_eq!(slots, (1..=12).collect::<Vec<_>>());
+        // The follower caught up through them.
+        assert_eq!(net.node(3).committed(), 12);
+        assert_eq!(net.chosen[&3], net.chosen[&1]);
+    }
+
+    #[test]
+    fn the_pieces_of_a_catch_up_say_whether_more_follow() {
+        let mut net = Net::with_config(3, small_messages);
+        net.elect(1);
+        net.cut.insert(3);
+        net.node(1).propose(Bytes::from(vec![1; 1000])).unwrap();
+        net.run();
+        net.node(1).propose(Bytes::from(vec![2; 1000])).unwrap();
+        net.node(1).propose(Bytes::from(vec![3; 1000])).unwrap();
+        net.run();
+        let leader = net.node(1);
+        let ballot = leader.status().promised;
+        leader
+            .step(
+                3,
+                Message::CatchUpRequest {
+                    ballot,
+                    from_slot: 1,
+                    to_slot: 3,
+                },
+            )
+            .unwrap();
+        let pieces: Vec<(Vec<Slot>, bool)> = only(&leader.take_ready(), 3)
+            .into_iter()
+            .filter_map(|m| match m {
+                Message::CatchUp { entries, more, .. } => {
+                    Some((entries.iter().map(|e| e.0).collect(), *more))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(pieces, vec![(vec![1, 2], true), (vec![3], false)]);
     }
 
     #[test]

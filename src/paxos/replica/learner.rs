@@ -69,6 +69,7 @@ impl Replica {
         ballot: Ballot,
         entries: Vec<(Slot, Value)>,
         commit: Slot,
+        more: bool,
     ) {
         self.observe(ballot);
         let core = &mut self.core;
@@ -91,7 +92,10 @@ impl Replica {
                         core.persist_vote(slot, ballot, &value);
                     }
                 }
-                core.catch_up_sent_at = None;
+                // The whole answer is in: ask for more at once if need be.
+                if !more {
+                    core.catch_up_sent_at = None;
+                }
                 core.learn_commit(ballot, commit);
             }
             Err(promised) => core.send(from, Message::Nack { promised }),
@@ -255,6 +259,7 @@ mod tests {
                 ballot: new,
                 entries: vec![(1, batch(&["chosen"]))],
                 commit: 2,
+                more: false,
             },
         )
         .unwrap();

@@ -101,6 +101,12 @@ pub enum Refused {
     /// A slot the message carries, to be voted on or learned, is 0 (slots
     /// start at 1) or `u64::MAX` (it leaves no slot after it).
     SlotOutOfRange { slot: Slot },
+    /// A chunk of a promise holds a vote outside the slots it says it
+    /// covers, or covers none.
+    PromiseOutOfRange {
+        from_slot: Slot,
+        to_slot: Option<Slot>,
+    },
 }
 
 impl fmt::Display for Refused {
@@ -116,6 +122,10 @@ impl fmt::Display for Refused {
                 "ballot {ballot} is out of range: the highest round seen is {highest}"
             ),
             Refused::SlotOutOfRange { slot } => write!(f, "slot {slot} is out of range"),
+            Refused::PromiseOutOfRange { from_slot, to_slot } => write!(
+                f,
+                "a promise chunk for slots {from_slot}..={to_slot:?} holds other slots"
+            ),
         }
     }
 }
@@ -381,17 +391,41 @@ impl Replica {
             }
             _ => None,
         };
-        match bad_slot {
-            Some(slot) => Err(Refused::SlotOutOfRange { slot }),
-            None => Ok(()),
+        if let Some(slot) = bad_slot {
+            return Err(Refused::SlotOutOfRange { slot });
         }
+        if let Message::Promise {
+            from_slot,
+            to_slot,
+            accepted,
+            ..
+        } = msg
+        {
+            let last = to_slot.unwrap_or(Slot::MAX);
+            if last < *from_slot
+                || accepted
+                    .iter()
+                    .any(|a| !(*from_slot..=last).contains(&a.slot))
+            {
+                return Err(Refused::PromiseOutOfRange {
+                    from_slot: *from_slot,
+                    to_slot: *to_slot,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Hands a message to the code for its kind (and for the role).
     fn dispatch(&mut self, from: NodeId, msg: Message) {
         match msg {
             Message::Prepare { ballot, from_slot } => self.on_prepare(from, ballot, from_slot),
-            Message::Promise { ballot, accepted } => self.on_promise(from, ballot, accepted),
+            Message::Promise {
+                ballot,
+                from_slot,
+                to_slot,
+                accepted,
+            } => self.on_promise(from, ballot, from_slot, to_slot, accepted),
             Message::Nack { promised } => self.observe(promised),
             Message::Accept {
                 ballot,
@@ -431,7 +465,8 @@ impl Replica {
                 ballot,
                 entries,
                 commit,
-            } => self.on_catch_up(from, ballot, entries, commit),
+                more,
+            } => self.on_catch_up(from, ballot, entries, commit, more),
         }
     }
 
@@ -655,6 +690,7 @@ mod tests {
                 ballot: Ballot::new(1, 1),
                 entries: vec![(1, Value::Noop), (slot, Value::Noop)],
                 commit: 1,
+                more: false,
             };
             assert_eq!(r.step(1, catch_up), Err(Refused::SlotOutOfRange { slot }));
         }

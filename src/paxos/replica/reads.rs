@@ -136,6 +136,8 @@ mod tests {
         let ballot = net.node(1).status().promised;
         net.node(1).step_own(Message::Promise {
             ballot,
+            from_slot: 1,
+            to_slot: None,
             accepted: Vec::new(),
         });
         let prep = ready
