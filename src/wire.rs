@@ -107,6 +107,11 @@ fn accepted_at(e: pb::AcceptedEntry, path: &str) -> Result<Accepted, WireError> 
 pub fn message_to_pb(from: NodeId, msg: &Message) -> pb::PeerMessage {
     let b = |ballot: &Ballot| Some(ballot_to_pb(*ballot));
     let kind = match msg {
+        Message::PreVote { ballot } => Kind::PreVote(pb::PreVote { ballot: b(ballot) }),
+        Message::PreVoteReply { ballot, granted } => Kind::PreVoteReply(pb::PreVoteReply {
+            ballot: b(ballot),
+            granted: *granted,
+        }),
         Message::Prepare { ballot, from_slot } => Kind::Prepare(pb::Prepare {
             ballot: b(ballot),
             from_slot: *from_slot,
@@ -198,6 +203,13 @@ pub fn message_from_pb(m: pb::PeerMessage) -> Result<(NodeId, Message), WireErro
         .kind
         .ok_or_else(|| WireError::missing("PeerMessage.kind"))?;
     let msg = match kind {
+        Kind::PreVote(p) => Message::PreVote {
+            ballot: ballot_from_pb(p.ballot, "PreVote.ballot")?,
+        },
+        Kind::PreVoteReply(r) => Message::PreVoteReply {
+            ballot: ballot_from_pb(r.ballot, "PreVoteReply.ballot")?,
+            granted: r.granted,
+        },
         Kind::Prepare(p) => Message::Prepare {
             ballot: ballot_from_pb(p.ballot, "Prepare.ballot")?,
             from_slot: p.from_slot,
@@ -272,6 +284,15 @@ mod tests {
     fn every_message() -> Vec<Message> {
         let b = Ballot::new(7, 3);
         vec![
+            Message::PreVote { ballot: b },
+            Message::PreVoteReply {
+                ballot: b,
+                granted: true,
+            },
+            Message::PreVoteReply {
+                ballot: b,
+                granted: false,
+            },
             Message::Prepare {
                 ballot: b,
                 from_slot: 12,
@@ -458,6 +479,8 @@ mod tests {
     fn missing_ballot_is_named_for_every_variant() {
         for msg in every_message() {
             let m = tamper(&msg, |k| match k {
+                Kind::PreVote(x) => x.ballot = None,
+                Kind::PreVoteReply(x) => x.ballot = None,
                 Kind::Prepare(x) => x.ballot = None,
                 Kind::Promise(x) => x.ballot = None,
                 Kind::Nack(x) => x.promised = None,
@@ -470,6 +493,8 @@ mod tests {
             });
             let err = err_of(m);
             let expected = match msg {
+                Message::PreVote { .. } => "PreVote.ballot",
+                Message::PreVoteReply { .. } => "PreVoteReply.ballot",
                 Message::Prepare { .. } => "Prepare.ballot",
                 Message::Promise { .. } => "Promise.ballot",
                 Message::Nack { .. } => "Nack.promised",
@@ -508,7 +533,10 @@ mod tests {
 
     #[test]
     fn missing_parts_of_nested_entries_are_named_with_their_index() {
-        let promise = &every_message()[1];
+        let promise = &every_message()
+            .into_iter()
+            .find(|m| matches!(m, Message::Promise { accepted, .. } if accepted.len() == 2))
+            .unwrap();
         let m = tamper(promise, |k| {
             if let Kind::Promise(p) = k {
                 p.accepted[1].ballot = None;

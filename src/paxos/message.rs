@@ -70,6 +70,14 @@ pub struct Accepted {
 /// A message between replicas.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
+    /// Before phase 1: "would you promise `ballot`, were I to ask?" Sent by
+    /// a follower whose election timer fired; nobody persists or promises
+    /// anything for it.
+    PreVote { ballot: Ballot },
+    /// The answer to a pre-vote for `ballot`: `granted` when the replica
+    /// hears no live leader and has promised nothing as high. (When its
+    /// promise is higher, it answers with a `Nack` instead.)
+    PreVoteReply { ballot: Ballot, granted: bool },
     /// Phase 1a: "promise me `ballot` for every slot from `from_slot` on".
     Prepare { ballot: Ballot, from_slot: Slot },
     /// Phase 1b: the promise, with every vote the acceptor holds at or after
@@ -132,7 +140,9 @@ impl Message {
     /// The ballot the message speaks for (for `Nack`, the promised one).
     pub fn ballot(&self) -> Ballot {
         match self {
-            Message::Prepare { ballot, .. }
+            Message::PreVote { ballot }
+            | Message::PreVoteReply { ballot, .. }
+            | Message::Prepare { ballot, .. }
             | Message::Promise { ballot, .. }
             | Message::Accept { ballot, .. }
             | Message::Accepted { ballot, .. }

@@ -14,8 +14,8 @@
 //! - [`recovery`]: which value a new leader re-proposes per slot;
 //! - [`quorum`]: what counts as a majority, for every vote of the protocol;
 //! - [`replica`]: one replica, split by role into
-//!   - `replica/election.rs`: prepare, promise, becoming leader, stepping
-//!     down, the election timer, leader stickiness;
+//!   - `replica/election.rs`: pre-vote, prepare, promise, becoming leader,
+//!     stepping down, the election timer, leader stickiness;
 //!   - `replica/leader.rs`: the pipelined phase 2, counting accepts, the
 //!     commit index, re-sends, heartbeats, check-quorum, serving catch-up;
 //!   - `replica/reads.rs`: ReadIndex;

@@ -44,6 +44,26 @@ pub fn replica(id: NodeId, n: u32) -> Replica {
     Replica::new(config(id, n), Ballot::ZERO, Vec::new(), 0).unwrap()
 }
 
+/// Makes `r` a candidate: ticks it until its election timer fires, then
+/// grants its pre-vote from a peer. What it has to send is left in its
+/// Ready, the pre-vote aside.
+pub fn campaign(r: &mut Replica) {
+    loop {
+        r.tick();
+        let ready = r.take_ready();
+        let pre_vote = ready.messages.iter().find_map(|e| match e.msg {
+            Message::PreVote { ballot } => Some((e.to, ballot)),
+            _ => None,
+        });
+        if let Some((peer, ballot)) = pre_vote {
+            let granted = true;
+            r.step(peer, Message::PreVoteReply { ballot, granted })
+                .unwrap();
+            return;
+        }
+    }
+}
+
 /// The messages in `ready` (sent at once or after the sync) addressed to `to`.
 pub fn only(ready: &Ready, to: NodeId) -> Vec<&Message> {
     ready
@@ -138,6 +158,15 @@ impl Net {
             }
             self.flush(e.to);
         }
+    }
+
+    /// Ticks every replica once (cut-off ones too), then delivers
+    /// everything.
+    pub fn tick_all(&mut self) {
+        for r in self.nodes.values_mut() {
+            r.tick();
+        }
+        self.run();
     }
 
     /// Ticks replica `id` until it leads, delivering everything each tick.

@@ -1,5 +1,5 @@
-//! Elections: phase 1 (prepare and promise), becoming leader, stepping down,
-//! the election timer, and leader stickiness.
+//! Elections: the pre-vote, phase 1 (prepare and promise), becoming leader,
+//! stepping down, the election timer, and leader stickiness.
 
 use std::collections::BTreeMap;
 
@@ -7,8 +7,32 @@ use super::leader::Leader;
 use super::{Core, Leadership, Replica, State};
 use crate::paxos::ballot::{Ballot, NodeId, Slot};
 use crate::paxos::message::{Accepted, Message};
-use crate::paxos::quorum;
+use crate::paxos::quorum::{self, Votes};
 use crate::paxos::recovery::recover;
+
+/// A follower whose election timer fired, asking whether a majority would
+/// promise `ballot` before it asks for real (Raft's PreVote). Nothing is
+/// persisted and no promise is raised for it anywhere, so a replica cut off
+/// from the others can time out again and again without ever coming back
+/// with a ballot that deposes a healthy leader.
+#[derive(Debug)]
+pub(super) struct PreCandidate {
+    ballot: Ballot,
+    grants: Votes,
+}
+
+impl PreCandidate {
+    pub(super) fn check_invariants(&self, core: &Core) {
+        assert_eq!(
+            self.ballot.node, core.cfg.id,
+            "a pre-vote's ballot is its own"
+        );
+        assert!(
+            self.grants.contains(core.cfg.id),
+            "a pre-candidate grants itself"
+        );
+    }
+}
 
 /// A replica running phase 1 for `ballot`.
 #[derive(Debug)]
@@ -58,6 +82,64 @@ impl Candidate {
 }
 
 impl Replica {
+    /// The election timer fired: ask the others whether they would promise
+    /// the ballot we would use, changing nothing anywhere.
+    pub(super) fn start_pre_vote(&mut self) {
+        self.step_down();
+        let core = &mut self.core;
+        let Some(round) = Ballot::next_round(core.highest_round()) else {
+            return;
+        };
+        let ballot = Ballot::new(round, core.cfg.id);
+        let mut grants = Votes::new();
+        grants.insert(core.cfg.id);
+        for peer in core.peers() {
+            core.send(peer, Message::PreVote { ballot });
+        }
+        let majority = grants.is_majority(&core.cfg.members);
+        self.state = State::PreCandidate(PreCandidate { ballot, grants });
+        if majority {
+            self.start_election();
+        }
+    }
+
+    /// Rule: grant a pre-vote only when no live leader is heard (leader
+    /// stickiness, as for prepares) and the ballot is above our promise.
+    /// Nothing changes here either way.
+    pub(super) fn on_pre_vote(&mut self, from: NodeId, ballot: Ballot) {
+        let promised = self.core.acceptor.promised();
+        if self.leader_is_alive() {
+            let reply = Message::PreVoteReply {
+                ballot,
+                granted: false,
+            };
+            self.core.send(from, reply);
+        } else if ballot <= promised {
+            // Tell it the round to beat, as a prepare would learn.
+            self.core.send(from, Message::Nack { promised });
+        } else {
+            let reply = Message::PreVoteReply {
+                ballot,
+                granted: true,
+            };
+            self.core.send(from, reply);
+        }
+    }
+
+    /// Rule: only a majority of grants, ours included, starts phase 1.
+    pub(super) fn on_pre_vote_reply(&mut self, from: NodeId, ballot: Ballot, granted: bool) {
+        let State::PreCandidate(p) = &mut self.state else {
+            return;
+        };
+        if p.ballot != ballot || !granted {
+            return;
+        }
+        p.grants.insert(from);
+        if p.grants.is_majority(&self.core.cfg.members) {
+            self.start_election();
+        }
+    }
+
     pub(super) fn start_election(&mut self) {
         self.step_down();
         let core = &mut self.core;
@@ -109,6 +191,10 @@ impl Replica {
                     core.persist_promise();
                     core.leadership = None;
                     core.reset_election_timer();
+                    // We help this candidate now rather than compete.
+                    if let State::PreCandidate(_) = self.state {
+                        self.state = State::Follower;
+                    }
                 }
                 core.send_promise(from, ballot, from_slot, votes);
             }
@@ -184,6 +270,7 @@ impl Replica {
         let own = match &self.state {
             State::Leader(l) => l.ballot,
             State::Candidate(c) => c.ballot,
+            State::PreCandidate(p) => p.ballot,
             State::Follower => return,
         };
         if ballot > own {
@@ -220,6 +307,17 @@ impl State {
             State::Leader(l) => l,
             _ => unreachable!("just became leader"),
         }
+    }
+}
+
+impl Replica {
+    /// Follows `from`, the leader of `ballot`: a pre-candidate that hears a
+    /// valid leader goes back to following it.
+    pub(super) fn follow(&mut self, from: NodeId, ballot: Ballot) {
+        if let State::PreCandidate(_) = self.state {
+            self.state = State::Follower;
+        }
+        self.core.follow(from, ballot);
     }
 }
 
@@ -282,7 +380,7 @@ impl Core {
 mod tests {
     use super::*;
     use crate::paxos::Value;
-    use crate::paxos::testing::{Net, cmd, config, only, replica, small_messages};
+    use crate::paxos::testing::{Net, campaign, cmd, config, only, replica, small_messages};
     use crate::paxos::{NotLeader, Refused, Replica, Role};
     use bytes::Bytes;
 
@@ -298,9 +396,8 @@ mod tests {
     #[test]
     fn a_candidate_sends_prepare_only_after_its_own_promise_is_durable() {
         let mut r = replica(1, 3);
-        while r.status().role != Role::Candidate {
-            r.tick();
-        }
+        campaign(&mut r);
+        assert_eq!(r.status().role, Role::Candidate);
         let ready = r.take_ready();
         let ballot = r.status().promised;
         assert_eq!(ready.persist.promised, Some(ballot));
@@ -372,9 +469,8 @@ mod tests {
     #[test]
     fn a_promise_counts_only_once_its_chunks_cover_every_slot_from_the_prepares_on() {
         let mut r = replica(1, 3);
-        while r.status().role != Role::Candidate {
-            r.tick();
-        }
+        campaign(&mut r);
+        assert_eq!(r.status().role, Role::Candidate);
         let ballot = r.status().promised;
         for e in r.take_ready().persisted_messages {
             if e.to == 1 {
@@ -419,6 +515,94 @@ mod tests {
                 to_slot: Some(8)
             })
         );
+    }
+
+    #[test]
+    fn a_replica_cut_off_for_long_neither_raises_its_promise_nor_deposes_the_leader() {
+        let mut net = Net::new(3);
+        net.elect(1);
+        let ballot = net.node(1).status().promised;
+        net.cut.insert(3);
+        // Ten of the longest election timeouts.
+        for _ in 0..10 * 2 * net.node(3).config().election_ticks {
+            net.tick_all();
+        }
+        assert_eq!(net.node(3).status().promised, ballot);
+        assert!(net.node(3).take_ready().persist.is_empty());
+        net.cut.clear();
+        for _ in 0..2 * net.node(3).config().election_ticks {
+            net.tick_all();
+        }
+        assert!(net.node(1).is_leader());
+        for id in 1..=3 {
+            assert_eq!(net.node(id).leader(), Some(1), "replica {id}");
+            assert_eq!(net.node(id).status().promised, ballot, "replica {id}");
+        }
+    }
+
+    #[test]
+    fn a_pre_vote_is_granted_only_without_a_live_leader_and_above_the_promise_and_changes_nothing()
+    {
+        let mut net = Net::new(3);
+        net.elect(1);
+        let promised = net.node(2).status().promised;
+        let f = net.node(2);
+        let above = Ballot::new(promised.round + 1, 3);
+        let pre_vote = |ballot| Message::PreVote { ballot };
+        let reply = |granted| Message::PreVoteReply {
+            ballot: above,
+            granted,
+        };
+        // Its leader is alive: refused.
+        f.step(3, pre_vote(above)).unwrap();
+        assert_eq!(only(&f.take_ready(), 3), vec![&reply(false)]);
+        // Once the leader has been silent for an election timeout: granted,
+        // but nothing is promised, persisted, or forgotten.
+        for _ in 0..f.config().election_ticks {
+            f.tick();
+        }
+        f.take_ready();
+        f.step(3, pre_vote(above)).unwrap();
+        let ready = f.take_ready();
+        assert_eq!(only(&ready, 3), vec![&reply(true)]);
+        assert!(ready.persist.is_empty());
+        assert_eq!(f.status().promised, promised);
+        assert_eq!(f.leader(), Some(1));
+        // Not above the promise: the pre-candidate learns what to beat.
+        f.step(3, pre_vote(Ballot::new(promised.round - 1, 3)))
+            .unwrap();
+        assert_eq!(only(&f.take_ready(), 3), vec![&Message::Nack { promised }]);
+    }
+
+    #[test]
+    fn a_pre_candidate_that_hears_the_leader_goes_back_to_following() {
+        let mut net = Net::new(3);
+        net.elect(1);
+        net.cut.insert(3);
+        while !matches!(net.node(3).state, State::PreCandidate(_)) {
+            net.tick_all();
+        }
+        net.cut.clear();
+        net.node(1).tick();
+        net.node(1).tick();
+        net.run();
+        assert!(matches!(net.node(3).state, State::Follower));
+        assert_eq!(net.node(3).leader(), Some(1));
+    }
+
+    #[test]
+    fn a_real_election_still_happens_when_the_leader_is_gone() {
+        let mut net = Net::new(3);
+        net.elect(1);
+        let old = net.node(1).status().promised;
+        net.cut.insert(1);
+        for _ in 0..10 * 2 * net.node(2).config().election_ticks {
+            net.tick_all();
+        }
+        let leader = net.node(2).leader().expect("a new leader");
+        assert!(leader == 2 || leader == 3);
+        assert_eq!(net.node(3).leader(), Some(leader));
+        assert!(net.node(leader).status().promised > old);
     }
 
     #[test]

@@ -26,7 +26,8 @@ impl Replica {
                     core.persist_vote(slot, ballot, &value);
                 }
                 core.send_after_persist(from, Message::Accepted { ballot, slot });
-                core.follow(from, ballot);
+                self.follow(from, ballot);
+                let core = &mut self.core;
                 core.learn_commit(ballot, commit);
             }
             Err(promised) => core.send(from, Message::Nack { promised }),
@@ -47,7 +48,8 @@ impl Replica {
                 if raised {
                     core.persist_promise();
                 }
-                core.follow(from, ballot);
+                self.follow(from, ballot);
+                let core = &mut self.core;
                 core.learn_commit(ballot, commit);
                 let committed = core.committed;
                 core.send_after_persist(
@@ -78,7 +80,8 @@ impl Replica {
                 if raised {
                     core.persist_promise();
                 }
-                core.follow(from, ballot);
+                self.follow(from, ballot);
+                let core = &mut self.core;
                 for (slot, value) in entries {
                     // A vote under the leader's ballot is the value it
                     // proposed, so it is the chosen one that it reports.

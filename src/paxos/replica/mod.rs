@@ -8,8 +8,10 @@
 //! How a leadership goes:
 //!
 //! 1. A follower that hears no leader for a randomised election timeout
-//!    picks a ballot above every one it has seen, promises it to itself and
-//!    sends `Prepare(ballot, first slot it does not know chosen)`.
+//!    picks a ballot above every one it has seen and asks in a `PreVote`
+//!    whether a majority, hearing no leader either, would promise it. Only
+//!    then does it promise it to itself and send `Prepare(ballot, first
+//!    slot it does not know chosen)`.
 //! 2. With a majority of promises it re-proposes, under its ballot, the
 //!    highest-ballot vote reported for every slot up to the highest reported
 //!    one, and a no-op where none was reported ([`recover`]).
@@ -26,8 +28,8 @@
 //!
 //! - this one: the [`Replica`], its public API, and the dispatch of inputs
 //!   to the role that handles them;
-//! - `election.rs`: prepare, promise, becoming leader, stepping down, the
-//!   election timer and leader stickiness;
+//! - `election.rs`: pre-vote, prepare, promise, becoming leader, stepping
+//!   down, the election timer and leader stickiness;
 //! - `leader.rs`: the phase 2 pipeline, counting accepts, advancing the
 //!   commit index, re-sends, heartbeats, check-quorum, serving catch-up;
 //! - `reads.rs`: ReadIndex;
@@ -56,13 +58,14 @@ use super::config::Config;
 use super::message::{Accepted, Envelope, Message, ReadId, Ready, Value};
 use super::rng::Rng;
 
-use election::Candidate;
+use election::{Candidate, PreCandidate};
 use leader::Leader;
 
 /// The replica's part in the protocol right now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
-    /// Follows a leader (or waits for one).
+    /// Follows a leader (or waits for one), or asks in a pre-vote whether
+    /// it could be elected: either way it has changed nothing anywhere.
     Follower,
     /// Running phase 1 for its ballot.
     Candidate,
@@ -89,7 +92,7 @@ pub enum Refused {
     /// messages come back through [`Replica::step_own`], never from the
     /// network.
     FromSelf,
-    /// A prepare, accept, heartbeat or catch-up speaks for `ballot`, which
+    /// A pre-vote, prepare, accept, heartbeat or catch-up speaks for `ballot`, which
     /// is not the sender's own: a replica only proposes under ballots that
     /// carry its id.
     NotSendersBallot { from: NodeId, ballot: Ballot },
@@ -178,6 +181,7 @@ struct Leadership {
 #[derive(Debug)]
 enum State {
     Follower,
+    PreCandidate(PreCandidate),
     Candidate(Candidate),
     Leader(Leader),
 }
@@ -271,7 +275,7 @@ impl Replica {
     /// A snapshot of the replica's state.
     pub fn status(&self) -> Status {
         let (role, in_flight, queued, followers) = match &self.state {
-            State::Follower => (Role::Follower, 0, 0, Vec::new()),
+            State::Follower | State::PreCandidate(_) => (Role::Follower, 0, 0, Vec::new()),
             State::Candidate(_) => (Role::Candidate, 0, 0, Vec::new()),
             State::Leader(l) => (
                 Role::Leader,
@@ -327,7 +331,7 @@ impl Replica {
                 self.step_down();
             }
         } else if self.core.now >= self.core.election_deadline {
-            self.start_election();
+            self.start_pre_vote();
         } else {
             self.core.request_catch_up();
         }
@@ -364,7 +368,8 @@ impl Replica {
         if !self.core.cfg.members.contains(&from) {
             return Err(Refused::NotMember(from));
         }
-        if let Message::Prepare { ballot, .. }
+        if let Message::PreVote { ballot }
+        | Message::Prepare { ballot, .. }
         | Message::Accept { ballot, .. }
         | Message::Heartbeat { ballot, .. }
         | Message::CatchUp { ballot, .. } = msg
@@ -419,6 +424,10 @@ impl Replica {
     /// Hands a message to the code for its kind (and for the role).
     fn dispatch(&mut self, from: NodeId, msg: Message) {
         match msg {
+            Message::PreVote { ballot } => self.on_pre_vote(from, ballot),
+            Message::PreVoteReply { ballot, granted } => {
+                self.on_pre_vote_reply(from, ballot, granted)
+            }
             Message::Prepare { ballot, from_slot } => self.on_prepare(from, ballot, from_slot),
             Message::Promise {
                 ballot,
@@ -500,6 +509,7 @@ impl Replica {
         );
         match &self.state {
             State::Follower => {}
+            State::PreCandidate(p) => p.check_invariants(core),
             State::Candidate(c) => c.check_invariants(core),
             State::Leader(l) => l.check_invariants(core),
         }

@@ -103,9 +103,9 @@ impl Leader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::paxos::Replica;
     use crate::paxos::message::{Accepted, Message, Value};
-    use crate::paxos::testing::{Net, batch, cmd, config, only};
-    use crate::paxos::{Replica, Role};
+    use crate::paxos::testing::{Net, batch, campaign, cmd, config, only};
 
     #[test]
     fn a_new_leader_re_proposes_recovered_slots_and_reads_wait_until_they_are_chosen() {
@@ -129,9 +129,7 @@ mod tests {
         net.nodes
             .insert(1, Replica::new(config(1, 3), old, Vec::new(), 0).unwrap());
         // Replica 1 campaigns; only replica 2 answers its prepare.
-        while net.node(1).status().role != Role::Candidate {
-            net.node(1).tick();
-        }
+        campaign(net.node(1));
         let ready = net.node(1).take_ready();
         let ballot = net.node(1).status().promised;
         net.node(1).step_own(Message::Promise {
