@@ -224,6 +224,14 @@ pub struct Ready {
     /// Client commands that were queued but never given a slot, because
     /// leadership was lost. They are certainly not in the log.
     pub dropped: Vec<Bytes>,
+    /// Set when a leader steps down with slots still in flight: the highest
+    /// slot it proposed. Each write it had given a slot (up to here) now has
+    /// an unknown outcome: a later leader may find it chosen, or put another
+    /// value (or a no-op) in its slot. A write stays in the slot it was
+    /// given, so once the driver has applied every slot up to here, a write
+    /// it has not seen applied is certainly not in the log, and its caller
+    /// can be answered (retry).
+    pub abandoned_through: Option<Slot>,
 }
 
 impl Ready {
@@ -236,5 +244,6 @@ impl Ready {
             && self.reads.is_empty()
             && self.failed_reads.is_empty()
             && self.dropped.is_empty()
+            && self.abandoned_through.is_none()
     }
 }

@@ -593,6 +593,7 @@ impl World {
             reads,
             failed_reads,
             dropped,
+            abandoned_through: _,
         } = ready;
         for e in messages {
             self.send_peer(id, e.to, e.msg);

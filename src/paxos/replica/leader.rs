@@ -161,9 +161,19 @@ impl Leader {
         self.resend_unanswered_accepts(core);
     }
 
-    /// Stepping down: hands back the commands that never got a slot and
-    /// fails the reads it cannot serve any more.
+    /// Stepping down: hands back the commands that never got a slot, fails
+    /// the reads it cannot serve any more, and says how far the slots whose
+    /// outcome it leaves unknown reach.
     pub(super) fn abandon(self, core: &mut Core) {
+        if let Some((&last, _)) = self.in_flight.last_key_value() {
+            assert_eq!(
+                last + 1,
+                self.next_slot,
+                "the last slot proposed is in flight"
+            );
+            let through = &mut core.ready.abandoned_through;
+            *through = (*through).max(Some(last));
+        }
         core.ready.dropped.extend(self.queued);
         core.ready.failed_reads.extend(self.unindexed_reads);
         core.ready
@@ -625,6 +635,40 @@ mod tests {
             })
             .collect();
         assert_eq!(pieces, vec![(vec![1, 2], true), (vec![3], false)]);
+    }
+
+    #[test]
+    fn a_leader_stepping_down_with_slots_in_flight_says_how_far_they_reach() {
+        let mut net = Net::with_config(3, |cfg| cfg.max_batch = 1);
+        net.elect(1);
+        let leader = net.node(1);
+        let ballot = leader.status().promised;
+        for c in ["a", "b", "c"] {
+            leader.propose(cmd(c)).unwrap();
+        }
+        leader.take_ready();
+        leader.step_own(Message::Accepted { ballot, slot: 1 });
+        leader
+            .step(2, Message::Accepted { ballot, slot: 1 })
+            .unwrap();
+        let ready = leader.take_ready();
+        assert_eq!(ready.chosen.len(), 1);
+        assert_eq!(ready.abandoned_through, None, "still leading");
+        leader.propose(cmd("d")).unwrap();
+        let higher = Ballot::new(ballot.round + 1, 3);
+        leader.step(3, Message::Nack { promised: higher }).unwrap();
+        let ready = leader.take_ready();
+        // Slots 2 and 3 may or may not be chosen yet; "d" never got a slot.
+        assert_eq!(ready.abandoned_through, Some(3));
+        assert_eq!(ready.dropped, vec![cmd("d")]);
+        // A leader with nothing in flight leaves nothing unknown behind.
+        let mut net = Net::new(3);
+        net.elect(1);
+        let higher = Ballot::new(net.node(1).status().promised.round + 1, 3);
+        let leader = net.node(1);
+        leader.step(3, Message::Nack { promised: higher }).unwrap();
+        assert!(!leader.is_leader());
+        assert_eq!(leader.take_ready().abandoned_through, None);
     }
 
     #[test]
