@@ -32,7 +32,9 @@
 use std::collections::{BTreeMap, HashMap};
 
 use crate::kv::{Command, Reply};
-use crate::paxos::{Envelope, Message, NodeId, Persist, ReadId, Ready, Replica, Slot, Value};
+use crate::paxos::{
+    Envelope, Message, NodeId, Persist, ReadId, Ready, Refused, Replica, Slot, Value,
+};
 
 /// Why a call could not be served here.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -190,16 +192,16 @@ impl<W, R> Driver<W, R> {
         }
     }
 
-    /// A message from peer `from`.
-    pub fn step(&mut self, from: NodeId, msg: Message) {
-        self.replica.step(from, msg);
+    /// A message from peer `from`; refused (with no effect) when it is not
+    /// one an honest member could send.
+    pub fn step(&mut self, from: NodeId, msg: Message) -> Result<(), Refused> {
+        self.replica.step(from, msg)
     }
 
     /// A message this replica's core addressed to itself, delivered once the
     /// sync it waited for is done.
     pub fn step_own(&mut self, msg: Message) {
-        let id = self.replica.id();
-        self.replica.step(id, msg);
+        self.replica.step_own(msg);
     }
 
     /// Proposes a write for `caller`. `command.proposal_id` is assigned here;
@@ -521,7 +523,7 @@ mod tests {
                 self.flush(id);
             }
             while let Some((from, e)) = self.queue.pop_front() {
-                self.d(e.to).step(from, e.msg);
+                self.d(e.to).step(from, e.msg).unwrap();
                 self.flush(e.to);
             }
         }
@@ -671,12 +673,14 @@ mod tests {
         c.write(l, "k", Op::Insert(1), "queued");
         c.d(l).read("k".into(), "r");
         let ballot = c.d(l).replica().status().promised;
-        c.d(l).step(
-            3,
-            Message::Nack {
-                promised: Ballot::new(ballot.round + 1, 3),
-            },
-        );
+        c.d(l)
+            .step(
+                3,
+                Message::Nack {
+                    promised: Ballot::new(ballot.round + 1, 3),
+                },
+            )
+            .unwrap();
         c.flush(l);
         assert_eq!(c.written(l), &[("queued", Err(CallError::Retry))]);
         assert_eq!(c.answers[&l], vec![("r", Err(CallError::Retry))]);

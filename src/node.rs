@@ -151,6 +151,8 @@ pub struct Node {
     leader_tx: watch::Sender<Option<NodeId>>,
     ticks: u64,
     last_role: Role,
+    /// When a refused peer message was last logged, and how many since.
+    refused_log: (Option<Instant>, u64),
 }
 
 /// How many inputs one loop iteration takes before it syncs.
@@ -179,6 +181,7 @@ impl Node {
             ^ (u64::from(id) << 56);
         let node = Node {
             last_role: Role::Follower,
+            refused_log: (None, 0),
             driver: Driver::new(replica, applied, first_proposal),
             storage,
             transport,
@@ -207,7 +210,7 @@ impl Node {
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => break,
-                Some((from, msg)) = self.peer_rx.recv() => self.driver.step(from, msg),
+                Some((from, msg)) = self.peer_rx.recv() => self.step_peer(from, msg),
                 request = self.requests.recv() => match request {
                     Some(request) => self.on_request(request),
                     None => break,
@@ -217,7 +220,7 @@ impl Node {
             // Everything already waiting joins this round (and its sync).
             for _ in 0..MAX_INPUTS_PER_ROUND {
                 if let Ok((from, msg)) = self.peer_rx.try_recv() {
-                    self.driver.step(from, msg);
+                    self.step_peer(from, msg);
                 } else if let Ok(request) = self.requests.try_recv() {
                     self.on_request(request);
                 } else {
@@ -231,6 +234,21 @@ impl Node {
         let answers = self.driver.stop();
         self.answer(answers)?;
         Ok(())
+    }
+
+    /// Hands a peer's message to the core. A refusal (which honest members
+    /// never cause) is logged at most once a second.
+    fn step_peer(&mut self, from: NodeId, msg: Message) {
+        if let Err(refused) = self.driver.step(from, msg) {
+            let (last, suppressed) = &mut self.refused_log;
+            if last.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+                warn!(replica = self.driver.replica().id(), peer = from, %refused, suppressed = *suppressed, "refused a peer's message");
+                *last = Some(Instant::now());
+                *suppressed = 0;
+            } else {
+                *suppressed += 1;
+            }
+        }
     }
 
     fn on_tick(&mut self) {

@@ -107,13 +107,25 @@ fn accepted_at(e: pb::AcceptedEntry, path: &str) -> Result<Accepted, WireError> 
 pub fn message_to_pb(from: NodeId, msg: &Message) -> pb::PeerMessage {
     let b = |ballot: &Ballot| Some(ballot_to_pb(*ballot));
     let kind = match msg {
+        Message::PreVote { ballot } => Kind::PreVote(pb::PreVote { ballot: b(ballot) }),
+        Message::PreVoteReply { ballot, granted } => Kind::PreVoteReply(pb::PreVoteReply {
+            ballot: b(ballot),
+            granted: *granted,
+        }),
         Message::Prepare { ballot, from_slot } => Kind::Prepare(pb::Prepare {
             ballot: b(ballot),
             from_slot: *from_slot,
         }),
-        Message::Promise { ballot, accepted } => Kind::Promise(pb::Promise {
+        Message::Promise {
+            ballot,
+            from_slot,
+            to_slot,
+            accepted,
+        } => Kind::Promise(pb::Promise {
             ballot: b(ballot),
             accepted: accepted.iter().map(accepted_to_pb).collect(),
+            from_slot: *from_slot,
+            to_slot: *to_slot,
         }),
         Message::Nack { promised } => Kind::Nack(pb::Nack {
             promised: b(promised),
@@ -164,6 +176,7 @@ pub fn message_to_pb(from: NodeId, msg: &Message) -> pb::PeerMessage {
             ballot,
             entries,
             commit,
+            more,
         } => Kind::CatchUp(pb::CatchUp {
             ballot: b(ballot),
             entries: entries
@@ -174,6 +187,7 @@ pub fn message_to_pb(from: NodeId, msg: &Message) -> pb::PeerMessage {
                 })
                 .collect(),
             commit: *commit,
+            more: *more,
         }),
     };
     pb::PeerMessage {
@@ -189,12 +203,21 @@ pub fn message_from_pb(m: pb::PeerMessage) -> Result<(NodeId, Message), WireErro
         .kind
         .ok_or_else(|| WireError::missing("PeerMessage.kind"))?;
     let msg = match kind {
+        Kind::PreVote(p) => Message::PreVote {
+            ballot: ballot_from_pb(p.ballot, "PreVote.ballot")?,
+        },
+        Kind::PreVoteReply(r) => Message::PreVoteReply {
+            ballot: ballot_from_pb(r.ballot, "PreVoteReply.ballot")?,
+            granted: r.granted,
+        },
         Kind::Prepare(p) => Message::Prepare {
             ballot: ballot_from_pb(p.ballot, "Prepare.ballot")?,
             from_slot: p.from_slot,
         },
         Kind::Promise(p) => Message::Promise {
             ballot: ballot_from_pb(p.ballot, "Promise.ballot")?,
+            from_slot: p.from_slot,
+            to_slot: p.to_slot,
             accepted: p
                 .accepted
                 .into_iter()
@@ -242,6 +265,7 @@ pub fn message_from_pb(m: pb::PeerMessage) -> Result<(NodeId, Message), WireErro
                 })
                 .collect::<Result<_, _>>()?,
             commit: c.commit,
+            more: c.more,
         },
     };
     Ok((m.from, msg))
@@ -260,12 +284,23 @@ mod tests {
     fn every_message() -> Vec<Message> {
         let b = Ballot::new(7, 3);
         vec![
+            Message::PreVote { ballot: b },
+            Message::PreVoteReply {
+                ballot: b,
+                granted: true,
+            },
+            Message::PreVoteReply {
+                ballot: b,
+                granted: false,
+            },
             Message::Prepare {
                 ballot: b,
                 from_slot: 12,
             },
             Message::Promise {
                 ballot: b,
+                from_slot: 12,
+                to_slot: Some(20),
                 accepted: vec![
                     Accepted {
                         slot: 12,
@@ -279,8 +314,11 @@ mod tests {
                     },
                 ],
             },
+            // The last chunk covers every slot from its from_slot on.
             Message::Promise {
                 ballot: b,
+                from_slot: 21,
+                to_slot: None,
                 accepted: vec![],
             },
             Message::Nack {
@@ -328,6 +366,13 @@ mod tests {
                 ballot: b,
                 entries: vec![(3, Value::Noop), (4, batch(&[b"x", b"y"]))],
                 commit: 9,
+                more: true,
+            },
+            Message::CatchUp {
+                ballot: b,
+                entries: vec![(5, Value::Noop)],
+                commit: 9,
+                more: false,
             },
         ]
     }
@@ -341,6 +386,58 @@ mod tests {
             let decoded = pb::PeerMessage::decode(bytes.as_slice()).unwrap();
             assert_eq!(message_from_pb(decoded), Ok((4, msg.clone())), "{msg:?}");
         }
+    }
+
+    #[test]
+    fn the_cores_size_bound_is_never_below_the_encoded_size() {
+        // The largest varints everywhere, and commands of every length class.
+        let ballot = Ballot::new(u64::MAX - 1, u32::MAX);
+        let slot = u64::MAX - 1;
+        let value = Value::Batch(vec![
+            Bytes::new(),
+            Bytes::from(vec![7u8; 300]),
+            Bytes::from(vec![1u8; 70_000]),
+        ]);
+        let vote = Accepted {
+            slot,
+            ballot,
+            value: value.clone(),
+        };
+        let mut messages = every_message();
+        messages.extend([
+            Message::Promise {
+                ballot,
+                from_slot: slot,
+                to_slot: Some(slot),
+                accepted: vec![vote.clone(), vote],
+            },
+            Message::CatchUp {
+                ballot,
+                entries: vec![(slot, value.clone()), (slot, Value::Noop)],
+                commit: slot,
+                more: true,
+            },
+            Message::Accept {
+                ballot,
+                slot,
+                value,
+                commit: slot,
+            },
+        ]);
+        for msg in messages {
+            let len = message_to_pb(NodeId::MAX, &msg).encoded_len();
+            assert!(
+                len <= msg.size_bound(),
+                "{len} > {}: {msg:?}",
+                msg.size_bound()
+            );
+        }
+    }
+
+    #[test]
+    fn the_default_message_cap_is_well_under_what_the_transport_accepts() {
+        let cap = crate::paxos::Config::new(1, vec![1]).max_message_bytes;
+        assert!(cap * 8 <= crate::transport::MAX_MESSAGE_SIZE);
     }
 
     #[test]
@@ -382,6 +479,8 @@ mod tests {
     fn missing_ballot_is_named_for_every_variant() {
         for msg in every_message() {
             let m = tamper(&msg, |k| match k {
+                Kind::PreVote(x) => x.ballot = None,
+                Kind::PreVoteReply(x) => x.ballot = None,
                 Kind::Prepare(x) => x.ballot = None,
                 Kind::Promise(x) => x.ballot = None,
                 Kind::Nack(x) => x.promised = None,
@@ -394,6 +493,8 @@ mod tests {
             });
             let err = err_of(m);
             let expected = match msg {
+                Message::PreVote { .. } => "PreVote.ballot",
+                Message::PreVoteReply { .. } => "PreVoteReply.ballot",
                 Message::Prepare { .. } => "Prepare.ballot",
                 Message::Promise { .. } => "Promise.ballot",
                 Message::Nack { .. } => "Nack.promised",
@@ -432,7 +533,10 @@ mod tests {
 
     #[test]
     fn missing_parts_of_nested_entries_are_named_with_their_index() {
-        let promise = &every_message()[1];
+        let promise = &every_message()
+            .into_iter()
+            .find(|m| matches!(m, Message::Promise { accepted, .. } if accepted.len() == 2))
+            .unwrap();
         let m = tamper(promise, |k| {
             if let Kind::Promise(p) = k {
                 p.accepted[1].ballot = None;
@@ -446,7 +550,10 @@ mod tests {
         });
         assert_eq!(err_of(m), "Promise.accepted[0].value is missing");
 
-        let catch_up = every_message().pop().unwrap();
+        let catch_up = every_message()
+            .into_iter()
+            .find(|m| matches!(m, Message::CatchUp { more: true, .. }))
+            .unwrap();
         let m = tamper(&catch_up, |k| {
             if let Kind::CatchUp(c) = k {
                 c.entries[1].value = Some(pb::Value::default());

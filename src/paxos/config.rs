@@ -1,6 +1,7 @@
 //! The core's configuration: membership, timing in ticks, pipeline sizes.
 
 use super::ballot::NodeId;
+use super::message::{COMMAND_OVERHEAD, ENTRY_OVERHEAD, MESSAGE_OVERHEAD};
 
 /// How a replica runs the protocol. Times are in ticks of the driver's clock.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -26,8 +27,16 @@ pub struct Config {
     pub max_batch: usize,
     /// A slot stops taking commands once it holds this many bytes.
     pub max_batch_bytes: usize,
-    /// Most chosen entries in one catch-up message.
+    /// Most chosen entries in one answer to a catch-up request.
     pub max_catch_up: usize,
+    /// Most bytes in one message, as [`Message::size_bound`] estimates
+    /// them: a catch-up answer or a promise that would be larger goes in
+    /// several messages. Keep it well under what the transport accepts
+    /// (`transport::MAX_MESSAGE_SIZE`, 64 MiB); it must hold one full
+    /// batch.
+    ///
+    /// [`Message::size_bound`]: super::Message::size_bound
+    pub max_message_bytes: usize,
     /// Seed of the election-timeout randomness.
     pub seed: u64,
 }
@@ -47,6 +56,7 @@ impl Config {
             max_batch: 1024,
             max_batch_bytes: 1 << 20,
             max_catch_up: 512,
+            max_message_bytes: 4 << 20,
             seed: u64::from(id),
         }
     }
@@ -71,16 +81,50 @@ impl Config {
         if self.window == 0 || self.max_batch == 0 || self.max_catch_up == 0 {
             return Err("window, max_batch and max_catch_up must be > 0".into());
         }
+        let full_batch = self.max_batch_bytes
+            + self.max_batch * COMMAND_OVERHEAD
+            + ENTRY_OVERHEAD
+            + MESSAGE_OVERHEAD;
+        if self.max_message_bytes < full_batch {
+            return Err(format!(
+                "max_message_bytes ({}) must hold a full batch: at least {full_batch} bytes \
+                 for max_batch_bytes {} in up to {} commands",
+                self.max_message_bytes, self.max_batch_bytes, self.max_batch
+            ));
+        }
         Ok(())
     }
 
-    /// How many replicas make a majority.
-    pub fn majority(&self) -> usize {
-        self.members.len() / 2 + 1
+    /// Bytes one message may give to its entries (the rest is for its own
+    /// fields).
+    pub fn entry_budget(&self) -> usize {
+        self.max_message_bytes.saturating_sub(MESSAGE_OVERHEAD)
     }
 
     /// Every member but this replica.
     pub fn peers(&self) -> impl Iterator<Item = NodeId> + '_ {
         self.members.iter().copied().filter(move |&m| m != self.id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_defaults_are_valid_and_the_message_cap_must_hold_a_full_batch() {
+        let cfg = Config::new(1, vec![1, 2, 3]);
+        assert_eq!(cfg.validate(), Ok(()));
+        assert_eq!(cfg.max_message_bytes, 4 << 20);
+        let mut small = cfg.clone();
+        small.max_message_bytes = small.max_batch_bytes;
+        let err = small.validate().unwrap_err();
+        assert!(err.contains("max_message_bytes"), "{err}");
+        small.max_batch_bytes = 1000;
+        small.max_batch = 4;
+        small.max_message_bytes = 1000 + 4 * COMMAND_OVERHEAD + ENTRY_OVERHEAD + MESSAGE_OVERHEAD;
+        assert_eq!(small.validate(), Ok(()));
+        small.max_message_bytes -= 1;
+        assert!(small.validate().is_err());
     }
 }

@@ -5,6 +5,22 @@ use bytes::Bytes;
 
 use super::ballot::{Ballot, NodeId, Slot};
 
+/// At most how many bytes the encoding (`src/wire.rs`, protobuf) adds around
+/// each client command in a value: its field tag (1) and length prefix (at
+/// most 10).
+pub const COMMAND_OVERHEAD: usize = 16;
+
+/// At most how many bytes the encoding adds around one log entry: a vote in
+/// a `Promise` or a chosen value in a `CatchUp` or the value of an `Accept`.
+/// The entry's tag and length prefix (11), its slot (11), its ballot (19),
+/// and the wrappers of the value and of its batch (11 each): 63.
+pub const ENTRY_OVERHEAD: usize = 64;
+
+/// At most how many bytes the encoding adds around a message's entries:
+/// the sender's id (6), the message's tag and length prefix (11), and its
+/// own fields (a ballot, up to two slots, a commit index, a flag: under 60).
+pub const MESSAGE_OVERHEAD: usize = 128;
+
 /// The value of one log slot.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Value {
@@ -27,6 +43,17 @@ impl Value {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// At most how many bytes the value takes in a message, as one entry:
+    /// its commands' bytes, [`COMMAND_OVERHEAD`] per command, and
+    /// [`ENTRY_OVERHEAD`].
+    pub fn size_bound(&self) -> usize {
+        let commands = match self {
+            Value::Noop => 0,
+            Value::Batch(commands) => commands.iter().map(|c| c.len() + COMMAND_OVERHEAD).sum(),
+        };
+        ENTRY_OVERHEAD + commands
+    }
 }
 
 /// An acceptor's vote: it accepted `value` for `slot` under `ballot`.
@@ -43,12 +70,26 @@ pub struct Accepted {
 /// A message between replicas.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
+    /// Before phase 1: "would you promise `ballot`, were I to ask?" Sent by
+    /// a follower whose election timer fired; nobody persists or promises
+    /// anything for it.
+    PreVote { ballot: Ballot },
+    /// The answer to a pre-vote for `ballot`: `granted` when the replica
+    /// hears no live leader and has promised nothing as high. (When its
+    /// promise is higher, it answers with a `Nack` instead.)
+    PreVoteReply { ballot: Ballot, granted: bool },
     /// Phase 1a: "promise me `ballot` for every slot from `from_slot` on".
     Prepare { ballot: Ballot, from_slot: Slot },
     /// Phase 1b: the promise, with every vote the acceptor holds at or after
-    /// the prepare's `from_slot`.
+    /// the prepare's `from_slot`. Sent in chunks, each under the byte cap:
+    /// a chunk holds the votes for slots `from_slot..=to_slot`, and the last
+    /// one has `to_slot: None` (every slot from `from_slot` on). A promise
+    /// counts once chunks covering every slot from the prepare's `from_slot`
+    /// on have arrived.
     Promise {
         ballot: Ballot,
+        from_slot: Slot,
+        to_slot: Option<Slot>,
         accepted: Vec<Accepted>,
     },
     /// Refusal of a prepare, accept or heartbeat: the acceptor has promised
@@ -84,11 +125,14 @@ pub enum Message {
         from_slot: Slot,
         to_slot: Slot,
     },
-    /// Chosen values for consecutive slots, from the leader.
+    /// Chosen values for consecutive slots, from the leader. An answer to
+    /// one request comes in pieces, each under the byte cap; `more` says
+    /// another piece of it follows.
     CatchUp {
         ballot: Ballot,
         entries: Vec<(Slot, Value)>,
         commit: Slot,
+        more: bool,
     },
 }
 
@@ -96,7 +140,9 @@ impl Message {
     /// The ballot the message speaks for (for `Nack`, the promised one).
     pub fn ballot(&self) -> Ballot {
         match self {
-            Message::Prepare { ballot, .. }
+            Message::PreVote { ballot }
+            | Message::PreVoteReply { ballot, .. }
+            | Message::Prepare { ballot, .. }
             | Message::Promise { ballot, .. }
             | Message::Accept { ballot, .. }
             | Message::Accepted { ballot, .. }
@@ -106,6 +152,20 @@ impl Message {
             | Message::CatchUp { ballot, .. } => *ballot,
             Message::Nack { promised } => *promised,
         }
+    }
+
+    /// At most how many bytes the message takes encoded: its entries'
+    /// [`Value::size_bound`]s and [`MESSAGE_OVERHEAD`].
+    pub fn size_bound(&self) -> usize {
+        let entries = match self {
+            Message::Promise { accepted, .. } => {
+                accepted.iter().map(|a| a.value.size_bound()).sum()
+            }
+            Message::Accept { value, .. } => value.size_bound(),
+            Message::CatchUp { entries, .. } => entries.iter().map(|(_, v)| v.size_bound()).sum(),
+            _ => 0,
+        };
+        MESSAGE_OVERHEAD + entries
     }
 }
 
@@ -164,9 +224,13 @@ pub struct Ready {
     /// Client commands that were queued but never given a slot, because
     /// leadership was lost. They are certainly not in the log.
     pub dropped: Vec<Bytes>,
-    /// Set when a leadership ended: the highest slot it proposed. Commands
-    /// it had given slots have an unknown outcome until those slots are
-    /// learned (they are then applied, or certainly not in the log).
+    /// Set when a leader steps down with slots still in flight: the highest
+    /// slot it proposed. Each write it had given a slot (up to here) now has
+    /// an unknown outcome: a later leader may find it chosen, or put another
+    /// value (or a no-op) in its slot. A write stays in the slot it was
+    /// given, so once the driver has applied every slot up to here, a write
+    /// it has not seen applied is certainly not in the log, and its caller
+    /// can be answered (retry).
     pub abandoned_through: Option<Slot>,
 }
 

@@ -12,18 +12,30 @@
 //!
 //! - [`acceptor`]: what may be promised and accepted (phase 1b, phase 2b);
 //! - [`recovery`]: which value a new leader re-proposes per slot;
-//! - [`replica`]: elections, the pipelined phase 2, quorum counting, the
-//!   commit index, the follower's commit rule, catch-up, and ReadIndex.
+//! - [`quorum`]: what counts as a majority, for every vote of the protocol;
+//! - [`replica`]: one replica, split by role into
+//!   - `replica/election.rs`: pre-vote, prepare, promise, becoming leader,
+//!     stepping down, the election timer, leader stickiness;
+//!   - `replica/leader.rs`: the pipelined phase 2, counting accepts, the
+//!     commit index, re-sends, heartbeats, check-quorum, serving catch-up;
+//!   - `replica/reads.rs`: ReadIndex;
+//!   - `replica/learner.rs`: the follower's side of phase 2, its commit rule,
+//!     and catching up.
+//!
+//! `testing.rs` (tests only) holds the unit tests' lossless network.
 
 pub mod acceptor;
 pub mod ballot;
 pub mod config;
 pub mod message;
+pub mod quorum;
 pub mod recovery;
 pub mod replica;
 pub mod rng;
+#[cfg(test)]
+mod testing;
 
 pub use ballot::{Ballot, NodeId, Slot};
 pub use config::Config;
 pub use message::{Accepted, Envelope, Message, Persist, ReadId, Ready, Value};
-pub use replica::{FollowerStatus, NotLeader, Replica, Role, Status};
+pub use replica::{FollowerStatus, NotLeader, Refused, Replica, Role, Status};

@@ -107,3 +107,17 @@ fn simulated_clusters_stay_safe_linearizable_and_live() {
         );
     }
 }
+
+/// A follower cut off and reconnected again and again never deposes the
+/// leader the majority can reach (PreVote), with 3 and with 5 replicas.
+#[test]
+fn a_flaky_follower_never_deposes_a_reachable_leader() {
+    for (seed, replicas) in [(1, 3), (2, 5), (3, 3), (4, 5)] {
+        let mut params = Params::from_seed(seed, 100);
+        params.replicas = replicas;
+        let mut world = World::new(seed, params.clone());
+        if let Err(e) = world.run_flaky_follower(6) {
+            panic!("seed {seed}, {replicas} replicas: {e}\n  params: {params:?}");
+        }
+    }
+}

@@ -283,6 +283,9 @@ const HEARTBEAT: u64 = 3;
 const ELECTION: u64 = 20;
 const CLIENT_TIMEOUT: u64 = 120;
 const MAX_TICKS: u64 = 400_000;
+/// Once healed and converged, every open call is answered within this many
+/// ticks (a write in doubt waits at most three election timeouts).
+const ANSWER_WITHIN: u64 = 10 * ELECTION;
 
 impl World {
     pub fn new(seed: u64, p: Params) -> Self {
@@ -354,6 +357,9 @@ impl World {
         cfg.window = 8;
         cfg.max_batch = 4;
         cfg.max_catch_up = 16;
+        // Small messages, so that catch-ups and promises go in pieces.
+        cfg.max_batch_bytes = 256;
+        cfg.max_message_bytes = 1024;
         cfg.seed = self.seed ^ (u64::from(id) << 32) ^ incarnation;
         cfg
     }
@@ -436,42 +442,34 @@ impl World {
 
     /// Runs the scenario to the end; `Err` describes the first violation.
     pub fn run(&mut self) -> Check {
+        let mut settled_at = None;
         loop {
-            self.now += 1;
-            if self.now > MAX_TICKS {
-                return Err(format!(
-                    "no progress: {} of {} ops done by tick {}",
-                    self.done_ops(),
-                    self.p.ops,
-                    self.now
-                ));
-            }
-            self.deliver_due()?;
-            if self.faulty() {
-                self.inject_faults();
-            }
-            let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
-            for id in ids {
-                if self.paused(id) {
-                    continue;
-                }
-                if let Some(d) = self.nodes.get_mut(&id).and_then(|n| n.driver.as_mut()) {
-                    d.tick();
-                }
-                self.drain(id)?;
-            }
-            self.clients_act();
-            self.deliver_due()?;
-            self.track_leader();
+            self.tick()?;
             if !self.healed && self.issued >= self.p.ops {
                 self.heal();
             }
-            if self.healed
+            if !(self.healed
                 && self.clients.iter().all(|c| c.pending.is_none())
-                && self.converged()
-                && self.outstanding.values().all(BTreeSet::is_empty)
+                && self.converged())
             {
+                settled_at = None;
+                continue;
+            }
+            if self.outstanding.values().all(BTreeSet::is_empty) {
                 break;
+            }
+            // Healed, quiet and converged: every call still open must be
+            // answered soon (a write in doubt within the driver's bound).
+            let since = *settled_at.get_or_insert(self.now);
+            if self.now - since > ANSWER_WITHIN {
+                let open: Vec<_> = self
+                    .outstanding
+                    .iter()
+                    .filter(|(_, c)| !c.is_empty())
+                    .collect();
+                return Err(format!(
+                    "calls never answered, {ANSWER_WITHIN} ticks after the cluster settled: {open:?}"
+                ));
             }
         }
         self.stats.ticks = self.now;
@@ -479,6 +477,95 @@ impl World {
         self.stats.ops_completed = self.history.iter().filter(|o| o.output.is_some()).count();
         self.stats.ops_unanswered = self.history.len() - self.stats.ops_completed;
         linearizability::check(&self.history).map_err(|v| v.to_string())
+    }
+
+    /// One tick of the world: due deliveries, faults (until healed), every
+    /// replica's clock, and the clients; then the safety checks.
+    fn tick(&mut self) -> Check {
+        self.now += 1;
+        if self.now > MAX_TICKS {
+            return Err(format!(
+                "no progress: {} of {} ops done by tick {}",
+                self.done_ops(),
+                self.p.ops,
+                self.now
+            ));
+        }
+        self.deliver_due()?;
+        if self.faulty() {
+            self.inject_faults();
+        }
+        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+        for id in ids {
+            if self.paused(id) {
+                continue;
+            }
+            if let Some(d) = self.nodes.get_mut(&id).and_then(|n| n.driver.as_mut()) {
+                d.tick();
+            }
+            self.drain(id)?;
+        }
+        self.clients_act();
+        self.deliver_due()?;
+        self.track_leader();
+        Ok(())
+    }
+
+    /// PreVote's promise, scripted: with no random faults and clients
+    /// writing, one follower after another is cut off for several election
+    /// timeouts and reconnected, `cycles` times. The leader the majority can
+    /// reach must stay leader, under the same ballot, throughout; then the
+    /// run ends as usual.
+    pub fn run_flaky_follower(&mut self, cycles: u64) -> Check {
+        self.healed = true; // no random faults: only the scripted cuts
+        // Settle first: one leader that every replica follows.
+        let (leader, ballot) = loop {
+            self.tick()?;
+            if let Some((leader, ballot)) = self.last_leader
+                && self.nodes.values().all(|n| {
+                    n.driver.as_ref().is_some_and(|d| {
+                        d.replica().leader() == Some(leader)
+                            && d.replica().status().promised == ballot
+                    })
+                })
+            {
+                break (leader, ballot);
+            }
+        };
+        let followers: Vec<NodeId> = self
+            .nodes
+            .keys()
+            .copied()
+            .filter(|&id| id != leader)
+            .collect();
+        for cycle in 0..cycles {
+            let flaky = followers[cycle as usize % followers.len()];
+            for (group, ticks) in [(1, 6 * ELECTION), (0, 3 * ELECTION)] {
+                self.nodes.get_mut(&flaky).expect("node").group = group;
+                for _ in 0..ticks {
+                    self.tick()?;
+                    let leading = self.nodes[&leader]
+                        .driver
+                        .as_ref()
+                        .is_some_and(|d| d.replica().is_leader());
+                    if !leading || self.last_leader != Some((leader, ballot)) {
+                        let states: Vec<String> = self
+                            .nodes
+                            .values()
+                            .filter_map(|n| n.driver.as_ref())
+                            .map(|d| format!("{:?}", d.replica().status()))
+                            .collect();
+                        return Err(format!(
+                            "cycle {cycle} (tick {}): replica {flaky}, cut off and back, cost leader {leader} (ballot {ballot}) its leadership; leader now {:?}\n{}",
+                            self.now,
+                            self.last_leader,
+                            states.join("\n")
+                        ));
+                    }
+                }
+            }
+        }
+        self.run()
     }
 
     fn done_ops(&self) -> usize {
@@ -604,8 +691,10 @@ impl World {
                 };
                 if from == to {
                     d.step_own(msg);
-                } else {
-                    d.step(from, msg);
+                } else if let Err(refused) = d.step(from, msg) {
+                    return Err(format!(
+                        "replica {to} refused a message from {from}: {refused}"
+                    ));
                 }
                 self.drain(to)
             }
@@ -1334,7 +1423,12 @@ mod oracles_can_fail {
     }
 
     fn promise_message(ballot: Ballot, accepted: Vec<Accepted>) -> Message {
-        Message::Promise { ballot, accepted }
+        Message::Promise {
+            ballot,
+            from_slot: 1,
+            to_slot: None,
+            accepted,
+        }
     }
 
     fn call(w: &mut World, node: NodeId) -> Call {

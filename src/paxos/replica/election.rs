@@ -1,0 +1,666 @@
+//! Elections: the pre-vote, phase 1 (prepare and promise), becoming leader,
+//! stepping down, the election timer, and leader stickiness.
+
+use std::collections::BTreeMap;
+
+use super::leader::Leader;
+use super::{Core, Leadership, Replica, State};
+use crate::paxos::ballot::{Ballot, NodeId, Slot};
+use crate::paxos::message::{Accepted, Message};
+use crate::paxos::quorum::{self, Votes};
+use crate::paxos::recovery::recover;
+
+/// A follower whose election timer fired, asking whether a majority would
+/// promise `ballot` before it asks for real (Raft's PreVote). Nothing is
+/// persisted and no promise is raised for it anywhere, so a replica cut off
+/// from the others can time out again and again without ever coming back
+/// with a ballot that deposes a healthy leader.
+#[derive(Debug)]
+pub(super) struct PreCandidate {
+    ballot: Ballot,
+    grants: Votes,
+}
+
+impl PreCandidate {
+    pub(super) fn check_invariants(&self, core: &Core) {
+        assert_eq!(
+            self.ballot.node, core.cfg.id,
+            "a pre-vote's ballot is its own"
+        );
+        assert!(
+            self.grants.contains(core.cfg.id),
+            "a pre-candidate grants itself"
+        );
+    }
+}
+
+/// A replica running phase 1 for `ballot`.
+#[derive(Debug)]
+pub(super) struct Candidate {
+    pub(super) ballot: Ballot,
+    from_slot: Slot,
+    /// Each acceptor's promise, as the chunks of it received so far, by the
+    /// first slot each covers.
+    promises: BTreeMap<NodeId, BTreeMap<Slot, PromiseChunk>>,
+}
+
+/// Part of an acceptor's promise: its votes for `from..=to_slot` (the key
+/// in [`Candidate::promises`] is `from`), or from `from` on when `to_slot`
+/// is `None`.
+#[derive(Debug)]
+struct PromiseChunk {
+    to_slot: Option<Slot>,
+    accepted: Vec<Accepted>,
+}
+
+/// Whether `chunks` cover every slot from `from_slot` on, without a gap.
+fn covers_from(chunks: &BTreeMap<Slot, PromiseChunk>, from_slot: Slot) -> bool {
+    let mut next = from_slot;
+    for (&first, chunk) in chunks {
+        if first > next {
+            return false;
+        }
+        match chunk.to_slot {
+            None => return true,
+            Some(to) => next = next.max(to.saturating_add(1)),
+        }
+    }
+    false
+}
+
+impl Candidate {
+    pub(super) fn check_invariants(&self, core: &Core) {
+        assert_eq!(
+            self.ballot.node, core.cfg.id,
+            "a candidate's ballot is its own"
+        );
+        assert!(
+            self.ballot <= core.acceptor.promised(),
+            "a candidate promised its own ballot to itself"
+        );
+    }
+}
+
+impl Replica {
+    /// The election timer fired: ask the others whether they would promise
+    /// the ballot we would use, changing nothing anywhere.
+    pub(super) fn start_pre_vote(&mut self) {
+        self.step_down();
+        let core = &mut self.core;
+        let Some(round) = Ballot::next_round(core.highest_round()) else {
+            return;
+        };
+        let ballot = Ballot::new(round, core.cfg.id);
+        let mut grants = Votes::new();
+        grants.insert(core.cfg.id);
+        for peer in core.peers() {
+            core.send(peer, Message::PreVote { ballot });
+        }
+        let majority = grants.is_majority(&core.cfg.members);
+        self.state = State::PreCandidate(PreCandidate { ballot, grants });
+        if majority {
+            self.start_election();
+        }
+    }
+
+    /// Rule: grant a pre-vote only when no live leader is heard (leader
+    /// stickiness, as for prepares) and the ballot is above our promise.
+    /// Nothing changes here either way.
+    pub(super) fn on_pre_vote(&mut self, from: NodeId, ballot: Ballot) {
+        let promised = self.core.acceptor.promised();
+        if self.leader_is_alive() {
+            let reply = Message::PreVoteReply {
+                ballot,
+                granted: false,
+            };
+            self.core.send(from, reply);
+        } else if ballot <= promised {
+            // Tell it the round to beat, as a prepare would learn.
+            self.core.send(from, Message::Nack { promised });
+        } else {
+            let reply = Message::PreVoteReply {
+                ballot,
+                granted: true,
+            };
+            self.core.send(from, reply);
+        }
+    }
+
+    /// Rule: only a majority of grants, ours included, starts phase 1.
+    pub(super) fn on_pre_vote_reply(&mut self, from: NodeId, ballot: Ballot, granted: bool) {
+        let State::PreCandidate(p) = &mut self.state else {
+            return;
+        };
+        if p.ballot != ballot || !granted {
+            return;
+        }
+        p.grants.insert(from);
+        if p.grants.is_majority(&self.core.cfg.members) {
+            self.start_election();
+        }
+    }
+
+    pub(super) fn start_election(&mut self) {
+        self.step_down();
+        let core = &mut self.core;
+        // No round left (which MAX_ROUND_JUMP makes unreachable): this
+        // replica can no longer campaign, but still follows and votes.
+        let Some(round) = Ballot::next_round(core.highest_round()) else {
+            return;
+        };
+        core.elections += 1;
+        let ballot = Ballot::new(round, core.cfg.id);
+        let from_slot = core.first_unchosen();
+        core.max_round_seen = round;
+        core.leadership = None;
+        self.state = State::Candidate(Candidate {
+            ballot,
+            from_slot,
+            promises: BTreeMap::new(),
+        });
+        // Promise to ourselves first. Peers hear of the ballot only once that
+        // promise is durable: a candidate that crashed after sending Prepare
+        // must not come back and use the same ballot with other values.
+        let core = &mut self.core;
+        let id = core.cfg.id;
+        // The round is above every one seen, our own promise included.
+        let (change, votes) = core
+            .acceptor
+            .prepare(ballot, from_slot)
+            .unwrap_or_else(|promised| panic!("own prepare {ballot} refused below {promised}"));
+        assert!(change.promise_raised, "a new ballot raises our promise");
+        core.persist_promise();
+        core.send_promise(id, ballot, from_slot, votes);
+        for peer in core.peers() {
+            core.send_after_persist(peer, Message::Prepare { ballot, from_slot });
+        }
+    }
+
+    pub(super) fn on_prepare(&mut self, from: NodeId, ballot: Ballot, from_slot: Slot) {
+        // Leader stickiness: while we hear a live leader, a candidate is
+        // ignored altogether, so a replica that was cut off cannot depose a
+        // healthy leader by coming back with a higher ballot.
+        if from != self.core.cfg.id && self.leader_is_alive() && self.leader() != Some(from) {
+            return;
+        }
+        self.observe(ballot);
+        let core = &mut self.core;
+        match core.acceptor.prepare(ballot, from_slot) {
+            Ok((change, votes)) => {
+                if change.promise_raised {
+                    core.persist_promise();
+                    core.leadership = None;
+                    core.reset_election_timer();
+                    // We help this candidate now rather than compete.
+                    if let State::PreCandidate(_) = self.state {
+                        self.state = State::Follower;
+                    }
+                }
+                core.send_promise(from, ballot, from_slot, votes);
+            }
+            Err(promised) => core.send(from, Message::Nack { promised }),
+        }
+    }
+
+    /// A chunk of `from`'s promise of `ballot`, covering `first..=to_slot`.
+    /// Rule: an acceptor's promise counts once its chunks cover every slot
+    /// from the prepare's `from_slot` on; a lost chunk means this election
+    /// times out, and the next one asks again.
+    pub(super) fn on_promise(
+        &mut self,
+        from: NodeId,
+        ballot: Ballot,
+        first: Slot,
+        to_slot: Option<Slot>,
+        accepted: Vec<Accepted>,
+    ) {
+        let State::Candidate(c) = &mut self.state else {
+            return;
+        };
+        if c.ballot != ballot {
+            return;
+        }
+        let chunk = PromiseChunk { to_slot, accepted };
+        c.promises.entry(from).or_default().insert(first, chunk);
+        let from_slot = c.from_slot;
+        let promised = |m| {
+            c.promises
+                .get(&m)
+                .is_some_and(|p| covers_from(p, from_slot))
+        };
+        if quorum::is_majority(&self.core.cfg.members, promised) {
+            self.become_leader();
+        }
+    }
+
+    fn become_leader(&mut self) {
+        let State::Candidate(c) = std::mem::replace(&mut self.state, State::Follower) else {
+            return;
+        };
+        let core = &mut self.core;
+        let from_slot = c.from_slot.max(core.first_unchosen());
+        let votes = c
+            .promises
+            .values()
+            .filter(|chunks| covers_from(chunks, c.from_slot))
+            .flat_map(|chunks| chunks.values().map(|chunk| chunk.accepted.as_slice()));
+        let recovered = recover(from_slot, votes);
+        let recovered_through = recovered.last().map_or(core.committed, |&(slot, _)| slot);
+        assert!(
+            recovered.first().is_none_or(|&(slot, _)| slot == from_slot),
+            "recovery re-proposes every slot from the first one not known chosen"
+        );
+        core.leadership = Some(Leadership {
+            id: core.cfg.id,
+            ballot: c.ballot,
+            commit: core.committed,
+        });
+        let l = self
+            .state
+            .become_leader(Leader::new(core, c.ballot, recovered_through));
+        for (slot, value) in recovered {
+            l.propose_at(core, slot, value);
+        }
+        l.broadcast_heartbeat(core);
+    }
+
+    /// Any ballot above the one we lead or campaign with ends that at once.
+    pub(super) fn observe(&mut self, ballot: Ballot) {
+        self.core.max_round_seen = self.core.max_round_seen.max(ballot.round);
+        let own = match &self.state {
+            State::Leader(l) => l.ballot,
+            State::Candidate(c) => c.ballot,
+            State::PreCandidate(p) => p.ballot,
+            State::Follower => return,
+        };
+        if ballot > own {
+            self.step_down();
+        }
+    }
+
+    /// Becomes a follower. As leader, hands back the commands that never got
+    /// a slot and fails the reads it cannot serve any more.
+    pub(super) fn step_down(&mut self) {
+        if let State::Leader(l) = std::mem::replace(&mut self.state, State::Follower) {
+            l.abandon(&mut self.core);
+        }
+        self.core.reset_election_timer();
+    }
+
+    pub(super) fn leader_is_alive(&self) -> bool {
+        match self.state {
+            State::Leader(_) => true,
+            _ => {
+                let core = &self.core;
+                core.leadership.is_some()
+                    && core.now < core.last_leader_contact + core.cfg.election_ticks
+            }
+        }
+    }
+}
+
+impl State {
+    /// Becomes the leader `l` and returns it.
+    fn become_leader(&mut self, l: Leader) -> &mut Leader {
+        *self = State::Leader(l);
+        match self {
+            State::Leader(l) => l,
+            _ => unreachable!("just became leader"),
+        }
+    }
+}
+
+impl Replica {
+    /// Follows `from`, the leader of `ballot`: a pre-candidate that hears a
+    /// valid leader goes back to following it.
+    pub(super) fn follow(&mut self, from: NodeId, ballot: Ballot) {
+        if let State::PreCandidate(_) = self.state {
+            self.state = State::Follower;
+        }
+        self.core.follow(from, ballot);
+    }
+}
+
+impl Core {
+    /// Sends `to` the promise of `ballot` with `votes` (every vote from
+    /// `from_slot` on, in slot order), in chunks each within the byte cap
+    /// (but never fewer than one vote per chunk), once it is durable.
+    pub(super) fn send_promise(
+        &mut self,
+        to: NodeId,
+        ballot: Ballot,
+        from_slot: Slot,
+        votes: Vec<Accepted>,
+    ) {
+        let budget = self.cfg.entry_budget();
+        let (mut first, mut chunk, mut bytes) = (from_slot, Vec::new(), 0);
+        for vote in votes {
+            debug_assert!(vote.slot >= first, "votes come in slot order");
+            let size = vote.value.size_bound();
+            if !chunk.is_empty() && bytes + size > budget {
+                let to_slot = Some(vote.slot - 1);
+                let accepted = std::mem::take(&mut chunk);
+                let msg = Message::Promise {
+                    ballot,
+                    from_slot: first,
+                    to_slot,
+                    accepted,
+                };
+                self.send_after_persist(to, msg);
+                (first, bytes) = (vote.slot, 0);
+            }
+            bytes += size;
+            chunk.push(vote);
+        }
+        let msg = Message::Promise {
+            ballot,
+            from_slot: first,
+            to_slot: None,
+            accepted: chunk,
+        };
+        self.send_after_persist(to, msg);
+    }
+
+    /// Accepts `from` as the leader of `ballot` and restarts the election timer.
+    pub(super) fn follow(&mut self, from: NodeId, ballot: Ballot) {
+        if self.leadership.map(|l| l.ballot) != Some(ballot) {
+            self.leadership = Some(Leadership {
+                id: from,
+                ballot,
+                commit: 0,
+            });
+            self.catch_up_sent_at = None;
+        }
+        self.last_leader_contact = self.now;
+        self.reset_election_timer();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::paxos::Value;
+    use crate::paxos::testing::{Net, campaign, cmd, config, only, replica, small_messages};
+    use crate::paxos::{NotLeader, Refused, Replica, Role};
+    use bytes::Bytes;
+
+    #[test]
+    fn a_silent_leader_is_replaced_by_election() {
+        let mut net = Net::new(3);
+        net.elect(1);
+        assert_eq!(net.node(2).leader(), Some(1));
+        assert_eq!(net.node(3).leader(), Some(1));
+        assert_eq!(net.node(1).status().promised, net.node(2).status().promised);
+    }
+
+    #[test]
+    fn a_candidate_sends_prepare_only_after_its_own_promise_is_durable() {
+        let mut r = replica(1, 3);
+        campaign(&mut r);
+        assert_eq!(r.status().role, Role::Candidate);
+        let ready = r.take_ready();
+        let ballot = r.status().promised;
+        assert_eq!(ready.persist.promised, Some(ballot));
+        assert!(
+            ready.messages.is_empty(),
+            "nothing may leave before the promise is on disk"
+        );
+        let prepares = ready
+            .persisted_messages
+            .iter()
+            .filter(|e| matches!(e.msg, Message::Prepare { .. }))
+            .count();
+        assert_eq!(prepares, 2);
+    }
+
+    #[test]
+    fn a_replica_with_no_round_left_stops_campaigning_instead_of_wrapping() {
+        let last = Ballot::new(u64::MAX - 1, 2);
+        let mut r = Replica::new(config(1, 3), last, Vec::new(), 0).unwrap();
+        for _ in 0..100 {
+            r.tick();
+        }
+        assert_eq!(r.status().role, Role::Follower);
+        assert_eq!(r.status().promised, last);
+        assert!(r.take_ready().is_empty());
+    }
+
+    /// What replica 1 recovers, as a new leader, from replica 2, which holds
+    /// large votes of earlier leaders, with messages capped at `cap` bytes;
+    /// and the estimated sizes of the promise messages 2 sent.
+    fn recover_large_votes(cap: usize) -> (Vec<(Slot, Value)>, Vec<usize>) {
+        let mut net = Net::with_config(3, |cfg| {
+            small_messages(cfg);
+            cfg.max_message_bytes = cap;
+        });
+        let vote = |slot: Slot, ballot: Ballot, fill: u8| Accepted {
+            slot,
+            ballot,
+            value: Value::Batch(vec![Bytes::from(vec![fill; 900])]),
+        };
+        let (older, newer) = (Ballot::new(1, 3), Ballot::new(2, 3));
+        let votes = [1, 2, 5, 6, 9].map(|s| vote(s, older, s as u8)).to_vec();
+        net.restore(2, newer, [votes, vec![vote(3, newer, 33)]].concat());
+        net.elect(1);
+        net.run();
+        let promises = net
+            .delivered
+            .iter()
+            .filter(|(from, to, m)| (*from, *to) == (2, 1) && matches!(m, Message::Promise { .. }))
+            .map(|(_, _, m)| m.size_bound())
+            .collect();
+        (net.chosen[&1].clone(), promises)
+    }
+
+    #[test]
+    fn a_promise_larger_than_the_cap_goes_in_chunks_and_recovers_the_same_values() {
+        let (unsplit, sizes) = recover_large_votes(1 << 20);
+        assert_eq!(sizes.len(), 1, "one promise of 6 votes");
+        let (split, sizes) = recover_large_votes(3000);
+        assert_eq!(sizes.len(), 3, "6 votes of 980 bytes, two by two");
+        assert!(sizes.iter().all(|&size| size <= 3000), "{sizes:?}");
+        assert_eq!(split, unsplit);
+        let slots: Vec<Slot> = split.iter().map(|(s, _)| *s).collect();
+        assert_eq!(slots, (1..=9).collect::<Vec<_>>());
+        assert_eq!(split[2].1, Value::Batch(vec![Bytes::from(vec![33; 900])]));
+        assert_eq!(split[3].1, Value::Noop, "a gap is filled with a no-op");
+    }
+
+    #[test]
+    fn a_promise_counts_only_once_its_chunks_cover_every_slot_from_the_prepares_on() {
+        let mut r = replica(1, 3);
+        campaign(&mut r);
+        assert_eq!(r.status().role, Role::Candidate);
+        let ballot = r.status().promised;
+        for e in r.take_ready().persisted_messages {
+            if e.to == 1 {
+                r.step_own(e.msg);
+            }
+        }
+        let chunk = |from_slot, to_slot| Message::Promise {
+            ballot,
+            from_slot,
+            to_slot,
+            accepted: Vec::new(),
+        };
+        r.step(2, chunk(1, Some(4))).unwrap();
+        r.step(2, chunk(7, None)).unwrap();
+        assert_eq!(
+            r.status().role,
+            Role::Candidate,
+            "slots 5 and 6 are missing"
+        );
+        r.step(2, chunk(5, Some(6))).unwrap();
+        assert!(r.is_leader());
+    }
+
+    #[test]
+    fn a_promise_chunk_holding_votes_outside_its_range_is_refused() {
+        let mut r = replica(1, 3);
+        let vote = Accepted {
+            slot: 9,
+            ballot: Ballot::new(1, 2),
+            value: Value::Noop,
+        };
+        let chunk = Message::Promise {
+            ballot: Ballot::new(1, 1),
+            from_slot: 1,
+            to_slot: Some(8),
+            accepted: vec![vote],
+        };
+        assert_eq!(
+            r.step(2, chunk),
+            Err(Refused::PromiseOutOfRange {
+                from_slot: 1,
+                to_slot: Some(8)
+            })
+        );
+    }
+
+    #[test]
+    fn a_replica_cut_off_for_long_neither_raises_its_promise_nor_deposes_the_leader() {
+        let mut net = Net::new(3);
+        net.elect(1);
+        let ballot = net.node(1).status().promised;
+        net.cut.insert(3);
+        // Ten of the longest election timeouts.
+        for _ in 0..10 * 2 * net.node(3).config().election_ticks {
+            net.tick_all();
+        }
+        assert_eq!(net.node(3).status().promised, ballot);
+        assert!(net.node(3).take_ready().persist.is_empty());
+        net.cut.clear();
+        for _ in 0..2 * net.node(3).config().election_ticks {
+            net.tick_all();
+        }
+        assert!(net.node(1).is_leader());
+        for id in 1..=3 {
+            assert_eq!(net.node(id).leader(), Some(1), "replica {id}");
+            assert_eq!(net.node(id).status().promised, ballot, "replica {id}");
+        }
+    }
+
+    #[test]
+    fn a_pre_vote_is_granted_only_without_a_live_leader_and_above_the_promise_and_changes_nothing()
+    {
+        let mut net = Net::new(3);
+        net.elect(1);
+        let promised = net.node(2).status().promised;
+        let f = net.node(2);
+        let above = Ballot::new(promised.round + 1, 3);
+        let pre_vote = |ballot| Message::PreVote { ballot };
+        let reply = |granted| Message::PreVoteReply {
+            ballot: above,
+            granted,
+        };
+        // Its leader is alive: refused.
+        f.step(3, pre_vote(above)).unwrap();
+        assert_eq!(only(&f.take_ready(), 3), vec![&reply(false)]);
+        // Once the leader has been silent for an election timeout: granted,
+        // but nothing is promised, persisted, or forgotten.
+        for _ in 0..f.config().election_ticks {
+            f.tick();
+        }
+        f.take_ready();
+        f.step(3, pre_vote(above)).unwrap();
+        let ready = f.take_ready();
+        assert_eq!(only(&ready, 3), vec![&reply(true)]);
+        assert!(ready.persist.is_empty());
+        assert_eq!(f.status().promised, promised);
+        assert_eq!(f.leader(), Some(1));
+        // Not above the promise: the pre-candidate learns what to beat.
+        f.step(3, pre_vote(Ballot::new(promised.round - 1, 3)))
+            .unwrap();
+        assert_eq!(only(&f.take_ready(), 3), vec![&Message::Nack { promised }]);
+    }
+
+    #[test]
+    fn a_pre_candidate_that_hears_the_leader_goes_back_to_following() {
+        let mut net = Net::new(3);
+        net.elect(1);
+        net.cut.insert(3);
+        while !matches!(net.node(3).state, State::PreCandidate(_)) {
+            net.tick_all();
+        }
+        net.cut.clear();
+        net.node(1).tick();
+        net.node(1).tick();
+        net.run();
+        assert!(matches!(net.node(3).state, State::Follower));
+        assert_eq!(net.node(3).leader(), Some(1));
+    }
+
+    #[test]
+    fn a_real_election_still_happens_when_the_leader_is_gone() {
+        let mut net = Net::new(3);
+        net.elect(1);
+        let old = net.node(1).status().promised;
+        net.cut.insert(1);
+        for _ in 0..10 * 2 * net.node(2).config().election_ticks {
+            net.tick_all();
+        }
+        let leader = net.node(2).leader().expect("a new leader");
+        assert!(leader == 2 || leader == 3);
+        assert_eq!(net.node(3).leader(), Some(leader));
+        assert!(net.node(leader).status().promised > old);
+    }
+
+    #[test]
+    fn a_higher_ballot_makes_the_leader_step_down_and_hand_back_its_queue() {
+        let mut net = Net::new(3);
+        net.elect(1);
+        let leader = net.node(1);
+        let ballot = leader.status().promised;
+        leader.propose(cmd("queued")).unwrap();
+        leader.read(7).unwrap();
+        leader
+            .step(
+                3,
+                Message::Nack {
+                    promised: Ballot::new(ballot.round + 1, 3),
+                },
+            )
+            .unwrap();
+        assert!(!leader.is_leader());
+        assert_eq!(leader.propose(cmd("late")), Err(NotLeader { leader: None }));
+        let ready = leader.take_ready();
+        assert_eq!(ready.dropped, vec![cmd("queued")]);
+        assert_eq!(ready.failed_reads, vec![7]);
+    }
+
+    #[test]
+    fn an_acceptor_that_hears_a_live_leader_ignores_candidates() {
+        let mut net = Net::new(3);
+        net.elect(1);
+        let f = net.node(2);
+        let promised = f.status().promised;
+        f.step(
+            3,
+            Message::Prepare {
+                ballot: Ballot::new(promised.round + 5, 3),
+                from_slot: 1,
+            },
+        )
+        .unwrap();
+        let ready = f.take_ready();
+        assert!(ready.persist.is_empty() && only(&ready, 3).is_empty());
+        assert_eq!(f.status().promised, promised);
+        // Once the leader has been silent for an election timeout, it answers.
+        for _ in 0..10 {
+            f.tick();
+        }
+        f.take_ready();
+        f.step(
+            3,
+            Message::Prepare {
+                ballot: Ballot::new(promised.round + 5, 3),
+                from_slot: 1,
+            },
+        )
+        .unwrap();
+        assert!(matches!(
+            only(&f.take_ready(), 3)[..],
+            [Message::Promise { .. }]
+        ));
+    }
+}

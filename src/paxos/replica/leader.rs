@@ -1,0 +1,684 @@
+//! The leader: the phase 2 pipeline, counting accepts, advancing the commit
+//! index, re-sending unanswered accepts, heartbeats, check-quorum, and
+//! serving catch-up requests.
+//!
+//! Everything here is a method of [`Leader`], taking the rest of the replica
+//! as `&mut Core`: only a leader has a `Leader`, so none of it can run in
+//! another role.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use bytes::Bytes;
+
+use super::reads::PendingRead;
+use super::{Core, FollowerStatus};
+use crate::paxos::ballot::{Ballot, NodeId, Slot};
+use crate::paxos::message::{Envelope, Message, ReadId, Value};
+use crate::paxos::quorum::{self, Votes};
+
+/// A slot the leader proposed and has not yet committed.
+#[derive(Debug)]
+pub(super) struct Proposal {
+    value: Value,
+    acks: Votes,
+    chosen: bool,
+    sent_at: u64,
+}
+
+/// What the leader knows of one follower.
+#[derive(Debug, Default)]
+pub(super) struct Progress {
+    pub(super) last_ack: u64,
+    pub(super) read_round: u64,
+    pub(super) committed: Slot,
+}
+
+/// The state only a leader has.
+#[derive(Debug)]
+pub(super) struct Leader {
+    pub(super) ballot: Ballot,
+    /// The last slot recovered in phase 1; reads wait until it is committed.
+    pub(super) recovered_through: Slot,
+    next_slot: Slot,
+    pub(super) in_flight: BTreeMap<Slot, Proposal>,
+    pub(super) queued: VecDeque<Bytes>,
+    pub(super) progress: BTreeMap<NodeId, Progress>,
+    heartbeat_due: u64,
+    /// The last read round announced to the followers.
+    pub(super) read_round: u64,
+    /// Reads that arrived before recovery finished: not yet given an index.
+    pub(super) unindexed_reads: Vec<ReadId>,
+    pub(super) reads: VecDeque<PendingRead>,
+}
+
+impl Leader {
+    /// A leader of `ballot` that recovered every slot up to
+    /// `recovered_through` in phase 1 (and has yet to propose them).
+    pub(super) fn new(core: &Core, ballot: Ballot, recovered_through: Slot) -> Leader {
+        let now = core.now;
+        let progress = core
+            .peers()
+            .map(|p| {
+                (
+                    p,
+                    Progress {
+                        last_ack: now,
+                        ..Progress::default()
+                    },
+                )
+            })
+            .collect();
+        Leader {
+            ballot,
+            recovered_through,
+            next_slot: recovered_through
+                .checked_add(1)
+                .expect("recovered slots are below u64::MAX"),
+            in_flight: BTreeMap::new(),
+            queued: VecDeque::new(),
+            progress,
+            heartbeat_due: now,
+            read_round: 0,
+            unindexed_reads: Vec::new(),
+            reads: VecDeque::new(),
+        }
+    }
+
+    /// What holds of a leader between any two inputs.
+    pub(super) fn check_invariants(&self, core: &Core) {
+        assert_eq!(
+            self.ballot.node, core.cfg.id,
+            "a leader's ballot is its own"
+        );
+        assert!(
+            self.ballot >= core.acceptor.promised(),
+            "a higher promise steps a leader down before it is made"
+        );
+        assert!(
+            core.leadership
+                .is_some_and(|l| l.id == core.cfg.id && l.ballot == self.ballot),
+            "a leader follows itself"
+        );
+        assert!(
+            self.next_slot > core.committed,
+            "next_slot is past the commit index"
+        );
+        assert!(
+            self.in_flight
+                .first_key_value()
+                .is_none_or(|(&s, _)| s > core.committed)
+                && self
+                    .in_flight
+                    .last_key_value()
+                    .is_none_or(|(&s, _)| s < self.next_slot),
+            "slots in flight lie between the commit index and next_slot"
+        );
+        // Recovery may put more than a window of slots in flight at once;
+        // new slots are only opened below the window.
+        assert!(
+            self.in_flight.len() <= core.cfg.window || self.next_slot - 1 == self.recovered_through,
+            "the window is never exceeded by new proposals"
+        );
+        debug_assert!(
+            self.in_flight.keys().all(|&slot| core
+                .acceptor
+                .vote(slot)
+                .is_some_and(|(b, _)| b == self.ballot)),
+            "our own acceptor voted for every slot we have in flight, under our ballot"
+        );
+    }
+
+    /// What the leader knows of each follower, for [`Status`](super::Status).
+    pub(super) fn followers(&self, now: u64) -> Vec<FollowerStatus> {
+        self.progress
+            .iter()
+            .map(|(&id, p)| FollowerStatus {
+                id,
+                committed: p.committed,
+                silent_ticks: now.saturating_sub(p.last_ack),
+            })
+            .collect()
+    }
+
+    /// Check-quorum: whether a majority (us included) answered within the
+    /// last two election timeouts.
+    pub(super) fn hears_a_majority(&self, core: &Core) -> bool {
+        let window = 2 * core.cfg.election_ticks;
+        quorum::is_majority(&core.cfg.members, |m| {
+            m == core.cfg.id
+                || self
+                    .progress
+                    .get(&m)
+                    .is_some_and(|p| core.now - p.last_ack < window)
+        })
+    }
+
+    /// A tick while leading: heartbeats when due, and re-sends.
+    pub(super) fn tick(&mut self, core: &mut Core) {
+        if core.now >= self.heartbeat_due {
+            self.broadcast_heartbeat(core);
+        }
+        self.resend_unanswered_accepts(core);
+    }
+
+    /// Stepping down: hands back the commands that never got a slot, fails
+    /// the reads it cannot serve any more, and says how far the slots whose
+    /// outcome it leaves unknown reach.
+    pub(super) fn abandon(self, core: &mut Core) {
+        if let Some((&last, _)) = self.in_flight.last_key_value() {
+            assert_eq!(
+                last + 1,
+                self.next_slot,
+                "the last slot proposed is in flight"
+            );
+            let through = &mut core.ready.abandoned_through;
+            *through = (*through).max(Some(last));
+        }
+        core.ready.dropped.extend(self.queued);
+        core.ready.failed_reads.extend(self.unindexed_reads);
+        core.ready
+            .failed_reads
+            .extend(self.reads.into_iter().map(|r| r.id));
+        core.leadership = None;
+    }
+
+    /// Cuts the queued commands into slots while the window has room.
+    pub(super) fn fill_pipeline(&mut self, core: &mut Core) {
+        while !self.queued.is_empty() && self.in_flight.len() < core.cfg.window {
+            let mut batch = Vec::new();
+            let mut bytes = 0;
+            while let Some(command) = self.queued.front() {
+                if !batch.is_empty()
+                    && (batch.len() >= core.cfg.max_batch
+                        || bytes + command.len() > core.cfg.max_batch_bytes)
+                {
+                    break;
+                }
+                bytes += command.len();
+                batch.extend(self.queued.pop_front());
+            }
+            let slot = self.next_slot;
+            self.next_slot = slot.checked_add(1).expect("slot numbers ran out");
+            self.propose_at(core, slot, Value::Batch(batch));
+        }
+    }
+
+    /// Proposes `value` for `slot` under the leader's ballot: our own accept
+    /// goes to disk while the accepts go out to the followers.
+    pub(super) fn propose_at(&mut self, core: &mut Core, slot: Slot, value: Value) {
+        assert!(
+            slot > core.committed && slot < self.next_slot,
+            "slot {slot} proposed outside the pipeline ({}, {})",
+            core.committed,
+            self.next_slot
+        );
+        let ballot = self.ballot;
+        let earlier = self.in_flight.insert(
+            slot,
+            Proposal {
+                value: value.clone(),
+                acks: Votes::new(),
+                chosen: false,
+                sent_at: core.now,
+            },
+        );
+        // The heart of Paxos: one value per slot under one ballot.
+        assert!(
+            earlier.is_none(),
+            "slot {slot} proposed twice under {ballot}"
+        );
+        // Our own acceptor cannot refuse: any higher promise steps a leader
+        // down before it is made (see `Replica::observe`).
+        let change = core
+            .acceptor
+            .accept(ballot, slot, &value)
+            .unwrap_or_else(|promised| {
+                panic!("leader {ballot} refused by its own acceptor, which promised {promised}")
+            });
+        if change.vote_changed {
+            core.persist_vote(slot, ballot, &value);
+        }
+        // Counted towards the majority only when it arrives back, which the
+        // driver does after the vote is durable.
+        core.send_after_persist(core.cfg.id, Message::Accepted { ballot, slot });
+        let commit = core.committed;
+        for peer in core.peers() {
+            core.send(
+                peer,
+                Message::Accept {
+                    ballot,
+                    slot,
+                    value: value.clone(),
+                    commit,
+                },
+            );
+        }
+    }
+
+    pub(super) fn on_accepted(
+        &mut self,
+        core: &mut Core,
+        from: NodeId,
+        ballot: Ballot,
+        slot: Slot,
+    ) {
+        if self.ballot != ballot {
+            return;
+        }
+        if let Some(p) = self.progress.get_mut(&from) {
+            p.last_ack = core.now;
+        }
+        let Some(proposal) = self.in_flight.get_mut(&slot) else {
+            return;
+        };
+        if proposal.chosen || !proposal.acks.insert(from) {
+            return;
+        }
+        // Rule: chosen once a majority accepted it under this ballot.
+        if proposal.acks.is_majority(&core.cfg.members) {
+            proposal.chosen = true;
+            self.advance_commit(core);
+        }
+    }
+
+    /// Rule: the commit index is the end of the contiguous chosen prefix.
+    fn advance_commit(&mut self, core: &mut Core) {
+        while let Some(entry) = self.in_flight.first_entry() {
+            if *entry.key() != core.first_unchosen() || !entry.get().chosen {
+                break;
+            }
+            let (slot, proposal) = entry.remove_entry();
+            core.choose(slot, proposal.value);
+        }
+        if let Some(leadership) = &mut core.leadership {
+            leadership.commit = core.committed;
+        }
+        self.index_reads_after_recovery(core);
+    }
+
+    fn resend_unanswered_accepts(&mut self, core: &mut Core) {
+        let now = core.now;
+        let commit = core.committed;
+        let resend = core.cfg.resend_ticks;
+        let peers: Vec<NodeId> = core.peers().collect();
+        let ballot = self.ballot;
+        for (&slot, p) in self.in_flight.iter_mut() {
+            if p.chosen || now - p.sent_at < resend {
+                continue;
+            }
+            p.sent_at = now;
+            for &peer in peers.iter().filter(|&&peer| !p.acks.contains(peer)) {
+                core.ready.messages.push(Envelope {
+                    to: peer,
+                    msg: Message::Accept {
+                        ballot,
+                        slot,
+                        value: p.value.clone(),
+                        commit,
+                    },
+                });
+            }
+        }
+    }
+
+    pub(super) fn broadcast_heartbeat(&mut self, core: &mut Core) {
+        self.heartbeat_due = core.now + core.cfg.heartbeat_ticks;
+        let (ballot, read_round, commit) = (self.ballot, self.read_round, core.committed);
+        for peer in core.peers() {
+            core.send(
+                peer,
+                Message::Heartbeat {
+                    ballot,
+                    commit,
+                    read_round,
+                },
+            );
+        }
+    }
+
+    pub(super) fn on_catch_up_request(
+        &self,
+        core: &mut Core,
+        from: NodeId,
+        ballot: Ballot,
+        from_slot: Slot,
+        to_slot: Slot,
+    ) {
+        if self.ballot != ballot {
+            return;
+        }
+        // Only slots known chosen are sent: up to our commit index.
+        let last = to_slot
+            .min(core.committed)
+            .min(from_slot.saturating_add(core.cfg.max_catch_up as u64 - 1));
+        let entries = (from_slot.max(1)..=last)
+            .map_while(|slot| core.acceptor.vote(slot).map(|(_, v)| (slot, v.clone())));
+        // In pieces each within the byte cap, but never empty: a value alone
+        // always fits (Config::validate).
+        let (budget, commit) = (core.cfg.entry_budget(), core.committed);
+        let mut pieces = vec![Vec::new()];
+        let mut bytes = 0;
+        for (slot, value) in entries {
+            let size = value.size_bound();
+            let piece = pieces.last_mut().expect("at least one piece");
+            if !piece.is_empty() && bytes + size > budget {
+                pieces.push(Vec::new());
+                bytes = 0;
+            }
+            bytes += size;
+            pieces
+                .last_mut()
+                .expect("at least one piece")
+                .push((slot, value));
+        }
+        let count = pieces.len();
+        for (i, entries) in pieces.into_iter().enumerate() {
+            let more = i + 1 < count;
+            core.send(
+                from,
+                Message::CatchUp {
+                    ballot,
+                    entries,
+                    commit,
+                    more,
+                },
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::paxos::testing::{Net, batch, cmd, only, small_messages};
+
+    #[test]
+    fn the_leader_counts_itself_only_once_its_accept_is_durable() {
+        let mut net = Net::new(3);
+        net.elect(1);
+        let leader = net.node(1);
+        leader.propose(cmd("x")).unwrap();
+        let ready = leader.take_ready();
+        let ballot = leader.status().promised;
+        // Accepts to the followers go out at once, in parallel with our sync.
+        assert_eq!(
+            ready
+                .messages
+                .iter()
+                .filter(|e| matches!(e.msg, Message::Accept { .. }))
+                .count(),
+            2
+        );
+        assert_eq!(ready.persist.entries.len(), 1);
+        assert_eq!(
+            only(&ready, 1),
+            vec![&Message::Accepted { ballot, slot: 1 }]
+        );
+        // A follower's vote alone is not a majority of three.
+        leader
+            .step(2, Message::Accepted { ballot, slot: 1 })
+            .unwrap();
+        assert!(leader.take_ready().chosen.is_empty());
+        // Our own, delivered back after the sync, completes it.
+        leader.step_own(Message::Accepted { ballot, slot: 1 });
+        assert_eq!(leader.take_ready().chosen, vec![(1, batch(&["x"]))]);
+    }
+
+    #[test]
+    fn a_slot_is_chosen_on_a_majority_under_the_same_ballot() {
+        let mut net = Net::new(5);
+        net.elect(1);
+        let leader = net.node(1);
+        let ballot = leader.status().promised;
+        leader.propose(cmd("x")).unwrap();
+        leader.take_ready();
+        leader.step_own(Message::Accepted { ballot, slot: 1 });
+        leader
+            .step(2, Message::Accepted { ballot, slot: 1 })
+            .unwrap();
+        // A vote under another ballot, and a repeated vote, do not count.
+        leader
+            .step(
+                3,
+                Message::Accepted {
+                    ballot: Ballot::new(ballot.round - 1, 3),
+                    slot: 1,
+                },
+            )
+            .unwrap();
+        leader
+            .step(2, Message::Accepted { ballot, slot: 1 })
+            .unwrap();
+        assert!(leader.take_ready().chosen.is_empty());
+        leader
+            .step(4, Message::Accepted { ballot, slot: 1 })
+            .unwrap();
+        assert_eq!(leader.take_ready().chosen.len(), 1);
+        assert_eq!(leader.committed(), 1);
+    }
+
+    #[test]
+    fn the_commit_index_is_the_end_of_the_contiguous_chosen_prefix() {
+        let mut net = Net::new(3);
+        net.elect(1);
+        let leader = net.node(1);
+        leader.core.cfg.max_batch = 1;
+        let ballot = leader.status().promised;
+        for c in ["a", "b", "c"] {
+            leader.propose(cmd(c)).unwrap();
+        }
+        leader.take_ready();
+        for slot in [3, 2] {
+            leader.step_own(Message::Accepted { ballot, slot });
+            leader.step(2, Message::Accepted { ballot, slot }).unwrap();
+        }
+        assert!(leader.take_ready().chosen.is_empty());
+        assert_eq!(leader.committed(), 0);
+        leader.step_own(Message::Accepted { ballot, slot: 1 });
+        leader
+            .step(3, Message::Accepted { ballot, slot: 1 })
+            .unwrap();
+        let chosen: Vec<Slot> = leader.take_ready().chosen.iter().map(|(s, _)| *s).collect();
+        assert_eq!(chosen, vec![1, 2, 3]);
+        assert_eq!(leader.committed(), 3);
+        // The next accept carries the commit index to the followers.
+        leader.propose(cmd("d")).unwrap();
+        let ready = leader.take_ready();
+        assert!(only(&ready, 2).iter().any(|m| matches!(
+            m,
+            Message::Accept {
+                slot: 4,
+                commit: 3,
+                ..
+            }
+        )));
+    }
+
+    #[test]
+    fn commands_queued_together_share_a_slot_and_the_window_bounds_slots_in_flight() {
+        let mut net = Net::new(3);
+        net.elect(1);
+        let leader = net.node(1);
+        leader.core.cfg.window = 2;
+        leader.core.cfg.max_batch = 3;
+        let ballot = leader.status().promised;
+        for i in 0..10 {
+            leader.propose(cmd(&i.to_string())).unwrap();
+        }
+        let ready = leader.take_ready();
+        let sizes: Vec<usize> = only(&ready, 2)
+            .iter()
+            .filter_map(|m| match m {
+                Message::Accept { value, .. } => Some(value.len()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(sizes, vec![3, 3], "two slots of three; the window is full");
+        assert_eq!(leader.status().queued, 4);
+        leader.step_own(Message::Accepted { ballot, slot: 1 });
+        leader
+            .step(2, Message::Accepted { ballot, slot: 1 })
+            .unwrap();
+        let ready = leader.take_ready();
+        assert!(
+            only(&ready, 3)
+                .iter()
+                .any(|m| matches!(m, Message::Accept { slot: 3, value, .. } if value.len() == 3))
+        );
+    }
+
+    #[test]
+    fn unanswered_accepts_are_sent_again() {
+        let mut net = Net::new(3);
+        net.elect(1);
+        let leader = net.node(1);
+        leader.propose(cmd("x")).unwrap();
+        leader.take_ready(); // the accepts are lost
+        for _ in 0..leader.core.cfg.resend_ticks {
+            leader.tick();
+        }
+        let ready = leader.take_ready();
+        assert!(
+            only(&ready, 2)
+                .iter()
+                .any(|m| matches!(m, Message::Accept { slot: 1, .. }))
+        );
+        assert!(
+            only(&ready, 3)
+                .iter()
+                .any(|m| matches!(m, Message::Accept { slot: 1, .. }))
+        );
+    }
+
+    #[test]
+    fn a_leader_that_hears_no_majority_steps_down() {
+        let mut net = Net::new(3);
+        net.elect(1);
+        let leader = net.node(1);
+        for _ in 0..2 * leader.core.cfg.election_ticks {
+            leader.tick();
+            leader.take_ready();
+        }
+        assert!(!leader.is_leader());
+    }
+
+    #[test]
+    fn a_catch_up_larger_than_the_cap_goes_in_pieces_each_under_it() {
+        let mut net = Net::with_config(3, small_messages);
+        net.elect(1);
+        net.cut.insert(3);
+        for i in 1..=12u8 {
+            net.node(1).propose(Bytes::from(vec![i; 900])).unwrap();
+            net.run();
+        }
+        assert_eq!(net.node(1).committed(), 12);
+        assert_eq!(net.node(3).committed(), 0);
+        net.cut.clear();
+        net.delivered.clear();
+        net.node(1).tick();
+        net.node(1).tick();
+        net.run();
+        // 12 values of 980 bytes (as estimated) make 11,760 bytes: over the
+        // 3,000-byte cap, so they go two by two.
+        let pieces: Vec<(usize, Vec<Slot>)> = net
+            .delivered
+            .iter()
+            .filter_map(|(_, to, m)| match m {
+                Message::CatchUp { entries, .. } if *to == 3 => {
+                    Some((m.size_bound(), entries.iter().map(|e| e.0).collect()))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(pieces.len(), 6, "{pieces:?}");
+        assert!(
+            pieces
+                .iter()
+                .all(|(size, slots)| *size <= 3000 && !slots.is_empty())
+        );
+        let slots: Vec<Slot> = pieces.iter().flat_map(|p| p.1.clone()).collect();
+        assert_eq!(slots, (1..=12).collect::<Vec<_>>());
+        // The follower caught up through them.
+        assert_eq!(net.node(3).committed(), 12);
+        assert_eq!(net.chosen[&3], net.chosen[&1]);
+    }
+
+    #[test]
+    fn the_pieces_of_a_catch_up_say_whether_more_follow() {
+        let mut net = Net::with_config(3, small_messages);
+        net.elect(1);
+        net.cut.insert(3);
+        net.node(1).propose(Bytes::from(vec![1; 1000])).unwrap();
+        net.run();
+        net.node(1).propose(Bytes::from(vec![2; 1000])).unwrap();
+        net.node(1).propose(Bytes::from(vec![3; 1000])).unwrap();
+        net.run();
+        let leader = net.node(1);
+        let ballot = leader.status().promised;
+        leader
+            .step(
+                3,
+                Message::CatchUpRequest {
+                    ballot,
+                    from_slot: 1,
+                    to_slot: 3,
+                },
+            )
+            .unwrap();
+        let pieces: Vec<(Vec<Slot>, bool)> = only(&leader.take_ready(), 3)
+            .into_iter()
+            .filter_map(|m| match m {
+                Message::CatchUp { entries, more, .. } => {
+                    Some((entries.iter().map(|e| e.0).collect(), *more))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(pieces, vec![(vec![1, 2], true), (vec![3], false)]);
+    }
+
+    #[test]
+    fn a_leader_stepping_down_with_slots_in_flight_says_how_far_they_reach() {
+        let mut net = Net::with_config(3, |cfg| cfg.max_batch = 1);
+        net.elect(1);
+        let leader = net.node(1);
+        let ballot = leader.status().promised;
+        for c in ["a", "b", "c"] {
+            leader.propose(cmd(c)).unwrap();
+        }
+        leader.take_ready();
+        leader.step_own(Message::Accepted { ballot, slot: 1 });
+        leader
+            .step(2, Message::Accepted { ballot, slot: 1 })
+            .unwrap();
+        let ready = leader.take_ready();
+        assert_eq!(ready.chosen.len(), 1);
+        assert_eq!(ready.abandoned_through, None, "still leading");
+        leader.propose(cmd("d")).unwrap();
+        let higher = Ballot::new(ballot.round + 1, 3);
+        leader.step(3, Message::Nack { promised: higher }).unwrap();
+        let ready = leader.take_ready();
+        // Slots 2 and 3 may or may not be chosen yet; "d" never got a slot.
+        assert_eq!(ready.abandoned_through, Some(3));
+        assert_eq!(ready.dropped, vec![cmd("d")]);
+        // A leader with nothing in flight leaves nothing unknown behind.
+        let mut net = Net::new(3);
+        net.elect(1);
+        let higher = Ballot::new(net.node(1).status().promised.round + 1, 3);
+        let leader = net.node(1);
+        leader.step(3, Message::Nack { promised: higher }).unwrap();
+        assert!(!leader.is_leader());
+        assert_eq!(leader.take_ready().abandoned_through, None);
+    }
+
+    #[test]
+    fn a_single_replica_cluster_commits_and_reads_alone() {
+        let mut net = Net::new(1);
+        net.elect(1);
+        net.node(1).propose(cmd("solo")).unwrap();
+        net.node(1).read(1).unwrap();
+        net.run();
+        assert_eq!(net.chosen[&1], vec![(1, batch(&["solo"]))]);
+        assert_eq!(net.reads, vec![(1, 0)]);
+    }
+}

@@ -1,0 +1,727 @@
+//! One replica's share of Multi-Paxos: acceptor, learner, and — when elected
+//! — leader, as a deterministic state machine.
+//!
+//! The driver feeds it [`Replica::tick`], [`Replica::step`] (a message),
+//! [`Replica::propose`] and [`Replica::read`], then collects the work to do
+//! with [`Replica::take_ready`]. Nothing here does I/O or reads a clock.
+//!
+//! How a leadership goes:
+//!
+//! 1. A follower that hears no leader for a randomised election timeout
+//!    picks a ballot above every one it has seen and asks in a `PreVote`
+//!    whether a majority, hearing no leader either, would promise it. Only
+//!    then does it promise it to itself and send `Prepare(ballot, first
+//!    slot it does not know chosen)`.
+//! 2. With a majority of promises it re-proposes, under its ballot, the
+//!    highest-ballot vote reported for every slot up to the highest reported
+//!    one, and a no-op where none was reported ([`recover`]).
+//! 3. It then streams one `Accept` per slot without waiting for earlier
+//!    slots, up to `window` slots in flight; commands that arrive meanwhile
+//!    wait and go together into the next slot. A slot is chosen on a majority
+//!    of `Accepted` under the leader's ballot, the leader's own counted only
+//!    once durable. The commit index (end of the contiguous chosen prefix)
+//!    rides on every accept and heartbeat.
+//! 4. It steps down the moment it sees a higher ballot, or when it has not
+//!    heard from a majority for two election timeouts.
+//!
+//! One file per part:
+//!
+//! - this one: the [`Replica`], its public API, and the dispatch of inputs
+//!   to the role that handles them;
+//! - `election.rs`: pre-vote, prepare, promise, becoming leader, stepping
+//!   down, the election timer and leader stickiness;
+//! - `leader.rs`: the phase 2 pipeline, counting accepts, advancing the
+//!   commit index, re-sends, heartbeats, check-quorum, serving catch-up;
+//! - `reads.rs`: ReadIndex;
+//! - `learner.rs`: the follower's side of phase 2, learning the commit index,
+//!   and catching up.
+//!
+//! Leader-only code is written as methods of `Leader`, reached through
+//! `Replica::leading`: the role is checked in one place, and an input meant
+//! for a leader that reaches a follower is visibly dropped at the dispatch,
+//! not silently in each helper.
+//!
+//! [`recover`]: super::recovery::recover
+
+mod election;
+mod leader;
+mod learner;
+mod reads;
+
+use std::fmt;
+
+use bytes::Bytes;
+
+use super::acceptor::Acceptor;
+use super::ballot::{Ballot, NodeId, Slot};
+use super::config::Config;
+use super::message::{Accepted, Envelope, Message, ReadId, Ready, Value};
+use super::rng::Rng;
+
+use election::{Candidate, PreCandidate};
+use leader::Leader;
+
+/// The replica's part in the protocol right now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Follows a leader (or waits for one), or asks in a pre-vote whether
+    /// it could be elected: either way it has changed nothing anywhere.
+    Follower,
+    /// Running phase 1 for its ballot.
+    Candidate,
+    /// Leading with its ballot.
+    Leader,
+}
+
+/// This replica is not the leader; `leader` is the one it follows, if any.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NotLeader {
+    /// The replica to ask instead, when known.
+    pub leader: Option<NodeId>,
+}
+
+/// Why [`Replica::step`] refused a message. A refused message changes
+/// nothing: no promise, no vote, no reply. Honest members never cause one,
+/// so the driver may log each (rate-limited).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// The claimed sender is not a member of the configuration: only
+    /// members vote, and only their messages are heard.
+    NotMember(NodeId),
+    /// The message claims to come from this replica itself. Its own
+    /// messages come back through [`Replica::step_own`], never from the
+    /// network.
+    FromSelf,
+    /// A pre-vote, prepare, accept, heartbeat or catch-up speaks for `ballot`, which
+    /// is not the sender's own: a replica only proposes under ballots that
+    /// carry its id.
+    NotSendersBallot { from: NodeId, ballot: Ballot },
+    /// The message's ballot round is more than
+    /// [`Ballot::MAX_ROUND_JUMP`] above `highest`, the highest round this
+    /// replica has seen or promised, or is `u64::MAX`, which leaves no
+    /// round above it.
+    BallotOutOfRange { ballot: Ballot, highest: u64 },
+    /// A slot the message carries, to be voted on or learned, is 0 (slots
+    /// start at 1) or `u64::MAX` (it leaves no slot after it).
+    SlotOutOfRange { slot: Slot },
+    /// A chunk of a promise holds a vote outside the slots it says it
+    /// covers, or covers none.
+    PromiseOutOfRange {
+        from_slot: Slot,
+        to_slot: Option<Slot>,
+    },
+}
+
+impl fmt::Display for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refused::NotMember(id) => write!(f, "sender {id} is not a member"),
+            Refused::FromSelf => f.write_str("sender claims to be this replica"),
+            Refused::NotSendersBallot { from, ballot } => {
+                write!(f, "replica {from} speaks for ballot {ballot}, not its own")
+            }
+            Refused::BallotOutOfRange { ballot, highest } => write!(
+                f,
+                "ballot {ballot} is out of range: the highest round seen is {highest}"
+            ),
+            Refused::SlotOutOfRange { slot } => write!(f, "slot {slot} is out of range"),
+            Refused::PromiseOutOfRange { from_slot, to_slot } => write!(
+                f,
+                "a promise chunk for slots {from_slot}..={to_slot:?} holds other slots"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// A snapshot of the replica's state, for metrics and status displays.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Status {
+    /// This replica's id.
+    pub id: NodeId,
+    /// Its role.
+    pub role: Role,
+    /// The highest ballot it has promised.
+    pub promised: Ballot,
+    /// The leader it follows (itself when leading).
+    pub leader: Option<NodeId>,
+    /// Every slot up to this one is known chosen here.
+    pub committed: Slot,
+    /// As leader: slots proposed and not yet committed.
+    pub in_flight: usize,
+    /// As leader: commands waiting for a slot.
+    pub queued: usize,
+    /// As leader: what it knows of each follower.
+    pub followers: Vec<FollowerStatus>,
+    /// Elections this replica has started since it was created.
+    pub elections: u64,
+}
+
+/// The leader's view of one follower.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FollowerStatus {
+    /// The follower.
+    pub id: NodeId,
+    /// The follower's committed index, as it last reported it.
+    pub committed: Slot,
+    /// Ticks since the follower last answered.
+    pub silent_ticks: u64,
+}
+
+/// The leader a follower believes in, and what it said of its commit index.
+#[derive(Clone, Copy, Debug)]
+struct Leadership {
+    id: NodeId,
+    ballot: Ballot,
+    commit: Slot,
+}
+
+/// The role and the state only that role has.
+#[derive(Debug)]
+enum State {
+    Follower,
+    PreCandidate(PreCandidate),
+    Candidate(Candidate),
+    Leader(Leader),
+}
+
+/// A replica of the Multi-Paxos log, sans I/O.
+#[derive(Debug)]
+pub struct Replica {
+    core: Core,
+    state: State,
+}
+
+/// What a replica holds whatever its role: configuration, clock, acceptor,
+/// what it knows chosen, whom it follows, and the output being gathered.
+/// Kept apart from the role's own state so that a role's methods can take
+/// both (`&mut Leader`, `&mut Core`) at once.
+#[derive(Debug)]
+struct Core {
+    cfg: Config,
+    rng: Rng,
+    now: u64,
+    acceptor: Acceptor,
+    /// Every slot up to here is known chosen and has been handed out in
+    /// `Ready::chosen`.
+    committed: Slot,
+    leadership: Option<Leadership>,
+    last_leader_contact: u64,
+    election_deadline: u64,
+    max_round_seen: u64,
+    catch_up_sent_at: Option<u64>,
+    elections: u64,
+    ready: Ready,
+}
+
+impl Replica {
+    /// A replica restored from its durable acceptor state (`promised`,
+    /// `votes`) and the index its state machine has applied up to. A new
+    /// replica passes `Ballot::ZERO`, no votes, and 0.
+    pub fn new(
+        cfg: Config,
+        promised: Ballot,
+        votes: Vec<Accepted>,
+        applied: Slot,
+    ) -> Result<Self, String> {
+        cfg.validate()?;
+        let mut replica = Replica {
+            core: Core {
+                rng: Rng::new(cfg.seed),
+                cfg,
+                now: 0,
+                acceptor: Acceptor::restore(promised, votes),
+                committed: applied,
+                leadership: None,
+                last_leader_contact: 0,
+                election_deadline: 0,
+                max_round_seen: promised.round,
+                catch_up_sent_at: None,
+                elections: 0,
+                ready: Ready::default(),
+            },
+            state: State::Follower,
+        };
+        replica.core.reset_election_timer();
+        Ok(replica)
+    }
+
+    /// This replica's id.
+    pub fn id(&self) -> NodeId {
+        self.core.cfg.id
+    }
+
+    /// Its configuration.
+    pub fn config(&self) -> &Config {
+        &self.core.cfg
+    }
+
+    /// True while leading.
+    pub fn is_leader(&self) -> bool {
+        matches!(self.state, State::Leader(_))
+    }
+
+    /// The leader this replica follows (itself when leading), if any.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.core.leader()
+    }
+
+    /// Every slot up to this one is known chosen (and handed out).
+    pub fn committed(&self) -> Slot {
+        self.core.committed
+    }
+
+    /// A snapshot of the replica's state.
+    pub fn status(&self) -> Status {
+        let (role, in_flight, queued, followers) = match &self.state {
+            State::Follower | State::PreCandidate(_) => (Role::Follower, 0, 0, Vec::new()),
+            State::Candidate(_) => (Role::Candidate, 0, 0, Vec::new()),
+            State::Leader(l) => (
+                Role::Leader,
+                l.in_flight.len(),
+                l.queued.len(),
+                l.followers(self.core.now),
+            ),
+        };
+        Status {
+            id: self.core.cfg.id,
+            role,
+            promised: self.core.acceptor.promised(),
+            leader: self.leader(),
+            committed: self.core.committed,
+            in_flight,
+            queued,
+            followers,
+            elections: self.core.elections,
+        }
+    }
+
+    /// Queues a client command for the log. It gets a slot in
+    /// [`take_ready`](Self::take_ready), batched with the others queued by
+    /// then. Only the leader takes commands.
+    pub fn propose(&mut self, command: Bytes) -> Result<(), NotLeader> {
+        let not_leader = self.core.not_leader();
+        let (l, _) = self.leading().ok_or(not_leader)?;
+        l.queued.push_back(command);
+        Ok(())
+    }
+
+    /// Orders a linearizable read (ReadIndex). Once a majority has confirmed
+    /// this replica is still leader after the read arrived, `Ready::reads`
+    /// yields `(id, index)`: answer the read from the state machine once it
+    /// has applied `index`. A new leader gives reads an index only once every
+    /// slot it recovered is chosen under its own ballot.
+    pub fn read(&mut self, id: ReadId) -> Result<(), NotLeader> {
+        let not_leader = self.core.not_leader();
+        let (l, core) = self.leading().ok_or(not_leader)?;
+        l.read(core, id);
+        Ok(())
+    }
+
+    /// Advances the clock by one tick: elections, heartbeats, re-sends.
+    pub fn tick(&mut self) {
+        self.core.now += 1;
+        if let Some((l, core)) = self.leading() {
+            // Check quorum: a leader cut off from a majority steps down, so
+            // its clients go elsewhere and it stops ignoring candidates.
+            if l.hears_a_majority(core) {
+                l.tick(core);
+            } else {
+                self.step_down();
+            }
+        } else if self.core.now >= self.core.election_deadline {
+            self.start_pre_vote();
+        } else {
+            self.core.request_catch_up();
+        }
+        self.check_invariants();
+    }
+
+    /// Handles a message from another replica, `from`. Refuses it, changing
+    /// nothing, unless `from` is a member other than this replica and the
+    /// message is one it may send (see [`Refused`]).
+    pub fn step(&mut self, from: NodeId, msg: Message) -> Result<(), Refused> {
+        self.admit(from, &msg)?;
+        self.dispatch(from, msg);
+        self.check_invariants();
+        Ok(())
+    }
+
+    /// Handles a message this replica addressed to itself in a [`Ready`]
+    /// (a candidate's own `Promise`, a leader's own `Accepted`), which the
+    /// driver delivers once the `persist` it depends on is durable.
+    pub fn step_own(&mut self, msg: Message) {
+        debug_assert!(
+            matches!(msg, Message::Promise { .. } | Message::Accepted { .. }),
+            "the core sends itself only promises and accepts: {msg:?}"
+        );
+        self.dispatch(self.core.cfg.id, msg);
+        self.check_invariants();
+    }
+
+    /// Whether a message claimed to be from `from` may be heard at all.
+    fn admit(&self, from: NodeId, msg: &Message) -> Result<(), Refused> {
+        if from == self.core.cfg.id {
+            return Err(Refused::FromSelf);
+        }
+        if !self.core.cfg.members.contains(&from) {
+            return Err(Refused::NotMember(from));
+        }
+        if let Message::PreVote { ballot }
+        | Message::Prepare { ballot, .. }
+        | Message::Accept { ballot, .. }
+        | Message::Heartbeat { ballot, .. }
+        | Message::CatchUp { ballot, .. } = msg
+            && ballot.node != from
+        {
+            return Err(Refused::NotSendersBallot {
+                from,
+                ballot: *ballot,
+            });
+        }
+        let (ballot, highest) = (msg.ballot(), self.core.highest_round());
+        if !ballot.in_range(highest) {
+            return Err(Refused::BallotOutOfRange { ballot, highest });
+        }
+        // Every slot voted on or learned leaves room for the next one, so
+        // that `slot + 1` never overflows anywhere.
+        let bad_slot = match msg {
+            Message::Accept { slot, .. } => Some(*slot).filter(|&s| !slot_in_range(s)),
+            Message::Promise { accepted, .. } => {
+                accepted.iter().map(|a| a.slot).find(|&s| !slot_in_range(s))
+            }
+            Message::CatchUp { entries, .. } => {
+                entries.iter().map(|e| e.0).find(|&s| !slot_in_range(s))
+            }
+            _ => None,
+        };
+        if let Some(slot) = bad_slot {
+            return Err(Refused::SlotOutOfRange { slot });
+        }
+        if let Message::Promise {
+            from_slot,
+            to_slot,
+            accepted,
+            ..
+        } = msg
+        {
+            let last = to_slot.unwrap_or(Slot::MAX);
+            if last < *from_slot
+                || accepted
+                    .iter()
+                    .any(|a| !(*from_slot..=last).contains(&a.slot))
+            {
+                return Err(Refused::PromiseOutOfRange {
+                    from_slot: *from_slot,
+                    to_slot: *to_slot,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands a message to the code for its kind (and for the role).
+    fn dispatch(&mut self, from: NodeId, msg: Message) {
+        match msg {
+            Message::PreVote { ballot } => self.on_pre_vote(from, ballot),
+            Message::PreVoteReply { ballot, granted } => {
+                self.on_pre_vote_reply(from, ballot, granted)
+            }
+            Message::Prepare { ballot, from_slot } => self.on_prepare(from, ballot, from_slot),
+            Message::Promise {
+                ballot,
+                from_slot,
+                to_slot,
+                accepted,
+            } => self.on_promise(from, ballot, from_slot, to_slot, accepted),
+            Message::Nack { promised } => self.observe(promised),
+            Message::Accept {
+                ballot,
+                slot,
+                value,
+                commit,
+            } => self.on_accept(from, ballot, slot, value, commit),
+            Message::Accepted { ballot, slot } => {
+                if let Some((l, core)) = self.leading() {
+                    l.on_accepted(core, from, ballot, slot);
+                }
+            }
+            Message::Heartbeat {
+                ballot,
+                commit,
+                read_round,
+            } => self.on_heartbeat(from, ballot, commit, read_round),
+            Message::HeartbeatAck {
+                ballot,
+                read_round,
+                committed,
+            } => {
+                if let Some((l, core)) = self.leading() {
+                    l.on_heartbeat_ack(core, from, ballot, read_round, committed);
+                }
+            }
+            Message::CatchUpRequest {
+                ballot,
+                from_slot,
+                to_slot,
+            } => {
+                if let Some((l, core)) = self.leading() {
+                    l.on_catch_up_request(core, from, ballot, from_slot, to_slot);
+                }
+            }
+            Message::CatchUp {
+                ballot,
+                entries,
+                commit,
+                more,
+            } => self.on_catch_up(from, ballot, entries, commit, more),
+        }
+    }
+
+    /// Gives queued commands their slots, announces pending read rounds, and
+    /// returns everything the driver must now do.
+    pub fn take_ready(&mut self) -> Ready {
+        if let Some((l, core)) = self.leading() {
+            l.fill_pipeline(core);
+            l.announce_read_round(core);
+        }
+        self.check_invariants();
+        let ready = std::mem::take(&mut self.core.ready);
+        // The chosen slots run on from the last ones handed out, up to the
+        // commit index: a driver applying them never passes it.
+        if let Some(&(last, _)) = ready.chosen.last() {
+            assert_eq!(last, self.core.committed, "chosen ends at the commit index");
+        }
+        debug_assert!(
+            ready.chosen.windows(2).all(|w| w[1].0 == w[0].0 + 1),
+            "chosen slots are consecutive"
+        );
+        ready
+    }
+
+    /// What holds between any two inputs, whatever the role.
+    fn check_invariants(&self) {
+        let core = &self.core;
+        assert!(
+            core.max_round_seen >= core.acceptor.promised().round,
+            "the highest round seen includes our own promise"
+        );
+        match &self.state {
+            State::Follower => {}
+            State::PreCandidate(p) => p.check_invariants(core),
+            State::Candidate(c) => c.check_invariants(core),
+            State::Leader(l) => l.check_invariants(core),
+        }
+    }
+
+    /// The leader's state and the rest of the replica, when leading: the one
+    /// place where leader-only code checks the role.
+    fn leading(&mut self) -> Option<(&mut Leader, &mut Core)> {
+        match &mut self.state {
+            State::Leader(l) => Some((l, &mut self.core)),
+            _ => None,
+        }
+    }
+}
+
+/// Whether `slot` may be voted on: slots run from 1 to `u64::MAX - 1`.
+fn slot_in_range(slot: Slot) -> bool {
+    slot != 0 && slot != u64::MAX
+}
+
+impl Core {
+    /// The highest round this replica has seen or promised.
+    fn highest_round(&self) -> u64 {
+        self.max_round_seen.max(self.acceptor.promised().round)
+    }
+
+    /// The first slot not known chosen. Every slot voted on or learned is
+    /// below `u64::MAX` (see [`Refused::SlotOutOfRange`]), so there is one.
+    fn first_unchosen(&self) -> Slot {
+        self.committed
+            .checked_add(1)
+            .expect("the commit index is below u64::MAX")
+    }
+
+    /// The leader this replica follows (itself when leading), if any.
+    fn leader(&self) -> Option<NodeId> {
+        self.leadership.map(|l| l.id)
+    }
+
+    fn not_leader(&self) -> NotLeader {
+        NotLeader {
+            leader: self.leader(),
+        }
+    }
+
+    /// Hands out `slot`, the next one, as chosen with `value`: the commit
+    /// index moves up by one.
+    fn choose(&mut self, slot: Slot, value: Value) {
+        assert_eq!(
+            Some(slot),
+            self.committed.checked_add(1),
+            "the commit index only moves up, one slot at a time"
+        );
+        self.committed = slot;
+        self.ready.chosen.push((slot, value));
+    }
+
+    fn reset_election_timer(&mut self) {
+        let t = self.cfg.election_ticks;
+        self.election_deadline = self.now + self.rng.range(t, 2 * t);
+    }
+
+    fn peers(&self) -> impl Iterator<Item = NodeId> + use<> {
+        self.cfg.peers().collect::<Vec<_>>().into_iter()
+    }
+
+    fn send(&mut self, to: NodeId, msg: Message) {
+        self.ready.messages.push(Envelope { to, msg });
+    }
+
+    fn send_after_persist(&mut self, to: NodeId, msg: Message) {
+        self.ready.persisted_messages.push(Envelope { to, msg });
+    }
+
+    fn persist_promise(&mut self) {
+        self.ready.persist.promised = Some(self.acceptor.promised());
+    }
+
+    fn persist_vote(&mut self, slot: Slot, ballot: Ballot, value: &Value) {
+        self.ready.persist.entries.push(Accepted {
+            slot,
+            ballot,
+            value: value.clone(),
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::paxos::testing::{Net, cmd, replica};
+
+    #[test]
+    fn only_members_other_than_this_replica_are_heard() {
+        let mut r = replica(2, 3);
+        let promised = r.status().promised;
+        let outsider = Message::Prepare {
+            ballot: Ballot::new(5, 9),
+            from_slot: 1,
+        };
+        assert_eq!(r.step(9, outsider), Err(Refused::NotMember(9)));
+        let impostor = Message::Prepare {
+            ballot: Ballot::new(6, 2),
+            from_slot: 1,
+        };
+        assert_eq!(r.step(2, impostor), Err(Refused::FromSelf));
+        assert!(r.take_ready().is_empty(), "nothing to persist or send");
+        assert_eq!(r.status().promised, promised);
+    }
+
+    #[test]
+    fn a_member_cannot_speak_for_another_members_ballot() {
+        let mut r = replica(2, 3);
+        let accept = Message::Accept {
+            ballot: Ballot::new(5, 3),
+            slot: 1,
+            value: Value::Noop,
+            commit: 0,
+        };
+        assert_eq!(
+            r.step(1, accept),
+            Err(Refused::NotSendersBallot {
+                from: 1,
+                ballot: Ballot::new(5, 3)
+            })
+        );
+        assert!(r.take_ready().is_empty(), "nothing to persist or send");
+        assert_eq!(r.leader(), None);
+    }
+
+    #[test]
+    fn a_ballot_with_the_last_round_is_refused_and_the_replica_can_still_be_elected() {
+        let mut net = Net::new(3);
+        let last = Ballot::new(u64::MAX, 3);
+        let prepare = Message::Prepare {
+            ballot: last,
+            from_slot: 1,
+        };
+        let refused = Err(Refused::BallotOutOfRange {
+            ballot: last,
+            highest: 0,
+        });
+        assert_eq!(net.node(2).step(3, prepare), refused);
+        assert_eq!(
+            net.node(2).step(1, Message::Nack { promised: last }),
+            refused
+        );
+        assert!(net.node(2).take_ready().is_empty());
+        assert_eq!(net.node(2).status().promised, Ballot::ZERO);
+        net.elect(2);
+        assert_eq!(net.node(3).leader(), Some(2));
+    }
+
+    #[test]
+    fn a_round_may_jump_up_to_the_bound_above_the_highest_seen_and_no_further() {
+        let jump = Ballot::MAX_ROUND_JUMP;
+        let mut r = replica(2, 3);
+        let prepare = |round| Message::Prepare {
+            ballot: Ballot::new(round, 3),
+            from_slot: 1,
+        };
+        assert!(matches!(
+            r.step(3, prepare(jump + 1)),
+            Err(Refused::BallotOutOfRange { highest: 0, .. })
+        ));
+        assert!(r.take_ready().is_empty());
+        assert_eq!(r.status().promised, Ballot::ZERO);
+        // An honest gap, however large, is below the bound.
+        r.step(3, prepare(jump)).unwrap();
+        assert_eq!(r.status().promised, Ballot::new(jump, 3));
+        // The bound is measured from the highest round seen.
+        r.step(3, prepare(2 * jump)).unwrap();
+        assert_eq!(r.status().promised, Ballot::new(2 * jump, 3));
+    }
+
+    #[test]
+    fn slots_that_leave_no_room_after_them_are_refused() {
+        let mut r = replica(2, 3);
+        for slot in [0, u64::MAX] {
+            let accept = Message::Accept {
+                ballot: Ballot::new(1, 1),
+                slot,
+                value: Value::Noop,
+                commit: 0,
+            };
+            assert_eq!(r.step(1, accept), Err(Refused::SlotOutOfRange { slot }));
+            let catch_up = Message::CatchUp {
+                ballot: Ballot::new(1, 1),
+                entries: vec![(1, Value::Noop), (slot, Value::Noop)],
+                commit: 1,
+                more: false,
+            };
+            assert_eq!(r.step(1, catch_up), Err(Refused::SlotOutOfRange { slot }));
+        }
+        assert!(r.take_ready().is_empty());
+    }
+
+    #[test]
+    fn an_accepted_claiming_to_be_the_leaders_own_does_not_count() {
+        let mut net = Net::new(3);
+        net.elect(1);
+        let leader = net.node(1);
+        let ballot = leader.status().promised;
+        leader.propose(cmd("x")).unwrap();
+        leader.take_ready();
+        // Before our own vote is durable, someone claims to be us.
+        let accepted = Message::Accepted { ballot, slot: 1 };
+        assert_eq!(leader.step(1, accepted.clone()), Err(Refused::FromSelf));
+        leader.step(2, accepted.clone()).unwrap();
+        assert!(leader.take_ready().chosen.is_empty());
+        // Our own, handed back by the driver after the sync, does.
+        leader.step_own(accepted);
+        assert_eq!(leader.take_ready().chosen.len(), 1);
+    }
+}
