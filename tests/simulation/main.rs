@@ -88,6 +88,7 @@ fn simulated_clusters_stay_safe_linearizable_and_live() {
                 total.partitions += s.partitions;
                 total.pauses += s.pauses;
                 total.late += s.late;
+                total.released += s.released;
                 total.leader_changes += s.leader_changes;
                 total.slots_chosen += s.slots_chosen;
                 total.ticks += s.ticks;

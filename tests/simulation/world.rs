@@ -115,6 +115,7 @@ pub struct Stats {
     pub partitions: u64,
     pub pauses: u64,
     pub late: u64,
+    pub released: u64,
     pub leader_changes: u64,
     pub slots_chosen: u64,
     pub ticks: u64,
@@ -270,6 +271,8 @@ pub struct World {
     /// The longest applied log when each read arrived: it must be served
     /// from a state at least that far along.
     read_floor: BTreeMap<u64, Slot>,
+    /// Messages kept for a peer that could not be reached, by (from, to).
+    held: BTreeMap<(NodeId, NodeId), VecDeque<Message>>,
     /// A deposed leader that clients are steered to for a while, to give
     /// it reads it must refuse.
     bait: Option<(NodeId, u64)>,
@@ -283,6 +286,9 @@ const HEARTBEAT: u64 = 3;
 const ELECTION: u64 = 20;
 const CLIENT_TIMEOUT: u64 = 120;
 const MAX_TICKS: u64 = 400_000;
+/// Most messages kept per (sender, receiver) while they cannot reach each
+/// other (the transport keeps 1,024; the simulator's windows are smaller).
+const HELD_PER_PEER: usize = 64;
 /// Once healed and converged, every open call is answered within this many
 /// ticks (a write in doubt waits at most three election timeouts).
 const ANSWER_WITHIN: u64 = 10 * ELECTION;
@@ -338,6 +344,7 @@ impl World {
             call_proposal: BTreeMap::new(),
             deposed_reads: BTreeSet::new(),
             read_floor: BTreeMap::new(),
+            held: BTreeMap::new(),
             bait: None,
             last_leader: None,
             stats: Stats::default(),
@@ -583,6 +590,7 @@ impl World {
                 self.start(id);
             }
         }
+        self.release_held();
     }
 
     /// Every replica has applied everything chosen.
@@ -612,6 +620,7 @@ impl World {
             for id in ids {
                 self.nodes.get_mut(&id).expect("node").group = u32::from(id == leader);
             }
+            self.release_held();
             // Steer reads to it while the others elect a new leader.
             self.bait = Some((leader, self.now + 8 * ELECTION));
             if self.rng.range(0, 2) == 0 {
@@ -627,6 +636,51 @@ impl World {
             for id in ids {
                 let group = if heal { 0 } else { self.rng.range(0, 3) as u32 };
                 self.nodes.get_mut(&id).expect("node").group = group;
+            }
+            self.release_held();
+        }
+    }
+
+    /// A message between replicas that cannot reach each other: dropped,
+    /// or (half the time) kept, as the transport keeps the newest messages
+    /// for a disconnected peer, up to a bound, and sends them when the
+    /// stream is back.
+    fn hold(&mut self, from: NodeId, to: NodeId, msg: Message) {
+        if !self.chance(0.5) {
+            self.stats.dropped += 1;
+            return;
+        }
+        let queue = self.held.entry((from, to)).or_default();
+        queue.push_back(msg);
+        if queue.len() > HELD_PER_PEER {
+            queue.pop_front();
+            self.stats.dropped += 1;
+        }
+    }
+
+    /// Partitions changed: what was kept for peers now reachable goes out,
+    /// in a burst, in order.
+    fn release_held(&mut self) {
+        let ready: Vec<(NodeId, NodeId)> = self
+            .held
+            .keys()
+            .copied()
+            .filter(|&(from, to)| self.connected(from, to))
+            .collect();
+        for (from, to) in ready {
+            let queue = self.held.remove(&(from, to)).unwrap_or_default();
+            self.stats.released += queue.len() as u64;
+            for msg in queue {
+                let delay = self.rng.range(1, self.p.max_delay + 1);
+                self.schedule(
+                    delay,
+                    Event::Peer {
+                        from,
+                        to,
+                        msg,
+                        incarnation: None,
+                    },
+                );
             }
         }
     }
@@ -683,7 +737,7 @@ impl World {
                     return Ok(()); // a message to self from before a crash
                 }
                 if from != to && !self.connected(from, to) {
-                    self.stats.dropped += 1;
+                    self.hold(from, to, msg);
                     return Ok(());
                 }
                 let Some(d) = self.nodes.get_mut(&to).and_then(|n| n.driver.as_mut()) else {
@@ -1155,9 +1209,15 @@ impl World {
             self.deposed_reads.insert(call.id);
         }
         // For the reads oracle: the read must see every slot applied
-        // anywhere before it arrived.
-        self.read_floor
-            .insert(call.id, self.applied_log.len() as Slot);
+        // anywhere before it arrived, and (ReadIndex) at least the leader's
+        // commit index when it arrived.
+        let index = if replica.is_leader() {
+            replica.committed()
+        } else {
+            0
+        };
+        let floor = (self.applied_log.len() as Slot).max(index);
+        self.read_floor.insert(call.id, floor);
         self.outstanding.entry(to).or_default().insert(call.id);
         let d = self.driver(to);
         match req {
