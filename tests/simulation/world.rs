@@ -76,6 +76,9 @@ pub struct Params {
     /// stream comes back: stale votes and promises reach a replica that has
     /// moved on, even one re-elected under a newer ballot.
     pub late: f64,
+    /// Probability that the state machine applies what was chosen only a
+    /// few ticks later (in order), so reads and writers wait for it.
+    pub apply_lag: f64,
 }
 
 impl Params {
@@ -98,6 +101,7 @@ impl Params {
             max_sync: rng.range(0, 5),
             pause: rng.range(0, if harsh { 40 } else { 10 }) as f64 / 10_000.0,
             late: rng.range(0, 80) as f64 / 1000.0,
+            apply_lag: rng.range(0, 40) as f64 / 100.0,
         }
     }
 }
@@ -168,6 +172,11 @@ enum Event {
         node: NodeId,
         incarnation: u64,
     },
+    /// The state machine catches up with what was chosen (see `apply_lag`).
+    ApplyDue {
+        node: NodeId,
+        incarnation: u64,
+    },
 }
 
 /// Which attempt of which operation of which client a message is about.
@@ -215,6 +224,8 @@ struct Node {
     machine: Machine,
     /// Syncs in progress, completing in order; lost in a crash.
     syncing: VecDeque<Write>,
+    /// Chosen slots the state machine has not applied yet; lost in a crash.
+    unapplied: VecDeque<(Slot, Value)>,
     last_sync_done: u64,
     group: u32,
     paused_until: u64,
@@ -303,6 +314,7 @@ impl World {
                     disk: Disk::default(),
                     machine: Machine::default(),
                     syncing: VecDeque::new(),
+                    unapplied: VecDeque::new(),
                     last_sync_done: 0,
                     group: 0,
                     paused_until: 0,
@@ -389,6 +401,7 @@ impl World {
         let node = self.nodes.get_mut(&id).expect("node exists");
         if node.driver.take().is_some() {
             node.syncing.clear();
+            node.unapplied.clear();
             // Its calls die with it; their clients time out and retry.
             self.outstanding.remove(&id);
             self.stats.crashes += 1;
@@ -705,7 +718,7 @@ impl World {
         // A frozen replica finds what arrived meanwhile queued, in order.
         let target = match &event {
             Event::Peer { to, .. } | Event::ToReplica { to, .. } => Some(*to),
-            Event::SyncDone { node, .. } => Some(*node),
+            Event::SyncDone { node, .. } | Event::ApplyDue { node, .. } => Some(*node),
             Event::Restart { .. } | Event::ToClient { .. } => None,
         };
         if let Some(id) = target.filter(|&id| self.paused(id)) {
@@ -723,6 +736,12 @@ impl World {
             Event::SyncDone { node, incarnation } => {
                 if self.nodes[&node].incarnation == incarnation && self.alive(node) {
                     self.complete_sync(node)?;
+                }
+                Ok(())
+            }
+            Event::ApplyDue { node, incarnation } => {
+                if self.nodes[&node].incarnation == incarnation && self.alive(node) {
+                    self.apply_chosen(node)?;
                 }
                 Ok(())
             }
@@ -872,6 +891,42 @@ impl World {
         for e in persisted_messages {
             self.send_peer(id, e.to, e.msg)?;
         }
+        if chosen.is_empty() {
+            return Ok(());
+        }
+        // The state machine may lag behind what is chosen (in order): reads
+        // then wait for their index, and nothing may be answered early.
+        let node = self.nodes.get_mut(&id).expect("node");
+        let was_lagging = !node.unapplied.is_empty();
+        node.unapplied.extend(chosen);
+        if was_lagging {
+            return Ok(()); // an ApplyDue is already on its way
+        }
+        if self.faulty() && self.chance(self.p.apply_lag) {
+            let incarnation = self.nodes[&id].incarnation;
+            let delay = self.rng.range(1, 3 * HEARTBEAT);
+            self.schedule(
+                delay,
+                Event::ApplyDue {
+                    node: id,
+                    incarnation,
+                },
+            );
+            return Ok(());
+        }
+        self.apply_chosen(id)
+    }
+
+    /// Applies every chosen slot waiting for the state machine, and reports
+    /// the replies to the driver.
+    fn apply_chosen(&mut self, id: NodeId) -> Check {
+        let chosen: Vec<(Slot, Value)> = self
+            .nodes
+            .get_mut(&id)
+            .expect("node")
+            .unapplied
+            .drain(..)
+            .collect();
         let Some(&(last, _)) = chosen.last() else {
             return Ok(());
         };
