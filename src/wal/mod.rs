@@ -67,7 +67,10 @@
 //! but marked unwritten, and the first write to each converts it, again a
 //! metadata change `fdatasync` has to journal. [`Preallocate::Fallocate`]
 //! is there to compare (`benches/storage.rs`), and falls back to zeros
-//! where the file system has no `fallocate`.
+//! where the file system has no `fallocate`. Measured on the project's
+//! ext4 disk, median of one commit: 16 votes of 200 bytes, 0.15 ms with
+//! zeros and 0.24 ms with `fallocate`; 256 votes, 0.27 ms and 0.52 ms. The
+//! price of zeros is a 64 MiB write inside the commit that rotates.
 //!
 //! # Files and the directory
 //!
