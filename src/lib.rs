@@ -19,6 +19,8 @@
 //! - [`storage`]: the one place that touches the disk (sled): the acceptor's
 //!   promise and votes, made durable with a real fsync, and the state machine
 //!   applied atomically with its applied index;
+//! - [`wal`]: the Paxos log's own append-only segment files (CRC-framed
+//!   records, group commit with one fdatasync); not wired in yet;
 //! - [`wire`]: the core's types in protobuf form, for the network and the disk;
 //! - [`kv`]: the state machine (the five operations and the dedup table);
 //! - [`paxos`]: the consensus core, sans-IO and deterministic;
@@ -37,6 +39,7 @@ pub mod server;
 pub mod service;
 pub mod storage;
 pub mod transport;
+pub mod wal;
 pub mod wire;
 
 /// Generated protobuf messages and gRPC stubs for `paxoskv.v1`.
