@@ -41,6 +41,26 @@ impl Replica {
         commit: Slot,
         read_round: u64,
     ) {
+        if !self.hear_leader(from, ballot) {
+            return;
+        }
+        let core = &mut self.core;
+        core.learn_commit(ballot, commit);
+        let committed = core.committed;
+        core.send_after_persist(
+            from,
+            Message::HeartbeatAck {
+                ballot,
+                read_round,
+                committed,
+            },
+        );
+    }
+
+    /// A leader's heartbeat or catch-up arrived: refused below our promise
+    /// (the sender learns it, `Nack`); otherwise the promise rises to the
+    /// leader's ballot (persisted) and we follow it. Returns whether we do.
+    fn hear_leader(&mut self, from: NodeId, ballot: Ballot) -> bool {
         self.observe(ballot);
         let core = &mut self.core;
         match core.acceptor.follow(ballot) {
@@ -49,19 +69,12 @@ impl Replica {
                     core.persist_promise();
                 }
                 self.follow(from, ballot);
-                let core = &mut self.core;
-                core.learn_commit(ballot, commit);
-                let committed = core.committed;
-                core.send_after_persist(
-                    from,
-                    Message::HeartbeatAck {
-                        ballot,
-                        read_round,
-                        committed,
-                    },
-                );
+                true
             }
-            Err(promised) => core.send(from, Message::Nack { promised }),
+            Err(promised) => {
+                core.send(from, Message::Nack { promised });
+                false
+            }
         }
     }
 
@@ -73,36 +86,28 @@ impl Replica {
         commit: Slot,
         more: bool,
     ) {
-        self.observe(ballot);
-        let core = &mut self.core;
-        match core.acceptor.follow(ballot) {
-            Ok(raised) => {
-                if raised {
-                    core.persist_promise();
-                }
-                self.follow(from, ballot);
-                let core = &mut self.core;
-                for (slot, value) in entries {
-                    // A vote under the leader's ballot is the value it
-                    // proposed, so it is the chosen one that it reports.
-                    debug_assert!(
-                        core.acceptor
-                            .vote(slot)
-                            .is_none_or(|(b, v)| b != ballot || *v == value),
-                        "leader {ballot} reports for slot {slot} a value other than it proposed"
-                    );
-                    if slot > core.committed && core.acceptor.learn(ballot, slot, &value) {
-                        core.persist_vote(slot, ballot, &value);
-                    }
-                }
-                // The whole answer is in: ask for more at once if need be.
-                if !more {
-                    core.catch_up_sent_at = None;
-                }
-                core.learn_commit(ballot, commit);
-            }
-            Err(promised) => core.send(from, Message::Nack { promised }),
+        if !self.hear_leader(from, ballot) {
+            return;
         }
+        let core = &mut self.core;
+        for (slot, value) in entries {
+            // A vote under the leader's ballot is the value it proposed, so
+            // it is the chosen one that it reports.
+            debug_assert!(
+                core.acceptor
+                    .vote(slot)
+                    .is_none_or(|(b, v)| b != ballot || *v == value),
+                "leader {ballot} reports for slot {slot} a value other than it proposed"
+            );
+            if slot > core.committed && core.acceptor.learn(ballot, slot, &value) {
+                core.persist_vote(slot, ballot, &value);
+            }
+        }
+        // The whole answer is in: ask for more at once if need be.
+        if !more {
+            core.catch_up_sent_at = None;
+        }
+        core.learn_commit(ballot, commit);
     }
 }
 
