@@ -87,6 +87,11 @@ impl Replica {
     pub(super) fn start_pre_vote(&mut self) {
         self.step_down();
         let core = &mut self.core;
+        // No leader was heard for an election timeout: stop naming it, or
+        // calls keep being sent to a leader that may be dead, for as long
+        // as the pre-votes cannot win (as etcd's raft drops its leader on
+        // becoming a pre-candidate). A live leader's next message restores it.
+        core.leadership = None;
         let Some(round) = Ballot::next_round(core.highest_round()) else {
             return;
         };
@@ -391,6 +396,28 @@ mod tests {
         assert_eq!(net.node(2).leader(), Some(1));
         assert_eq!(net.node(3).leader(), Some(1));
         assert_eq!(net.node(1).status().promised, net.node(2).status().promised);
+    }
+
+    #[test]
+    fn a_replica_whose_election_timer_fires_forgets_its_leader_even_if_it_cannot_win() {
+        let mut net = Net::new(3);
+        net.elect(1);
+        // The leader and replica 3 are gone: replica 2's pre-votes go
+        // unanswered, so it never starts phase 1. It must still stop naming
+        // the dead leader, or its clients are sent there forever.
+        let f = net.node(2);
+        assert_eq!(f.leader(), Some(1));
+        for _ in 0..2 * f.config().election_ticks {
+            f.tick();
+            f.take_ready();
+        }
+        assert_eq!(f.status().elections, 0, "no majority, no phase 1");
+        assert_eq!(f.leader(), None);
+        assert_eq!(
+            f.propose(cmd("x")),
+            Err(NotLeader { leader: None }),
+            "callers are told no leader is known"
+        );
     }
 
     #[test]
