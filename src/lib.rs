@@ -16,11 +16,12 @@
 //!   streams, one per peer, with reconnects;
 //! - [`dial`]: the one way to make a channel to a replica, from any address
 //!   form `--peers` and `--endpoint` accept;
-//! - [`storage`]: the one place that touches the disk (sled): the acceptor's
-//!   promise and votes, made durable with a real fsync, and the state machine
-//!   applied atomically with its applied index;
+//! - [`storage`]: the one place that touches the disk: the acceptor's
+//!   promise and votes in the Paxos log, each persist one group commit
+//!   with one fdatasync, and the state machine in sled, applied atomically
+//!   with its applied index;
 //! - [`wal`]: the Paxos log's own append-only segment files (CRC-framed
-//!   records, group commit with one fdatasync); not wired in yet;
+//!   records, group commit with one fdatasync);
 //! - [`wire`]: the core's types in protobuf form, for the network and the disk;
 //! - [`kv`]: the state machine (the five operations and the dedup table);
 //! - [`paxos`]: the consensus core, sans-IO and deterministic;

@@ -26,10 +26,14 @@ pub const COMMIT_DURATION: &str = "paxoskv_commit_duration_seconds";
 pub const BATCH_SIZE: &str = "paxoskv_batch_size_commands";
 /// As leader: slots proposed and not yet committed.
 pub const IN_FLIGHT: &str = "paxoskv_pipeline_slots_in_flight";
-/// Time to make a batch of acceptor state durable (write, flush, fsync).
+/// Time to make a batch of acceptor state durable: one log append and fdatasync.
 pub const SYNC_DURATION: &str = "paxoskv_storage_sync_duration_seconds";
 /// Bytes of acceptor state written to disk.
 pub const WRITTEN_BYTES: &str = "paxoskv_storage_written_bytes_total";
+/// Bytes the Paxos log's segment files take on disk (preallocated).
+pub const LOG_BYTES: &str = "paxoskv_log_bytes";
+/// Segment files of the Paxos log.
+pub const LOG_SEGMENTS: &str = "paxoskv_log_segments";
 /// Every slot up to this one is known chosen here.
 pub const COMMIT_INDEX: &str = "paxoskv_commit_index";
 /// Every slot up to this one is applied to the state machine here.
@@ -96,13 +100,19 @@ fn describe() {
     describe_histogram!(
         SYNC_DURATION,
         Unit::Seconds,
-        "Write, flush and fsync of a batch of acceptor state."
+        "One group commit of acceptor state to the log: write and fdatasync."
     );
     describe_counter!(
         WRITTEN_BYTES,
         Unit::Bytes,
         "Bytes of acceptor state written."
     );
+    describe_gauge!(
+        LOG_BYTES,
+        Unit::Bytes,
+        "Bytes the Paxos log's segments take on disk."
+    );
+    describe_gauge!(LOG_SEGMENTS, "Segment files of the Paxos log.");
     describe_gauge!(
         COMMIT_INDEX,
         "Every slot up to this one is known chosen here."

@@ -322,6 +322,9 @@ impl Node {
                 metrics::histogram!(m::SYNC_DURATION).record(started.elapsed().as_secs_f64());
                 metrics::counter!(m::WRITTEN_BYTES)
                     .increment(self.storage.bytes_written() - written);
+                let (segments, bytes) = self.storage.log_size();
+                metrics::gauge!(m::LOG_SEGMENTS).set(segments as f64);
+                metrics::gauge!(m::LOG_BYTES).set(bytes as f64);
             }
             // 3. Replies that promise or accept what is now on disk.
             for e in work.persisted_messages {

@@ -67,8 +67,8 @@ pub async fn serve(
     if let Some(addr) = opts.metrics_listen {
         crate::metrics::install(addr)?;
     }
-    let storage = Arc::new(Storage::open(&opts.data_dir, opts.cache_bytes)?);
-    let durable = storage.load()?;
+    let (storage, durable) = Storage::open(&opts.data_dir, opts.cache_bytes)?;
+    let storage = Arc::new(storage);
     info!(
         replica = opts.id,
         data_dir = %opts.data_dir.display(),

@@ -54,7 +54,7 @@ fn verify_disks(cluster: &mut Cluster, acked: &Acked) {
     }
     let mut states = Vec::new();
     for id in 1..=3 {
-        let storage =
+        let (storage, _) =
             Storage::open(&cluster.dir.join(format!("data-{id}")), 8 << 20).expect("open data dir");
         let state = storage.entries().expect("read the state machine");
         for (key, value) in &acked.values {

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, watch};
 async fn a_write_is_acknowledged_only_after_its_vote_is_synced() {
     let dir = std::env::temp_dir().join(format!("paxoskv-durability-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let storage = Arc::new(Storage::open(&dir, 8 << 20).expect("open storage"));
+    let storage = Arc::new(Storage::open(&dir, 8 << 20).expect("open storage").0);
     let mut cfg = Config::new(1, vec![1]);
     cfg.election_ticks = 2;
     cfg.heartbeat_ticks = 1;
@@ -45,17 +45,6 @@ async fn a_write_is_acknowledged_only_after_its_vote_is_synced() {
                 storage.syncs() > syncs_before,
                 "write acknowledged without a sync"
             );
-            let votes = storage.load().expect("load").votes;
-            let logged = votes.iter().any(|v| match &v.value {
-                Value::Batch(commands) => commands.iter().any(|c| {
-                    Command::decode(c).is_ok_and(|c| c.key == "durable" && c.op == Op::Insert(7))
-                }),
-                Value::Noop => false,
-            });
-            assert!(
-                logged,
-                "acknowledged write is not in the synced log: {votes:?}"
-            );
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await; // not leader yet
@@ -66,8 +55,20 @@ async fn a_write_is_acknowledged_only_after_its_vote_is_synced() {
     drop(handle);
     drop(storage);
 
-    // Reopened, the state machine has it.
-    let storage = Storage::open(&dir, 8 << 20).expect("reopen storage");
+    // Reopened, the log holds the vote that carried it, and the state
+    // machine has it.
+    let (storage, durable) = Storage::open(&dir, 8 << 20).expect("reopen storage");
+    let logged = durable.votes.iter().any(|v| match &v.value {
+        Value::Batch(commands) => commands
+            .iter()
+            .any(|c| Command::decode(c).is_ok_and(|c| c.key == "durable" && c.op == Op::Insert(7))),
+        Value::Noop => false,
+    });
+    assert!(
+        logged,
+        "acknowledged write is not in the log: {:?}",
+        durable.votes
+    );
     assert_eq!(storage.get("durable").unwrap(), Some(7));
     drop(storage);
     let _ = std::fs::remove_dir_all(&dir);

@@ -1,10 +1,10 @@
 //! The Paxos log on disk: an append-only, segmented write-ahead log of
 //! CRC-framed records, with group commit and one `fdatasync` per commit.
 //!
-//! Not wired into [`crate::storage`] yet. The log knows nothing of Paxos: a
-//! record is opaque payload bytes plus an `index` the caller gives it (the
-//! slot, or 0 for records such as the promise), used only by
-//! [`Wal::purge_through`].
+//! [`crate::storage`] keeps the promise and the votes in it. The log knows
+//! nothing of Paxos: a record is opaque payload bytes plus an `index` the
+//! caller gives it (the slot, or 0 for records such as the promise), used
+//! only by [`Wal::purge_through`].
 //!
 //! # Own code, not a crate
 //!

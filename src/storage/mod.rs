@@ -1,0 +1,296 @@
+//! The one place that touches the disk: the acceptor's durable state (the
+//! Paxos log) and the state machine, each in the store that suits it.
+//!
+//! # Layout
+//!
+//! A data directory holds:
+//!
+//! - `log/`: the Paxos log, an append-only [`crate::wal`] of the promise and
+//!   the votes (see `acceptor_log.rs` for its records). Every
+//!   [`Storage::persist`] is one group commit: one `pwrite` and one
+//!   `fdatasync`, whatever it holds.
+//! - `state/`: a sled 0.34.7 database with the state machine only: `kv`,
+//!   the dedup `sessions`, and the applied index (see `state_machine.rs`).
+//!   Applied in one transaction per batch, never fsynced on that path: a
+//!   slot is applied only once it is durable in the log, so whatever sled
+//!   loses in a crash is applied again from the log.
+//!
+//! A directory written by paxoskv 0.1, one sled database holding
+//! everything, is migrated on open (`upgrade.rs`).
+//!
+//! # Durability
+//!
+//! An acceptor must not answer a prepare or an accept before the promise or
+//! vote it answers with would survive a power loss: [`Storage::persist`]
+//! returns only after the log's `fdatasync`. [`Storage::flush`] makes the
+//! state machine durable too (sled's flush, then an fsync of its files:
+//! sled's own `flush` is only a `sync_file_range`, see `state_machine.rs`).
+
+mod acceptor_log;
+mod state_machine;
+mod upgrade;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use crate::kv;
+use crate::paxos::{Accepted, Ballot, Persist, Slot, Value};
+use crate::wal::WalError;
+
+use acceptor_log::AcceptorLog;
+use state_machine::StateMachine;
+
+/// The log's directory, inside the data directory.
+const LOG_DIR: &str = "log";
+/// The state machine's directory, inside the data directory.
+const STATE_DIR: &str = "state";
+
+/// Why a storage operation failed.
+#[derive(Debug)]
+pub enum StorageError {
+    /// Another process (or another `Storage` in this one) holds the data
+    /// directory's lock.
+    InUse(PathBuf),
+    /// A file system operation of our own failed: what we were doing, and
+    /// the error.
+    Io(String, io::Error),
+    /// Stored bytes do not decode: the message names where they are.
+    Corrupt(String),
+    /// The Paxos log could not be opened or written (a damaged segment is
+    /// named by file and offset).
+    Log(WalError),
+    /// [`Storage::apply`] was given a slot that does not follow the applied
+    /// index: applying it would skip the slots in between.
+    OutOfOrder {
+        /// The applied index when the slot was offered.
+        applied: Slot,
+        /// The slot offered.
+        slot: Slot,
+    },
+    /// sled itself failed.
+    Sled(sled::Error),
+}
+
+impl fmt::Display for StorageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StorageError::InUse(dir) => write!(
+                f,
+                "data directory {} is already in use by another paxoskv process",
+                dir.display()
+            ),
+            StorageError::Io(what, e) => write!(f, "{what}: {e}"),
+            StorageError::Corrupt(what) => write!(f, "corrupt storage: {what}"),
+            StorageError::Log(e) => write!(f, "{e}"),
+            StorageError::OutOfOrder { applied, slot } => write!(
+                f,
+                "cannot apply slot {slot}: the applied index is {applied}, and slots apply in order"
+            ),
+            StorageError::Sled(e) => write!(f, "sled: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StorageError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            StorageError::Io(_, e) => Some(e),
+            StorageError::Log(e) => Some(e),
+            StorageError::Sled(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<sled::Error> for StorageError {
+    fn from(e: sled::Error) -> Self {
+        StorageError::Sled(e)
+    }
+}
+
+impl From<sled::transaction::TransactionError<StorageError>> for StorageError {
+    fn from(e: sled::transaction::TransactionError<StorageError>) -> Self {
+        match e {
+            sled::transaction::TransactionError::Abort(e) => e,
+            sled::transaction::TransactionError::Storage(e) => StorageError::Sled(e),
+        }
+    }
+}
+
+impl From<WalError> for StorageError {
+    fn from(e: WalError) -> Self {
+        match e {
+            WalError::InUse(dir) => StorageError::InUse(dir),
+            e => StorageError::Log(e),
+        }
+    }
+}
+
+/// What the core is restored from after a restart.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Durable {
+    /// The highest ballot promised; [`Ballot::ZERO`] if none.
+    pub promised: Ballot,
+    /// Every vote in the log, in slot order.
+    pub votes: Vec<Accepted>,
+    /// The last slot applied to the state machine; 0 if none.
+    pub applied: Slot,
+}
+
+/// The durable state of one replica. `Send + Sync`: share it with an `Arc`
+/// and call it from blocking threads.
+pub struct Storage {
+    /// Single writer: persists from several threads queue here, each one
+    /// group commit.
+    log: Mutex<AcceptorLog>,
+    state: StateMachine,
+}
+
+impl Storage {
+    /// Opens (creating) the data directory and returns what is durable in
+    /// it; `cache_bytes` sizes sled's cache (callers pass e.g. 64 MiB, not
+    /// sled's 1 GiB default). A directory in paxoskv 0.1's layout is
+    /// migrated first.
+    ///
+    /// Fails with [`StorageError::InUse`] if another process, or another
+    /// `Storage` in this process, has the directory open; with
+    /// [`StorageError::Log`] if the log is damaged other than by a torn
+    /// last write (which is truncated, with a WARN).
+    pub fn open(dir: &Path, cache_bytes: u64) -> Result<(Storage, Durable), StorageError> {
+        let created = !dir.exists();
+        std::fs::create_dir_all(dir)
+            .map_err(|e| io_error(format!("creating data directory {}", dir.display()), e))?;
+        if created && let Some(parent) = dir.parent() {
+            let parent = if parent.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                parent
+            };
+            sync_dir(parent)?;
+        }
+        // Either error names the data directory, whichever part was locked.
+        let in_use = |e| match e {
+            StorageError::InUse(_) => StorageError::InUse(dir.to_path_buf()),
+            e => e,
+        };
+        upgrade::migrate_if_needed(dir, cache_bytes).map_err(in_use)?;
+        // The log first: its lock keeps a second process out before sled
+        // is touched.
+        let (log, promised, votes) = AcceptorLog::open(&dir.join(LOG_DIR)).map_err(in_use)?;
+        upgrade::remove_leftovers(dir)?;
+        let state = StateMachine::open(&dir.join(STATE_DIR), cache_bytes).map_err(in_use)?;
+        sync_dir(dir)?;
+        let durable = Durable {
+            promised,
+            votes: votes.into_values().collect(),
+            applied: state.applied()?,
+        };
+        let storage = Storage {
+            log: Mutex::new(log),
+            state,
+        };
+        Ok((storage, durable))
+    }
+
+    /// Makes a core [`Persist`] durable: appends the promise and the votes
+    /// to the log (a later vote for a slot replaces an earlier one) and
+    /// syncs it once. An empty `Persist` does nothing and counts no sync.
+    pub fn persist(&self, p: &Persist) -> Result<(), StorageError> {
+        self.log().persist(p)
+    }
+
+    /// Makes the state machine durable (sled's flush, then fsyncs), for a
+    /// clean shutdown: a restart then replays nothing.
+    pub fn flush(&self) -> Result<(), StorageError> {
+        self.state.flush()
+    }
+
+    /// Applies chosen slots in order, atomically with the applied index;
+    /// see [`StateMachine::apply`].
+    pub fn apply(&self, entries: &[(Slot, Value)]) -> Result<Vec<(u64, kv::Reply)>, StorageError> {
+        self.state.apply(entries)
+    }
+
+    /// The value of a key in the state machine.
+    pub fn get(&self, key: &str) -> Result<Option<i32>, StorageError> {
+        self.state.get(key)
+    }
+
+    /// Every key of the state machine with its value, in key order: for
+    /// tests and tools that compare replicas' states. Reads the whole tree.
+    pub fn entries(&self) -> Result<BTreeMap<String, i32>, StorageError> {
+        self.state.entries()
+    }
+
+    /// The applied index: the last slot applied to the state machine, 0 if
+    /// none.
+    pub fn applied(&self) -> Result<Slot, StorageError> {
+        self.state.applied()
+    }
+
+    /// Number of log syncs done so far by [`Storage::persist`] (one per
+    /// non-empty call), for metrics and for tests that prove the sync
+    /// precedes the reply.
+    pub fn syncs(&self) -> u64 {
+        self.log().syncs()
+    }
+
+    /// Total payload bytes appended to the log by [`Storage::persist`].
+    pub fn bytes_written(&self) -> u64 {
+        self.log().bytes_written()
+    }
+
+    /// Segment files of the log, and the bytes they take on disk.
+    pub fn log_size(&self) -> (usize, u64) {
+        self.log().size()
+    }
+
+    fn log(&self) -> std::sync::MutexGuard<'_, AcceptorLog> {
+        // A panic while holding the lock can only come from a bug in the
+        // log, which poisons itself on any failed write; keep going.
+        self.log.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn io_error(what: String, e: io::Error) -> StorageError {
+    StorageError::Io(what, e)
+}
+
+fn sync_what(path: &Path) -> String {
+    format!("fsync of {}", path.display())
+}
+
+/// Fsyncs a directory, making the entries created in it durable.
+fn sync_dir(dir: &Path) -> Result<(), StorageError> {
+    let d = std::fs::File::open(dir)
+        .map_err(|e| io_error(format!("opening directory {}", dir.display()), e))?;
+    d.sync_all().map_err(|e| io_error(sync_what(dir), e))
+}
+
+/// The 12 bytes of a ballot on disk: round, then node, big-endian.
+fn encode_ballot(b: Ballot) -> [u8; 12] {
+    let mut out = [0; 12];
+    out[..8].copy_from_slice(&b.round.to_be_bytes());
+    out[8..].copy_from_slice(&b.node.to_be_bytes());
+    out
+}
+
+/// A ballot from its 12 bytes; `where_` names them in the error.
+fn decode_ballot(bytes: &[u8], where_: &str) -> Result<Ballot, StorageError> {
+    let (round, node) = bytes
+        .split_first_chunk::<8>()
+        .and_then(|(round, rest)| Some((round, <[u8; 4]>::try_from(rest).ok()?)))
+        .ok_or_else(|| {
+            StorageError::Corrupt(format!("{where_}: {} bytes, expected 12", bytes.len()))
+        })?;
+    Ok(Ballot::new(
+        u64::from_be_bytes(*round),
+        u32::from_be_bytes(node),
+    ))
+}
+
+#[cfg(test)]
+mod tests;
