@@ -8,6 +8,14 @@
 //!   value). The record's index is the slot, so that
 //!   [`crate::wal::Wal::purge_through`] can tell which segments hold only
 //!   slots below a snapshot.
+//! - `3`, a snapshot: the state machine was made durable at slot A, and
+//!   the log keeps the votes above slot C <= A only (two u64s, big-endian:
+//!   A, C). Index 0. The votes from C + 1 to A stay to serve followers a
+//!   little behind from the log, rather than with a snapshot.
+//!
+//! Compaction appends the current promise and snapshot again, in one
+//! commit, before deleting the oldest segments: records of index 0 never
+//! keep a segment alive, so what is still needed must live in a newer one.
 //!
 //! Replay takes the last promise and, for each slot, the last vote: a later
 //! record replaces an earlier one, as a later `Persist` does. The log's
@@ -29,16 +37,36 @@ use crate::wire;
 const PROMISE: u8 = 1;
 /// Kind byte of a vote record.
 const VOTE: u8 = 2;
+/// Kind byte of a snapshot record.
+const SNAPSHOT: u8 = 3;
 
-/// Size of each log segment. Small enough that the log of a replica that
+/// Size of each new log segment, by default. Small enough that the log of a replica that
 /// snapshots every few thousand slots stays in a few segments, large
 /// enough that rotations (each writes the new segment's zeros once) are
 /// rare: about one per 50,000 group commits of one small vote.
 pub(super) const SEGMENT_BYTES: u64 = 16 << 20;
 
+/// What replaying the log found.
+pub(super) struct Replayed {
+    /// The last promise.
+    pub(super) promised: Ballot,
+    /// The last snapshot recorded; 0 if none.
+    pub(super) snapshot: Slot,
+    /// Votes at or below this slot were deleted; 0 if none.
+    pub(super) compacted: Slot,
+    /// Per slot above `compacted`, the last vote.
+    pub(super) votes: BTreeMap<Slot, Accepted>,
+}
+
 /// The open log and the counters the metrics read.
 pub(super) struct AcceptorLog {
     wal: Wal,
+    segment_bytes: u64,
+    /// The promise and snapshot as last written, to write again before a
+    /// compaction deletes the segments holding them.
+    promised: Ballot,
+    snapshot: Slot,
+    compacted: Slot,
     syncs: u64,
     bytes_written: u64,
     /// Reused between commits.
@@ -50,13 +78,15 @@ impl AcceptorLog {
     /// and, per slot, the last vote.
     pub(super) fn open(
         dir: &Path,
-    ) -> Result<(AcceptorLog, Ballot, BTreeMap<Slot, Accepted>), StorageError> {
+        segment_bytes: u64,
+    ) -> Result<(AcceptorLog, Replayed), StorageError> {
         let options = Options {
-            segment_bytes: SEGMENT_BYTES,
+            segment_bytes,
             ..Options::default()
         };
         let (wal, records) = Wal::open(dir, options)?;
         let mut promised = Ballot::ZERO;
+        let (mut snapshot, mut compacted) = (0, 0);
         let mut votes = BTreeMap::new();
         for (n, record) in records.iter().enumerate() {
             match decode(record).map_err(|why| {
@@ -66,15 +96,35 @@ impl AcceptorLog {
                 Decoded::Vote(v) => {
                     votes.insert(v.slot, v);
                 }
+                Decoded::Snapshot { at, through } => {
+                    snapshot = snapshot.max(at);
+                    compacted = compacted.max(through);
+                }
             }
         }
+        // Votes at or below the compaction point may outlive it in a
+        // segment that also holds later slots; the core no longer keeps
+        // them, so neither does the replay.
+        let votes = votes.split_off(&(compacted + 1));
         let log = AcceptorLog {
             wal,
+            segment_bytes,
+            promised,
+            snapshot,
+            compacted,
             syncs: 0,
             bytes_written: 0,
             records: Vec::new(),
         };
-        Ok((log, promised, votes))
+        Ok((
+            log,
+            Replayed {
+                promised,
+                snapshot,
+                compacted,
+                votes,
+            },
+        ))
     }
 
     /// Appends a core [`Persist`] and syncs it: one commit.
@@ -93,9 +143,37 @@ impl AcceptorLog {
         let result = self.wal.commit(&self.records);
         self.records.clear();
         result?;
+        if let Some(b) = p.promised {
+            self.promised = b;
+        }
         self.syncs += 1;
         self.bytes_written += bytes as u64;
         Ok(())
+    }
+
+    /// Records that the state machine is durable at `snapshot`, then
+    /// deletes the oldest segments that hold no vote above `through`.
+    /// Returns how many were deleted.
+    ///
+    /// The caller must have made the state machine durable at `snapshot`
+    /// or later first: after this, the votes at or below it may be gone.
+    pub(super) fn compact(&mut self, snapshot: Slot, through: Slot) -> Result<usize, StorageError> {
+        assert!(through <= snapshot, "compacting past the snapshot");
+        let snapshot = snapshot.max(self.snapshot);
+        let through = through.max(self.compacted);
+        let mut records = vec![snapshot_record(snapshot, through)];
+        if self.promised != Ballot::ZERO {
+            records.push(promise_record(self.promised));
+        }
+        self.wal.commit(&records)?;
+        self.snapshot = snapshot;
+        self.compacted = through;
+        Ok(self.wal.purge_through(through)?)
+    }
+
+    /// The last snapshot recorded.
+    pub(super) fn snapshot(&self) -> Slot {
+        self.snapshot
     }
 
     pub(super) fn syncs(&self) -> u64 {
@@ -110,7 +188,7 @@ impl AcceptorLog {
     /// to their full size).
     pub(super) fn size(&self) -> (usize, u64) {
         let n = self.wal.segment_count();
-        (n, n as u64 * SEGMENT_BYTES)
+        (n, n as u64 * self.segment_bytes)
     }
 }
 
@@ -119,6 +197,15 @@ impl AcceptorLog {
 enum Decoded {
     Promise(Ballot),
     Vote(Accepted),
+    Snapshot { at: Slot, through: Slot },
+}
+
+fn snapshot_record(at: Slot, through: Slot) -> Record {
+    let mut payload = Vec::with_capacity(17);
+    payload.push(SNAPSHOT);
+    payload.extend_from_slice(&at.to_be_bytes());
+    payload.extend_from_slice(&through.to_be_bytes());
+    Record { index: 0, payload }
 }
 
 fn promise_record(b: Ballot) -> Record {
@@ -161,6 +248,17 @@ fn decode(record: &Record) -> Result<Decoded, String> {
             }
             Ok(Decoded::Vote(vote))
         }
+        SNAPSHOT => {
+            let (at, through) = body
+                .split_first_chunk::<8>()
+                .and_then(|(at, rest)| Some((*at, <[u8; 8]>::try_from(rest).ok()?)))
+                .ok_or_else(|| format!("snapshot: {} bytes, expected 16", body.len()))?;
+            let (at, through) = (u64::from_be_bytes(at), u64::from_be_bytes(through));
+            if through > at {
+                return Err(format!("snapshot at {at} compacted through {through}"));
+            }
+            Ok(Decoded::Snapshot { at, through })
+        }
         other => Err(format!("unknown record kind {other}")),
     }
 }
@@ -181,6 +279,18 @@ mod tests {
             value: Value::Batch(vec![Bytes::from_static(b"x")]),
         };
         assert_eq!(decode(&vote_record(&v)), Ok(Decoded::Vote(v.clone())));
+        assert_eq!(
+            decode(&snapshot_record(77, 70)),
+            Ok(Decoded::Snapshot {
+                at: 77,
+                through: 70
+            })
+        );
+        assert!(
+            decode(&snapshot_record(7, 8))
+                .unwrap_err()
+                .contains("compacted through 8")
+        );
 
         let mut misfiled = vote_record(&v);
         misfiled.index = 8;

@@ -134,10 +134,25 @@ impl From<WalError> for StorageError {
 pub struct Durable {
     /// The highest ballot promised; [`Ballot::ZERO`] if none.
     pub promised: Ballot,
-    /// Every vote in the log, in slot order.
+    /// Every vote in the log above `compacted`, in slot order.
     pub votes: Vec<Accepted>,
     /// The last slot applied to the state machine; 0 if none.
     pub applied: Slot,
+    /// The state machine was last made durable at this slot; 0 if never.
+    pub snapshot: Slot,
+    /// The log holds no vote at or below this slot (at most `snapshot`);
+    /// 0 if nothing was ever deleted.
+    pub compacted: Slot,
+}
+
+/// What [`Storage::checkpoint`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// The state machine is durable at this slot (its applied index when
+    /// the checkpoint started), recorded in the log as the snapshot.
+    pub snapshot: Slot,
+    /// Log segments deleted.
+    pub segments_deleted: usize,
 }
 
 /// The durable state of one replica. `Send + Sync`: share it with an `Arc`
@@ -160,6 +175,16 @@ impl Storage {
     /// [`StorageError::Log`] if the log is damaged other than by a torn
     /// last write (which is truncated, with a WARN).
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<(Storage, Durable), StorageError> {
+        Storage::open_with(dir, cache_bytes, acceptor_log::SEGMENT_BYTES)
+    }
+
+    /// [`Storage::open`], with new log segments of `segment_bytes` (tests
+    /// use small ones to see rotation and compaction).
+    pub fn open_with(
+        dir: &Path,
+        cache_bytes: u64,
+        segment_bytes: u64,
+    ) -> Result<(Storage, Durable), StorageError> {
         let created = !dir.exists();
         std::fs::create_dir_all(dir)
             .map_err(|e| io_error(format!("creating data directory {}", dir.display()), e))?;
@@ -179,14 +204,17 @@ impl Storage {
         upgrade::migrate_if_needed(dir, cache_bytes).map_err(in_use)?;
         // The log first: its lock keeps a second process out before sled
         // is touched.
-        let (log, promised, votes) = AcceptorLog::open(&dir.join(LOG_DIR)).map_err(in_use)?;
+        let (log, replayed) =
+            AcceptorLog::open(&dir.join(LOG_DIR), segment_bytes).map_err(in_use)?;
         upgrade::remove_leftovers(dir)?;
         let state = StateMachine::open(&dir.join(STATE_DIR), cache_bytes).map_err(in_use)?;
         sync_dir(dir)?;
         let durable = Durable {
-            promised,
-            votes: votes.into_values().collect(),
+            promised: replayed.promised,
+            votes: replayed.votes.into_values().collect(),
             applied: state.applied()?,
+            snapshot: replayed.snapshot,
+            compacted: replayed.compacted,
         };
         let storage = Storage {
             log: Mutex::new(log),
@@ -200,6 +228,33 @@ impl Storage {
     /// syncs it once. An empty `Persist` does nothing and counts no sync.
     pub fn persist(&self, p: &Persist) -> Result<(), StorageError> {
         self.log().persist(p)
+    }
+
+    /// Makes the state machine durable at its applied index A, records "snapshot
+    /// at A" in the log, then deletes the log segments that hold only votes
+    /// at or below `A - keep`: the `keep` slots below A stay, to serve
+    /// followers that are a little behind from the log rather than with a
+    /// snapshot.
+    ///
+    /// Runs beside `persist` and `apply`: it holds the log only while it
+    /// appends the record and deletes segments, never during sled's flush.
+    pub fn checkpoint(&self, keep: Slot) -> Result<Checkpoint, StorageError> {
+        // Read first, then flush: the flush makes durable at least what
+        // was applied when it started, so A is durable once it returns.
+        let snapshot = self.state.applied()?;
+        self.state.flush()?;
+        let segments_deleted = self
+            .log()
+            .compact(snapshot, snapshot.saturating_sub(keep))?;
+        Ok(Checkpoint {
+            snapshot,
+            segments_deleted,
+        })
+    }
+
+    /// The last snapshot recorded in the log; 0 if none.
+    pub fn snapshot_index(&self) -> Slot {
+        self.log().snapshot()
     }
 
     /// Makes the state machine durable (sled's flush, then fsyncs), for a

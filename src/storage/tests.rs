@@ -80,7 +80,9 @@ fn fresh_directory_loads_empty() {
         Durable {
             promised: Ballot::ZERO,
             votes: vec![],
-            applied: 0
+            applied: 0,
+            snapshot: 0,
+            compacted: 0,
         }
     );
     assert!(
@@ -503,7 +505,9 @@ fn a_v1_directory_is_migrated_and_its_old_files_removed() {
         Durable {
             promised: b,
             votes: votes.clone(),
-            applied: 1
+            applied: 1,
+            snapshot: 0,
+            compacted: 0,
         }
     );
     assert_eq!(s.get("z").unwrap(), Some(-5));
@@ -564,4 +568,82 @@ fn a_damaged_v1_vote_stops_the_migration_by_name_and_changes_nothing() {
     );
     assert!(!dir.0.join(LOG_DIR).exists(), "no half-migrated directory");
     assert!(dir.0.join("db").exists(), "the old database is untouched");
+}
+
+#[test]
+fn a_checkpoint_records_the_snapshot_and_deletes_only_segments_below_what_is_kept() {
+    let dir = TempDir::new("checkpoint");
+    const SEGMENT: u64 = 16 << 10;
+    let open = || Storage::open_with(&dir.0, CACHE, SEGMENT).unwrap();
+    let b = Ballot::new(2, 1);
+    let noop = |slot| vote(slot, b, Value::Noop);
+    let (s, _) = open();
+    s.persist(&Persist {
+        promised: Some(b),
+        entries: vec![],
+    })
+    .unwrap();
+    // Enough votes, one commit each, for several segments.
+    for slot in 1..=3000 {
+        s.persist(&Persist {
+            promised: None,
+            entries: vec![noop(slot)],
+        })
+        .unwrap();
+        s.apply(&[(slot, Value::Noop)]).unwrap();
+    }
+    let (before, _) = s.log_size();
+    assert!(before >= 4, "{before} segments");
+    let done = s.checkpoint(1000).unwrap();
+    assert_eq!(done.snapshot, 3000);
+    assert!(done.segments_deleted > 0);
+    let (after, bytes) = s.log_size();
+    assert_eq!(after, before - done.segments_deleted);
+    assert_eq!(bytes, after as u64 * SEGMENT);
+    drop(s);
+    let (s, d) = open();
+    // The promise survived the deletion of the segment that first held it;
+    // the votes kept below the snapshot come back, none at or below 2000.
+    assert_eq!(
+        (d.promised, d.snapshot, d.compacted, d.applied),
+        (b, 3000, 2000, 3000)
+    );
+    let slots: Vec<Slot> = d.votes.iter().map(|v| v.slot).collect();
+    assert_eq!(slots, (2001..=3000).collect::<Vec<_>>());
+    assert_eq!(s.snapshot_index(), 3000);
+    // Votes above the snapshot come back, even from segments shared with
+    // older ones.
+    s.persist(&Persist {
+        promised: None,
+        entries: vec![noop(3001)],
+    })
+    .unwrap();
+    drop(s);
+    assert_eq!(open().1.votes.last(), Some(&noop(3001)));
+}
+
+#[test]
+fn a_checkpoint_keeps_the_slots_followers_may_still_need() {
+    let dir = TempDir::new("checkpoint-keep");
+    const SEGMENT: u64 = 16 << 10;
+    let (s, _) = Storage::open_with(&dir.0, CACHE, SEGMENT).unwrap();
+    let b = Ballot::new(1, 1);
+    for slot in 1..=3000 {
+        s.persist(&Persist {
+            promised: None,
+            entries: vec![vote(slot, b, Value::Noop)],
+        })
+        .unwrap();
+    }
+    // Applied only to 2000: the snapshot is there, and 1500 slots are kept
+    // below it, so every vote from 501 on must still be there.
+    for slot in 1..=2000 {
+        s.apply(&[(slot, Value::Noop)]).unwrap();
+    }
+    assert_eq!(s.checkpoint(1500).unwrap().snapshot, 2000);
+    drop(s);
+    let (_, d) = Storage::open_with(&dir.0, CACHE, SEGMENT).unwrap();
+    assert_eq!((d.snapshot, d.compacted), (2000, 500));
+    let slots: Vec<Slot> = d.votes.iter().map(|v| v.slot).collect();
+    assert_eq!(slots, (501..=3000).collect::<Vec<_>>());
 }

@@ -24,7 +24,7 @@ use std::path::Path;
 use prost::Message as _;
 use tracing::warn;
 
-use super::acceptor_log::AcceptorLog;
+use super::acceptor_log::{AcceptorLog, SEGMENT_BYTES};
 use super::state_machine::{SLED_DATA_FILE, StateMachine};
 use super::{LOG_DIR, STATE_DIR, StorageError, decode_ballot, io_error, sync_dir};
 use crate::paxos::{Ballot, Persist};
@@ -70,7 +70,7 @@ pub(super) fn migrate_if_needed(dir: &Path, cache_bytes: u64) -> Result<(), Stor
         state.flush()?;
     }
     {
-        let (mut log, _, _) = AcceptorLog::open(&dir.join(LOG_TMP))?;
+        let (mut log, _) = AcceptorLog::open(&dir.join(LOG_TMP), SEGMENT_BYTES)?;
         let vote_count = votes.len();
         log.persist(&Persist {
             promised: (promised != Ballot::ZERO).then_some(promised),
