@@ -18,6 +18,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use bytes::Bytes;
+use paxoskv::paxos::{Accepted, Ballot, Persist, Value};
+use paxoskv::storage::Storage;
 use paxoskv::wal::{Options, Preallocate, Record, Wal};
 
 /// Payload bytes of one vote.
@@ -149,5 +152,72 @@ fn persist(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, persist);
+/// The whole path a replica takes: [`Storage::persist`] of real votes
+/// (encoding, the log's framing, one commit), next to a raw `pwrite` +
+/// `fdatasync` of as many bytes as the log writes for them.
+fn storage_persist(c: &mut Criterion) {
+    let mut group = c.benchmark_group("storage_persist");
+    group
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4));
+    for votes in GROUPS {
+        let dir = scratch();
+        let (storage, _) = Storage::open(&dir.path().join("data"), 8 << 20).expect("open storage");
+        let ballot = Ballot::new(1, 1);
+        // One command of about VOTE_BYTES per vote, as a small batch would be.
+        let value = Value::Batch(vec![Bytes::from(vec![0x61u8; VOTE_BYTES - 24])]);
+        let mut slot = 0u64;
+        let mut next = || {
+            let entries = (0..votes)
+                .map(|_| {
+                    slot += 1;
+                    Accepted {
+                        slot,
+                        ballot,
+                        value: value.clone(),
+                    }
+                })
+                .collect();
+            Persist {
+                promised: None,
+                entries,
+            }
+        };
+        let before = storage.bytes_written();
+        storage.persist(&next()).expect("persist");
+        let payload = (storage.bytes_written() - before) as usize / votes;
+        let frame = (16 + payload).next_multiple_of(8);
+        group.throughput(Throughput::Bytes((votes * frame) as u64));
+
+        let raw_dir = scratch();
+        let file = raw_file(raw_dir.path(), Preallocate::Zeros);
+        let bytes = vec![0x5au8; votes * frame];
+        let mut at = 0u64;
+        group.bench_function(BenchmarkId::new("raw_fdatasync", votes), |b| {
+            b.iter(|| {
+                if at + bytes.len() as u64 > SEGMENT_BYTES {
+                    at = 0;
+                }
+                file.write_all_at(black_box(&bytes), at).expect("pwrite");
+                file.sync_data().expect("fdatasync");
+                at += bytes.len() as u64;
+            })
+        });
+        group.bench_function(BenchmarkId::new("storage_persist", votes), |b| {
+            b.iter_custom(|iters| {
+                let mut spent = Duration::ZERO;
+                for _ in 0..iters {
+                    let p = next();
+                    let start = Instant::now();
+                    storage.persist(black_box(&p)).expect("persist");
+                    spent += start.elapsed();
+                }
+                spent
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, persist, storage_persist);
 criterion_main!(benches);
