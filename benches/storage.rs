@@ -17,8 +17,8 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use bytes::Bytes;
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use paxoskv::paxos::{Accepted, Ballot, Persist, Value};
 use paxoskv::storage::Storage;
 use paxoskv::wal::{Options, Preallocate, Record, Wal};

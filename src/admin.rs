@@ -70,6 +70,7 @@ impl pb::admin_server::Admin for AdminService {
             ballot_node: status.core.promised.node,
             committed: status.core.committed,
             applied: status.applied,
+            snapshot: status.snapshot,
             peers,
         }))
     }

@@ -168,8 +168,16 @@ pub async fn cluster_status(
         .max_by_key(|s| (s.ballot_round, s.ballot_node))
         .cloned();
     let mut out = format!(
-        "{:<4} {:<22} {:<10} {:<9} {:>10} {:>10} {:>6} {:>13}\n",
-        "ID", "ADDRESS", "ROLE", "BALLOT", "COMMITTED", "APPLIED", "LAG", "LAST CONTACT"
+        "{:<4} {:<22} {:<10} {:<9} {:>10} {:>10} {:>10} {:>6} {:>13}\n",
+        "ID",
+        "ADDRESS",
+        "ROLE",
+        "BALLOT",
+        "COMMITTED",
+        "APPLIED",
+        "SNAPSHOT",
+        "LAG",
+        "LAST CONTACT"
     );
     for row in &rows {
         let Some(s) = &row.status else {
@@ -189,13 +197,14 @@ pub async fn cluster_status(
             None => "-".to_string(),
         };
         out += &format!(
-            "{:<4} {:<22} {:<10} {:<9} {:>10} {:>10} {:>6} {:>13}\n",
+            "{:<4} {:<22} {:<10} {:<9} {:>10} {:>10} {:>10} {:>6} {:>13}\n",
             s.id,
             row.address,
             s.role,
             format!("{}.{}", s.ballot_round, s.ballot_node),
             s.committed,
             s.applied,
+            s.snapshot,
             lag,
             contact
         );

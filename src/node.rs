@@ -53,6 +53,8 @@ pub struct NodeStatus {
     pub core: Status,
     /// The state machine has applied every slot up to this one.
     pub applied: Slot,
+    /// The last snapshot recorded in the log; 0 if none.
+    pub snapshot: Slot,
     /// Whether the stream to each peer is connected.
     pub connected: BTreeMap<NodeId, bool>,
     /// The core's clock period, to turn ticks into time.
@@ -281,6 +283,7 @@ impl Node {
                 let _ = reply.send(NodeStatus {
                     core: replica.status(),
                     applied: self.driver.applied(),
+                    snapshot: self.storage.snapshot_index(),
                     connected,
                     tick: self.tick,
                 });
