@@ -63,6 +63,10 @@ enum Command {
         /// sled's page cache, in MiB.
         #[arg(long, env = "PAXOSKV_CACHE_MB", default_value_t = 64)]
         cache_mb: u64,
+        /// Size of each new Paxos log segment file, in bytes (a multiple of
+        /// 8, from 4096 to 1 GiB). Segments are preallocated to this size.
+        #[arg(long, env = "PAXOSKV_LOG_SEGMENT_BYTES", default_value_t = paxoskv::storage::DEFAULT_SEGMENT_BYTES)]
+        log_segment_bytes: u64,
         /// Serve Prometheus metrics at http://ADDR/metrics.
         #[arg(long, env = "PAXOSKV_METRICS_LISTEN")]
         metrics_listen: Option<SocketAddr>,
@@ -201,6 +205,7 @@ async fn run(cli: Cli) -> ExitCode {
             data_dir,
             tick_ms,
             cache_mb,
+            log_segment_bytes,
             metrics_listen,
         } => {
             init_logs(cli.log_format);
@@ -211,6 +216,7 @@ async fn run(cli: Cli) -> ExitCode {
                 data_dir,
                 tick: Duration::from_millis(tick_ms.max(1)),
                 cache_bytes: cache_mb * 1024 * 1024,
+                log_segment_bytes,
                 drain: Duration::from_secs(5),
                 metrics_listen,
             };

@@ -36,6 +36,8 @@ pub struct ServeOptions {
     pub tick: Duration,
     /// sled's cache size.
     pub cache_bytes: u64,
+    /// Size of each new Paxos log segment.
+    pub log_segment_bytes: u64,
     /// How long in-flight calls get to finish after SIGTERM.
     pub drain: Duration,
     /// Where to serve Prometheus metrics (`/metrics`), if anywhere.
@@ -67,7 +69,8 @@ pub async fn serve(
     if let Some(addr) = opts.metrics_listen {
         crate::metrics::install(addr)?;
     }
-    let (storage, durable) = Storage::open(&opts.data_dir, opts.cache_bytes)?;
+    let (storage, durable) =
+        Storage::open_with(&opts.data_dir, opts.cache_bytes, opts.log_segment_bytes)?;
     let storage = Arc::new(storage);
     info!(
         replica = opts.id,

@@ -114,9 +114,13 @@ async fn killing_the_leader_under_load_loses_no_acknowledged_write() {
     verify_disks(&mut cluster, &acked);
 }
 
+/// Log segments of 4 KiB, the least allowed: a few dozen commits each, so the
+/// writes below cross many rotations, and the kills land near some.
+const SMALL_SEGMENTS: &[&str] = &["--log-segment-bytes", "4096"];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_replica_killed_and_restarted_in_turn_while_writing() {
-    let mut cluster = Cluster::start("rolling-kill", 3);
+    let mut cluster = Cluster::start_args("rolling-kill", 3, SMALL_SEGMENTS);
     cluster.wait_ready(1, Duration::from_secs(15)).await;
     let load = Load::start(&cluster, Traffic::AckedInserts);
 
@@ -142,5 +146,18 @@ async fn every_replica_killed_and_restarted_in_turn_while_writing() {
     let acked = load.finish().await;
     wait_caught_up(&cluster, &[1, 2, 3], Duration::from_secs(20)).await;
     println!("acknowledged writes: {}", acked.values.len());
+    for id in 1..=3 {
+        let segments = std::fs::read_dir(cluster.dir.join(format!("data-{id}/log")))
+            .expect("log directory")
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".wal"))
+            })
+            .count();
+        assert!(
+            segments > 1,
+            "replica {id}'s log never rotated: {segments} segment"
+        );
+    }
     verify_disks(&mut cluster, &acked);
 }

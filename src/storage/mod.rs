@@ -43,6 +43,9 @@ use crate::wal::WalError;
 use acceptor_log::AcceptorLog;
 use state_machine::StateMachine;
 
+/// The size of new log segments unless told otherwise.
+pub const DEFAULT_SEGMENT_BYTES: u64 = acceptor_log::SEGMENT_BYTES;
+
 /// The log's directory, inside the data directory.
 const LOG_DIR: &str = "log";
 /// The state machine's directory, inside the data directory.

@@ -78,6 +78,8 @@ pub struct Cluster {
     pub metrics: BTreeMap<u32, String>,
     /// How `--peers` spells the addresses.
     pub peer_form: PeerForm,
+    /// Flags added to every `paxoskv serve`.
+    pub extra_args: Vec<String>,
     procs: BTreeMap<u32, Child>,
 }
 
@@ -90,6 +92,10 @@ impl Cluster {
     /// Starts `n` replicas, with `--peers` addresses spelt as `peer_form`
     /// says.
     pub fn start_with(name: &str, n: u32, peer_form: PeerForm) -> Cluster {
+        Cluster::launch(name, n, peer_form, &[])
+    }
+
+    fn launch(name: &str, n: u32, peer_form: PeerForm, args: &[&str]) -> Cluster {
         let ports = free_ports(2 * n as usize);
         let dir = std::env::temp_dir().join(format!("paxoskv-test-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -105,12 +111,18 @@ impl Cluster {
             addrs,
             metrics,
             peer_form,
+            extra_args: args.iter().map(|a| a.to_string()).collect(),
             procs: BTreeMap::new(),
         };
         for id in 1..=n {
             cluster.spawn(id);
         }
         cluster
+    }
+
+    /// Starts `n` replicas, each `paxoskv serve` given `args` as well.
+    pub fn start_args(name: &str, n: u32, args: &[&str]) -> Cluster {
+        Cluster::launch(name, n, PeerForm::Plain, args)
     }
 
     fn peers_arg(&self) -> String {
@@ -139,6 +151,7 @@ impl Cluster {
             ])
             .arg("--data-dir")
             .arg(self.dir.join(format!("data-{id}")))
+            .args(&self.extra_args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
