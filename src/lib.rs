@@ -22,12 +22,15 @@
 //!   with its applied index;
 //! - [`wal`]: the Paxos log's own append-only segment files (CRC-framed
 //!   records, group commit with one fdatasync);
+//! - [`bench`]: `paxoskv bench`, closed-loop clients and a no-op server
+//!   for the ceiling;
 //! - [`wire`]: the core's types in protobuf form, for the network and the disk;
 //! - [`kv`]: the state machine (the five operations and the dedup table);
 //! - [`paxos`]: the consensus core, sans-IO and deterministic;
 //! - [`pb`]: the generated protobuf and gRPC types.
 
 pub mod admin;
+pub mod bench;
 pub mod client;
 pub mod cluster;
 pub mod dial;

@@ -86,6 +86,32 @@ enum Command {
         #[arg(long, env = "PAXOSKV_METRICS_BASE_PORT", default_value_t = 9090)]
         metrics_base_port: u16,
     },
+    /// Closed-loop clients against the cluster for a while; prints calls/s
+    /// and latency quantiles. With --ceiling, first the same clients
+    /// against a gRPC server that does nothing, for comparison.
+    Bench {
+        /// Replicas to spread the clients over: HOST:PORT,HOST:PORT,...
+        #[arg(long, env = "PAXOSKV_ENDPOINTS", value_delimiter = ',', default_value = "127.0.0.1:8081,127.0.0.1:8082,127.0.0.1:8083")]
+        endpoints: Vec<String>,
+        /// Concurrent clients, each one call at a time.
+        #[arg(long, default_value_t = 1)]
+        clients: usize,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Distinct keys written (or read).
+        #[arg(long, default_value_t = 1000)]
+        keys: u32,
+        /// Gets instead of upserts.
+        #[arg(long)]
+        reads: bool,
+        /// Measure a do-nothing gRPC server with the same clients first.
+        #[arg(long)]
+        ceiling: bool,
+        /// Each call's deadline, in milliseconds.
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
     /// Prints every replica's role, ballot, indexes and lag; exits 6 if the
     /// cluster has no leader or no quorum.
     Status {
@@ -244,6 +270,58 @@ async fn run(cli: Cli) -> ExitCode {
                 Err(e) => return report(Err(e)),
             };
             return report(cluster::run(opts, shutdown).await);
+        }
+        Command::Bench {
+            endpoints,
+            clients,
+            seconds,
+            keys,
+            reads,
+            ceiling,
+            timeout_ms,
+        } => {
+            let mut opts = paxoskv::bench::BenchOptions {
+                endpoints,
+                clients,
+                duration: Duration::from_secs(seconds),
+                keys,
+                reads,
+                timeout: Duration::from_millis(timeout_ms),
+            };
+            let what = if reads { "reads" } else { "writes" };
+            let mut floor = None;
+            if ceiling {
+                let addr = match paxoskv::bench::serve_noop().await {
+                    Ok(addr) => addr,
+                    Err(e) => return report(Err(e.into())),
+                };
+                let cluster = std::mem::replace(&mut opts.endpoints, vec![addr.to_string()]);
+                match paxoskv::bench::run(&opts).await {
+                    Ok(r) => {
+                        println!("no-op server, {clients} clients, {what}: {}", r.line());
+                        floor = Some(r);
+                    }
+                    Err(e) => return report(Err(e.into())),
+                }
+                opts.endpoints = cluster;
+            }
+            return match paxoskv::bench::run(&opts).await {
+                Ok(r) => {
+                    println!("paxoskv,      {clients} clients, {what}: {}", r.line());
+                    if let Some(e) = &r.first_error {
+                        println!("first error: {e}");
+                    }
+                    if let Some(f) = floor {
+                        println!(
+                            "ratio to the no-op server: p50 {:.2}x, throughput {:.2}x",
+                            r.quantile(0.5).as_secs_f64() / f.quantile(0.5).as_secs_f64().max(1e-9),
+                            r.rate() / f.rate().max(1e-9)
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => report(Err(e.into())),
+            };
         }
         Command::Status { target } => {
             let timeout = Duration::from_millis(target.timeout_ms);
