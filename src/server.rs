@@ -82,7 +82,15 @@ pub async fn serve(
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
         ^ u64::from(opts.id);
-    let replica = Replica::new(cfg, durable.promised, durable.votes, durable.applied)?;
+    // No snapshots yet: the storage keeps every vote. It will supply the
+    // snapshot index (and the membership) once it has them.
+    let restore = paxos::Restore {
+        promised: durable.promised,
+        votes: durable.votes,
+        applied: durable.applied,
+        snapshot: 0,
+    };
+    let replica = Replica::new(cfg, restore)?;
 
     let listener = TcpListener::bind(opts.listen)
         .await

@@ -121,11 +121,13 @@ pub fn message_to_pb(from: NodeId, msg: &Message) -> pb::PeerMessage {
             from_slot,
             to_slot,
             accepted,
+            snapshot,
         } => Kind::Promise(pb::Promise {
             ballot: b(ballot),
             accepted: accepted.iter().map(accepted_to_pb).collect(),
             from_slot: *from_slot,
             to_slot: *to_slot,
+            snapshot: *snapshot,
         }),
         Message::Nack { promised } => Kind::Nack(pb::Nack {
             promised: b(promised),
@@ -189,6 +191,12 @@ pub fn message_to_pb(from: NodeId, msg: &Message) -> pb::PeerMessage {
             commit: *commit,
             more: *more,
         }),
+        Message::SnapshotAvailable { ballot, index } => {
+            Kind::SnapshotAvailable(pb::SnapshotAvailable {
+                ballot: b(ballot),
+                index: *index,
+            })
+        }
     };
     pb::PeerMessage {
         from,
@@ -224,6 +232,7 @@ pub fn message_from_pb(m: pb::PeerMessage) -> Result<(NodeId, Message), WireErro
                 .enumerate()
                 .map(|(i, e)| accepted_at(e, &format!("Promise.accepted[{i}]")))
                 .collect::<Result<_, _>>()?,
+            snapshot: p.snapshot,
         },
         Kind::Nack(n) => Message::Nack {
             promised: ballot_from_pb(n.promised, "Nack.promised")?,
@@ -266,6 +275,10 @@ pub fn message_from_pb(m: pb::PeerMessage) -> Result<(NodeId, Message), WireErro
                 .collect::<Result<_, _>>()?,
             commit: c.commit,
             more: c.more,
+        },
+        Kind::SnapshotAvailable(s) => Message::SnapshotAvailable {
+            ballot: ballot_from_pb(s.ballot, "SnapshotAvailable.ballot")?,
+            index: s.index,
         },
     };
     Ok((m.from, msg))
@@ -313,6 +326,7 @@ mod tests {
                         value: Value::Noop,
                     },
                 ],
+                snapshot: 11,
             },
             // The last chunk covers every slot from its from_slot on.
             Message::Promise {
@@ -320,6 +334,7 @@ mod tests {
                 from_slot: 21,
                 to_slot: None,
                 accepted: vec![],
+                snapshot: 0,
             },
             Message::Nack {
                 promised: Ballot::new(u64::MAX, u32::MAX),
@@ -374,6 +389,10 @@ mod tests {
                 commit: 9,
                 more: false,
             },
+            Message::SnapshotAvailable {
+                ballot: b,
+                index: 1000,
+            },
         ]
     }
 
@@ -410,6 +429,7 @@ mod tests {
                 from_slot: slot,
                 to_slot: Some(slot),
                 accepted: vec![vote.clone(), vote],
+                snapshot: slot,
             },
             Message::CatchUp {
                 ballot,
@@ -490,6 +510,7 @@ mod tests {
                 Kind::HeartbeatAck(x) => x.ballot = None,
                 Kind::CatchUpRequest(x) => x.ballot = None,
                 Kind::CatchUp(x) => x.ballot = None,
+                Kind::SnapshotAvailable(x) => x.ballot = None,
             });
             let err = err_of(m);
             let expected = match msg {
@@ -504,6 +525,7 @@ mod tests {
                 Message::HeartbeatAck { .. } => "HeartbeatAck.ballot",
                 Message::CatchUpRequest { .. } => "CatchUpRequest.ballot",
                 Message::CatchUp { .. } => "CatchUp.ballot",
+                Message::SnapshotAvailable { .. } => "SnapshotAvailable.ballot",
             };
             assert_eq!(err, format!("{expected} is missing"), "{msg:?}");
         }

@@ -85,12 +85,15 @@ pub enum Message {
     /// a chunk holds the votes for slots `from_slot..=to_slot`, and the last
     /// one has `to_slot: None` (every slot from `from_slot` on). A promise
     /// counts once chunks covering every slot from the prepare's `from_slot`
-    /// on have arrived.
+    /// on have arrived. `snapshot` is the acceptor's compacted index: every
+    /// slot up to it is chosen, but its vote is gone, so none is reported
+    /// there (every chunk carries it).
     Promise {
         ballot: Ballot,
         from_slot: Slot,
         to_slot: Option<Slot>,
         accepted: Vec<Accepted>,
+        snapshot: Slot,
     },
     /// Refusal of a prepare, accept or heartbeat: the acceptor has promised
     /// the higher ballot `promised`.
@@ -134,6 +137,12 @@ pub enum Message {
         commit: Slot,
         more: bool,
     },
+    /// "Slots up to `index` are compacted here: fetch my state machine
+    /// snapshot." From the leader of `ballot` to a follower whose catch-up
+    /// request starts at or below its compacted index; or from an acceptor
+    /// to the leader of `ballot`, whose accept is for a slot it has
+    /// compacted (it cannot vote there: the vote could not be reported).
+    SnapshotAvailable { ballot: Ballot, index: Slot },
 }
 
 impl Message {
@@ -149,7 +158,8 @@ impl Message {
             | Message::Heartbeat { ballot, .. }
             | Message::HeartbeatAck { ballot, .. }
             | Message::CatchUpRequest { ballot, .. }
-            | Message::CatchUp { ballot, .. } => *ballot,
+            | Message::CatchUp { ballot, .. }
+            | Message::SnapshotAvailable { ballot, .. } => *ballot,
             Message::Nack { promised } => *promised,
         }
     }
@@ -180,6 +190,16 @@ pub struct Envelope {
 
 /// Identifies a linearizable read the driver asked the core to order.
 pub type ReadId = u64;
+
+/// Where and from what index a state machine snapshot must be fetched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnapshotFetch {
+    /// The replica to fetch it from.
+    pub from: NodeId,
+    /// The snapshot must cover at least every slot up to this one; a later
+    /// one does as well.
+    pub min_index: Slot,
+}
 
 /// Acceptor state to make durable.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -232,6 +252,17 @@ pub struct Ready {
     /// it has not seen applied is certainly not in the log, and its caller
     /// can be answered (retry).
     pub abandoned_through: Option<Slot>,
+    /// Fetch a state machine snapshot, install it, then call
+    /// [`Replica::snapshot_installed`](super::Replica::snapshot_installed):
+    /// slots this replica needs are compacted where they are known. Repeated
+    /// (at most once per `catch_up_ticks`) while still needed; a driver
+    /// already fetching may ignore the repeat.
+    pub fetch_snapshot: Option<SnapshotFetch>,
+    /// Client commands that this leader had given slots, which an installed
+    /// snapshot then covered before they were seen chosen here. Each may or
+    /// may not be in the snapshot (the slot may hold another value): their
+    /// outcome cannot be learned here.
+    pub unknown_outcome: Vec<Bytes>,
 }
 
 impl Ready {
@@ -245,5 +276,7 @@ impl Ready {
             && self.failed_reads.is_empty()
             && self.dropped.is_empty()
             && self.abandoned_through.is_none()
+            && self.fetch_snapshot.is_none()
+            && self.unknown_outcome.is_empty()
     }
 }

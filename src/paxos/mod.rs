@@ -37,5 +37,5 @@ mod testing;
 
 pub use ballot::{Ballot, NodeId, Slot};
 pub use config::Config;
-pub use message::{Accepted, Envelope, Message, Persist, ReadId, Ready, Value};
-pub use replica::{FollowerStatus, NotLeader, Refused, Replica, Role, Status};
+pub use message::{Accepted, Envelope, Message, Persist, ReadId, Ready, SnapshotFetch, Value};
+pub use replica::{FollowerStatus, NotLeader, Refused, Replica, Restore, Role, Status};

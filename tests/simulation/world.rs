@@ -42,7 +42,7 @@ use paxoskv::driver::{Answer, CallError, Driver, Work};
 use paxoskv::kv::{self, Command, KvState, MemState, Op, Reply};
 use paxoskv::paxos::rng::Rng;
 use paxoskv::paxos::{
-    Accepted, Ballot, Config, Envelope, Message, NodeId, Persist, Replica, Slot, Value,
+    Accepted, Ballot, Config, Envelope, Message, NodeId, Persist, Replica, Restore, Slot, Value,
 };
 
 use crate::linearizability::{self, Input, Operation, Output};
@@ -389,7 +389,14 @@ impl World {
         let cfg = self.config(id, node.incarnation + 1);
         let votes = node.disk.votes.values().cloned().collect();
         let applied = node.machine.applied;
-        let replica = Replica::new(cfg, node.disk.promised, votes, applied).expect("valid config");
+        // No snapshots in the simulator yet: the disk keeps every vote.
+        let restore = Restore {
+            promised: node.disk.promised,
+            votes,
+            applied,
+            snapshot: 0,
+        };
+        let replica = Replica::new(cfg, restore).expect("valid config");
         let node = self.nodes.get_mut(&id).expect("node exists");
         node.incarnation += 1;
         // Proposal ids unique across replicas and incarnations.
@@ -803,7 +810,13 @@ impl World {
             persisted_messages,
             chosen,
             answers,
+            fetch_snapshot,
         } = work;
+        if let Some(fetch) = fetch_snapshot {
+            // Nothing compacts in the simulator yet, so no snapshot is ever
+            // needed: asking for one is a bug.
+            return Err(format!("replica {id} asked for a snapshot: {fetch:?}"));
+        }
         // Oracle: a replica treats a slot as chosen only if a majority holds
         // that very value durably under one ballot; a leader, under its own
         // ballot (it counts only votes cast under it).
@@ -1543,6 +1556,7 @@ mod oracles_can_fail {
             from_slot: 1,
             to_slot: None,
             accepted,
+            snapshot: 0,
         }
     }
 

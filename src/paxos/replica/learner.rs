@@ -17,6 +17,10 @@ impl Replica {
     ) {
         self.observe(ballot);
         let core = &mut self.core;
+        if slot <= core.acceptor.compacted() {
+            self.on_accept_compacted(from, ballot, commit);
+            return;
+        }
         match core.acceptor.accept(ballot, slot, &value) {
             Ok(change) => {
                 if change.promise_raised {
@@ -55,6 +59,37 @@ impl Replica {
                 committed,
             },
         );
+    }
+
+    /// Rule: an accept for a slot we have compacted gets no vote (one we
+    /// could not report in a promise) and no `Accepted` (counting it without
+    /// a vote could make a stale leader think its value chosen there). The
+    /// slot is chosen and in our snapshot: we tell the leader so, and it may
+    /// fetch the snapshot if it needs it. The accept still speaks for a
+    /// leader at or above our promise, which we follow.
+    fn on_accept_compacted(&mut self, from: NodeId, ballot: Ballot, commit: Slot) {
+        if !self.hear_leader(from, ballot) {
+            return;
+        }
+        let core = &mut self.core;
+        let index = core.acceptor.compacted();
+        core.send(from, Message::SnapshotAvailable { ballot, index });
+        core.learn_commit(ballot, commit);
+    }
+
+    /// Rule: told that slots it needs are compacted at `from` (at or
+    /// below `index`), a replica fetches `from`'s snapshot if it is still
+    /// in the leadership of `ballot`: as a follower of it, when `from` is
+    /// its leader; as its leader, from any acceptor.
+    pub(super) fn on_snapshot_available(&mut self, from: NodeId, ballot: Ballot, index: Slot) {
+        let core = &mut self.core;
+        let Some(leadership) = core.leadership else {
+            return;
+        };
+        if leadership.ballot != ballot || (leadership.id != core.cfg.id && leadership.id != from) {
+            return;
+        }
+        core.need_snapshot(from, index, ballot);
     }
 
     /// A leader's heartbeat or catch-up arrived: refused below our promise
@@ -118,7 +153,7 @@ impl Core {
     /// here only if our vote for it is under the leader's current ballot (the
     /// leader proposed exactly one value per slot under it). A vote under an
     /// older ballot may not be the chosen value: we fetch the chosen one.
-    fn learn_commit(&mut self, ballot: Ballot, commit: Slot) {
+    pub(super) fn learn_commit(&mut self, ballot: Ballot, commit: Slot) {
         let Some(leadership) = &mut self.leadership else {
             return;
         };
@@ -170,6 +205,7 @@ impl Core {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::paxos::SnapshotFetch;
     use crate::paxos::testing::{Net, batch, cmd, only, replica};
 
     #[test]
@@ -300,5 +336,105 @@ mod tests {
         net.run();
         assert_eq!(net.node(3).committed(), 3);
         assert_eq!(net.chosen[&3], net.chosen[&1]);
+    }
+
+    /// Leader 1 committed slots 1 to 5 while replica 3 was cut off, and
+    /// compacted through 3.
+    fn follower_behind_a_compacted_leader() -> Net {
+        let mut net = Net::new(3);
+        net.elect(1);
+        net.cut.insert(3);
+        for c in ["a", "b", "c", "d", "e"] {
+            net.node(1).propose(cmd(c)).unwrap();
+            net.run();
+        }
+        assert_eq!(net.node(1).committed(), 5);
+        net.node(1).compact(3);
+        net.cut.clear();
+        net
+    }
+
+    #[test]
+    fn a_follower_asking_for_compacted_slots_fetches_a_snapshot_and_catches_up_past_it() {
+        let mut net = follower_behind_a_compacted_leader();
+        net.node(1).tick();
+        net.node(1).tick();
+        net.run();
+        let told = net.delivered.iter().any(|(from, to, m)| {
+            (*from, *to) == (1, 3) && matches!(m, Message::SnapshotAvailable { index: 3, .. })
+        });
+        assert!(told, "the leader says where the slots went");
+        let fetch = SnapshotFetch {
+            from: 1,
+            min_index: 3,
+        };
+        assert_eq!(net.fetches, vec![(3, fetch)]);
+        assert_eq!(net.node(3).committed(), 0);
+        net.node(3).snapshot_installed(3);
+        net.run();
+        assert_eq!(net.node(3).committed(), 5);
+        assert_eq!(net.node(3).status().compacted, 3);
+        // Slots 1 to 3 came in the snapshot, not as chosen values.
+        assert_eq!(net.chosen[&3], net.chosen[&1][3..].to_vec());
+    }
+
+    #[test]
+    fn a_follower_asks_for_a_snapshot_again_at_most_once_per_catch_up_interval() {
+        let mut net = follower_behind_a_compacted_leader();
+        let every = net.node(3).config().catch_up_ticks;
+        for _ in 0..3 * every {
+            net.tick_all();
+        }
+        let asked: Vec<_> = net.fetches.iter().filter(|(id, _)| *id == 3).collect();
+        assert!(
+            (3..=4).contains(&asked.len()),
+            "{} fetches in {} ticks",
+            asked.len(),
+            3 * every
+        );
+    }
+
+    #[test]
+    fn installing_a_snapshot_at_or_below_the_commit_index_is_ignored() {
+        let mut net = Net::new(3);
+        net.elect(1);
+        net.node(1).propose(cmd("a")).unwrap();
+        net.run();
+        net.node(1).propose(cmd("b")).unwrap();
+        net.run();
+        net.tick_all();
+        net.tick_all();
+        let f = net.node(2);
+        assert_eq!(f.committed(), 2);
+        f.snapshot_installed(2);
+        f.snapshot_installed(1);
+        assert_eq!(f.status().compacted, 0);
+        assert_eq!(f.committed(), 2);
+        assert!(f.take_ready().is_empty());
+    }
+
+    #[test]
+    fn an_accept_for_a_compacted_slot_gets_no_vote_and_points_the_leader_at_the_snapshot() {
+        let mut f = replica(2, 3);
+        let ballot = Ballot::new(1, 1);
+        let accept = |slot| Message::Accept {
+            ballot,
+            slot,
+            value: batch(&["x"]),
+            commit: 2,
+        };
+        f.step(1, accept(1)).unwrap();
+        f.step(1, accept(2)).unwrap();
+        f.take_ready();
+        assert_eq!(f.committed(), 2);
+        f.compact(2);
+        // The leader, not knowing, sends slot 2 again.
+        f.step(1, accept(2)).unwrap();
+        let ready = f.take_ready();
+        assert!(ready.persist.is_empty());
+        assert_eq!(
+            only(&ready, 1),
+            vec![&Message::SnapshotAvailable { ballot, index: 2 }]
+        );
     }
 }

@@ -55,7 +55,7 @@ use bytes::Bytes;
 use super::acceptor::Acceptor;
 use super::ballot::{Ballot, NodeId, Slot};
 use super::config::Config;
-use super::message::{Accepted, Envelope, Message, ReadId, Ready, Value};
+use super::message::{Accepted, Envelope, Message, ReadId, Ready, SnapshotFetch, Value};
 use super::rng::Rng;
 
 use election::{Candidate, PreCandidate};
@@ -148,6 +148,9 @@ pub struct Status {
     pub leader: Option<NodeId>,
     /// Every slot up to this one is known chosen here.
     pub committed: Slot,
+    /// Every slot up to this one is compacted: in the state machine's
+    /// snapshot, its votes gone.
+    pub compacted: Slot,
     /// As leader: slots proposed and not yet committed.
     pub in_flight: usize,
     /// As leader: commands waiting for a slot.
@@ -175,6 +178,33 @@ struct Leadership {
     id: NodeId,
     ballot: Ballot,
     commit: Slot,
+}
+
+/// What a replica is restored from: its durable acceptor state and where
+/// its state machine stands. A new replica passes
+/// `Restore::default()`.
+#[derive(Clone, Debug, Default)]
+pub struct Restore {
+    /// The highest ballot it promised.
+    pub promised: Ballot,
+    /// Its votes. Those at or below `snapshot` are compacted and dropped.
+    pub votes: Vec<Accepted>,
+    /// Its state machine has applied every slot up to this one (so they
+    /// are chosen). At least `snapshot`.
+    pub applied: Slot,
+    /// The index of the state machine's durable snapshot, 0 if none: the
+    /// log is compacted through here.
+    pub snapshot: Slot,
+}
+
+/// A snapshot fetch the replica needs, and when it last asked for it.
+#[derive(Clone, Copy, Debug)]
+struct PendingFetch {
+    fetch: SnapshotFetch,
+    /// Needed under this leadership (ours, when leading); forgotten when
+    /// it ends: the next leader tells us again if need be.
+    ballot: Ballot,
+    sent_at: Option<u64>,
 }
 
 /// The role and the state only that role has.
@@ -211,33 +241,42 @@ struct Core {
     election_deadline: u64,
     max_round_seen: u64,
     catch_up_sent_at: Option<u64>,
+    fetch: Option<PendingFetch>,
     elections: u64,
     ready: Ready,
 }
 
 impl Replica {
-    /// A replica restored from its durable acceptor state (`promised`,
-    /// `votes`) and the index its state machine has applied up to. A new
-    /// replica passes `Ballot::ZERO`, no votes, and 0.
-    pub fn new(
-        cfg: Config,
-        promised: Ballot,
-        votes: Vec<Accepted>,
-        applied: Slot,
-    ) -> Result<Self, String> {
+    /// A replica restored from `restore` (see [`Restore`]).
+    pub fn new(cfg: Config, restore: Restore) -> Result<Self, String> {
         cfg.validate()?;
+        let Restore {
+            promised,
+            votes,
+            applied,
+            snapshot,
+        } = restore;
+        if applied < snapshot {
+            return Err(format!(
+                "the state machine applied through {applied}, below its snapshot at {snapshot}"
+            ));
+        }
+        if applied == u64::MAX {
+            return Err("the applied index leaves no slot after it".into());
+        }
         let mut replica = Replica {
             core: Core {
                 rng: Rng::new(cfg.seed),
                 cfg,
                 now: 0,
-                acceptor: Acceptor::restore(promised, votes),
+                acceptor: Acceptor::restore(promised, votes, snapshot),
                 committed: applied,
                 leadership: None,
                 last_leader_contact: 0,
                 election_deadline: 0,
                 max_round_seen: promised.round,
                 catch_up_sent_at: None,
+                fetch: None,
                 elections: 0,
                 ready: Ready::default(),
             },
@@ -290,6 +329,7 @@ impl Replica {
             promised: self.core.acceptor.promised(),
             leader: self.leader(),
             committed: self.core.committed,
+            compacted: self.core.acceptor.compacted(),
             in_flight,
             queued,
             followers,
@@ -319,6 +359,46 @@ impl Replica {
         Ok(())
     }
 
+    /// The driver's state machine is durable at or past `through`: the votes
+    /// up to it may go. Promises report `through` from now on instead.
+    /// Precondition: `through` is at most the commit index.
+    pub fn compact(&mut self, through: Slot) {
+        assert!(
+            through <= self.core.committed,
+            "compacting through {through}, past the commit index {}",
+            self.core.committed
+        );
+        self.core.acceptor.compact(through);
+        self.check_invariants();
+    }
+
+    /// The driver installed a state machine snapshot at `index` (fetched
+    /// as [`Ready::fetch_snapshot`] asked). Ignored unless past the commit
+    /// index. Every slot up to `index` is then known chosen, without being
+    /// handed out in `Ready::chosen` (the state machine has them already),
+    /// and compacted. A follower catches up from `index + 1`; a leader drops
+    /// the slots it had in flight up to `index` (chosen, and in the
+    /// snapshot: their commands are handed back as
+    /// [`Ready::unknown_outcome`]) and commits on through those above that
+    /// are chosen.
+    pub fn snapshot_installed(&mut self, index: Slot) {
+        let core = &mut self.core;
+        if index <= core.committed {
+            return;
+        }
+        assert!(index < u64::MAX, "snapshot index {index} leaves no slot");
+        core.committed = index;
+        core.acceptor.compact(index);
+        core.catch_up_sent_at = None;
+        if let Some((l, core)) = self.leading() {
+            l.snapshot_installed(core, index);
+        } else if let Some(leadership) = self.core.leadership {
+            self.core.learn_commit(leadership.ballot, leadership.commit);
+        }
+        self.core.settle();
+        self.check_invariants();
+    }
+
     /// Advances the clock by one tick: elections, heartbeats, re-sends.
     pub fn tick(&mut self) {
         self.core.now += 1;
@@ -335,6 +415,7 @@ impl Replica {
         } else {
             self.core.request_catch_up();
         }
+        self.core.request_snapshot();
         self.check_invariants();
     }
 
@@ -344,6 +425,7 @@ impl Replica {
     pub fn step(&mut self, from: NodeId, msg: Message) -> Result<(), Refused> {
         self.admit(from, &msg)?;
         self.dispatch(from, msg);
+        self.core.settle();
         self.check_invariants();
         Ok(())
     }
@@ -357,6 +439,7 @@ impl Replica {
             "the core sends itself only promises and accepts: {msg:?}"
         );
         self.dispatch(self.core.cfg.id, msg);
+        self.core.settle();
         self.check_invariants();
     }
 
@@ -388,9 +471,16 @@ impl Replica {
         // that `slot + 1` never overflows anywhere.
         let bad_slot = match msg {
             Message::Accept { slot, .. } => Some(*slot).filter(|&s| !slot_in_range(s)),
-            Message::Promise { accepted, .. } => {
-                accepted.iter().map(|a| a.slot).find(|&s| !slot_in_range(s))
-            }
+            // A snapshot index, like the commit index, must leave room for
+            // the next slot; 0 (nothing compacted) is fine.
+            Message::Promise {
+                accepted, snapshot, ..
+            } => accepted
+                .iter()
+                .map(|a| a.slot)
+                .find(|&s| !slot_in_range(s))
+                .or(Some(*snapshot).filter(|&s| s == u64::MAX)),
+            Message::SnapshotAvailable { index, .. } => Some(*index).filter(|&s| s == u64::MAX),
             Message::CatchUp { entries, .. } => {
                 entries.iter().map(|e| e.0).find(|&s| !slot_in_range(s))
             }
@@ -434,7 +524,8 @@ impl Replica {
                 from_slot,
                 to_slot,
                 accepted,
-            } => self.on_promise(from, ballot, from_slot, to_slot, accepted),
+                snapshot,
+            } => self.on_promise(from, ballot, from_slot, to_slot, accepted, snapshot),
             Message::Nack { promised } => self.observe(promised),
             Message::Accept {
                 ballot,
@@ -476,6 +567,9 @@ impl Replica {
                 commit,
                 more,
             } => self.on_catch_up(from, ballot, entries, commit, more),
+            Message::SnapshotAvailable { ballot, index } => {
+                self.on_snapshot_available(from, ballot, index)
+            }
         }
     }
 
@@ -506,6 +600,21 @@ impl Replica {
         assert!(
             core.max_round_seen >= core.acceptor.promised().round,
             "the highest round seen includes our own promise"
+        );
+        assert!(
+            core.acceptor.compacted() <= core.committed,
+            "only slots known chosen are compacted"
+        );
+        assert!(
+            core.acceptor
+                .first_slot()
+                .is_none_or(|s| s > core.acceptor.compacted()),
+            "no vote is kept at or below the compacted index"
+        );
+        assert!(
+            core.fetch.is_none_or(|f| f.fetch.min_index > core.committed
+                && core.leadership.is_some_and(|l| l.ballot == f.ballot)),
+            "a snapshot fetch is pending only while needed, under its leadership"
         );
         match &self.state {
             State::Follower => {}
@@ -582,6 +691,53 @@ impl Core {
 
     fn send_after_persist(&mut self, to: NodeId, msg: Message) {
         self.ready.persisted_messages.push(Envelope { to, msg });
+    }
+
+    /// A snapshot through at least `min_index` is needed from `from`, under
+    /// the leadership of `ballot`: asks the driver for it (rate-limited).
+    fn need_snapshot(&mut self, from: NodeId, min_index: Slot, ballot: Ballot) {
+        if min_index <= self.committed {
+            return;
+        }
+        let same = self.fetch.is_some_and(|p| {
+            p.ballot == ballot && p.fetch.from == from && p.fetch.min_index >= min_index
+        });
+        if !same {
+            self.fetch = Some(PendingFetch {
+                fetch: SnapshotFetch { from, min_index },
+                ballot,
+                sent_at: None,
+            });
+        }
+        self.request_snapshot();
+    }
+
+    /// Asks the driver for the pending snapshot fetch, at most once per
+    /// `catch_up_ticks`: the driver ignores a fetch while one runs, but one
+    /// that failed must be asked for again.
+    fn request_snapshot(&mut self) {
+        self.settle();
+        let Some(p) = &mut self.fetch else {
+            return;
+        };
+        if p.sent_at
+            .is_some_and(|at| self.now < at + self.cfg.catch_up_ticks)
+        {
+            return;
+        }
+        p.sent_at = Some(self.now);
+        self.ready.fetch_snapshot = Some(p.fetch);
+    }
+
+    /// Forgets a pending snapshot fetch that is no longer needed: the
+    /// commit index reached it, or its leadership ended.
+    fn settle(&mut self) {
+        if let Some(p) = self.fetch {
+            let current = self.leadership.is_some_and(|l| l.ballot == p.ballot);
+            if !current || self.committed >= p.fetch.min_index {
+                self.fetch = None;
+            }
+        }
     }
 
     fn persist_promise(&mut self) {
@@ -723,5 +879,11 @@ mod tests {
         // Our own, handed back by the driver after the sync, does.
         leader.step_own(accepted);
         assert_eq!(leader.take_ready().chosen.len(), 1);
+    }
+
+    #[test]
+    #[should_panic(expected = "past the commit index")]
+    fn compacting_past_the_commit_index_is_a_bug() {
+        replica(1, 3).compact(1);
     }
 }
