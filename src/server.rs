@@ -78,17 +78,21 @@ pub async fn serve(
         "restored"
     );
     let mut cfg = paxos::Config::new(opts.id, opts.peers.keys().copied().collect());
-    cfg.seed = std::time::SystemTime::now()
+    let now_nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-        ^ u64::from(opts.id);
+        .map_or(0, |d| d.as_nanos() as u64);
+    cfg.seed = now_nanos ^ u64::from(opts.id);
     // No snapshots yet: the storage keeps every vote. It will supply the
-    // snapshot index (and the membership) once it has them.
+    // snapshot index and the membership once it has them; until then every
+    // replica is a voter, as before.
     let restore = paxos::Restore {
         promised: durable.promised,
         votes: durable.votes,
         applied: durable.applied,
         snapshot: 0,
+        membership: Some(paxos::Membership::Voter),
+        // Per incarnation; unused by voters.
+        nonce: now_nanos.rotate_left(17) ^ u64::from(std::process::id()),
     };
     let replica = Replica::new(cfg, restore)?;
 

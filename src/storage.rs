@@ -774,6 +774,7 @@ mod tests {
         {
             let s = open(&dir);
             s.persist(&Persist {
+                membership: None,
                 promised: Some(b1),
                 entries: vec![
                     vote(1, b1, batch(vec![Bytes::from_static(b"x")])),
@@ -784,6 +785,7 @@ mod tests {
             // A higher ballot promised, and slot 2 voted again under it:
             // the later vote replaces the earlier one.
             s.persist(&Persist {
+                membership: None,
                 promised: Some(b2),
                 entries: vec![
                     vote(2, b2, batch(vec![Bytes::from_static(b"y"), Bytes::new()])),
@@ -793,6 +795,7 @@ mod tests {
             .unwrap();
             // Within one persist, a later entry for a slot wins too.
             s.persist(&Persist {
+                membership: None,
                 promised: None,
                 entries: vec![
                     vote(4, b2, Value::Noop),
@@ -825,6 +828,7 @@ mod tests {
         let b = Ballot::new(1, 1);
         let slots = [300u64, 2, 256, 1, 1 << 40];
         s.persist(&Persist {
+            membership: None,
             promised: None,
             entries: slots.iter().map(|&n| vote(n, b, Value::Noop)).collect(),
         })
@@ -845,6 +849,7 @@ mod tests {
             "empty persist does nothing"
         );
         s.persist(&Persist {
+            membership: None,
             promised: Some(Ballot::new(1, 1)),
             entries: vec![],
         })
@@ -853,6 +858,7 @@ mod tests {
         assert_eq!(s.bytes_written(), (PROMISED.len() + 12) as u64);
         let before = s.bytes_written();
         s.persist(&Persist {
+            membership: None,
             promised: None,
             entries: (1..=50)
                 .map(|n| vote(n, Ballot::new(1, 1), Value::Noop))
@@ -872,6 +878,7 @@ mod tests {
         let big = Value::Batch(vec![Bytes::from(vec![7u8; 300 * 1024])]);
         let v = vote(1, Ballot::new(1, 1), big);
         s.persist(&Persist {
+            membership: None,
             promised: None,
             entries: vec![v.clone()],
         })
@@ -1022,6 +1029,7 @@ mod tests {
         // opens again.
         first
             .persist(&Persist {
+                membership: None,
                 promised: Some(Ballot::new(1, 1)),
                 entries: vec![],
             })
@@ -1081,6 +1089,7 @@ mod tests {
         let dir = TempDir::new("corrupt-log");
         let s = open(&dir);
         s.persist(&Persist {
+            membership: None,
             promised: None,
             entries: vec![vote(1, Ballot::new(1, 1), Value::Noop)],
         })

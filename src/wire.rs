@@ -169,16 +169,20 @@ pub fn message_to_pb(from: NodeId, msg: &Message) -> pb::PeerMessage {
             ballot,
             from_slot,
             to_slot,
+            nonce,
         } => Kind::CatchUpRequest(pb::CatchUpRequest {
             ballot: b(ballot),
             from_slot: *from_slot,
             to_slot: *to_slot,
+            nonce: *nonce,
         }),
         Message::CatchUp {
             ballot,
             entries,
             commit,
             more,
+            nonce,
+            proposed,
         } => Kind::CatchUp(pb::CatchUp {
             ballot: b(ballot),
             entries: entries
@@ -190,6 +194,8 @@ pub fn message_to_pb(from: NodeId, msg: &Message) -> pb::PeerMessage {
                 .collect(),
             commit: *commit,
             more: *more,
+            nonce: *nonce,
+            proposed: *proposed,
         }),
         Message::SnapshotAvailable { ballot, index } => {
             Kind::SnapshotAvailable(pb::SnapshotAvailable {
@@ -197,6 +203,11 @@ pub fn message_to_pb(from: NodeId, msg: &Message) -> pb::PeerMessage {
                 index: *index,
             })
         }
+        Message::Probe { nonce } => Kind::Probe(pb::Probe { nonce: *nonce }),
+        Message::ProbeReply { nonce, fresh } => Kind::ProbeReply(pb::ProbeReply {
+            nonce: *nonce,
+            fresh: *fresh,
+        }),
     };
     pb::PeerMessage {
         from,
@@ -261,6 +272,7 @@ pub fn message_from_pb(m: pb::PeerMessage) -> Result<(NodeId, Message), WireErro
             ballot: ballot_from_pb(r.ballot, "CatchUpRequest.ballot")?,
             from_slot: r.from_slot,
             to_slot: r.to_slot,
+            nonce: r.nonce,
         },
         Kind::CatchUp(c) => Message::CatchUp {
             ballot: ballot_from_pb(c.ballot, "CatchUp.ballot")?,
@@ -275,10 +287,17 @@ pub fn message_from_pb(m: pb::PeerMessage) -> Result<(NodeId, Message), WireErro
                 .collect::<Result<_, _>>()?,
             commit: c.commit,
             more: c.more,
+            nonce: c.nonce,
+            proposed: c.proposed,
         },
         Kind::SnapshotAvailable(s) => Message::SnapshotAvailable {
             ballot: ballot_from_pb(s.ballot, "SnapshotAvailable.ballot")?,
             index: s.index,
+        },
+        Kind::Probe(p) => Message::Probe { nonce: p.nonce },
+        Kind::ProbeReply(r) => Message::ProbeReply {
+            nonce: r.nonce,
+            fresh: r.fresh,
         },
     };
     Ok((m.from, msg))
@@ -376,22 +395,43 @@ mod tests {
                 ballot: b,
                 from_slot: 3,
                 to_slot: 9,
+                nonce: None,
+            },
+            // A nonce of 0 is a nonce, not none.
+            Message::CatchUpRequest {
+                ballot: b,
+                from_slot: 10,
+                to_slot: 9,
+                nonce: Some(0),
             },
             Message::CatchUp {
                 ballot: b,
                 entries: vec![(3, Value::Noop), (4, batch(&[b"x", b"y"]))],
                 commit: 9,
                 more: true,
+                nonce: Some(u64::MAX),
+                proposed: 12,
             },
             Message::CatchUp {
                 ballot: b,
                 entries: vec![(5, Value::Noop)],
                 commit: 9,
                 more: false,
+                nonce: None,
+                proposed: 0,
             },
             Message::SnapshotAvailable {
                 ballot: b,
                 index: 1000,
+            },
+            Message::Probe { nonce: 42 },
+            Message::ProbeReply {
+                nonce: 42,
+                fresh: true,
+            },
+            Message::ProbeReply {
+                nonce: u64::MAX,
+                fresh: false,
             },
         ]
     }
@@ -436,6 +476,14 @@ mod tests {
                 entries: vec![(slot, value.clone()), (slot, Value::Noop)],
                 commit: slot,
                 more: true,
+                nonce: Some(u64::MAX),
+                proposed: slot,
+            },
+            Message::CatchUpRequest {
+                ballot,
+                from_slot: slot,
+                to_slot: slot,
+                nonce: Some(u64::MAX),
             },
             Message::Accept {
                 ballot,
@@ -497,7 +545,11 @@ mod tests {
 
     #[test]
     fn missing_ballot_is_named_for_every_variant() {
-        for msg in every_message() {
+        // Probes carry no ballot.
+        let with_ballot = every_message()
+            .into_iter()
+            .filter(|m| !matches!(m, Message::Probe { .. } | Message::ProbeReply { .. }));
+        for msg in with_ballot {
             let m = tamper(&msg, |k| match k {
                 Kind::PreVote(x) => x.ballot = None,
                 Kind::PreVoteReply(x) => x.ballot = None,
@@ -511,6 +563,7 @@ mod tests {
                 Kind::CatchUpRequest(x) => x.ballot = None,
                 Kind::CatchUp(x) => x.ballot = None,
                 Kind::SnapshotAvailable(x) => x.ballot = None,
+                Kind::Probe(_) | Kind::ProbeReply(_) => unreachable!("no ballot"),
             });
             let err = err_of(m);
             let expected = match msg {
@@ -526,6 +579,7 @@ mod tests {
                 Message::CatchUpRequest { .. } => "CatchUpRequest.ballot",
                 Message::CatchUp { .. } => "CatchUp.ballot",
                 Message::SnapshotAvailable { .. } => "SnapshotAvailable.ballot",
+                Message::Probe { .. } | Message::ProbeReply { .. } => unreachable!("no ballot"),
             };
             assert_eq!(err, format!("{expected} is missing"), "{msg:?}");
         }

@@ -18,7 +18,8 @@ pub const ENTRY_OVERHEAD: usize = 64;
 
 /// At most how many bytes the encoding adds around a message's entries:
 /// the sender's id (6), the message's tag and length prefix (11), and its
-/// own fields (a ballot, up to two slots, a commit index, a flag: under 60).
+/// own fields (a ballot and at most four other integers and a flag: under
+/// 70).
 pub const MESSAGE_OVERHEAD: usize = 128;
 
 /// The value of one log slot.
@@ -123,19 +124,26 @@ pub enum Message {
         committed: Slot,
     },
     /// A follower asks the leader for chosen slots `from_slot..=to_slot`.
+    /// A learner waiting to rejoin adds its incarnation's `nonce` (and asks
+    /// even when it misses nothing): see `replica/membership.rs`.
     CatchUpRequest {
         ballot: Ballot,
         from_slot: Slot,
         to_slot: Slot,
+        nonce: Option<u64>,
     },
     /// Chosen values for consecutive slots, from the leader. An answer to
     /// one request comes in pieces, each under the byte cap; `more` says
-    /// another piece of it follows.
+    /// another piece of it follows. Every piece echoes the request's
+    /// `nonce` and says `proposed`, the highest slot the leader had
+    /// proposed when it answered.
     CatchUp {
         ballot: Ballot,
         entries: Vec<(Slot, Value)>,
         commit: Slot,
         more: bool,
+        nonce: Option<u64>,
+        proposed: Slot,
     },
     /// "Slots up to `index` are compacted here: fetch my state machine
     /// snapshot." From the leader of `ballot` to a follower whose catch-up
@@ -143,12 +151,20 @@ pub enum Message {
     /// to the leader of `ballot`, whose accept is for a slot it has
     /// compacted (it cannot vote there: the vote could not be reported).
     SnapshotAvailable { ballot: Ballot, index: Slot },
+    /// From a replica that started with an empty data directory: "do you
+    /// hold any durable state?" `nonce` identifies its incarnation.
+    Probe { nonce: u64 },
+    /// The answer to a probe: `fresh` when the replica holds no durable
+    /// state at all (nothing promised, voted, chosen or compacted) and is
+    /// not a learner.
+    ProbeReply { nonce: u64, fresh: bool },
 }
 
 impl Message {
-    /// The ballot the message speaks for (for `Nack`, the promised one).
-    pub fn ballot(&self) -> Ballot {
-        match self {
+    /// The ballot the message speaks for (for `Nack`, the promised one);
+    /// none for probes.
+    pub fn ballot(&self) -> Option<Ballot> {
+        let ballot = match self {
             Message::PreVote { ballot }
             | Message::PreVoteReply { ballot, .. }
             | Message::Prepare { ballot, .. }
@@ -161,7 +177,9 @@ impl Message {
             | Message::CatchUp { ballot, .. }
             | Message::SnapshotAvailable { ballot, .. } => *ballot,
             Message::Nack { promised } => *promised,
-        }
+            Message::Probe { .. } | Message::ProbeReply { .. } => return None,
+        };
+        Some(ballot)
     }
 
     /// At most how many bytes the message takes encoded: its entries'
@@ -201,9 +219,24 @@ pub struct SnapshotFetch {
     pub min_index: Slot,
 }
 
+/// Whether a replica votes: durable, kept with the acceptor state. A
+/// replica that starts with an empty data directory has neither until its
+/// probes settle which (see `replica/membership.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Membership {
+    /// Promises and votes.
+    Voter,
+    /// Lost its durable state (or may have): follows and learns, never
+    /// promises or votes, until it may rejoin as a voter.
+    Learner,
+}
+
 /// Acceptor state to make durable.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Persist {
+    /// The replica's membership, when it changed. Written in the same sync
+    /// as the rest, before any message that depends on it.
+    pub membership: Option<Membership>,
     /// A new promised ballot, if it rose.
     pub promised: Option<Ballot>,
     /// Votes (and chosen values learned by catch-up) to write, in order; a
@@ -214,7 +247,7 @@ pub struct Persist {
 impl Persist {
     /// True when there is nothing to write.
     pub fn is_empty(&self) -> bool {
-        self.promised.is_none() && self.entries.is_empty()
+        self.membership.is_none() && self.promised.is_none() && self.entries.is_empty()
     }
 }
 

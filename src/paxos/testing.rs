@@ -8,7 +8,9 @@ use bytes::Bytes;
 
 use super::ballot::{Ballot, NodeId, Slot};
 use super::config::Config;
-use super::message::{Accepted, Envelope, Message, ReadId, Ready, SnapshotFetch, Value};
+use super::message::{
+    Accepted, Envelope, Membership, Message, ReadId, Ready, SnapshotFetch, Value,
+};
 use super::replica::{Replica, Restore};
 
 /// A client command with `s` as its bytes.
@@ -91,6 +93,8 @@ pub struct Net {
     pub delivered: Vec<(NodeId, NodeId, Message)>,
     /// Every snapshot fetch asked for, by the replica that asked.
     pub fetches: Vec<(NodeId, SnapshotFetch)>,
+    /// Every membership persisted, by replica, in order.
+    pub memberships: Vec<(NodeId, Membership)>,
 }
 
 impl Net {
@@ -116,6 +120,7 @@ impl Net {
             cut: BTreeSet::new(),
             delivered: Vec::new(),
             fetches: Vec::new(),
+            memberships: Vec::new(),
         }
     }
 
@@ -128,6 +133,13 @@ impl Net {
             votes,
             ..Restore::default()
         };
+        self.nodes.insert(id, Replica::new(cfg, restore).unwrap());
+    }
+
+    /// Replaces replica `id` by one restored from `restore`, with its
+    /// configuration as it was.
+    pub fn replace(&mut self, id: NodeId, restore: Restore) {
+        let cfg = self.node(id).config().clone();
         self.nodes.insert(id, Replica::new(cfg, restore).unwrap());
     }
 
@@ -146,6 +158,8 @@ impl Net {
         self.chosen.entry(id).or_default().extend(ready.chosen);
         self.reads.extend(ready.reads);
         self.fetches.extend(ready.fetch_snapshot.map(|f| (id, f)));
+        self.memberships
+            .extend(ready.persist.membership.map(|m| (id, m)));
     }
 
     /// Delivers everything until quiet.

@@ -112,8 +112,12 @@ impl Replica {
 
     /// Rule: grant a pre-vote only when no live leader is heard (leader
     /// stickiness, as for prepares) and the ballot is above our promise.
-    /// Nothing changes here either way.
+    /// Nothing changes here either way. A replica that does not vote
+    /// (unknown, learner) does not answer at all.
     pub(super) fn on_pre_vote(&mut self, from: NodeId, ballot: Ballot) {
+        if !self.core.is_voter() {
+            return;
+        }
         let promised = self.core.acceptor.promised();
         if self.leader_is_alive() {
             let reply = Message::PreVoteReply {
@@ -185,6 +189,11 @@ impl Replica {
     }
 
     pub(super) fn on_prepare(&mut self, from: NodeId, ballot: Ballot, from_slot: Slot) {
+        // Rule: only a voter promises (or refuses: a non-voter's promise
+        // means nothing, so neither does its Nack).
+        if !self.core.is_voter() {
+            return;
+        }
         // Leader stickiness: while we hear a live leader, a candidate is
         // ignored altogether, so a replica that was cut off cannot depose a
         // healthy leader by coming back with a higher ballot.
@@ -607,6 +616,7 @@ mod tests {
             votes: vec![vote(4, old, "four"), vote(5, old, "five")],
             applied: 4,
             snapshot: 4,
+            ..Restore::default()
         };
         let mut r = Replica::new(config(2, 3), restore).unwrap();
         let ballot = Ballot::new(2, 3);
@@ -642,6 +652,7 @@ mod tests {
             votes: vec![vote(4, old, "stale4"), vote(6, old, "six")],
             applied: 5,
             snapshot: 5,
+            ..Restore::default()
         };
         net.nodes.insert(2, Replica::new(config(2, 3), r2).unwrap());
         let r1 = Restore {

@@ -359,13 +359,21 @@ impl Leader {
     /// Rule: slots at or below our compacted index have no vote here any
     /// more; a follower that needs one is told to fetch our snapshot
     /// (`SnapshotAvailable`) instead, and asks again from past it.
+    ///
+    /// Rule (a learner rejoining): every piece echoes the request's `nonce`
+    /// and says the highest slot proposed so far; if nothing is in flight or
+    /// queued, a no-op is proposed right after answering, so that a slot
+    /// proposed after the learner's recovery began gets chosen even in an
+    /// idle cluster.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn on_catch_up_request(
-        &self,
+        &mut self,
         core: &mut Core,
         from: NodeId,
         ballot: Ballot,
         from_slot: Slot,
         to_slot: Slot,
+        nonce: Option<u64>,
     ) {
         if self.ballot != ballot {
             return;
@@ -401,6 +409,7 @@ impl Leader {
                 .push((slot, value));
         }
         let count = pieces.len();
+        let proposed = self.next_slot - 1;
         for (i, entries) in pieces.into_iter().enumerate() {
             let more = i + 1 < count;
             core.send(
@@ -410,8 +419,15 @@ impl Leader {
                     entries,
                     commit,
                     more,
+                    nonce,
+                    proposed,
                 },
             );
+        }
+        if nonce.is_some() && self.in_flight.is_empty() && self.queued.is_empty() {
+            let slot = self.next_slot;
+            self.next_slot = slot.checked_add(1).expect("slot numbers ran out");
+            self.propose_at(core, slot, Value::Noop);
         }
     }
 }
@@ -651,6 +667,7 @@ mod tests {
                     ballot,
                     from_slot: 1,
                     to_slot: 3,
+                    nonce: None,
                 },
             )
             .unwrap();

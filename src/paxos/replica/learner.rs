@@ -16,6 +16,14 @@ impl Replica {
         commit: Slot,
     ) {
         self.observe(ballot);
+        // Rule: a non-voter never votes; a learner still follows the leader
+        // and learns its commit index from the accept.
+        if !self.core.is_voter() {
+            if self.hear_leader(from, ballot) {
+                self.core.learn_commit(ballot, commit);
+            }
+            return;
+        }
         let core = &mut self.core;
         if slot <= core.acceptor.compacted() {
             self.on_accept_compacted(from, ballot, commit);
@@ -50,6 +58,11 @@ impl Replica {
         }
         let core = &mut self.core;
         core.learn_commit(ballot, commit);
+        // Rule: a learner does not ack: its ack would count towards
+        // confirming a leader for reads, and towards check-quorum.
+        if !core.is_voter() {
+            return;
+        }
         let committed = core.committed;
         core.send_after_persist(
             from,
@@ -93,11 +106,16 @@ impl Replica {
     }
 
     /// A leader's heartbeat or catch-up arrived: refused below our promise
-    /// (the sender learns it, `Nack`); otherwise the promise rises to the
-    /// leader's ballot (persisted) and we follow it. Returns whether we do.
+    /// (the sender learns it, `Nack`, unless we do not vote); otherwise the
+    /// promise rises to the leader's ballot (persisted) and we follow it.
+    /// Returns whether we do. An unknown replica follows no one: it must
+    /// not write anything before it knows its membership.
     fn hear_leader(&mut self, from: NodeId, ballot: Ballot) -> bool {
         self.observe(ballot);
         let core = &mut self.core;
+        if core.standing.membership().is_none() {
+            return false;
+        }
         match core.acceptor.follow(ballot) {
             Ok(raised) => {
                 if raised {
@@ -107,12 +125,16 @@ impl Replica {
                 true
             }
             Err(promised) => {
-                core.send(from, Message::Nack { promised });
+                if core.is_voter() {
+                    core.send(from, Message::Nack { promised });
+                }
                 false
             }
         }
     }
 
+    // The arguments are the message's fields, as for every other handler.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn on_catch_up(
         &mut self,
         from: NodeId,
@@ -120,11 +142,14 @@ impl Replica {
         entries: Vec<(Slot, Value)>,
         commit: Slot,
         more: bool,
+        nonce: Option<u64>,
+        proposed: Slot,
     ) {
         if !self.hear_leader(from, ballot) {
             return;
         }
         let core = &mut self.core;
+        core.note_rejoin_slot(ballot, nonce, proposed);
         for (slot, value) in entries {
             // A vote under the leader's ballot is the value it proposed, so
             // it is the chosen one that it reports.
@@ -176,12 +201,14 @@ impl Core {
     }
 
     /// Asks the leader for the chosen slots we miss, at most once per
-    /// `catch_up_ticks`.
+    /// `catch_up_ticks`. A learner that has not yet been told its rejoin
+    /// slot asks even when it misses nothing, with its nonce.
     pub(super) fn request_catch_up(&mut self) {
         let Some(leadership) = self.leadership else {
             return;
         };
-        if leadership.id == self.cfg.id || self.committed >= leadership.commit {
+        let rejoining = self.awaits_rejoin_slot();
+        if leadership.id == self.cfg.id || (self.committed >= leadership.commit && !rejoining) {
             return;
         }
         if self
@@ -197,6 +224,7 @@ impl Core {
                 ballot: leadership.ballot,
                 from_slot: self.first_unchosen(),
                 to_slot: leadership.commit,
+                nonce: rejoining.then_some(self.nonce),
             },
         );
     }
@@ -294,7 +322,8 @@ mod tests {
         assert!(only(&ready, 3).contains(&&Message::CatchUpRequest {
             ballot: new,
             from_slot: 1,
-            to_slot: 2
+            to_slot: 2,
+            nonce: None,
         }));
         // The leader's answer carries the chosen value, which wins.
         f.step(
@@ -304,6 +333,8 @@ mod tests {
                 entries: vec![(1, batch(&["chosen"]))],
                 commit: 2,
                 more: false,
+                nonce: None,
+                proposed: 2,
             },
         )
         .unwrap();

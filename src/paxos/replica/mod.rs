@@ -46,6 +46,7 @@
 mod election;
 mod leader;
 mod learner;
+mod membership;
 mod reads;
 
 use std::fmt;
@@ -55,11 +56,14 @@ use bytes::Bytes;
 use super::acceptor::Acceptor;
 use super::ballot::{Ballot, NodeId, Slot};
 use super::config::Config;
-use super::message::{Accepted, Envelope, Message, ReadId, Ready, SnapshotFetch, Value};
+use super::message::{
+    Accepted, Envelope, Membership, Message, ReadId, Ready, SnapshotFetch, Value,
+};
 use super::rng::Rng;
 
 use election::{Candidate, PreCandidate};
 use leader::Leader;
+use membership::Standing;
 
 /// The replica's part in the protocol right now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -159,6 +163,9 @@ pub struct Status {
     pub followers: Vec<FollowerStatus>,
     /// Elections this replica has started since it was created.
     pub elections: u64,
+    /// Whether it votes; `None` while it probes its peers after starting
+    /// with an empty data directory (see `replica/membership.rs`).
+    pub membership: Option<Membership>,
 }
 
 /// The leader's view of one follower.
@@ -180,10 +187,11 @@ struct Leadership {
     commit: Slot,
 }
 
-/// What a replica is restored from: its durable acceptor state and where
-/// its state machine stands. A new replica passes
-/// `Restore::default()`.
-#[derive(Clone, Debug, Default)]
+/// What a replica is restored from: its durable acceptor state, where its
+/// state machine stands, and its membership. `Restore::default()` is a
+/// voter with nothing yet: a member of a cluster whose membership is
+/// settled.
+#[derive(Clone, Debug)]
 pub struct Restore {
     /// The highest ballot it promised.
     pub promised: Ballot,
@@ -195,6 +203,27 @@ pub struct Restore {
     /// The index of the state machine's durable snapshot, 0 if none: the
     /// log is compacted through here.
     pub snapshot: Slot,
+    /// The durable membership; `None` when storage holds nothing at all
+    /// (an empty data directory, new or wiped): the replica then starts
+    /// Unknown and probes its peers.
+    pub membership: Option<Membership>,
+    /// A random number for this incarnation, different at every start:
+    /// answers to an earlier incarnation's probes and catch-up requests
+    /// must not count.
+    pub nonce: u64,
+}
+
+impl Default for Restore {
+    fn default() -> Self {
+        Restore {
+            promised: Ballot::ZERO,
+            votes: Vec::new(),
+            applied: 0,
+            snapshot: 0,
+            membership: Some(Membership::Voter),
+            nonce: 0,
+        }
+    }
 }
 
 /// A snapshot fetch the replica needs, and when it last asked for it.
@@ -242,6 +271,8 @@ struct Core {
     max_round_seen: u64,
     catch_up_sent_at: Option<u64>,
     fetch: Option<PendingFetch>,
+    standing: Standing,
+    nonce: u64,
     elections: u64,
     ready: Ready,
 }
@@ -255,7 +286,13 @@ impl Replica {
             votes,
             applied,
             snapshot,
+            membership,
+            nonce,
         } = restore;
+        let blank = promised == Ballot::ZERO && votes.is_empty() && applied == 0;
+        if membership.is_none() && !blank {
+            return Err("a replica with durable state must have a membership".into());
+        }
         if applied < snapshot {
             return Err(format!(
                 "the state machine applied through {applied}, below its snapshot at {snapshot}"
@@ -277,6 +314,8 @@ impl Replica {
                 max_round_seen: promised.round,
                 catch_up_sent_at: None,
                 fetch: None,
+                standing: Standing::restore(membership),
+                nonce,
                 elections: 0,
                 ready: Ready::default(),
             },
@@ -334,6 +373,7 @@ impl Replica {
             queued,
             followers,
             elections: self.core.elections,
+            membership: self.core.standing.membership(),
         }
     }
 
@@ -411,7 +451,16 @@ impl Replica {
                 self.step_down();
             }
         } else if self.core.now >= self.core.election_deadline {
-            self.start_pre_vote();
+            match self.core.standing {
+                Standing::Voter => self.start_pre_vote(),
+                Standing::Unknown { .. } => self.core.probe(),
+                // A learner never campaigns; it stops naming a leader it
+                // no longer hears, as a pre-candidate does.
+                Standing::Learner { .. } => {
+                    self.core.leadership = None;
+                    self.core.reset_election_timer();
+                }
+            }
         } else {
             self.core.request_catch_up();
         }
@@ -463,8 +512,10 @@ impl Replica {
                 ballot: *ballot,
             });
         }
-        let (ballot, highest) = (msg.ballot(), self.core.highest_round());
-        if !ballot.in_range(highest) {
+        let highest = self.core.highest_round();
+        if let Some(ballot) = msg.ballot()
+            && !ballot.in_range(highest)
+        {
             return Err(Refused::BallotOutOfRange { ballot, highest });
         }
         // Every slot voted on or learned leaves room for the next one, so
@@ -480,7 +531,12 @@ impl Replica {
                 .map(|a| a.slot)
                 .find(|&s| !slot_in_range(s))
                 .or(Some(*snapshot).filter(|&s| s == u64::MAX)),
-            Message::SnapshotAvailable { index, .. } => Some(*index).filter(|&s| s == u64::MAX),
+            Message::SnapshotAvailable { index: slot, .. }
+            | Message::CatchUp { proposed: slot, .. }
+                if *slot == u64::MAX =>
+            {
+                Some(*slot)
+            }
             Message::CatchUp { entries, .. } => {
                 entries.iter().map(|e| e.0).find(|&s| !slot_in_range(s))
             }
@@ -556,9 +612,10 @@ impl Replica {
                 ballot,
                 from_slot,
                 to_slot,
+                nonce,
             } => {
                 if let Some((l, core)) = self.leading() {
-                    l.on_catch_up_request(core, from, ballot, from_slot, to_slot);
+                    l.on_catch_up_request(core, from, ballot, from_slot, to_slot, nonce);
                 }
             }
             Message::CatchUp {
@@ -566,10 +623,14 @@ impl Replica {
                 entries,
                 commit,
                 more,
-            } => self.on_catch_up(from, ballot, entries, commit, more),
+                nonce,
+                proposed,
+            } => self.on_catch_up(from, ballot, entries, commit, more, nonce, proposed),
             Message::SnapshotAvailable { ballot, index } => {
                 self.on_snapshot_available(from, ballot, index)
             }
+            Message::Probe { nonce } => self.core.on_probe(from, nonce),
+            Message::ProbeReply { nonce, fresh } => self.core.on_probe_reply(from, nonce, fresh),
         }
     }
 
@@ -616,6 +677,7 @@ impl Replica {
                 && core.leadership.is_some_and(|l| l.ballot == f.ballot)),
             "a snapshot fetch is pending only while needed, under its leadership"
         );
+        self.check_membership_invariants();
         match &self.state {
             State::Follower => {}
             State::PreCandidate(p) => p.check_invariants(core),
@@ -729,9 +791,11 @@ impl Core {
         self.ready.fetch_snapshot = Some(p.fetch);
     }
 
-    /// Forgets a pending snapshot fetch that is no longer needed: the
-    /// commit index reached it, or its leadership ended.
+    /// After an input: a learner rejoins if due; a pending snapshot fetch
+    /// no longer needed (the commit index reached it, or its leadership
+    /// ended) is forgotten.
     fn settle(&mut self) {
+        self.rejoin_if_due();
         if let Some(p) = self.fetch {
             let current = self.leadership.is_some_and(|l| l.ballot == p.ballot);
             if !current || self.committed >= p.fetch.min_index {
@@ -857,6 +921,8 @@ mod tests {
                 entries: vec![(1, Value::Noop), (slot, Value::Noop)],
                 commit: 1,
                 more: false,
+                nonce: None,
+                proposed: 1,
             };
             assert_eq!(r.step(1, catch_up), Err(Refused::SlotOutOfRange { slot }));
         }
