@@ -179,6 +179,7 @@ fn storage_persist(c: &mut Criterion) {
                 })
                 .collect();
             Persist {
+                membership: None,
                 promised: None,
                 entries,
             }

@@ -224,10 +224,7 @@ struct Noop;
 
 #[tonic::async_trait]
 impl KvStore for Noop {
-    async fn get(
-        &self,
-        _: Request<pb::GetRequest>,
-    ) -> Result<Response<pb::GetResponse>, Status> {
+    async fn get(&self, _: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
         Ok(Response::new(pb::GetResponse { value: 0 }))
     }
     async fn insert(

@@ -20,7 +20,10 @@
 //!   [`CallError::Retry`] once this replica has applied past every slot that
 //!   leadership proposed without finding it, and with
 //!   [`CallError::Unknown`] if that is not learned within
-//!   [`Driver::doubt_ticks`] ticks.
+//!   [`Driver::doubt_ticks`] ticks;
+//! - a snapshot install skips slots without applying them one by one here:
+//!   a write whose slot it may have covered is answered
+//!   [`CallError::Unknown`] (never `Retry`: it may be in the snapshot).
 //!
 //! The shell does what [`Work`] says, in order: send `messages`; make
 //! `persist` durable; send `persisted_messages` (those to this replica go
@@ -33,7 +36,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use crate::kv::{Command, Reply};
 use crate::paxos::{
-    Envelope, Message, NodeId, Persist, ReadId, Ready, Refused, Replica, Slot, Value,
+    Envelope, Message, NodeId, Persist, ReadId, Ready, Refused, Replica, Slot, SnapshotFetch, Value,
 };
 
 /// Why a call could not be served here.
@@ -88,6 +91,10 @@ pub struct Work<W, R> {
     pub chosen: Vec<(Slot, Value)>,
     /// Callers to answer now.
     pub answers: Vec<Answer<W, R>>,
+    /// Fetch this state machine snapshot and install it, then call
+    /// [`Driver::snapshot_installed`]. Repeated, rate-limited, while still
+    /// needed: ignore it while a fetch is running.
+    pub fetch_snapshot: Option<SnapshotFetch>,
 }
 
 impl<W, R> Work<W, R> {
@@ -98,6 +105,7 @@ impl<W, R> Work<W, R> {
             && self.persisted_messages.is_empty()
             && self.chosen.is_empty()
             && self.answers.is_empty()
+            && self.fetch_snapshot.is_none()
     }
 }
 
@@ -116,6 +124,9 @@ struct Doubt {
     through: Slot,
     /// The tick at which the write is answered [`CallError::Unknown`].
     give_up_at: u64,
+    /// A snapshot was installed since: the write's slot may be in it,
+    /// unseen, so not finding it applied proves nothing.
+    unobservable: bool,
 }
 
 /// The consensus core and the calls waiting on it. See the module docs.
@@ -174,6 +185,37 @@ impl<W, R> Driver<W, R> {
     /// How many writes and reads are waiting.
     pub fn waiting(&self) -> (usize, usize) {
         (self.writes.len(), self.reads.len())
+    }
+
+    /// The state machine is durable at or past `through` (at most the
+    /// applied index): the core may drop the votes up to it.
+    pub fn compact(&mut self, through: Slot) {
+        assert!(
+            through <= self.applied,
+            "compacting through {through}, past the applied index {}",
+            self.applied
+        );
+        self.replica.compact(through);
+    }
+
+    /// The shell installed a state machine snapshot at `index` (as
+    /// [`Work::fetch_snapshot`] asked): the state machine has applied every
+    /// slot up to it. Ignored unless past the commit index (install none
+    /// below it). Writes in doubt may have had their slot in it, so they
+    /// can no longer be answered `Retry`.
+    pub fn snapshot_installed(&mut self, index: Slot) {
+        if index <= self.replica.committed() {
+            return;
+        }
+        self.replica.snapshot_installed(index);
+        self.applied = index;
+        for w in self.writes.values_mut() {
+            if let Some(d) = &mut w.doubt {
+                d.unobservable = true;
+            }
+        }
+        self.resolve_doubts();
+        self.serve_reads();
     }
 
     /// Advances the clock: the core's timers, and writes in doubt too long.
@@ -256,6 +298,8 @@ impl<W, R> Driver<W, R> {
             failed_reads,
             dropped,
             abandoned_through,
+            fetch_snapshot,
+            unknown_outcome,
         } = self.replica.take_ready();
         for read in failed_reads {
             self.fail_read(read, CallError::Retry);
@@ -265,6 +309,11 @@ impl<W, R> Driver<W, R> {
             // waiter here to answer.
             if let Ok(command) = Command::decode(&command) {
                 self.answer_write(command.proposal_id, Err(CallError::Retry));
+            }
+        }
+        for command in unknown_outcome {
+            if let Ok(command) = Command::decode(&command) {
+                self.answer_write(command.proposal_id, Err(CallError::Unknown));
             }
         }
         if let Some(through) = abandoned_through {
@@ -280,6 +329,7 @@ impl<W, R> Driver<W, R> {
             persisted_messages,
             chosen,
             answers: std::mem::take(&mut self.answers),
+            fetch_snapshot,
         }
     }
 
@@ -304,17 +354,7 @@ impl<W, R> Driver<W, R> {
         for (proposal_id, reply) in replies {
             self.answer_write(proposal_id, Ok(reply));
         }
-        // A write in doubt whose slots are all applied without it was not
-        // chosen: certainly not in the log.
-        let resolved: Vec<u64> = self
-            .writes
-            .iter()
-            .filter(|(_, w)| w.doubt.is_some_and(|d| d.through <= through))
-            .map(|(&id, _)| id)
-            .collect();
-        for id in resolved {
-            self.answer_write(id, Err(CallError::Retry));
-        }
+        self.resolve_doubts();
         self.serve_reads();
         std::mem::take(&mut self.answers)
     }
@@ -352,16 +392,36 @@ impl<W, R> Driver<W, R> {
         let doubt = Doubt {
             through,
             give_up_at: self.now + self.doubt_ticks(),
+            unobservable: false,
         };
         for w in self.writes.values_mut() {
             w.doubt.get_or_insert(doubt);
         }
-        if through <= self.applied {
-            // Nothing left to learn: resolve at once.
-            let ids: Vec<u64> = self.writes.keys().copied().collect();
-            for id in ids {
-                self.answer_write(id, Err(CallError::Retry));
-            }
+        // Nothing left to learn if we applied through it already.
+        self.resolve_doubts();
+    }
+
+    /// A write in doubt whose slots are all applied here without it was not
+    /// chosen: certainly not in the log (`Retry`), unless a snapshot may
+    /// have skipped its slot (`Unknown`).
+    fn resolve_doubts(&mut self) {
+        let applied = self.applied;
+        let resolved: Vec<(u64, bool)> = self
+            .writes
+            .iter()
+            .filter_map(|(&id, w)| {
+                w.doubt
+                    .filter(|d| d.through <= applied)
+                    .map(|d| (id, d.unobservable))
+            })
+            .collect();
+        for (id, unobservable) in resolved {
+            let error = if unobservable {
+                CallError::Unknown
+            } else {
+                CallError::Retry
+            };
+            self.answer_write(id, Err(error));
         }
     }
 
@@ -407,7 +467,7 @@ mod tests {
 
     use super::*;
     use crate::kv::{self, KvState, MemState, Op};
-    use crate::paxos::{Ballot, Config};
+    use crate::paxos::{Ballot, Config, Restore};
 
     type Answers = Vec<Answer<&'static str, &'static str>>;
     type ReadAnswer = (&'static str, Result<Option<i32>, CallError>);
@@ -437,7 +497,7 @@ mod tests {
                     let mut cfg = Config::new(id, members.clone());
                     cfg.heartbeat_ticks = 2;
                     cfg.election_ticks = 10;
-                    let replica = Replica::new(cfg, Ballot::ZERO, Vec::new(), 0).unwrap();
+                    let replica = Replica::new(cfg, Restore::default()).unwrap();
                     (id, Driver::new(replica, 0, u64::from(id) << 32))
                 })
                 .collect();
@@ -663,6 +723,30 @@ mod tests {
             c.d(1).tick();
             c.flush(1);
         }
+        assert_eq!(c.written(1), &[("lost", Err(CallError::Unknown))]);
+    }
+
+    #[test]
+    fn writes_whose_slots_a_snapshot_may_cover_are_answered_unknown_never_retry() {
+        // A leader's write in flight when it installs a snapshot over it.
+        let mut c = Cluster::new(3);
+        let l = c.elect(&[1]);
+        c.isolated.insert(l);
+        c.write(l, "k", Op::Insert(1), "in flight");
+        c.flush(l);
+        c.d(l).snapshot_installed(1);
+        c.flush(l);
+        assert_eq!(c.written(l), &[("in flight", Err(CallError::Unknown))]);
+        assert_eq!(c.d(l).applied(), 1);
+        // A deposed leader's write in doubt, when a snapshot skips past it.
+        let mut c = deposed_with_a_write_in_its_slot();
+        while c.d(1).replica().is_leader() {
+            c.d(1).tick();
+            c.flush(1);
+        }
+        assert!(c.written(1).is_empty());
+        c.d(1).snapshot_installed(1);
+        c.flush(1);
         assert_eq!(c.written(1), &[("lost", Err(CallError::Unknown))]);
     }
 

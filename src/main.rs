@@ -91,7 +91,12 @@ enum Command {
     /// against a gRPC server that does nothing, for comparison.
     Bench {
         /// Replicas to spread the clients over: HOST:PORT,HOST:PORT,...
-        #[arg(long, env = "PAXOSKV_ENDPOINTS", value_delimiter = ',', default_value = "127.0.0.1:8081,127.0.0.1:8082,127.0.0.1:8083")]
+        #[arg(
+            long,
+            env = "PAXOSKV_ENDPOINTS",
+            value_delimiter = ',',
+            default_value = "127.0.0.1:8081,127.0.0.1:8082,127.0.0.1:8083"
+        )]
         endpoints: Vec<String>,
         /// Concurrent clients, each one call at a time.
         #[arg(long, default_value_t = 1)]

@@ -306,6 +306,7 @@ impl Node {
                     ballot,
                     from_slot,
                     to_slot,
+                    ..
                 } = &e.msg
                 {
                     info!(replica = id, leader = e.to, %ballot, from_slot, to_slot, "catching up");

@@ -90,11 +90,44 @@ pub async fn serve(
         "restored"
     );
     let mut cfg = paxos::Config::new(opts.id, opts.peers.keys().copied().collect());
-    cfg.seed = std::time::SystemTime::now()
+    let now_nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-        ^ u64::from(opts.id);
-    let replica = Replica::new(cfg, durable.promised, durable.votes, durable.applied)?;
+        .map_or(0, |d| d.as_nanos() as u64);
+    cfg.seed = now_nanos ^ u64::from(opts.id);
+    let membership = match durable.membership {
+        Some(m) => Some(m),
+        None if durable.promised == paxos::Ballot::ZERO
+            && durable.votes.is_empty()
+            && durable.applied == 0 =>
+        {
+            info!(
+                replica = opts.id,
+                "empty data directory: asking the peers whether this is a new cluster or a rejoin"
+            );
+            None
+        }
+        // State without a membership record: the log was lost or replaced,
+        // so promises may have been forgotten. Never vote on that.
+        None => {
+            warn!(
+                replica = opts.id,
+                data_dir = %opts.data_dir.display(),
+                "the data directory holds state but its log has no membership record (log lost?); rejoining as a non-voting learner"
+            );
+            Some(paxos::Membership::Learner)
+        }
+    };
+    let restore = paxos::Restore {
+        promised: durable.promised,
+        votes: durable.votes,
+        applied: durable.applied,
+        snapshot: durable.compacted,
+        membership,
+        // Per incarnation: answers to an earlier one's probes and catch-up
+        // requests must not count.
+        nonce: now_nanos.rotate_left(17) ^ u64::from(std::process::id()),
+    };
+    let replica = Replica::new(cfg, restore)?;
 
     let listener = TcpListener::bind(opts.listen)
         .await

@@ -121,11 +121,13 @@ pub fn message_to_pb(from: NodeId, msg: &Message) -> pb::PeerMessage {
             from_slot,
             to_slot,
             accepted,
+            snapshot,
         } => Kind::Promise(pb::Promise {
             ballot: b(ballot),
             accepted: accepted.iter().map(accepted_to_pb).collect(),
             from_slot: *from_slot,
             to_slot: *to_slot,
+            snapshot: *snapshot,
         }),
         Message::Nack { promised } => Kind::Nack(pb::Nack {
             promised: b(promised),
@@ -167,16 +169,20 @@ pub fn message_to_pb(from: NodeId, msg: &Message) -> pb::PeerMessage {
             ballot,
             from_slot,
             to_slot,
+            nonce,
         } => Kind::CatchUpRequest(pb::CatchUpRequest {
             ballot: b(ballot),
             from_slot: *from_slot,
             to_slot: *to_slot,
+            nonce: *nonce,
         }),
         Message::CatchUp {
             ballot,
             entries,
             commit,
             more,
+            nonce,
+            proposed,
         } => Kind::CatchUp(pb::CatchUp {
             ballot: b(ballot),
             entries: entries
@@ -188,6 +194,19 @@ pub fn message_to_pb(from: NodeId, msg: &Message) -> pb::PeerMessage {
                 .collect(),
             commit: *commit,
             more: *more,
+            nonce: *nonce,
+            proposed: *proposed,
+        }),
+        Message::SnapshotAvailable { ballot, index } => {
+            Kind::SnapshotAvailable(pb::SnapshotAvailable {
+                ballot: b(ballot),
+                index: *index,
+            })
+        }
+        Message::Probe { nonce } => Kind::Probe(pb::Probe { nonce: *nonce }),
+        Message::ProbeReply { nonce, fresh } => Kind::ProbeReply(pb::ProbeReply {
+            nonce: *nonce,
+            fresh: *fresh,
         }),
     };
     pb::PeerMessage {
@@ -224,6 +243,7 @@ pub fn message_from_pb(m: pb::PeerMessage) -> Result<(NodeId, Message), WireErro
                 .enumerate()
                 .map(|(i, e)| accepted_at(e, &format!("Promise.accepted[{i}]")))
                 .collect::<Result<_, _>>()?,
+            snapshot: p.snapshot,
         },
         Kind::Nack(n) => Message::Nack {
             promised: ballot_from_pb(n.promised, "Nack.promised")?,
@@ -252,6 +272,7 @@ pub fn message_from_pb(m: pb::PeerMessage) -> Result<(NodeId, Message), WireErro
             ballot: ballot_from_pb(r.ballot, "CatchUpRequest.ballot")?,
             from_slot: r.from_slot,
             to_slot: r.to_slot,
+            nonce: r.nonce,
         },
         Kind::CatchUp(c) => Message::CatchUp {
             ballot: ballot_from_pb(c.ballot, "CatchUp.ballot")?,
@@ -266,6 +287,17 @@ pub fn message_from_pb(m: pb::PeerMessage) -> Result<(NodeId, Message), WireErro
                 .collect::<Result<_, _>>()?,
             commit: c.commit,
             more: c.more,
+            nonce: c.nonce,
+            proposed: c.proposed,
+        },
+        Kind::SnapshotAvailable(s) => Message::SnapshotAvailable {
+            ballot: ballot_from_pb(s.ballot, "SnapshotAvailable.ballot")?,
+            index: s.index,
+        },
+        Kind::Probe(p) => Message::Probe { nonce: p.nonce },
+        Kind::ProbeReply(r) => Message::ProbeReply {
+            nonce: r.nonce,
+            fresh: r.fresh,
         },
     };
     Ok((m.from, msg))
@@ -313,6 +345,7 @@ mod tests {
                         value: Value::Noop,
                     },
                 ],
+                snapshot: 11,
             },
             // The last chunk covers every slot from its from_slot on.
             Message::Promise {
@@ -320,6 +353,7 @@ mod tests {
                 from_slot: 21,
                 to_slot: None,
                 accepted: vec![],
+                snapshot: 0,
             },
             Message::Nack {
                 promised: Ballot::new(u64::MAX, u32::MAX),
@@ -361,18 +395,43 @@ mod tests {
                 ballot: b,
                 from_slot: 3,
                 to_slot: 9,
+                nonce: None,
+            },
+            // A nonce of 0 is a nonce, not none.
+            Message::CatchUpRequest {
+                ballot: b,
+                from_slot: 10,
+                to_slot: 9,
+                nonce: Some(0),
             },
             Message::CatchUp {
                 ballot: b,
                 entries: vec![(3, Value::Noop), (4, batch(&[b"x", b"y"]))],
                 commit: 9,
                 more: true,
+                nonce: Some(u64::MAX),
+                proposed: 12,
             },
             Message::CatchUp {
                 ballot: b,
                 entries: vec![(5, Value::Noop)],
                 commit: 9,
                 more: false,
+                nonce: None,
+                proposed: 0,
+            },
+            Message::SnapshotAvailable {
+                ballot: b,
+                index: 1000,
+            },
+            Message::Probe { nonce: 42 },
+            Message::ProbeReply {
+                nonce: 42,
+                fresh: true,
+            },
+            Message::ProbeReply {
+                nonce: u64::MAX,
+                fresh: false,
             },
         ]
     }
@@ -410,12 +469,21 @@ mod tests {
                 from_slot: slot,
                 to_slot: Some(slot),
                 accepted: vec![vote.clone(), vote],
+                snapshot: slot,
             },
             Message::CatchUp {
                 ballot,
                 entries: vec![(slot, value.clone()), (slot, Value::Noop)],
                 commit: slot,
                 more: true,
+                nonce: Some(u64::MAX),
+                proposed: slot,
+            },
+            Message::CatchUpRequest {
+                ballot,
+                from_slot: slot,
+                to_slot: slot,
+                nonce: Some(u64::MAX),
             },
             Message::Accept {
                 ballot,
@@ -477,7 +545,11 @@ mod tests {
 
     #[test]
     fn missing_ballot_is_named_for_every_variant() {
-        for msg in every_message() {
+        // Probes carry no ballot.
+        let with_ballot = every_message()
+            .into_iter()
+            .filter(|m| !matches!(m, Message::Probe { .. } | Message::ProbeReply { .. }));
+        for msg in with_ballot {
             let m = tamper(&msg, |k| match k {
                 Kind::PreVote(x) => x.ballot = None,
                 Kind::PreVoteReply(x) => x.ballot = None,
@@ -490,6 +562,8 @@ mod tests {
                 Kind::HeartbeatAck(x) => x.ballot = None,
                 Kind::CatchUpRequest(x) => x.ballot = None,
                 Kind::CatchUp(x) => x.ballot = None,
+                Kind::SnapshotAvailable(x) => x.ballot = None,
+                Kind::Probe(_) | Kind::ProbeReply(_) => unreachable!("no ballot"),
             });
             let err = err_of(m);
             let expected = match msg {
@@ -504,6 +578,8 @@ mod tests {
                 Message::HeartbeatAck { .. } => "HeartbeatAck.ballot",
                 Message::CatchUpRequest { .. } => "CatchUpRequest.ballot",
                 Message::CatchUp { .. } => "CatchUp.ballot",
+                Message::SnapshotAvailable { .. } => "SnapshotAvailable.ballot",
+                Message::Probe { .. } | Message::ProbeReply { .. } => unreachable!("no ballot"),
             };
             assert_eq!(err, format!("{expected} is missing"), "{msg:?}");
         }

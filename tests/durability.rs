@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use paxoskv::kv::{Command, Op, Reply};
 use paxoskv::node::Node;
-use paxoskv::paxos::{Ballot, Config, Replica, Value};
+use paxoskv::paxos::{Config, Replica, Restore, Value};
 use paxoskv::storage::Storage;
 use paxoskv::transport::Transport;
 use tokio::sync::{mpsc, watch};
@@ -20,7 +20,7 @@ async fn a_write_is_acknowledged_only_after_its_vote_is_synced() {
     let mut cfg = Config::new(1, vec![1]);
     cfg.election_ticks = 2;
     cfg.heartbeat_ticks = 1;
-    let replica = Replica::new(cfg, Ballot::ZERO, Vec::new(), 0).expect("replica");
+    let replica = Replica::new(cfg, Restore::default()).expect("replica");
     let (_peer_tx, peer_rx) = mpsc::channel(16);
     let transport = Transport::start(1, Default::default());
     let (node, handle) = Node::new(

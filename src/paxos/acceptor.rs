@@ -10,11 +10,17 @@ use std::collections::BTreeMap;
 use super::ballot::{Ballot, Slot};
 use super::message::{Accepted, Value};
 
-/// The acceptor state of one replica: its promise and its votes.
+/// The acceptor state of one replica: its promise, its votes, and how far
+/// its log is compacted.
 #[derive(Clone, Debug, Default)]
 pub struct Acceptor {
     promised: Ballot,
     log: BTreeMap<Slot, (Ballot, Value)>,
+    /// Every slot up to here is chosen and lives in the state machine's
+    /// snapshot; the votes for them are gone. A promise reports it (as
+    /// `Promise::snapshot`), so that no candidate mistakes a compacted slot
+    /// for an empty one.
+    compacted: Slot,
 }
 
 /// What a granted prepare or accept changed, so the caller knows what to
@@ -28,13 +34,55 @@ pub struct Change {
 }
 
 impl Acceptor {
-    /// An acceptor restored from durable state.
-    pub fn restore(promised: Ballot, votes: impl IntoIterator<Item = Accepted>) -> Self {
+    /// An acceptor restored from durable state: its promise, its votes, and
+    /// the index of the state machine's snapshot (0 if none). Votes at or
+    /// below the snapshot are dropped: those slots are compacted.
+    pub fn restore(
+        promised: Ballot,
+        votes: impl IntoIterator<Item = Accepted>,
+        snapshot: Slot,
+    ) -> Self {
         let log = votes
             .into_iter()
+            .filter(|a| a.slot > snapshot)
             .map(|a| (a.slot, (a.ballot, a.value)))
             .collect();
-        Acceptor { promised, log }
+        Acceptor {
+            promised,
+            log,
+            compacted: snapshot,
+        }
+    }
+
+    /// Every slot up to here is chosen, in the snapshot, and has no vote here.
+    pub fn compacted(&self) -> Slot {
+        self.compacted
+    }
+
+    /// Whether the acceptor holds no state at all: nothing promised, no
+    /// vote, nothing compacted.
+    pub fn is_blank(&self) -> bool {
+        self.promised == Ballot::ZERO && self.log.is_empty() && self.compacted == 0
+    }
+
+    /// Rule: compaction forgets the votes of slots known chosen and kept in
+    /// a durable snapshot, and from then on every promise reports the
+    /// snapshot's index instead of them. The caller guarantees that every
+    /// slot up to `through` is chosen and in a durable snapshot.
+    pub fn compact(&mut self, through: Slot) {
+        if through <= self.compacted {
+            return;
+        }
+        self.log = self.log.split_off(&(through + 1));
+        self.compacted = through;
+    }
+
+    /// Raises the promise to `ballot` if it is below; returns whether it
+    /// rose (and must be written). Only ever makes the acceptor refuse more.
+    pub fn raise(&mut self, ballot: Ballot) -> bool {
+        let raised = ballot > self.promised;
+        self.promised = self.promised.max(ballot);
+        raised
     }
 
     /// The highest ballot promised (or accepted under).
@@ -45,6 +93,11 @@ impl Acceptor {
     /// The vote held for `slot`, if any.
     pub fn vote(&self, slot: Slot) -> Option<(Ballot, &Value)> {
         self.log.get(&slot).map(|(b, v)| (*b, v))
+    }
+
+    /// The lowest slot holding a vote, if any.
+    pub fn first_slot(&self) -> Option<Slot> {
+        self.log.keys().next().copied()
     }
 
     /// The highest slot holding a vote (0 if none).
@@ -76,7 +129,9 @@ impl Acceptor {
 
     /// Phase 1b. Rule: promise `ballot` only if nothing higher was promised;
     /// the promise covers every slot, including those not yet seen, and
-    /// reports every vote at or after `from_slot`.
+    /// reports every vote at or after `from_slot` (those at or below
+    /// [`compacted`](Self::compacted) are gone: the promise reports that
+    /// index instead).
     pub fn prepare(
         &mut self,
         ballot: Ballot,
@@ -101,8 +156,14 @@ impl Acceptor {
     }
 
     /// Phase 2b. Rule: accept only at or above the promise; accepting raises
-    /// the promise to the accept's ballot.
+    /// the promise to the accept's ballot. The caller never asks for a
+    /// compacted slot: it is chosen, and a vote there could not be reported.
     pub fn accept(&mut self, ballot: Ballot, slot: Slot, value: &Value) -> Result<Change, Ballot> {
+        assert!(
+            slot > self.compacted,
+            "accept for slot {slot}, compacted through {}",
+            self.compacted
+        );
         self.check(ballot)?;
         let change = Change {
             promise_raised: ballot > self.promised,
@@ -121,6 +182,7 @@ impl Acceptor {
     /// proposal above the choosing ballot carries the chosen value, so no
     /// phase 1 can be misled by it. Returns whether anything changed.
     pub fn learn(&mut self, ballot: Ballot, slot: Slot, value: &Value) -> bool {
+        assert!(slot > self.compacted, "learning compacted slot {slot}");
         if self.log.get(&slot) == Some(&(ballot, value.clone())) {
             return false;
         }
@@ -226,9 +288,43 @@ mod tests {
             ballot: b(2, 1),
             value: v("z"),
         }];
-        let a = Acceptor::restore(b(3, 2), votes);
+        let a = Acceptor::restore(b(3, 2), votes, 0);
         assert_eq!(a.promised(), b(3, 2));
         assert_eq!(a.vote(4), Some((b(2, 1), &v("z"))));
         assert!(a.check(b(3, 1)).is_err());
+    }
+
+    #[test]
+    fn compacting_drops_the_votes_through_the_index_and_a_promise_reports_only_those_above() {
+        let mut a = Acceptor::default();
+        for slot in 1..=5 {
+            a.accept(b(1, 1), slot, &v("x")).unwrap();
+        }
+        a.compact(3);
+        assert_eq!(a.compacted(), 3);
+        assert_eq!(a.vote(3), None);
+        assert_eq!(a.vote(4), Some((b(1, 1), &v("x"))));
+        // A prepare from below the snapshot gets only the votes above it.
+        let (_, votes) = a.prepare(b(2, 2), 1).unwrap();
+        let slots: Vec<Slot> = votes.iter().map(|x| x.slot).collect();
+        assert_eq!(slots, vec![4, 5]);
+        // Compaction never goes back.
+        a.compact(2);
+        assert_eq!(a.compacted(), 3);
+        assert!(!a.is_blank());
+    }
+
+    #[test]
+    fn restoring_from_a_snapshot_drops_the_votes_it_covers() {
+        let vote = |slot| Accepted {
+            slot,
+            ballot: b(1, 1),
+            value: v("y"),
+        };
+        let a = Acceptor::restore(b(1, 1), [vote(2), vote(3)], 2);
+        assert_eq!(a.compacted(), 2);
+        assert_eq!(a.vote(2), None);
+        assert_eq!(a.last_slot(), 3);
+        assert!(Acceptor::restore(Ballot::ZERO, [], 0).is_blank());
     }
 }

@@ -18,7 +18,8 @@ pub const ENTRY_OVERHEAD: usize = 64;
 
 /// At most how many bytes the encoding adds around a message's entries:
 /// the sender's id (6), the message's tag and length prefix (11), and its
-/// own fields (a ballot, up to two slots, a commit index, a flag: under 60).
+/// own fields (a ballot and at most four other integers and a flag: under
+/// 70).
 pub const MESSAGE_OVERHEAD: usize = 128;
 
 /// The value of one log slot.
@@ -85,12 +86,15 @@ pub enum Message {
     /// a chunk holds the votes for slots `from_slot..=to_slot`, and the last
     /// one has `to_slot: None` (every slot from `from_slot` on). A promise
     /// counts once chunks covering every slot from the prepare's `from_slot`
-    /// on have arrived.
+    /// on have arrived. `snapshot` is the acceptor's compacted index: every
+    /// slot up to it is chosen, but its vote is gone, so none is reported
+    /// there (every chunk carries it).
     Promise {
         ballot: Ballot,
         from_slot: Slot,
         to_slot: Option<Slot>,
         accepted: Vec<Accepted>,
+        snapshot: Slot,
     },
     /// Refusal of a prepare, accept or heartbeat: the acceptor has promised
     /// the higher ballot `promised`.
@@ -120,26 +124,47 @@ pub enum Message {
         committed: Slot,
     },
     /// A follower asks the leader for chosen slots `from_slot..=to_slot`.
+    /// A learner waiting to rejoin adds its incarnation's `nonce` (and asks
+    /// even when it misses nothing): see `replica/membership.rs`.
     CatchUpRequest {
         ballot: Ballot,
         from_slot: Slot,
         to_slot: Slot,
+        nonce: Option<u64>,
     },
     /// Chosen values for consecutive slots, from the leader. An answer to
     /// one request comes in pieces, each under the byte cap; `more` says
-    /// another piece of it follows.
+    /// another piece of it follows. Every piece echoes the request's
+    /// `nonce` and says `proposed`, the highest slot the leader had
+    /// proposed when it answered.
     CatchUp {
         ballot: Ballot,
         entries: Vec<(Slot, Value)>,
         commit: Slot,
         more: bool,
+        nonce: Option<u64>,
+        proposed: Slot,
     },
+    /// "Slots up to `index` are compacted here: fetch my state machine
+    /// snapshot." From the leader of `ballot` to a follower whose catch-up
+    /// request starts at or below its compacted index; or from an acceptor
+    /// to the leader of `ballot`, whose accept is for a slot it has
+    /// compacted (it cannot vote there: the vote could not be reported).
+    SnapshotAvailable { ballot: Ballot, index: Slot },
+    /// From a replica that started with an empty data directory: "do you
+    /// hold any durable state?" `nonce` identifies its incarnation.
+    Probe { nonce: u64 },
+    /// The answer to a probe: `fresh` when the replica holds no durable
+    /// state at all (nothing promised, voted, chosen or compacted) and is
+    /// not a learner.
+    ProbeReply { nonce: u64, fresh: bool },
 }
 
 impl Message {
-    /// The ballot the message speaks for (for `Nack`, the promised one).
-    pub fn ballot(&self) -> Ballot {
-        match self {
+    /// The ballot the message speaks for (for `Nack`, the promised one);
+    /// none for probes.
+    pub fn ballot(&self) -> Option<Ballot> {
+        let ballot = match self {
             Message::PreVote { ballot }
             | Message::PreVoteReply { ballot, .. }
             | Message::Prepare { ballot, .. }
@@ -149,9 +174,12 @@ impl Message {
             | Message::Heartbeat { ballot, .. }
             | Message::HeartbeatAck { ballot, .. }
             | Message::CatchUpRequest { ballot, .. }
-            | Message::CatchUp { ballot, .. } => *ballot,
+            | Message::CatchUp { ballot, .. }
+            | Message::SnapshotAvailable { ballot, .. } => *ballot,
             Message::Nack { promised } => *promised,
-        }
+            Message::Probe { .. } | Message::ProbeReply { .. } => return None,
+        };
+        Some(ballot)
     }
 
     /// At most how many bytes the message takes encoded: its entries'
@@ -181,9 +209,34 @@ pub struct Envelope {
 /// Identifies a linearizable read the driver asked the core to order.
 pub type ReadId = u64;
 
+/// Where and from what index a state machine snapshot must be fetched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnapshotFetch {
+    /// The replica to fetch it from.
+    pub from: NodeId,
+    /// The snapshot must cover at least every slot up to this one; a later
+    /// one does as well.
+    pub min_index: Slot,
+}
+
+/// Whether a replica votes: durable, kept with the acceptor state. A
+/// replica that starts with an empty data directory has neither until its
+/// probes settle which (see `replica/membership.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Membership {
+    /// Promises and votes.
+    Voter,
+    /// Lost its durable state (or may have): follows and learns, never
+    /// promises or votes, until it may rejoin as a voter.
+    Learner,
+}
+
 /// Acceptor state to make durable.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Persist {
+    /// The replica's membership, when it changed. Written in the same sync
+    /// as the rest, before any message that depends on it.
+    pub membership: Option<Membership>,
     /// A new promised ballot, if it rose.
     pub promised: Option<Ballot>,
     /// Votes (and chosen values learned by catch-up) to write, in order; a
@@ -194,7 +247,7 @@ pub struct Persist {
 impl Persist {
     /// True when there is nothing to write.
     pub fn is_empty(&self) -> bool {
-        self.promised.is_none() && self.entries.is_empty()
+        self.membership.is_none() && self.promised.is_none() && self.entries.is_empty()
     }
 }
 
@@ -232,6 +285,17 @@ pub struct Ready {
     /// it has not seen applied is certainly not in the log, and its caller
     /// can be answered (retry).
     pub abandoned_through: Option<Slot>,
+    /// Fetch a state machine snapshot, install it, then call
+    /// [`Replica::snapshot_installed`](super::Replica::snapshot_installed):
+    /// slots this replica needs are compacted where they are known. Repeated
+    /// (at most once per `catch_up_ticks`) while still needed; a driver
+    /// already fetching may ignore the repeat.
+    pub fetch_snapshot: Option<SnapshotFetch>,
+    /// Client commands that this leader had given slots, which an installed
+    /// snapshot then covered before they were seen chosen here. Each may or
+    /// may not be in the snapshot (the slot may hold another value): their
+    /// outcome cannot be learned here.
+    pub unknown_outcome: Vec<Bytes>,
 }
 
 impl Ready {
@@ -245,5 +309,7 @@ impl Ready {
             && self.failed_reads.is_empty()
             && self.dropped.is_empty()
             && self.abandoned_through.is_none()
+            && self.fetch_snapshot.is_none()
+            && self.unknown_outcome.is_empty()
     }
 }

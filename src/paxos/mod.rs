@@ -20,7 +20,9 @@
 //!     commit index, re-sends, heartbeats, check-quorum, serving catch-up;
 //!   - `replica/reads.rs`: ReadIndex;
 //!   - `replica/learner.rs`: the follower's side of phase 2, its commit rule,
-//!     and catching up.
+//!     and catching up;
+//!   - `replica/membership.rs`: who votes: a new cluster's bootstrap, and a
+//!     replica that lost its disk rejoining as a learner.
 //!
 //! `testing.rs` (tests only) holds the unit tests' lossless network.
 
@@ -37,5 +39,7 @@ mod testing;
 
 pub use ballot::{Ballot, NodeId, Slot};
 pub use config::Config;
-pub use message::{Accepted, Envelope, Message, Persist, ReadId, Ready, Value};
-pub use replica::{FollowerStatus, NotLeader, Refused, Replica, Role, Status};
+pub use message::{
+    Accepted, Envelope, Membership, Message, Persist, ReadId, Ready, SnapshotFetch, Value,
+};
+pub use replica::{FollowerStatus, NotLeader, Refused, Replica, Restore, Role, Status};

@@ -8,8 +8,10 @@ use bytes::Bytes;
 
 use super::ballot::{Ballot, NodeId, Slot};
 use super::config::Config;
-use super::message::{Accepted, Envelope, Message, ReadId, Ready, Value};
-use super::replica::Replica;
+use super::message::{
+    Accepted, Envelope, Membership, Message, ReadId, Ready, SnapshotFetch, Value,
+};
+use super::replica::{Replica, Restore};
 
 /// A client command with `s` as its bytes.
 pub fn cmd(s: &str) -> Bytes {
@@ -41,7 +43,7 @@ pub fn config(id: NodeId, n: u32) -> Config {
 
 /// A new replica `id` of a cluster of `1..=n`.
 pub fn replica(id: NodeId, n: u32) -> Replica {
-    Replica::new(config(id, n), Ballot::ZERO, Vec::new(), 0).unwrap()
+    Replica::new(config(id, n), Restore::default()).unwrap()
 }
 
 /// Makes `r` a candidate: ticks it until its election timer fires, then
@@ -89,6 +91,10 @@ pub struct Net {
     pub cut: BTreeSet<NodeId>,
     /// Every message delivered, as `(from, to, message)`.
     pub delivered: Vec<(NodeId, NodeId, Message)>,
+    /// Every snapshot fetch asked for, by the replica that asked.
+    pub fetches: Vec<(NodeId, SnapshotFetch)>,
+    /// Every membership persisted, by replica, in order.
+    pub memberships: Vec<(NodeId, Membership)>,
 }
 
 impl Net {
@@ -103,7 +109,7 @@ impl Net {
             .map(|id| {
                 let mut cfg = config(id, n);
                 change(&mut cfg);
-                (id, Replica::new(cfg, Ballot::ZERO, Vec::new(), 0).unwrap())
+                (id, Replica::new(cfg, Restore::default()).unwrap())
             })
             .collect();
         Net {
@@ -113,6 +119,8 @@ impl Net {
             reads: Vec::new(),
             cut: BTreeSet::new(),
             delivered: Vec::new(),
+            fetches: Vec::new(),
+            memberships: Vec::new(),
         }
     }
 
@@ -120,8 +128,19 @@ impl Net {
     /// with its configuration as it was.
     pub fn restore(&mut self, id: NodeId, promised: Ballot, votes: Vec<Accepted>) {
         let cfg = self.node(id).config().clone();
-        self.nodes
-            .insert(id, Replica::new(cfg, promised, votes, 0).unwrap());
+        let restore = Restore {
+            promised,
+            votes,
+            ..Restore::default()
+        };
+        self.nodes.insert(id, Replica::new(cfg, restore).unwrap());
+    }
+
+    /// Replaces replica `id` by one restored from `restore`, with its
+    /// configuration as it was.
+    pub fn replace(&mut self, id: NodeId, restore: Restore) {
+        let cfg = self.node(id).config().clone();
+        self.nodes.insert(id, Replica::new(cfg, restore).unwrap());
     }
 
     /// Replica `id`.
@@ -138,6 +157,9 @@ impl Net {
         }
         self.chosen.entry(id).or_default().extend(ready.chosen);
         self.reads.extend(ready.reads);
+        self.fetches.extend(ready.fetch_snapshot.map(|f| (id, f)));
+        self.memberships
+            .extend(ready.persist.membership.map(|m| (id, m)));
     }
 
     /// Delivers everything until quiet.

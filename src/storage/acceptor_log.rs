@@ -12,6 +12,9 @@
 //!   the log keeps the votes above slot C <= A only (two u64s, big-endian:
 //!   A, C). Index 0. The votes from C + 1 to A stay to serve followers a
 //!   little behind from the log, rather than with a snapshot.
+//! - `4`, the replica's membership: one byte, 1 for a voter, 2 for a
+//!   learner (a replica rejoining after losing its disk). Index 0. A log
+//!   with no membership record and nothing else is an empty data directory.
 //!
 //! Compaction appends the current promise and snapshot again, in one
 //! commit, before deleting the oldest segments: records of index 0 never
@@ -28,7 +31,7 @@ use std::path::Path;
 use prost::Message as _;
 
 use super::{StorageError, decode_ballot, encode_ballot};
-use crate::paxos::{Accepted, Ballot, Persist, Slot};
+use crate::paxos::{Accepted, Ballot, Membership, Persist, Slot};
 use crate::pb;
 use crate::wal::{Options, Record, Wal};
 use crate::wire;
@@ -39,6 +42,8 @@ const PROMISE: u8 = 1;
 const VOTE: u8 = 2;
 /// Kind byte of a snapshot record.
 const SNAPSHOT: u8 = 3;
+/// Kind byte of a membership record.
+const MEMBERSHIP: u8 = 4;
 
 /// Size of each new log segment, by default. Small enough that the log of a replica that
 /// snapshots every few thousand slots stays in a few segments, large
@@ -54,6 +59,8 @@ pub(super) struct Replayed {
     pub(super) snapshot: Slot,
     /// Votes at or below this slot were deleted; 0 if none.
     pub(super) compacted: Slot,
+    /// The last membership recorded; `None` if none ever was.
+    pub(super) membership: Option<Membership>,
     /// Per slot above `compacted`, the last vote.
     pub(super) votes: BTreeMap<Slot, Accepted>,
 }
@@ -67,6 +74,7 @@ pub(super) struct AcceptorLog {
     promised: Ballot,
     snapshot: Slot,
     compacted: Slot,
+    membership: Option<Membership>,
     syncs: u64,
     bytes_written: u64,
     /// Reused between commits.
@@ -87,6 +95,7 @@ impl AcceptorLog {
         let (wal, records) = Wal::open(dir, options)?;
         let mut promised = Ballot::ZERO;
         let (mut snapshot, mut compacted) = (0, 0);
+        let mut membership = None;
         let mut votes = BTreeMap::new();
         for (n, record) in records.iter().enumerate() {
             match decode(record).map_err(|why| {
@@ -96,6 +105,7 @@ impl AcceptorLog {
                 Decoded::Vote(v) => {
                     votes.insert(v.slot, v);
                 }
+                Decoded::Membership(m) => membership = Some(m),
                 Decoded::Snapshot { at, through } => {
                     snapshot = snapshot.max(at);
                     compacted = compacted.max(through);
@@ -112,6 +122,7 @@ impl AcceptorLog {
             promised,
             snapshot,
             compacted,
+            membership,
             syncs: 0,
             bytes_written: 0,
             records: Vec::new(),
@@ -122,6 +133,7 @@ impl AcceptorLog {
                 promised,
                 snapshot,
                 compacted,
+                membership,
                 votes,
             },
         ))
@@ -133,8 +145,12 @@ impl AcceptorLog {
             return Ok(());
         }
         self.records.clear();
-        // The promise first: a crash keeps a prefix of a commit's records,
-        // so the votes are never durable without the promise they imply.
+        // Membership, then the promise, then the votes: a crash keeps a
+        // prefix of a commit's records, so a vote is never durable without
+        // the promise and membership it implies.
+        if let Some(m) = p.membership {
+            self.records.push(membership_record(m));
+        }
         if let Some(b) = p.promised {
             self.records.push(promise_record(b));
         }
@@ -145,6 +161,9 @@ impl AcceptorLog {
         result?;
         if let Some(b) = p.promised {
             self.promised = b;
+        }
+        if p.membership.is_some() {
+            self.membership = p.membership;
         }
         self.syncs += 1;
         self.bytes_written += bytes as u64;
@@ -164,6 +183,9 @@ impl AcceptorLog {
         let mut records = vec![snapshot_record(snapshot, through)];
         if self.promised != Ballot::ZERO {
             records.push(promise_record(self.promised));
+        }
+        if let Some(m) = self.membership {
+            records.push(membership_record(m));
         }
         self.wal.commit(&records)?;
         self.snapshot = snapshot;
@@ -198,6 +220,18 @@ enum Decoded {
     Promise(Ballot),
     Vote(Accepted),
     Snapshot { at: Slot, through: Slot },
+    Membership(Membership),
+}
+
+fn membership_record(m: Membership) -> Record {
+    let byte = match m {
+        Membership::Voter => 1,
+        Membership::Learner => 2,
+    };
+    Record {
+        index: 0,
+        payload: vec![MEMBERSHIP, byte],
+    }
 }
 
 fn snapshot_record(at: Slot, through: Slot) -> Record {
@@ -259,6 +293,11 @@ fn decode(record: &Record) -> Result<Decoded, String> {
             }
             Ok(Decoded::Snapshot { at, through })
         }
+        MEMBERSHIP => match body {
+            [1] => Ok(Decoded::Membership(Membership::Voter)),
+            [2] => Ok(Decoded::Membership(Membership::Learner)),
+            _ => Err(format!("membership: {body:02x?}, expected 01 or 02")),
+        },
         other => Err(format!("unknown record kind {other}")),
     }
 }
@@ -286,6 +325,14 @@ mod tests {
                 through: 70
             })
         );
+        for m in [Membership::Voter, Membership::Learner] {
+            assert_eq!(decode(&membership_record(m)), Ok(Decoded::Membership(m)));
+        }
+        let bad = Record {
+            index: 0,
+            payload: vec![MEMBERSHIP, 3],
+        };
+        assert!(decode(&bad).unwrap_err().contains("membership: [03]"));
         assert!(
             decode(&snapshot_record(7, 8))
                 .unwrap_err()

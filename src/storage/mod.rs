@@ -37,7 +37,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::kv;
-use crate::paxos::{Accepted, Ballot, Persist, Slot, Value};
+use crate::paxos::{Accepted, Ballot, Membership, Persist, Slot, Value};
 use crate::wal::WalError;
 
 use acceptor_log::AcceptorLog;
@@ -146,6 +146,9 @@ pub struct Durable {
     /// The log holds no vote at or below this slot (at most `snapshot`);
     /// 0 if nothing was ever deleted.
     pub compacted: Slot,
+    /// Whether this replica votes, as last recorded; `None` when the data
+    /// directory holds nothing at all (new, or wiped).
+    pub membership: Option<Membership>,
 }
 
 /// What [`Storage::checkpoint`] did.
@@ -218,6 +221,7 @@ impl Storage {
             applied: state.applied()?,
             snapshot: replayed.snapshot,
             compacted: replayed.compacted,
+            membership: replayed.membership,
         };
         let storage = Storage {
             log: Mutex::new(log),

@@ -83,6 +83,7 @@ fn fresh_directory_loads_empty() {
             applied: 0,
             snapshot: 0,
             compacted: 0,
+            membership: None,
         }
     );
     assert!(
@@ -100,6 +101,7 @@ fn persist_and_load_round_trip_across_reopen() {
     {
         let s = open(&dir);
         s.persist(&Persist {
+            membership: None,
             promised: Some(b1),
             entries: vec![
                 vote(1, b1, batch(vec![Bytes::from_static(b"x")])),
@@ -110,6 +112,7 @@ fn persist_and_load_round_trip_across_reopen() {
         // A higher ballot promised, and slot 2 voted again under it:
         // the later vote replaces the earlier one.
         s.persist(&Persist {
+            membership: None,
             promised: Some(b2),
             entries: vec![
                 vote(2, b2, batch(vec![Bytes::from_static(b"y"), Bytes::new()])),
@@ -119,6 +122,7 @@ fn persist_and_load_round_trip_across_reopen() {
         .unwrap();
         // Within one persist, a later entry for a slot wins too.
         s.persist(&Persist {
+            membership: None,
             promised: None,
             entries: vec![
                 vote(4, b2, Value::Noop),
@@ -150,6 +154,7 @@ fn votes_load_in_slot_order_past_byte_boundaries() {
     let b = Ballot::new(1, 1);
     let slots = [300u64, 2, 256, 1, 1 << 40];
     s.persist(&Persist {
+        membership: None,
         promised: None,
         entries: slots.iter().map(|&n| vote(n, b, Value::Noop)).collect(),
     })
@@ -171,6 +176,7 @@ fn syncs_count_non_empty_persists_only() {
         "empty persist does nothing"
     );
     s.persist(&Persist {
+        membership: None,
         promised: Some(Ballot::new(1, 1)),
         entries: vec![],
     })
@@ -179,6 +185,7 @@ fn syncs_count_non_empty_persists_only() {
     assert_eq!(s.bytes_written(), 13, "a kind byte and the ballot");
     let before = s.bytes_written();
     s.persist(&Persist {
+        membership: None,
         promised: None,
         entries: (1..=50)
             .map(|n| vote(n, Ballot::new(1, 1), Value::Noop))
@@ -346,6 +353,7 @@ fn second_open_in_this_process_is_in_use() {
     // opens again.
     first
         .persist(&Persist {
+            membership: None,
             promised: Some(Ballot::new(1, 1)),
             entries: vec![],
         })
@@ -406,6 +414,7 @@ fn a_damaged_log_record_with_records_after_it_is_refused_naming_the_file() {
         let s = open(&dir);
         for slot in 1..=3 {
             s.persist(&Persist {
+                membership: None,
                 promised: None,
                 entries: vec![vote(slot, Ballot::new(1, 1), Value::Noop)],
             })
@@ -508,6 +517,7 @@ fn a_v1_directory_is_migrated_and_its_old_files_removed() {
             applied: 1,
             snapshot: 0,
             compacted: 0,
+            membership: Some(Membership::Voter),
         }
     );
     assert_eq!(s.get("z").unwrap(), Some(-5));
@@ -579,6 +589,7 @@ fn a_checkpoint_records_the_snapshot_and_deletes_only_segments_below_what_is_kep
     let noop = |slot| vote(slot, b, Value::Noop);
     let (s, _) = open();
     s.persist(&Persist {
+        membership: None,
         promised: Some(b),
         entries: vec![],
     })
@@ -586,6 +597,7 @@ fn a_checkpoint_records_the_snapshot_and_deletes_only_segments_below_what_is_kep
     // Enough votes, one commit each, for several segments.
     for slot in 1..=3000 {
         s.persist(&Persist {
+            membership: None,
             promised: None,
             entries: vec![noop(slot)],
         })
@@ -614,6 +626,7 @@ fn a_checkpoint_records_the_snapshot_and_deletes_only_segments_below_what_is_kep
     // Votes above the snapshot come back, even from segments shared with
     // older ones.
     s.persist(&Persist {
+        membership: None,
         promised: None,
         entries: vec![noop(3001)],
     })
@@ -630,6 +643,7 @@ fn a_checkpoint_keeps_the_slots_followers_may_still_need() {
     let b = Ballot::new(1, 1);
     for slot in 1..=3000 {
         s.persist(&Persist {
+            membership: None,
             promised: None,
             entries: vec![vote(slot, b, Value::Noop)],
         })

@@ -27,7 +27,7 @@ use tracing::warn;
 use super::acceptor_log::{AcceptorLog, SEGMENT_BYTES};
 use super::state_machine::{SLED_DATA_FILE, StateMachine};
 use super::{LOG_DIR, STATE_DIR, StorageError, decode_ballot, io_error, sync_dir};
-use crate::paxos::{Ballot, Persist};
+use crate::paxos::{Ballot, Membership, Persist};
 use crate::pb;
 use crate::wire;
 
@@ -72,7 +72,9 @@ pub(super) fn migrate_if_needed(dir: &Path, cache_bytes: u64) -> Result<(), Stor
     {
         let (mut log, _) = AcceptorLog::open(&dir.join(LOG_TMP), SEGMENT_BYTES)?;
         let vote_count = votes.len();
+        // A 0.1 replica voted: it stays a voter.
         log.persist(&Persist {
+            membership: Some(Membership::Voter),
             promised: (promised != Ballot::ZERO).then_some(promised),
             entries: votes,
         })?;

@@ -42,7 +42,8 @@ use paxoskv::driver::{Answer, CallError, Driver, Work};
 use paxoskv::kv::{self, Command, KvState, MemState, Op, Reply};
 use paxoskv::paxos::rng::Rng;
 use paxoskv::paxos::{
-    Accepted, Ballot, Config, Envelope, Message, NodeId, Persist, Replica, Slot, Value,
+    Accepted, Ballot, Config, Envelope, Membership, Message, NodeId, Persist, Replica, Restore,
+    Slot, Value,
 };
 
 use crate::linearizability::{self, Input, Operation, Output};
@@ -389,7 +390,17 @@ impl World {
         let cfg = self.config(id, node.incarnation + 1);
         let votes = node.disk.votes.values().cloned().collect();
         let applied = node.machine.applied;
-        let replica = Replica::new(cfg, node.disk.promised, votes, applied).expect("valid config");
+        // No snapshots in the simulator yet: the disk keeps every vote; and
+        // no disk is wiped, so every replica is a voter.
+        let restore = Restore {
+            promised: node.disk.promised,
+            votes,
+            applied,
+            snapshot: 0,
+            membership: Some(Membership::Voter),
+            nonce: cfg.seed.rotate_left(32),
+        };
+        let replica = Replica::new(cfg, restore).expect("valid config");
         let node = self.nodes.get_mut(&id).expect("node exists");
         node.incarnation += 1;
         // Proposal ids unique across replicas and incarnations.
@@ -803,7 +814,13 @@ impl World {
             persisted_messages,
             chosen,
             answers,
+            fetch_snapshot,
         } = work;
+        if let Some(fetch) = fetch_snapshot {
+            // Nothing compacts in the simulator yet, so no snapshot is ever
+            // needed: asking for one is a bug.
+            return Err(format!("replica {id} asked for a snapshot: {fetch:?}"));
+        }
         // Oracle: a replica treats a slot as chosen only if a majority holds
         // that very value durably under one ballot; a leader, under its own
         // ballot (it counts only votes cast under it).
@@ -873,6 +890,11 @@ impl World {
         else {
             return Ok(());
         };
+        if let Some(m) = persist.membership {
+            // Every replica starts a voter and no disk is wiped: nothing
+            // may change its membership.
+            return Err(format!("replica {id} persisted membership {m:?}"));
+        }
         if let Some(b) = persist.promised {
             if b < node.disk.promised {
                 return Err(format!(
@@ -1543,6 +1565,7 @@ mod oracles_can_fail {
             from_slot: 1,
             to_slot: None,
             accepted,
+            snapshot: 0,
         }
     }
 

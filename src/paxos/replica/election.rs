@@ -51,6 +51,8 @@ pub(super) struct Candidate {
 struct PromiseChunk {
     to_slot: Option<Slot>,
     accepted: Vec<Accepted>,
+    /// The acceptor's compacted index.
+    snapshot: Slot,
 }
 
 /// Whether `chunks` cover every slot from `from_slot` on, without a gap.
@@ -110,8 +112,12 @@ impl Replica {
 
     /// Rule: grant a pre-vote only when no live leader is heard (leader
     /// stickiness, as for prepares) and the ballot is above our promise.
-    /// Nothing changes here either way.
+    /// Nothing changes here either way. A replica that does not vote
+    /// (unknown, learner) does not answer at all.
     pub(super) fn on_pre_vote(&mut self, from: NodeId, ballot: Ballot) {
+        if !self.core.is_voter() {
+            return;
+        }
         let promised = self.core.acceptor.promised();
         if self.leader_is_alive() {
             let reply = Message::PreVoteReply {
@@ -175,13 +181,19 @@ impl Replica {
             .unwrap_or_else(|promised| panic!("own prepare {ballot} refused below {promised}"));
         assert!(change.promise_raised, "a new ballot raises our promise");
         core.persist_promise();
-        core.send_promise(id, ballot, from_slot, votes);
+        let snapshot = core.acceptor.compacted();
+        core.send_promise(id, ballot, from_slot, votes, snapshot);
         for peer in core.peers() {
             core.send_after_persist(peer, Message::Prepare { ballot, from_slot });
         }
     }
 
     pub(super) fn on_prepare(&mut self, from: NodeId, ballot: Ballot, from_slot: Slot) {
+        // Rule: only a voter promises (or refuses: a non-voter's promise
+        // means nothing, so neither does its Nack).
+        if !self.core.is_voter() {
+            return;
+        }
         // Leader stickiness: while we hear a live leader, a candidate is
         // ignored altogether, so a replica that was cut off cannot depose a
         // healthy leader by coming back with a higher ballot.
@@ -201,7 +213,8 @@ impl Replica {
                         self.state = State::Follower;
                     }
                 }
-                core.send_promise(from, ballot, from_slot, votes);
+                let snapshot = core.acceptor.compacted();
+                core.send_promise(from, ballot, from_slot, votes, snapshot);
             }
             Err(promised) => core.send(from, Message::Nack { promised }),
         }
@@ -218,6 +231,7 @@ impl Replica {
         first: Slot,
         to_slot: Option<Slot>,
         accepted: Vec<Accepted>,
+        snapshot: Slot,
     ) {
         let State::Candidate(c) = &mut self.state else {
             return;
@@ -225,7 +239,11 @@ impl Replica {
         if c.ballot != ballot {
             return;
         }
-        let chunk = PromiseChunk { to_slot, accepted };
+        let chunk = PromiseChunk {
+            to_slot,
+            accepted,
+            snapshot,
+        };
         c.promises.entry(from).or_default().insert(first, chunk);
         let from_slot = c.from_slot;
         let promised = |m| {
@@ -238,28 +256,57 @@ impl Replica {
         }
     }
 
+    /// Rule (phase 1 across a compacted prefix): with `S` the highest
+    /// snapshot index among the promises counted (ours included), every
+    /// slot up to `S` is chosen, though no vote says with what. Recovery
+    /// starts above `S`: re-proposing there (a reported vote, or a no-op
+    /// where the vote was compacted away) could overwrite a chosen value.
+    /// When `S` is past our commit index we lead anyway, pipelining above
+    /// `S`, and fetch the snapshot from a replica that reported it; the
+    /// commit index (and with it every read) waits for its install.
     fn become_leader(&mut self) {
         let State::Candidate(c) = std::mem::replace(&mut self.state, State::Follower) else {
             return;
         };
         let core = &mut self.core;
-        let from_slot = c.from_slot.max(core.first_unchosen());
-        let votes = c
+        let counted: Vec<(NodeId, &BTreeMap<Slot, PromiseChunk>)> = c
             .promises
-            .values()
-            .filter(|chunks| covers_from(chunks, c.from_slot))
-            .flat_map(|chunks| chunks.values().map(|chunk| chunk.accepted.as_slice()));
+            .iter()
+            .filter(|(_, chunks)| covers_from(chunks, c.from_slot))
+            .map(|(&id, chunks)| (id, chunks))
+            .collect();
+        let (snapshot, reporter) = counted
+            .iter()
+            .flat_map(|&(id, chunks)| chunks.values().map(move |chunk| (chunk.snapshot, id)))
+            .max_by_key(|&(snapshot, id)| (snapshot, std::cmp::Reverse(id)))
+            .unwrap_or((0, core.cfg.id));
+        let above_snapshot = snapshot
+            .checked_add(1)
+            .expect("a reported snapshot is below u64::MAX");
+        let from_slot = c.from_slot.max(core.first_unchosen()).max(above_snapshot);
+        let votes = counted
+            .iter()
+            .flat_map(|(_, chunks)| chunks.values().map(|chunk| chunk.accepted.as_slice()));
         let recovered = recover(from_slot, votes);
-        let recovered_through = recovered.last().map_or(core.committed, |&(slot, _)| slot);
         assert!(
             recovered.first().is_none_or(|&(slot, _)| slot == from_slot),
             "recovery re-proposes every slot from the first one not known chosen"
         );
+        assert!(
+            recovered.first().is_none_or(|&(slot, _)| slot > snapshot),
+            "nothing at or below a reported snapshot is re-proposed"
+        );
+        let recovered_through = recovered
+            .last()
+            .map_or(core.committed.max(snapshot), |&(slot, _)| slot);
         core.leadership = Some(Leadership {
             id: core.cfg.id,
             ballot: c.ballot,
             commit: core.committed,
         });
+        if snapshot > core.committed {
+            core.need_snapshot(reporter, snapshot, c.ballot);
+        }
         let l = self
             .state
             .become_leader(Leader::new(core, c.ballot, recovered_through));
@@ -336,6 +383,7 @@ impl Core {
         ballot: Ballot,
         from_slot: Slot,
         votes: Vec<Accepted>,
+        snapshot: Slot,
     ) {
         let budget = self.cfg.entry_budget();
         let (mut first, mut chunk, mut bytes) = (from_slot, Vec::new(), 0);
@@ -350,6 +398,7 @@ impl Core {
                     from_slot: first,
                     to_slot,
                     accepted,
+                    snapshot,
                 };
                 self.send_after_persist(to, msg);
                 (first, bytes) = (vote.slot, 0);
@@ -362,6 +411,7 @@ impl Core {
             from_slot: first,
             to_slot: None,
             accepted: chunk,
+            snapshot,
         };
         self.send_after_persist(to, msg);
     }
@@ -386,7 +436,7 @@ mod tests {
     use super::*;
     use crate::paxos::Value;
     use crate::paxos::testing::{Net, campaign, cmd, config, only, replica, small_messages};
-    use crate::paxos::{NotLeader, Refused, Replica, Role};
+    use crate::paxos::{NotLeader, Refused, Replica, Restore, Role};
     use bytes::Bytes;
 
     #[test]
@@ -443,7 +493,11 @@ mod tests {
     #[test]
     fn a_replica_with_no_round_left_stops_campaigning_instead_of_wrapping() {
         let last = Ballot::new(u64::MAX - 1, 2);
-        let mut r = Replica::new(config(1, 3), last, Vec::new(), 0).unwrap();
+        let restore = Restore {
+            promised: last,
+            ..Restore::default()
+        };
+        let mut r = Replica::new(config(1, 3), restore).unwrap();
         for _ in 0..100 {
             r.tick();
         }
@@ -509,6 +563,7 @@ mod tests {
             from_slot,
             to_slot,
             accepted: Vec::new(),
+            snapshot: 0,
         };
         r.step(2, chunk(1, Some(4))).unwrap();
         r.step(2, chunk(7, None)).unwrap();
@@ -534,6 +589,7 @@ mod tests {
             from_slot: 1,
             to_slot: Some(8),
             accepted: vec![vote],
+            snapshot: 0,
         };
         assert_eq!(
             r.step(2, chunk),
@@ -542,6 +598,139 @@ mod tests {
                 to_slot: Some(8)
             })
         );
+    }
+
+    fn vote(slot: Slot, ballot: Ballot, s: &str) -> Accepted {
+        Accepted {
+            slot,
+            ballot,
+            value: crate::paxos::testing::batch(&[s]),
+        }
+    }
+
+    #[test]
+    fn a_promise_reports_the_compacted_index_and_no_vote_at_or_below_it() {
+        let old = Ballot::new(1, 1);
+        let restore = Restore {
+            promised: old,
+            votes: vec![vote(4, old, "four"), vote(5, old, "five")],
+            applied: 4,
+            snapshot: 4,
+            ..Restore::default()
+        };
+        let mut r = Replica::new(config(2, 3), restore).unwrap();
+        let ballot = Ballot::new(2, 3);
+        r.step(
+            3,
+            Message::Prepare {
+                ballot,
+                from_slot: 1,
+            },
+        )
+        .unwrap();
+        let ready = r.take_ready();
+        assert_eq!(
+            only(&ready, 3),
+            vec![&Message::Promise {
+                ballot,
+                from_slot: 1,
+                to_slot: None,
+                accepted: vec![vote(5, old, "five")],
+                snapshot: 4,
+            }]
+        );
+    }
+
+    /// Replica 1 (commit index 0, a stale vote for slot 3) is elected with
+    /// the promise of replica 2, which compacted through slot 5 and voted
+    /// for slot 6; replica 3 is cut off.
+    fn leader_behind_a_snapshot() -> Net {
+        let old = Ballot::new(1, 3);
+        let mut net = Net::new(3);
+        let r2 = Restore {
+            promised: old,
+            votes: vec![vote(4, old, "stale4"), vote(6, old, "six")],
+            applied: 5,
+            snapshot: 5,
+            ..Restore::default()
+        };
+        net.nodes.insert(2, Replica::new(config(2, 3), r2).unwrap());
+        let r1 = Restore {
+            promised: old,
+            votes: vec![vote(3, old, "stale3")],
+            ..Restore::default()
+        };
+        net.nodes.insert(1, Replica::new(config(1, 3), r1).unwrap());
+        net.cut.insert(3);
+        net.elect(1);
+        net
+    }
+
+    #[test]
+    fn a_new_leader_never_re_proposes_at_or_below_a_reported_snapshot() {
+        let net = leader_behind_a_snapshot();
+        let ballot = net.nodes[&1].status().promised;
+        let accepts: Vec<(Slot, Value)> = net
+            .delivered
+            .iter()
+            .filter_map(|(_, _, m)| match m {
+                Message::Accept { slot, value, .. } => Some((*slot, value.clone())),
+                _ => None,
+            })
+            .collect();
+        // Slots 1 to 5 are chosen (replica 2 compacted them): neither the
+        // stale votes for 3 and 4 nor no-ops go there.
+        assert_eq!(
+            accepts,
+            vec![(6, crate::paxos::testing::batch(&["six"]))],
+            "under {ballot}"
+        );
+        assert!(net.nodes[&1].is_leader());
+    }
+
+    #[test]
+    fn a_leader_behind_a_reported_snapshot_fetches_it_and_commits_only_once_it_is_installed() {
+        let mut net = leader_behind_a_snapshot();
+        assert_eq!(
+            net.fetches,
+            vec![(
+                1,
+                crate::paxos::SnapshotFetch {
+                    from: 2,
+                    min_index: 5
+                }
+            )]
+        );
+        // Slot 6 has a majority under our ballot, but slots 1 to 5 are
+        // known only to the snapshot: no commit, no read.
+        net.node(1).read(7).unwrap();
+        net.run();
+        assert_eq!(net.node(1).committed(), 0);
+        assert!(net.reads.is_empty());
+        assert!(net.chosen.get(&1).is_none_or(Vec::is_empty));
+        // Asked again, rate-limited, while still needed.
+        for _ in 0..net.node(1).config().catch_up_ticks {
+            net.tick_all();
+        }
+        assert_eq!(net.fetches.len(), 2);
+        // Installed: the commit index runs on through slot 6, which alone
+        // is handed out; the read is served.
+        net.node(1).snapshot_installed(5);
+        net.run();
+        assert_eq!(net.node(1).committed(), 6);
+        assert_eq!(net.node(1).status().compacted, 5);
+        assert_eq!(
+            net.chosen[&1],
+            vec![(6, crate::paxos::testing::batch(&["six"]))]
+        );
+        net.tick_all();
+        assert_eq!(net.reads, vec![(7, 6)]);
+        // No more fetches once it is installed.
+        let fetches = net.fetches.len();
+        for _ in 0..3 * net.node(1).config().catch_up_ticks {
+            net.tick_all();
+        }
+        assert_eq!(net.fetches.len(), fetches);
     }
 
     #[test]

@@ -296,6 +296,24 @@ impl Leader {
         self.index_reads_after_recovery(core);
     }
 
+    /// The driver installed a snapshot at `index`, now the commit index.
+    /// Slots in flight up to it are chosen and in the snapshot: they are
+    /// dropped, and the commands in them handed back with an unknown
+    /// outcome (the snapshot may hold them or another value). Proposals go
+    /// on above it, and the commit index runs on through the slots in
+    /// flight already chosen.
+    pub(super) fn snapshot_installed(&mut self, core: &mut Core, index: Slot) {
+        debug_assert_eq!(core.committed, index, "the core moved the commit index");
+        let above = self.in_flight.split_off(&(index + 1));
+        for (_, p) in std::mem::replace(&mut self.in_flight, above) {
+            if let Value::Batch(commands) = p.value {
+                core.ready.unknown_outcome.extend(commands);
+            }
+        }
+        self.next_slot = self.next_slot.max(index + 1);
+        self.advance_commit(core);
+    }
+
     fn resend_unanswered_accepts(&mut self, core: &mut Core) {
         let now = core.now;
         let commit = core.committed;
@@ -336,15 +354,34 @@ impl Leader {
         }
     }
 
+    /// Serves a follower's request for chosen slots `from_slot..=to_slot`.
+    ///
+    /// Rule: slots at or below our compacted index have no vote here any
+    /// more; a follower that needs one is told to fetch our snapshot
+    /// (`SnapshotAvailable`) instead, and asks again from past it.
+    ///
+    /// Rule (a learner rejoining): every piece echoes the request's `nonce`
+    /// and says the highest slot proposed so far; if nothing is in flight or
+    /// queued, a no-op is proposed right after answering, so that a slot
+    /// proposed after the learner's recovery began gets chosen even in an
+    /// idle cluster.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn on_catch_up_request(
-        &self,
+        &mut self,
         core: &mut Core,
         from: NodeId,
         ballot: Ballot,
         from_slot: Slot,
         to_slot: Slot,
+        nonce: Option<u64>,
     ) {
         if self.ballot != ballot {
+            return;
+        }
+        let compacted = core.acceptor.compacted();
+        if from_slot <= compacted {
+            let index = compacted;
+            core.send(from, Message::SnapshotAvailable { ballot, index });
             return;
         }
         // Only slots known chosen are sent: up to our commit index.
@@ -372,6 +409,7 @@ impl Leader {
                 .push((slot, value));
         }
         let count = pieces.len();
+        let proposed = self.next_slot - 1;
         for (i, entries) in pieces.into_iter().enumerate() {
             let more = i + 1 < count;
             core.send(
@@ -381,8 +419,15 @@ impl Leader {
                     entries,
                     commit,
                     more,
+                    nonce,
+                    proposed,
                 },
             );
+        }
+        if nonce.is_some() && self.in_flight.is_empty() && self.queued.is_empty() {
+            let slot = self.next_slot;
+            self.next_slot = slot.checked_add(1).expect("slot numbers ran out");
+            self.propose_at(core, slot, Value::Noop);
         }
     }
 }
@@ -622,6 +667,7 @@ mod tests {
                     ballot,
                     from_slot: 1,
                     to_slot: 3,
+                    nonce: None,
                 },
             )
             .unwrap();
@@ -680,5 +726,50 @@ mod tests {
         net.run();
         assert_eq!(net.chosen[&1], vec![(1, batch(&["solo"]))]);
         assert_eq!(net.reads, vec![(1, 0)]);
+    }
+
+    #[test]
+    fn a_leader_told_its_slots_are_compacted_fetches_and_drops_what_the_snapshot_covers() {
+        let mut net = Net::with_config(3, |cfg| cfg.max_batch = 1);
+        net.elect(1);
+        let leader = net.node(1);
+        let ballot = leader.status().promised;
+        leader.propose(cmd("a")).unwrap();
+        leader.propose(cmd("b")).unwrap();
+        leader.take_ready();
+        for slot in [1, 2] {
+            leader.step_own(Message::Accepted { ballot, slot });
+        }
+        // Replica 2 had slot 1 chosen (from a snapshot) and compacted it.
+        leader
+            .step(2, Message::SnapshotAvailable { ballot, index: 1 })
+            .unwrap();
+        let ready = leader.take_ready();
+        assert_eq!(
+            ready.fetch_snapshot,
+            Some(crate::paxos::SnapshotFetch {
+                from: 2,
+                min_index: 1
+            })
+        );
+        leader.snapshot_installed(1);
+        let ready = leader.take_ready();
+        assert_eq!(ready.unknown_outcome, vec![cmd("a")]);
+        assert!(ready.chosen.is_empty());
+        assert_eq!(leader.committed(), 1);
+        assert_eq!(leader.status().in_flight, 1);
+        leader
+            .step(2, Message::Accepted { ballot, slot: 2 })
+            .unwrap();
+        assert_eq!(leader.take_ready().chosen, vec![(2, batch(&["b"]))]);
+        // A snapshot past everything proposed moves the pipeline past it.
+        leader.snapshot_installed(10);
+        leader.propose(cmd("c")).unwrap();
+        let ready = leader.take_ready();
+        assert!(
+            only(&ready, 2)
+                .iter()
+                .any(|m| matches!(m, Message::Accept { slot: 11, .. }))
+        );
     }
 }

@@ -46,6 +46,7 @@
 mod election;
 mod leader;
 mod learner;
+mod membership;
 mod reads;
 
 use std::fmt;
@@ -55,11 +56,14 @@ use bytes::Bytes;
 use super::acceptor::Acceptor;
 use super::ballot::{Ballot, NodeId, Slot};
 use super::config::Config;
-use super::message::{Accepted, Envelope, Message, ReadId, Ready, Value};
+use super::message::{
+    Accepted, Envelope, Membership, Message, ReadId, Ready, SnapshotFetch, Value,
+};
 use super::rng::Rng;
 
 use election::{Candidate, PreCandidate};
 use leader::Leader;
+use membership::Standing;
 
 /// The replica's part in the protocol right now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -148,6 +152,9 @@ pub struct Status {
     pub leader: Option<NodeId>,
     /// Every slot up to this one is known chosen here.
     pub committed: Slot,
+    /// Every slot up to this one is compacted: in the state machine's
+    /// snapshot, its votes gone.
+    pub compacted: Slot,
     /// As leader: slots proposed and not yet committed.
     pub in_flight: usize,
     /// As leader: commands waiting for a slot.
@@ -156,6 +163,9 @@ pub struct Status {
     pub followers: Vec<FollowerStatus>,
     /// Elections this replica has started since it was created.
     pub elections: u64,
+    /// Whether it votes; `None` while it probes its peers after starting
+    /// with an empty data directory (see `replica/membership.rs`).
+    pub membership: Option<Membership>,
 }
 
 /// The leader's view of one follower.
@@ -175,6 +185,55 @@ struct Leadership {
     id: NodeId,
     ballot: Ballot,
     commit: Slot,
+}
+
+/// What a replica is restored from: its durable acceptor state, where its
+/// state machine stands, and its membership. `Restore::default()` is a
+/// voter with nothing yet: a member of a cluster whose membership is
+/// settled.
+#[derive(Clone, Debug)]
+pub struct Restore {
+    /// The highest ballot it promised.
+    pub promised: Ballot,
+    /// Its votes. Those at or below `snapshot` are compacted and dropped.
+    pub votes: Vec<Accepted>,
+    /// Its state machine has applied every slot up to this one (so they
+    /// are chosen). At least `snapshot`.
+    pub applied: Slot,
+    /// The index of the state machine's durable snapshot, 0 if none: the
+    /// log is compacted through here.
+    pub snapshot: Slot,
+    /// The durable membership; `None` when storage holds nothing at all
+    /// (an empty data directory, new or wiped): the replica then starts
+    /// Unknown and probes its peers.
+    pub membership: Option<Membership>,
+    /// A random number for this incarnation, different at every start:
+    /// answers to an earlier incarnation's probes and catch-up requests
+    /// must not count.
+    pub nonce: u64,
+}
+
+impl Default for Restore {
+    fn default() -> Self {
+        Restore {
+            promised: Ballot::ZERO,
+            votes: Vec::new(),
+            applied: 0,
+            snapshot: 0,
+            membership: Some(Membership::Voter),
+            nonce: 0,
+        }
+    }
+}
+
+/// A snapshot fetch the replica needs, and when it last asked for it.
+#[derive(Clone, Copy, Debug)]
+struct PendingFetch {
+    fetch: SnapshotFetch,
+    /// Needed under this leadership (ours, when leading); forgotten when
+    /// it ends: the next leader tells us again if need be.
+    ballot: Ballot,
+    sent_at: Option<u64>,
 }
 
 /// The role and the state only that role has.
@@ -211,33 +270,52 @@ struct Core {
     election_deadline: u64,
     max_round_seen: u64,
     catch_up_sent_at: Option<u64>,
+    fetch: Option<PendingFetch>,
+    standing: Standing,
+    nonce: u64,
     elections: u64,
     ready: Ready,
 }
 
 impl Replica {
-    /// A replica restored from its durable acceptor state (`promised`,
-    /// `votes`) and the index its state machine has applied up to. A new
-    /// replica passes `Ballot::ZERO`, no votes, and 0.
-    pub fn new(
-        cfg: Config,
-        promised: Ballot,
-        votes: Vec<Accepted>,
-        applied: Slot,
-    ) -> Result<Self, String> {
+    /// A replica restored from `restore` (see [`Restore`]).
+    pub fn new(cfg: Config, restore: Restore) -> Result<Self, String> {
         cfg.validate()?;
+        let Restore {
+            promised,
+            votes,
+            applied,
+            snapshot,
+            membership,
+            nonce,
+        } = restore;
+        let blank = promised == Ballot::ZERO && votes.is_empty() && applied == 0;
+        if membership.is_none() && !blank {
+            return Err("a replica with durable state must have a membership".into());
+        }
+        if applied < snapshot {
+            return Err(format!(
+                "the state machine applied through {applied}, below its snapshot at {snapshot}"
+            ));
+        }
+        if applied == u64::MAX {
+            return Err("the applied index leaves no slot after it".into());
+        }
         let mut replica = Replica {
             core: Core {
                 rng: Rng::new(cfg.seed),
                 cfg,
                 now: 0,
-                acceptor: Acceptor::restore(promised, votes),
+                acceptor: Acceptor::restore(promised, votes, snapshot),
                 committed: applied,
                 leadership: None,
                 last_leader_contact: 0,
                 election_deadline: 0,
                 max_round_seen: promised.round,
                 catch_up_sent_at: None,
+                fetch: None,
+                standing: Standing::restore(membership),
+                nonce,
                 elections: 0,
                 ready: Ready::default(),
             },
@@ -290,10 +368,12 @@ impl Replica {
             promised: self.core.acceptor.promised(),
             leader: self.leader(),
             committed: self.core.committed,
+            compacted: self.core.acceptor.compacted(),
             in_flight,
             queued,
             followers,
             elections: self.core.elections,
+            membership: self.core.standing.membership(),
         }
     }
 
@@ -319,6 +399,46 @@ impl Replica {
         Ok(())
     }
 
+    /// The driver's state machine is durable at or past `through`: the votes
+    /// up to it may go. Promises report `through` from now on instead.
+    /// Precondition: `through` is at most the commit index.
+    pub fn compact(&mut self, through: Slot) {
+        assert!(
+            through <= self.core.committed,
+            "compacting through {through}, past the commit index {}",
+            self.core.committed
+        );
+        self.core.acceptor.compact(through);
+        self.check_invariants();
+    }
+
+    /// The driver installed a state machine snapshot at `index` (fetched
+    /// as [`Ready::fetch_snapshot`] asked). Ignored unless past the commit
+    /// index. Every slot up to `index` is then known chosen, without being
+    /// handed out in `Ready::chosen` (the state machine has them already),
+    /// and compacted. A follower catches up from `index + 1`; a leader drops
+    /// the slots it had in flight up to `index` (chosen, and in the
+    /// snapshot: their commands are handed back as
+    /// [`Ready::unknown_outcome`]) and commits on through those above that
+    /// are chosen.
+    pub fn snapshot_installed(&mut self, index: Slot) {
+        let core = &mut self.core;
+        if index <= core.committed {
+            return;
+        }
+        assert!(index < u64::MAX, "snapshot index {index} leaves no slot");
+        core.committed = index;
+        core.acceptor.compact(index);
+        core.catch_up_sent_at = None;
+        if let Some((l, core)) = self.leading() {
+            l.snapshot_installed(core, index);
+        } else if let Some(leadership) = self.core.leadership {
+            self.core.learn_commit(leadership.ballot, leadership.commit);
+        }
+        self.core.settle();
+        self.check_invariants();
+    }
+
     /// Advances the clock by one tick: elections, heartbeats, re-sends.
     pub fn tick(&mut self) {
         self.core.now += 1;
@@ -331,10 +451,20 @@ impl Replica {
                 self.step_down();
             }
         } else if self.core.now >= self.core.election_deadline {
-            self.start_pre_vote();
+            match self.core.standing {
+                Standing::Voter => self.start_pre_vote(),
+                Standing::Unknown { .. } => self.core.probe(),
+                // A learner never campaigns; it stops naming a leader it
+                // no longer hears, as a pre-candidate does.
+                Standing::Learner { .. } => {
+                    self.core.leadership = None;
+                    self.core.reset_election_timer();
+                }
+            }
         } else {
             self.core.request_catch_up();
         }
+        self.core.request_snapshot();
         self.check_invariants();
     }
 
@@ -344,6 +474,7 @@ impl Replica {
     pub fn step(&mut self, from: NodeId, msg: Message) -> Result<(), Refused> {
         self.admit(from, &msg)?;
         self.dispatch(from, msg);
+        self.core.settle();
         self.check_invariants();
         Ok(())
     }
@@ -357,6 +488,7 @@ impl Replica {
             "the core sends itself only promises and accepts: {msg:?}"
         );
         self.dispatch(self.core.cfg.id, msg);
+        self.core.settle();
         self.check_invariants();
     }
 
@@ -380,16 +512,30 @@ impl Replica {
                 ballot: *ballot,
             });
         }
-        let (ballot, highest) = (msg.ballot(), self.core.highest_round());
-        if !ballot.in_range(highest) {
+        let highest = self.core.highest_round();
+        if let Some(ballot) = msg.ballot()
+            && !ballot.in_range(highest)
+        {
             return Err(Refused::BallotOutOfRange { ballot, highest });
         }
         // Every slot voted on or learned leaves room for the next one, so
         // that `slot + 1` never overflows anywhere.
         let bad_slot = match msg {
             Message::Accept { slot, .. } => Some(*slot).filter(|&s| !slot_in_range(s)),
-            Message::Promise { accepted, .. } => {
-                accepted.iter().map(|a| a.slot).find(|&s| !slot_in_range(s))
+            // A snapshot index, like the commit index, must leave room for
+            // the next slot; 0 (nothing compacted) is fine.
+            Message::Promise {
+                accepted, snapshot, ..
+            } => accepted
+                .iter()
+                .map(|a| a.slot)
+                .find(|&s| !slot_in_range(s))
+                .or(Some(*snapshot).filter(|&s| s == u64::MAX)),
+            Message::SnapshotAvailable { index: slot, .. }
+            | Message::CatchUp { proposed: slot, .. }
+                if *slot == u64::MAX =>
+            {
+                Some(*slot)
             }
             Message::CatchUp { entries, .. } => {
                 entries.iter().map(|e| e.0).find(|&s| !slot_in_range(s))
@@ -434,7 +580,8 @@ impl Replica {
                 from_slot,
                 to_slot,
                 accepted,
-            } => self.on_promise(from, ballot, from_slot, to_slot, accepted),
+                snapshot,
+            } => self.on_promise(from, ballot, from_slot, to_slot, accepted, snapshot),
             Message::Nack { promised } => self.observe(promised),
             Message::Accept {
                 ballot,
@@ -465,9 +612,10 @@ impl Replica {
                 ballot,
                 from_slot,
                 to_slot,
+                nonce,
             } => {
                 if let Some((l, core)) = self.leading() {
-                    l.on_catch_up_request(core, from, ballot, from_slot, to_slot);
+                    l.on_catch_up_request(core, from, ballot, from_slot, to_slot, nonce);
                 }
             }
             Message::CatchUp {
@@ -475,7 +623,14 @@ impl Replica {
                 entries,
                 commit,
                 more,
-            } => self.on_catch_up(from, ballot, entries, commit, more),
+                nonce,
+                proposed,
+            } => self.on_catch_up(from, ballot, entries, commit, more, nonce, proposed),
+            Message::SnapshotAvailable { ballot, index } => {
+                self.on_snapshot_available(from, ballot, index)
+            }
+            Message::Probe { nonce } => self.core.on_probe(from, nonce),
+            Message::ProbeReply { nonce, fresh } => self.core.on_probe_reply(from, nonce, fresh),
         }
     }
 
@@ -507,6 +662,22 @@ impl Replica {
             core.max_round_seen >= core.acceptor.promised().round,
             "the highest round seen includes our own promise"
         );
+        assert!(
+            core.acceptor.compacted() <= core.committed,
+            "only slots known chosen are compacted"
+        );
+        assert!(
+            core.acceptor
+                .first_slot()
+                .is_none_or(|s| s > core.acceptor.compacted()),
+            "no vote is kept at or below the compacted index"
+        );
+        assert!(
+            core.fetch.is_none_or(|f| f.fetch.min_index > core.committed
+                && core.leadership.is_some_and(|l| l.ballot == f.ballot)),
+            "a snapshot fetch is pending only while needed, under its leadership"
+        );
+        self.check_membership_invariants();
         match &self.state {
             State::Follower => {}
             State::PreCandidate(p) => p.check_invariants(core),
@@ -582,6 +753,55 @@ impl Core {
 
     fn send_after_persist(&mut self, to: NodeId, msg: Message) {
         self.ready.persisted_messages.push(Envelope { to, msg });
+    }
+
+    /// A snapshot through at least `min_index` is needed from `from`, under
+    /// the leadership of `ballot`: asks the driver for it (rate-limited).
+    fn need_snapshot(&mut self, from: NodeId, min_index: Slot, ballot: Ballot) {
+        if min_index <= self.committed {
+            return;
+        }
+        let same = self.fetch.is_some_and(|p| {
+            p.ballot == ballot && p.fetch.from == from && p.fetch.min_index >= min_index
+        });
+        if !same {
+            self.fetch = Some(PendingFetch {
+                fetch: SnapshotFetch { from, min_index },
+                ballot,
+                sent_at: None,
+            });
+        }
+        self.request_snapshot();
+    }
+
+    /// Asks the driver for the pending snapshot fetch, at most once per
+    /// `catch_up_ticks`: the driver ignores a fetch while one runs, but one
+    /// that failed must be asked for again.
+    fn request_snapshot(&mut self) {
+        self.settle();
+        let Some(p) = &mut self.fetch else {
+            return;
+        };
+        if p.sent_at
+            .is_some_and(|at| self.now < at + self.cfg.catch_up_ticks)
+        {
+            return;
+        }
+        p.sent_at = Some(self.now);
+        self.ready.fetch_snapshot = Some(p.fetch);
+    }
+
+    /// After an input: a learner rejoins if due; a pending snapshot fetch
+    /// no longer needed (the commit index reached it, or its leadership
+    /// ended) is forgotten.
+    fn settle(&mut self) {
+        self.rejoin_if_due();
+        if let Some(p) = self.fetch {
+            let current = self.leadership.is_some_and(|l| l.ballot == p.ballot);
+            if !current || self.committed >= p.fetch.min_index {
+                self.fetch = None;
+            }
+        }
     }
 
     fn persist_promise(&mut self) {
@@ -701,6 +921,8 @@ mod tests {
                 entries: vec![(1, Value::Noop), (slot, Value::Noop)],
                 commit: 1,
                 more: false,
+                nonce: None,
+                proposed: 1,
             };
             assert_eq!(r.step(1, catch_up), Err(Refused::SlotOutOfRange { slot }));
         }
@@ -723,5 +945,11 @@ mod tests {
         // Our own, handed back by the driver after the sync, does.
         leader.step_own(accepted);
         assert_eq!(leader.take_ready().chosen.len(), 1);
+    }
+
+    #[test]
+    #[should_panic(expected = "past the commit index")]
+    fn compacting_past_the_commit_index_is_a_bug() {
+        replica(1, 3).compact(1);
     }
 }

@@ -103,9 +103,9 @@ impl Leader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::paxos::Replica;
     use crate::paxos::message::{Accepted, Message, Value};
     use crate::paxos::testing::{Net, batch, campaign, cmd, config, only};
+    use crate::paxos::{Replica, Restore};
 
     #[test]
     fn a_new_leader_re_proposes_recovered_slots_and_reads_wait_until_they_are_chosen() {
@@ -124,10 +124,15 @@ mod tests {
                 value: batch(&["older"]),
             },
         ];
+        let restore = |votes| Restore {
+            promised: old,
+            votes,
+            ..Restore::default()
+        };
         net.nodes
-            .insert(2, Replica::new(config(2, 3), old, votes, 0).unwrap());
+            .insert(2, Replica::new(config(2, 3), restore(votes)).unwrap());
         net.nodes
-            .insert(1, Replica::new(config(1, 3), old, Vec::new(), 0).unwrap());
+            .insert(1, Replica::new(config(1, 3), restore(Vec::new())).unwrap());
         // Replica 1 campaigns; only replica 2 answers its prepare.
         campaign(net.node(1));
         let ready = net.node(1).take_ready();
@@ -137,6 +142,7 @@ mod tests {
             from_slot: 1,
             to_slot: None,
             accepted: Vec::new(),
+            snapshot: 0,
         });
         let prep = ready
             .persisted_messages
