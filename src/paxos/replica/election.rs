@@ -419,6 +419,7 @@ impl Core {
     /// Accepts `from` as the leader of `ballot` and restarts the election timer.
     pub(super) fn follow(&mut self, from: NodeId, ballot: Ballot) {
         if self.leadership.map(|l| l.ballot) != Some(ballot) {
+            self.forget_rejoin_slot_of_another_leadership(ballot);
             self.leadership = Some(Leadership {
                 id: from,
                 ballot,

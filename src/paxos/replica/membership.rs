@@ -61,10 +61,17 @@
 //! proposed so far. The first piece whose nonce matches fixes
 //! `rejoin_at = proposed + 1` and the leader's ballot `B`. (A leader with
 //! nothing in flight proposes a no-op on such a request, so that an idle
-//! cluster has a slot to wait for.) Once the learner's commit index reaches
-//! `rejoin_at`, a slot proposed after its recovery began is chosen and
-//! known: it raises its promise to at least `B`, becomes a voter, persists
-//! both in one sync, and only then does any reply that votes go out.
+//! cluster has a slot to wait for.) The learner rejoins once `rejoin_at` is
+//! committed here *and* the leader of `B` itself reported a commit index at
+//! or past it (in an `Accept`, `Heartbeat` or `CatchUp` under `B`): then
+//! `rejoin_at` is chosen under `B`, a slot `B`'s leader first proposed after
+//! it answered the learner, so after its recovery began. It raises its
+//! promise to at least `B`, becomes a voter, persists both in one sync, and
+//! only then does any reply that votes go out. A commit index learned from
+//! any other leadership does not count: if the learner starts following
+//! another ballot before then, it drops `rejoin_at` and asks again with its
+//! nonce, and the new leader's first matching answer fixes a new slot and
+//! ballot.
 //!
 //! The danger is a ballot `P` the replica promised before it lost its disk,
 //! counted in the phase 1 of a candidate `X`, while after rejoining the
@@ -72,26 +79,22 @@
 //! phase 1 could not see.
 //!
 //! **Three replicas, no timing assumption** (the learner `L`, the others
-//! `A` and `C`). `rejoin_at` was chosen while `L` was a learner, so the
-//! majority that accepted it is exactly `{A, C}`. `X` is `A` or `C`, and
-//! promised `P` to itself before sending the prepare that `L` answered,
-//! hence before `L` lost its disk. If both of `A`'s and `C`'s accepts of
-//! `rejoin_at` came after the disk loss, the one by `X` came after `X`'s
-//! promise of `P`, so it was under a ballot `Bc >= P`, and from then on `X`
-//! refuses anything below `P`; the other of `A`, `C` too has promised
-//! `Bc >= P`. After rejoining, any phase 1 that `L` takes part in needs one
-//! of `A`, `C`, which refuse ballots below `P`: so `L` never votes under a
-//! `Q < P` of a leadership elected after it rejoined; and a `Q` elected
-//! before needs `{A, C}` (without `L`) to have promised `Q` before they
-//! accepted `rejoin_at` under `Bc >= P > Q`, after which they refuse `Q`'s
-//! accepts, so `Q` chooses nothing with `L`'s vote. The accepts of
-//! `rejoin_at` come after the disk loss because the slot was first proposed
-//! (by the leader of `B`) after that leader answered the learner, so after
-//! it — **with one exception we do not rule out here**: a leader of a
-//! higher ballot, elected with `L`'s pre-loss promise while the leader of
-//! `B` did not know it yet, may have proposed `rejoin_at` earlier, and `C`
-//! may have accepted it before the loss. That case falls back on the timing
-//! assumption below.
+//! `A` and `C`). `rejoin_at` was chosen under `B` while `L` was a learner,
+//! so the majority that accepted `B`'s proposal for it is exactly `{A, C}`.
+//! `B`'s leader proposed `rejoin_at` only after it answered `L`'s request,
+//! which `L` sent after the loss: so both `A` and `C` accepted under `B` at
+//! `rejoin_at` after the loss. Some `Y` of `A`, `C` promised `P` before
+//! the loss: if `X` is `A` or `C`, `X` itself, which promised `P` to itself
+//! before sending the prepare that `L` answered before the loss; if `X` is
+//! `L`'s own earlier incarnation, its candidacy ended with the loss, so the
+//! other member of its majority promised before. From then on `Y` refuses
+//! ballots below `P`, and it accepted under `B` after the loss: so
+//! `P <= B`. (A `P` above `B`, used by a leader that then proposed at
+//! `rejoin_at` before the loss, is exactly what this rules out: `Y` would
+//! have refused `B`'s accept.) Now take any `Q < P <= B`. `L` voted nothing
+//! as a learner, and on rejoining raised its promise to at least `B`, in
+//! the same sync as its membership: so it never accepts under `Q`, and
+//! nothing that `X`'s phase 1 could not see is chosen with its vote.
 //!
 //! **Five replicas or more.** The majority that accepted `rejoin_at` need
 //! not include every other replica, so a phase 1 that counted `L`'s lost
@@ -244,14 +247,32 @@ impl Core {
         };
     }
 
-    /// Rule: a learner whose commit index reached its rejoin slot raises its
-    /// promise to at least that leader's ballot and becomes a voter, both
-    /// persisted in one sync before anything it votes goes out.
+    /// Rule: a learner that starts following another leadership than the
+    /// one that fixed its rejoin slot forgets that slot, and has the new
+    /// leader fix one (its next catch-up request carries the nonce again).
+    /// Only the leader of the ballot that fixed the slot may say it chosen.
+    pub(super) fn forget_rejoin_slot_of_another_leadership(&mut self, ballot: Ballot) {
+        if let Standing::Learner { rejoin: Some(r) } = self.standing
+            && r.ballot != ballot
+        {
+            self.standing = Standing::Learner { rejoin: None };
+        }
+    }
+
+    /// Rule: a learner whose rejoin slot is committed here, and which the
+    /// leader of the ballot that fixed it reported committed (so it is
+    /// chosen under that ballot), raises its promise to at least that
+    /// ballot and becomes a voter, both persisted in one sync before
+    /// anything it votes goes out. A commit index learned from any other
+    /// leadership does not count: that slot was dropped on following it.
     pub(super) fn rejoin_if_due(&mut self) {
         let Standing::Learner { rejoin: Some(r) } = self.standing else {
             return;
         };
-        if self.committed < r.at {
+        let chosen_under_b = self
+            .leadership
+            .is_some_and(|l| l.ballot == r.ballot && l.commit >= r.at);
+        if self.committed < r.at || !chosen_under_b {
             return;
         }
         if self.acceptor.raise(r.ballot) {
@@ -284,6 +305,10 @@ impl Replica {
         }
         if let Standing::Learner { rejoin: Some(r) } = core.standing {
             assert!(r.at > 0, "the rejoin slot is a slot");
+            assert!(
+                core.leadership.is_none_or(|l| l.ballot == r.ballot),
+                "a rejoin slot is kept only under the leadership that fixed it"
+            );
         }
     }
 }
@@ -588,6 +613,88 @@ mod tests {
         assert!(!votes(
             &ready.messages.iter().map(|e| &e.msg).collect::<Vec<_>>()
         ));
+    }
+
+    #[test]
+    fn a_learner_rejoins_only_on_a_commit_from_the_leadership_that_fixed_its_rejoin_slot() {
+        let (b, b2) = (Ballot::new(4, 1), Ballot::new(5, 2));
+        let mut r = restored(3, Some(Membership::Learner), 5);
+        let catch_up =
+            |ballot, entries: Vec<(Slot, Value)>, commit, nonce, proposed| Message::CatchUp {
+                ballot,
+                entries,
+                commit,
+                more: false,
+                nonce,
+                proposed,
+            };
+        let heartbeat = |ballot, commit| Message::Heartbeat {
+            ballot,
+            commit,
+            read_round: 0,
+        };
+        let asks_with_nonce = |r: &mut Replica, leader: NodeId, ballot: Ballot| {
+            let ready = r.take_ready();
+            only(&ready, leader).iter().any(|m| {
+                matches!(m, Message::CatchUpRequest { ballot: asked, nonce: Some(5), .. }
+                    if *asked == ballot)
+            })
+        };
+        let entries = |through: Slot| -> Vec<(Slot, Value)> {
+            (1..=through)
+                .map(|s| (s, batch(&[&s.to_string()])))
+                .collect()
+        };
+        // The leader of b had proposed through slot 3: slot 4 is the rejoin
+        // slot, to be chosen under b.
+        r.step(1, heartbeat(b, 2)).unwrap();
+        assert!(asks_with_nonce(&mut r, 1, b));
+        r.step(1, catch_up(b, entries(2), 2, Some(5), 3)).unwrap();
+        assert_eq!(r.committed(), 2);
+        r.take_ready();
+        // A higher-ballot leader takes over and reports slots past 4
+        // committed: the learner follows it, learns them, but that commit
+        // does not show slot 4 chosen under b. It must not vote yet, and
+        // asks the new leader with its nonce again.
+        r.step(2, heartbeat(b2, 5)).unwrap();
+        assert!(asks_with_nonce(&mut r, 2, b2));
+        r.step(2, catch_up(b2, entries(5), 5, None, 5)).unwrap();
+        assert_eq!(r.committed(), 5);
+        assert_eq!(r.status().membership, Some(Membership::Learner));
+        let ready = r.take_ready();
+        assert!(ready.persist.membership.is_none());
+        assert!(!votes(&only(&ready, 2)));
+        // The new leader's nonce-matching answer: it had proposed through
+        // slot 6, so slot 7 is the new rejoin slot, under b2.
+        r.step(2, catch_up(b2, entries(6), 6, Some(5), 6)).unwrap();
+        assert_eq!(r.committed(), 6);
+        assert_eq!(r.status().membership, Some(Membership::Learner));
+        r.step(
+            2,
+            Message::Accept {
+                ballot: b2,
+                slot: 7,
+                value: batch(&["7"]),
+                commit: 6,
+            },
+        )
+        .unwrap();
+        let ready = r.take_ready();
+        assert!(
+            !votes(&only(&ready, 2)),
+            "a learner does not vote: {ready:?}"
+        );
+        assert_eq!(r.status().membership, Some(Membership::Learner));
+        // b2's leader reports slot 7 committed, and the learner learns it.
+        r.step(2, heartbeat(b2, 7)).unwrap();
+        assert_eq!(r.status().membership, Some(Membership::Learner));
+        r.take_ready();
+        r.step(2, catch_up(b2, vec![(7, batch(&["7"]))], 7, None, 7))
+            .unwrap();
+        assert_eq!(r.committed(), 7);
+        assert_eq!(r.status().membership, Some(Membership::Voter));
+        assert!(r.status().promised >= b2);
+        assert_eq!(r.take_ready().persist.membership, Some(Membership::Voter));
     }
 
     #[test]
