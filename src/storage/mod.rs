@@ -10,10 +10,14 @@
 //!   [`Storage::persist`] is one group commit: one `pwrite` and one
 //!   `fdatasync`, whatever it holds.
 //! - `state/`: a sled 0.34.7 database with the state machine only: `kv`,
-//!   the dedup `sessions`, and the applied index (see `state_machine.rs`).
-//!   Applied in one transaction per batch, never fsynced on that path: a
-//!   slot is applied only once it is durable in the log, so whatever sled
-//!   loses in a crash is applied again from the log.
+//!   the dedup `sessions`, the applied index and the digest of the state
+//!   (see `state_machine.rs`), and a `seal` file. Applied in one
+//!   transaction per batch, never fsynced on that path: a slot is applied
+//!   only once it is durable in the log, so whatever sled loses in a crash
+//!   is applied again from the log. Checked against its digest and seal on
+//!   every open: a damaged state is [`StorageError::StateDamaged`].
+//! - `state.install/`, `state.new/`, `state.old/`: a snapshot being
+//!   installed, and the steps of its switch (see `snapshot.rs`).
 //!
 //! A directory written by paxoskv 0.1, one sled database holding
 //! everything, is migrated on open (`upgrade.rs`).
@@ -27,8 +31,12 @@
 //! sled's own `flush` is only a `sync_file_range`, see `state_machine.rs`).
 
 mod acceptor_log;
+mod snapshot;
 mod state_machine;
 mod upgrade;
+
+pub use snapshot::{CHUNK_BYTES, SnapshotChunk, SnapshotInstall, SnapshotMeta, SnapshotReader};
+pub use state_machine::Digest;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -41,6 +49,7 @@ use crate::paxos::{Accepted, Ballot, Membership, Persist, Slot, Value};
 use crate::wal::WalError;
 
 use acceptor_log::AcceptorLog;
+use snapshot::StateSlot;
 use state_machine::StateMachine;
 
 /// The size of new log segments unless told otherwise.
@@ -75,6 +84,33 @@ pub enum StorageError {
     },
     /// sled itself failed.
     Sled(sled::Error),
+    /// The state machine's database in `dir` is damaged (lost or changed
+    /// entries, unreadable bytes, a digest or seal that does not match):
+    /// refused rather than served.
+    StateDamaged {
+        /// The database's directory.
+        dir: PathBuf,
+        /// What was found wrong, naming the file where it can.
+        reason: String,
+    },
+    /// A snapshot install was begun while another is in progress.
+    InstallBusy,
+    /// A snapshot is at or below the applied index; installing it would
+    /// move the state machine back.
+    SnapshotBehind {
+        /// The applied index of the current state.
+        applied: Slot,
+        /// The snapshot's applied index.
+        snapshot: Slot,
+    },
+    /// The chunks of a snapshot install do not add up to what its sender
+    /// said; nothing was installed.
+    SnapshotMismatch {
+        /// What the chunks received add up to.
+        received: SnapshotMeta,
+        /// What the sender said the snapshot holds.
+        expected: SnapshotMeta,
+    },
 }
 
 impl fmt::Display for StorageError {
@@ -93,6 +129,21 @@ impl fmt::Display for StorageError {
                 "cannot apply slot {slot}: the applied index is {applied}, and slots apply in order"
             ),
             StorageError::Sled(e) => write!(f, "sled: {e}"),
+            StorageError::StateDamaged { dir, reason } => write!(
+                f,
+                "the state machine in {} is damaged, refusing to serve it: {reason}",
+                dir.display()
+            ),
+            StorageError::InstallBusy => f.write_str("a snapshot install is already in progress"),
+            StorageError::SnapshotBehind { applied, snapshot } => write!(
+                f,
+                "cannot install a snapshot at applied index {snapshot}: the state machine is already at {applied}"
+            ),
+            StorageError::SnapshotMismatch { received, expected } => write!(
+                f,
+                "snapshot not installed: the chunks received add up to {} at applied index {}, the sender said {} at {}",
+                received.digest, received.applied, expected.digest, expected.applied
+            ),
         }
     }
 }
@@ -167,7 +218,8 @@ pub struct Storage {
     /// Single writer: persists from several threads queue here, each one
     /// group commit.
     log: Mutex<AcceptorLog>,
-    state: StateMachine,
+    /// Swapped by a snapshot install.
+    state: StateSlot,
 }
 
 impl Storage {
@@ -213,6 +265,7 @@ impl Storage {
         let (log, replayed) =
             AcceptorLog::open(&dir.join(LOG_DIR), segment_bytes).map_err(in_use)?;
         upgrade::remove_leftovers(dir)?;
+        snapshot::recover(dir)?;
         let state = StateMachine::open(&dir.join(STATE_DIR), cache_bytes).map_err(in_use)?;
         sync_dir(dir)?;
         let durable = Durable {
@@ -225,7 +278,7 @@ impl Storage {
         };
         let storage = Storage {
             log: Mutex::new(log),
-            state,
+            state: StateSlot::new(dir, cache_bytes, state),
         };
         Ok((storage, durable))
     }
@@ -267,30 +320,30 @@ impl Storage {
     /// Makes the state machine durable (sled's flush, then fsyncs), for a
     /// clean shutdown: a restart then replays nothing.
     pub fn flush(&self) -> Result<(), StorageError> {
-        self.state.flush()
+        self.state.current().flush()
     }
 
     /// Applies chosen slots in order, atomically with the applied index;
     /// see [`StateMachine::apply`].
     pub fn apply(&self, entries: &[(Slot, Value)]) -> Result<Vec<(u64, kv::Reply)>, StorageError> {
-        self.state.apply(entries)
+        self.state.current().apply(entries)
     }
 
     /// The value of a key in the state machine.
     pub fn get(&self, key: &str) -> Result<Option<i32>, StorageError> {
-        self.state.get(key)
+        self.state.current().get(key)
     }
 
     /// Every key of the state machine with its value, in key order: for
     /// tests and tools that compare replicas' states. Reads the whole tree.
     pub fn entries(&self) -> Result<BTreeMap<String, i32>, StorageError> {
-        self.state.entries()
+        self.state.current().entries()
     }
 
     /// The applied index: the last slot applied to the state machine, 0 if
     /// none.
     pub fn applied(&self) -> Result<Slot, StorageError> {
-        self.state.applied()
+        self.state.current().applied()
     }
 
     /// Number of log syncs done so far by [`Storage::persist`] (one per
@@ -308,6 +361,35 @@ impl Storage {
     /// Segment files of the log, and the bytes they take on disk.
     pub fn log_size(&self) -> (usize, u64) {
         self.log().size()
+    }
+
+    /// A reader of the state machine as of its applied index now, which
+    /// yields exactly that state in chunks while [`Storage::apply`] goes on
+    /// (see [`SnapshotReader`]). Several may run at once.
+    pub fn snapshot_reader(&self) -> Result<SnapshotReader, StorageError> {
+        self.state.reader()
+    }
+
+    /// Begins installing a snapshot at applied index `applied`, in a new
+    /// database beside the current state, which keeps serving. One install
+    /// at a time ([`StorageError::InstallBusy`]); a snapshot below the
+    /// applied index is [`StorageError::SnapshotBehind`].
+    pub fn begin_install(&self, applied: Slot) -> Result<SnapshotInstall, StorageError> {
+        self.state.begin_install(applied)
+    }
+
+    /// Finishes an install: checks that its chunks add up to `expected`
+    /// ([`StorageError::SnapshotMismatch`] otherwise, and nothing changes),
+    /// makes it durable, and switches to it atomically. Then
+    /// [`Storage::applied`] is `expected.applied`, and [`Storage::apply`]
+    /// skips slots up to it. A crash at any point leaves, on the next
+    /// open, the complete old state or the complete new one.
+    pub fn finish_install(
+        &self,
+        install: SnapshotInstall,
+        expected: SnapshotMeta,
+    ) -> Result<(), StorageError> {
+        self.state.finish_install(install, expected, None)
     }
 
     fn log(&self) -> std::sync::MutexGuard<'_, AcceptorLog> {
@@ -354,5 +436,7 @@ fn decode_ballot(bytes: &[u8], where_: &str) -> Result<Ballot, StorageError> {
     ))
 }
 
+#[cfg(test)]
+mod snapshot_tests;
 #[cfg(test)]
 mod tests;

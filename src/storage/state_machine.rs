@@ -6,8 +6,34 @@
 //! One sled 0.34.7 database with three trees:
 //!
 //! - `meta`: `applied` → the applied index (big-endian u64); absent means 0.
+//!   `digest` → the [`Digest`] of `kv` and `sessions`: entry count, then
+//!   sum (big-endian u64s); absent means empty.
 //! - `kv`: key (UTF-8 bytes) → value (`i32`, little-endian).
 //! - `sessions`: client id (big-endian u64) → [`kv::Session::to_bytes`].
+//!
+//! Beside sled's files, `seal` (written by [`StateMachine::flush`]) holds the
+//! applied index and digest that the flush made durable, with a CRC.
+//!
+//! # Damage detection
+//!
+//! sled 0.34.7 checks a CRC per message but, on open, takes a damaged
+//! message for a torn write and silently recovers only the log before it:
+//! flipped or truncated bytes in `db` open as a smaller, self-consistent
+//! state. Two checks make that an error ([`StorageError::StateDamaged`])
+//! instead of a smaller state served:
+//!
+//! 1. The digest, kept in `meta` in the same transaction as every batch it
+//!    describes: on open every entry is read, decoded and hashed, and the
+//!    count and sum must equal the recorded ones. This catches entries lost
+//!    or changed behind sled's back, or unreadable.
+//! 2. The seal: sled may lose what was never flushed (the Paxos log applies
+//!    it again), but never what a flush made durable. An applied index
+//!    below the sealed one means sled lost durable data; equal to it, the
+//!    digest must be the sealed one.
+//!
+//! What neither catches: damage to bytes sled never reads again (free
+//! space, a superseded version of a page), which is harmless; and, after a
+//! crash, loss of a tail that was never flushed, which is not damage.
 //!
 //! # Durability
 //!
@@ -29,21 +55,129 @@
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
-use std::io;
+use std::io::{self, Write as _};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
 use sled::Transactional;
 use sled::transaction::{
     ConflictableTransactionError, TransactionalTree, UnabortableTransactionError,
 };
 
+use super::snapshot::Readers;
 use super::{StorageError, io_error, sync_dir, sync_what};
 use crate::kv::{self, KvState};
 use crate::paxos::{Slot, Value};
 
 /// Key of the applied index in the `meta` tree.
 pub(super) const APPLIED: &[u8] = b"applied";
+/// Key of the state's [`Digest`] in the `meta` tree.
+pub(super) const DIGEST: &[u8] = b"digest";
+/// The seal file, beside sled's files (see the module doc).
+pub(super) const SEAL_FILE: &str = "seal";
+/// Where a new seal is written before it is renamed over `seal`.
+const SEAL_TMP: &str = "seal.tmp";
+/// Tag of a `kv` entry in [`entry_hash`].
+pub(super) const TAG_KV: u8 = 1;
+/// Tag of a `sessions` entry in [`entry_hash`].
+pub(super) const TAG_SESSION: u8 = 2;
+
+/// An order-independent digest of a set of entries: how many, and the
+/// wrapping sum of their [`entry_hash`]es. Adding and removing an entry are
+/// each O(1), so the digest of the state machine is kept in step with every
+/// batch, and any two ways of building the same state give the same digest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Digest {
+    /// The number of entries (`kv` keys plus sessions).
+    pub entries: u64,
+    /// The wrapping sum of the entries' hashes.
+    pub sum: u64,
+}
+
+impl Digest {
+    /// Adds an entry of the `kv` (tag 1) or `sessions` (tag 2) tree, as
+    /// stored: key bytes and value bytes.
+    pub(super) fn add(&mut self, tag: u8, key: &[u8], value: &[u8]) {
+        self.entries += 1;
+        self.sum = self.sum.wrapping_add(entry_hash(tag, key, value));
+    }
+
+    /// Removes an entry added before with the same bytes.
+    pub(super) fn remove(&mut self, tag: u8, key: &[u8], value: &[u8]) {
+        assert!(self.entries > 0, "removing an entry from an empty digest");
+        self.entries -= 1;
+        self.sum = self.sum.wrapping_sub(entry_hash(tag, key, value));
+    }
+
+    /// The 16 bytes stored in `meta`: entries, then sum, big-endian.
+    pub(super) fn to_bytes(self) -> [u8; 16] {
+        let mut out = [0; 16];
+        out[..8].copy_from_slice(&self.entries.to_be_bytes());
+        out[8..].copy_from_slice(&self.sum.to_be_bytes());
+        out
+    }
+
+    /// A digest from its 16 bytes; `None` if there are not 16.
+    pub(super) fn from_bytes(bytes: &[u8]) -> Option<Digest> {
+        let (entries, sum) = bytes.split_first_chunk::<8>()?;
+        let sum: [u8; 8] = sum.try_into().ok()?;
+        Some(Digest {
+            entries: u64::from_be_bytes(*entries),
+            sum: u64::from_be_bytes(sum),
+        })
+    }
+}
+
+impl std::fmt::Display for Digest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} entries, sum {:016x}",
+            grouped(self.entries),
+            self.sum
+        )
+    }
+}
+
+/// The hash of one stored entry: 64-bit FNV-1a over the tag byte, the key's
+/// length (u32, little-endian), the key and the value, finished with
+/// MurmurHash3's `fmix64` so that the sum of many hashes is well mixed.
+/// Both are fixed arithmetic, the same on every platform and Rust version
+/// (unlike `DefaultHasher`): the digest is stored on disk and compared
+/// between replicas. Never change it without a migration.
+pub(super) fn entry_hash(tag: u8, key: &[u8], value: &[u8]) -> u64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let key_len = u32::try_from(key.len()).unwrap_or(u32::MAX);
+    let mut h = OFFSET;
+    for byte in std::iter::once(tag)
+        .chain(key_len.to_le_bytes())
+        .chain(key.iter().copied())
+        .chain(value.iter().copied())
+    {
+        h ^= u64::from(byte);
+        h = h.wrapping_mul(PRIME);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+/// `n` with a comma every three digits, for messages people read.
+pub(super) fn grouped(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
 
 /// The file sled 0.34.7 keeps its log-structured data in (`Config::path`).
 pub(super) const SLED_DATA_FILE: &str = "db";
@@ -63,23 +197,25 @@ pub(super) struct StateMachine {
     /// directory entries are known durable. Held across the scan, so
     /// concurrent flushes do not race over it.
     pub(super) synced: Mutex<HashSet<PathBuf>>,
+    /// Held by each `apply` from its first read to its commit, and by
+    /// whoever must see the applied index and digest of a state no apply
+    /// is half-way through (a snapshot's start, a flush's seal).
+    apply_lock: Mutex<()>,
+    /// Snapshot readers in progress, told of each key a batch changes
+    /// before it is changed.
+    pub(super) readers: Readers,
+    /// Held across a flush, so that two flushes do not write the seal at
+    /// once.
+    flush_lock: Mutex<()>,
 }
 
 impl StateMachine {
-    /// Opens (creating) the database in `dir`.
+    /// Opens (creating) the database in `dir`, and checks it against its
+    /// digest and seal (see the module doc): a damaged one is
+    /// [`StorageError::StateDamaged`], never opened.
     pub(super) fn open(dir: &Path, cache_bytes: u64) -> Result<StateMachine, StorageError> {
         let created = !dir.exists();
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(cache_bytes)
-            .open()
-            .map_err(|e| {
-                if is_lock_error(&e) {
-                    StorageError::InUse(dir.to_path_buf())
-                } else {
-                    StorageError::Sled(e)
-                }
-            })?;
+        let db = open_sled(dir, cache_bytes)?;
         let data_path = dir.join(SLED_DATA_FILE);
         // Opened for writing only because some platforms refuse to fsync a
         // read-only handle; we never write through it. Not created: if sled
@@ -89,48 +225,100 @@ impl StateMachine {
             .write(true)
             .open(&data_path)
             .map_err(|e| io_error(format!("opening sled data file {}", data_path.display()), e))?;
+        let open_tree = |name: &str| {
+            db.open_tree(name)
+                .map_err(|e| damaged(dir, format!("sled cannot open tree {name}: {e}")))
+        };
         let sm = StateMachine {
             dir: dir.to_path_buf(),
-            meta: db.open_tree("meta")?,
-            kv: db.open_tree("kv")?,
-            sessions: db.open_tree("sessions")?,
+            meta: open_tree("meta")?,
+            kv: open_tree("kv")?,
+            sessions: open_tree("sessions")?,
             db,
             data_file,
             synced: Mutex::new(HashSet::new()),
+            apply_lock: Mutex::new(()),
+            readers: Readers::default(),
+            flush_lock: Mutex::new(()),
         };
         if created {
             sm.flush()?;
         }
+        // sled panics on some damage instead of failing; that is damage too.
+        catch_unwind(AssertUnwindSafe(|| sm.verify())).unwrap_or_else(|panic| {
+            Err(damaged(
+                dir,
+                format!("sled panicked reading it: {}", panic_message(&*panic)),
+            ))
+        })?;
         Ok(sm)
     }
 
+    /// The directory of the database.
+    pub(super) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Copies the state machine of a paxoskv 0.1 database (same trees, same
-    /// encodings) into this one, which must be new.
+    /// encodings) into this one, which must be new, with its digest.
     pub(super) fn import(&self, old: &sled::Db) -> Result<(), StorageError> {
-        for (name, to) in [("kv", &self.kv), ("sessions", &self.sessions)] {
+        assert!(self.kv.is_empty() && self.sessions.is_empty());
+        let mut digest = Digest::default();
+        for (name, tag, to) in [
+            ("kv", TAG_KV, &self.kv),
+            ("sessions", TAG_SESSION, &self.sessions),
+        ] {
             for item in old.open_tree(name)?.iter() {
                 let (key, value) = item?;
+                digest.add(tag, &key, &value);
                 to.insert(key, value)?;
             }
         }
         if let Some(applied) = old.open_tree("meta")?.get(APPLIED)? {
             self.meta.insert(APPLIED, applied)?;
         }
+        self.meta.insert(DIGEST, &digest.to_bytes())?;
         Ok(())
     }
 
-    /// Writes everything to disk and fsyncs it (see the module doc).
+    /// Writes everything to disk and fsyncs it (see the module doc), then
+    /// seals the applied index and digest it made durable.
     pub(super) fn flush(&self) -> Result<(), StorageError> {
+        let _flushing = lock(&self.flush_lock);
+        // Read before sled's flush, so the flush covers what is sealed.
+        let (applied, digest) = {
+            let _no_apply = lock(&self.apply_lock);
+            (self.applied()?, self.digest()?)
+        };
         self.db.flush()?;
         self.data_file
             .sync_data()
             .map_err(|e| io_error(sync_what(&self.dir.join(SLED_DATA_FILE)), e))?;
-        self.sync_new_entries()
+        self.sync_new_entries()?;
+        write_seal(&self.dir, applied, digest)
+    }
+
+    /// The applied index and the digest of the state, read with no apply
+    /// half-way through, while `then` runs with the same guarantee (a new
+    /// snapshot reader registers itself there).
+    pub(super) fn at_rest<T>(
+        &self,
+        then: impl FnOnce(Slot, Digest) -> T,
+    ) -> Result<T, StorageError> {
+        let _no_apply = lock(&self.apply_lock);
+        Ok(then(self.applied()?, self.digest()?))
+    }
+
+    /// The digest recorded in `meta`; empty if none is.
+    pub(super) fn digest(&self) -> Result<Digest, StorageError> {
+        decode_digest(self.meta.get(DIGEST)?.as_deref())
     }
 
     /// Applies chosen slots in order, atomically with the applied index: one
     /// sled transaction over `kv`, `sessions` and `meta` per call, so a crash
-    /// leaves either all of the call's slots applied or none.
+    /// leaves either all of the call's slots applied or none. The digest is
+    /// updated in the same transaction, and snapshot readers are told of
+    /// each key changed before the change is committed.
     ///
     /// A slot at or below the stored applied index is skipped (never applied
     /// twice); a slot that is not the applied index + 1 is
@@ -142,6 +330,9 @@ impl StateMachine {
         &self,
         entries: &[(Slot, Value)],
     ) -> Result<Vec<(u64, kv::Reply)>, StorageError> {
+        // One apply at a time: the "before" bytes read in the transaction
+        // are then the committed ones, which snapshot readers rely on.
+        let _applying = lock(&self.apply_lock);
         // No fsync here, on purpose: see the module doc. `apply` is
         // deterministic, so slots applied again give the same replies.
         let replies =
@@ -153,6 +344,7 @@ impl StateMachine {
                     kv: kv_tree,
                     sessions,
                     failure: RefCell::new(None),
+                    changes: RefCell::new(BTreeMap::new()),
                 };
                 let mut replies = Vec::new();
                 for (slot, value) in entries {
@@ -181,8 +373,38 @@ impl StateMachine {
                     }
                     applied = slot;
                 }
-                if applied != start {
-                    meta.insert(APPLIED, &applied.to_be_bytes())?;
+                if applied == start {
+                    return Ok(replies);
+                }
+                meta.insert(APPLIED, &applied.to_be_bytes())?;
+                let changes = state.changes.into_inner();
+                let mut changed = false;
+                let mut digest = decode_digest(meta.get(DIGEST)?.as_deref())
+                    .map_err(ConflictableTransactionError::Abort)?;
+                for ((tag, key), change) in &changes {
+                    if change.before == change.after {
+                        continue;
+                    }
+                    changed = true;
+                    if let Some(before) = &change.before {
+                        digest.remove(*tag, key, before);
+                    }
+                    if let Some(after) = &change.after {
+                        digest.add(*tag, key, after);
+                    }
+                }
+                if changed {
+                    meta.insert(DIGEST, &digest.to_bytes())?;
+                    // Before the commit makes any change visible: see
+                    // `snapshot.rs` for why this order makes readers exact.
+                    // A retried or failed transaction records the same
+                    // committed bytes again, which readers ignore.
+                    self.readers.record(
+                        changes
+                            .iter()
+                            .filter(|(_, c)| c.before != c.after)
+                            .map(|((tag, key), c)| (*tag, key.as_slice(), c.before.as_deref())),
+                    );
                 }
                 Ok(replies)
             })?;
@@ -205,10 +427,7 @@ impl StateMachine {
         let mut out = BTreeMap::new();
         for item in self.kv.iter() {
             let (key, bytes) = item?;
-            let key = String::from_utf8(key.to_vec()).map_err(|_| {
-                StorageError::Corrupt(format!("tree kv, key {:02x?}: not UTF-8", key.as_ref()))
-            })?;
-            let value = decode_value(&key, &bytes).map_err(StorageError::Corrupt)?;
+            let (key, value) = decode_kv(&key, &bytes).map_err(StorageError::Corrupt)?;
             out.insert(key, value);
         }
         Ok(out)
@@ -218,6 +437,102 @@ impl StateMachine {
     /// none.
     pub(super) fn applied(&self) -> Result<Slot, StorageError> {
         decode_applied(self.meta.get(APPLIED)?.as_deref())
+    }
+
+    /// Reads every entry, and checks the count and digest of what is there
+    /// against the recorded digest, and the applied index and digest
+    /// against the seal (see the module doc).
+    pub(super) fn verify(&self) -> Result<(), StorageError> {
+        let dir = &self.dir;
+        let sled_err = |e: sled::Error| damaged(dir, format!("sled cannot read it: {e}"));
+        let mut found = Digest::default();
+        for item in self.kv.iter() {
+            let (key, value) = item.map_err(sled_err)?;
+            decode_kv(&key, &value).map_err(|what| damaged(dir, what))?;
+            found.add(TAG_KV, &key, &value);
+        }
+        for item in self.sessions.iter() {
+            let (key, value) = item.map_err(sled_err)?;
+            decode_session(&key, &value).map_err(|what| damaged(dir, what))?;
+            found.add(TAG_SESSION, &key, &value);
+        }
+        let meta_err = |e: StorageError| damaged(dir, e.to_string());
+        let applied = decode_applied(self.meta.get(APPLIED).map_err(sled_err)?.as_deref())
+            .map_err(meta_err)?;
+        let recorded = self.meta.get(DIGEST).map_err(sled_err)?;
+        let recorded = match recorded {
+            Some(bytes) => decode_digest(Some(&bytes)).map_err(meta_err)?,
+            None if found == Digest::default() && applied == 0 => Digest::default(),
+            None => {
+                return Err(damaged(
+                    dir,
+                    format!(
+                        "no digest recorded, yet {} entries found at applied index {} \
+                         (written by a paxoskv without digests, or the digest was lost)",
+                        grouped(found.entries),
+                        grouped(applied)
+                    ),
+                ));
+            }
+        };
+        if found != recorded {
+            let reason = if found.entries != recorded.entries {
+                format!(
+                    "digest mismatch: {} entries found, {} recorded",
+                    grouped(found.entries),
+                    grouped(recorded.entries)
+                )
+            } else {
+                format!(
+                    "digest mismatch: {} entries as recorded, but their sum is {:016x}, {:016x} recorded",
+                    grouped(found.entries),
+                    found.sum,
+                    recorded.sum
+                )
+            };
+            return Err(damaged(dir, reason));
+        }
+        let seal_path = dir.join(SEAL_FILE);
+        match read_seal(&seal_path)? {
+            None if applied == 0 && found == Digest::default() => {}
+            None => {
+                return Err(damaged(
+                    dir,
+                    format!(
+                        "{} is missing, yet the state is at applied index {} with {} entries",
+                        seal_path.display(),
+                        grouped(applied),
+                        grouped(found.entries)
+                    ),
+                ));
+            }
+            Some((sealed, _)) if applied < sealed => {
+                return Err(damaged(
+                    dir,
+                    format!(
+                        "sled recovered applied index {}, but a flush made {} durable ({}): \
+                         sled lost data it had written to disk",
+                        grouped(applied),
+                        grouped(sealed),
+                        seal_path.display()
+                    ),
+                ));
+            }
+            Some((sealed, digest)) if applied == sealed && digest != found => {
+                return Err(damaged(
+                    dir,
+                    format!(
+                        "at applied index {}, {} found, but {} sealed ({})",
+                        grouped(applied),
+                        found,
+                        digest,
+                        seal_path.display()
+                    ),
+                ));
+            }
+            Some(_) => {}
+        }
+        Ok(())
     }
 
     /// Fsyncs every file that appeared in the data or blob directory since
@@ -272,16 +587,31 @@ impl StateMachine {
 /// later calls do nothing, and [`TxState::check`] turns it into the
 /// transaction's error after each command, so nothing computed from a failed
 /// read is ever committed.
+///
+/// Every entry the transaction reads or writes is kept in `changes` with
+/// its committed bytes and its bytes now, from which the digest is updated
+/// and snapshot readers are told what changed.
 struct TxState<'a> {
     kv: &'a TransactionalTree,
     sessions: &'a TransactionalTree,
     failure: RefCell<Option<TxFailure>>,
+    changes: RefCell<BTreeMap<(u8, Vec<u8>), Change>>,
+}
+
+/// One entry touched by a transaction.
+struct Change {
+    /// Its bytes when the transaction first read it (committed ones).
+    before: Option<Vec<u8>>,
+    /// Its bytes as the transaction leaves them.
+    after: Option<Vec<u8>>,
 }
 
 enum TxFailure {
     Sled(UnabortableTransactionError),
     Corrupt(String),
 }
+
+type TxResult<T> = Result<T, UnabortableTransactionError>;
 
 impl TxState<'_> {
     fn fail(&self, failure: TxFailure) {
@@ -303,6 +633,53 @@ impl TxState<'_> {
             )),
         }
     }
+
+    fn tree(&self, tag: u8) -> &TransactionalTree {
+        if tag == TAG_KV {
+            self.kv
+        } else {
+            self.sessions
+        }
+    }
+
+    /// The entry's bytes as the transaction sees them; the first read of
+    /// an entry records its committed bytes.
+    fn current(&self, tag: u8, key: &[u8]) -> TxResult<Option<Vec<u8>>> {
+        if let Some(change) = self.changes.borrow().get(&(tag, key.to_vec())) {
+            return Ok(change.after.clone());
+        }
+        let before = self.tree(tag).get(key)?.map(|v| v.to_vec());
+        self.changes.borrow_mut().insert(
+            (tag, key.to_vec()),
+            Change {
+                before: before.clone(),
+                after: before.clone(),
+            },
+        );
+        Ok(before)
+    }
+
+    /// Writes (or, with `None`, deletes) the entry.
+    fn set(&self, tag: u8, key: &[u8], value: Option<Vec<u8>>) -> TxResult<()> {
+        self.current(tag, key)?;
+        match &value {
+            Some(bytes) => self.tree(tag).insert(key.to_vec(), bytes.clone())?,
+            None => self.tree(tag).remove(key.to_vec())?,
+        };
+        if let Some(change) = self.changes.borrow_mut().get_mut(&(tag, key.to_vec())) {
+            change.after = value;
+        }
+        Ok(())
+    }
+
+    fn write(&self, tag: u8, key: &[u8], value: Option<Vec<u8>>) {
+        if self.failed() {
+            return;
+        }
+        if let Err(e) = self.set(tag, key, value) {
+            self.fail(TxFailure::Sled(e));
+        }
+    }
 }
 
 impl KvState for TxState<'_> {
@@ -310,7 +687,7 @@ impl KvState for TxState<'_> {
         if self.failed() {
             return None;
         }
-        match self.kv.get(key.as_bytes()) {
+        match self.current(TAG_KV, key.as_bytes()) {
             Ok(Some(bytes)) => match decode_value(key, &bytes) {
                 Ok(v) => Some(v),
                 Err(what) => {
@@ -327,28 +704,18 @@ impl KvState for TxState<'_> {
     }
 
     fn put(&mut self, key: &str, value: i32) {
-        if self.failed() {
-            return;
-        }
-        if let Err(e) = self.kv.insert(key.as_bytes(), &value.to_le_bytes()) {
-            self.fail(TxFailure::Sled(e));
-        }
+        self.write(TAG_KV, key.as_bytes(), Some(value.to_le_bytes().to_vec()));
     }
 
     fn delete(&mut self, key: &str) {
-        if self.failed() {
-            return;
-        }
-        if let Err(e) = self.kv.remove(key.as_bytes()) {
-            self.fail(TxFailure::Sled(e));
-        }
+        self.write(TAG_KV, key.as_bytes(), None);
     }
 
     fn session(&self, client_id: u64) -> Option<kv::Session> {
         if self.failed() {
             return None;
         }
-        match self.sessions.get(client_id.to_be_bytes()) {
+        match self.current(TAG_SESSION, &client_id.to_be_bytes()) {
             Ok(Some(bytes)) => match kv::Session::from_bytes(&bytes) {
                 Ok(s) => Some(s),
                 Err(e) => {
@@ -367,15 +734,11 @@ impl KvState for TxState<'_> {
     }
 
     fn set_session(&mut self, client_id: u64, session: kv::Session) {
-        if self.failed() {
-            return;
-        }
-        if let Err(e) = self
-            .sessions
-            .insert(&client_id.to_be_bytes(), session.to_bytes())
-        {
-            self.fail(TxFailure::Sled(e));
-        }
+        self.write(
+            TAG_SESSION,
+            &client_id.to_be_bytes(),
+            Some(session.to_bytes()),
+        );
     }
 }
 
@@ -394,7 +757,7 @@ pub(super) fn is_lock_error(e: &sled::Error) -> bool {
     }
 }
 
-fn decode_applied(bytes: Option<&[u8]>) -> Result<Slot, StorageError> {
+pub(super) fn decode_applied(bytes: Option<&[u8]>) -> Result<Slot, StorageError> {
     let Some(bytes) = bytes else { return Ok(0) };
     let raw: [u8; 8] = bytes.try_into().map_err(|_| {
         StorageError::Corrupt(format!(
@@ -407,9 +770,148 @@ fn decode_applied(bytes: Option<&[u8]>) -> Result<Slot, StorageError> {
 
 /// A stored value of the `kv` tree; the error says what is wrong, naming
 /// the tree and key.
-fn decode_value(key: &str, bytes: &[u8]) -> Result<i32, String> {
+pub(super) fn decode_value(key: &str, bytes: &[u8]) -> Result<i32, String> {
     let raw: [u8; 4] = bytes
         .try_into()
         .map_err(|_| format!("tree kv, key {key:?}: {} bytes, expected 4", bytes.len()))?;
     Ok(i32::from_le_bytes(raw))
+}
+
+/// The digest stored in `meta`; empty if absent.
+pub(super) fn decode_digest(bytes: Option<&[u8]>) -> Result<Digest, StorageError> {
+    let Some(bytes) = bytes else {
+        return Ok(Digest::default());
+    };
+    Digest::from_bytes(bytes).ok_or_else(|| {
+        StorageError::Corrupt(format!(
+            "tree meta, key digest: {} bytes, expected 16",
+            bytes.len()
+        ))
+    })
+}
+
+/// A stored entry of the `kv` tree; the error names the tree and key.
+pub(super) fn decode_kv(key: &[u8], value: &[u8]) -> Result<(String, i32), String> {
+    let key = String::from_utf8(key.to_vec())
+        .map_err(|_| format!("tree kv, key {key:02x?}: not UTF-8"))?;
+    let value = decode_value(&key, value)?;
+    Ok((key, value))
+}
+
+/// A stored entry of the `sessions` tree; the error names the tree and key.
+pub(super) fn decode_session(key: &[u8], value: &[u8]) -> Result<(u64, kv::Session), String> {
+    let id = <[u8; 8]>::try_from(key)
+        .map(u64::from_be_bytes)
+        .map_err(|_| {
+            format!(
+                "tree sessions, key {key:02x?}: {} bytes, expected 8",
+                key.len()
+            )
+        })?;
+    let session =
+        kv::Session::from_bytes(value).map_err(|e| format!("tree sessions, client {id}: {e}"))?;
+    Ok((id, session))
+}
+
+/// [`StorageError::StateDamaged`] for the database in `dir`.
+pub(super) fn damaged(dir: &Path, reason: String) -> StorageError {
+    StorageError::StateDamaged {
+        dir: dir.to_path_buf(),
+        reason,
+    }
+}
+
+/// Opens sled in `dir`. A held lock is [`StorageError::InUse`]; an I/O
+/// error names the directory; anything else sled reports, or a panic in
+/// sled, is [`StorageError::StateDamaged`].
+pub(super) fn open_sled(dir: &Path, cache_bytes: u64) -> Result<sled::Db, StorageError> {
+    let opened = catch_unwind(|| {
+        sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_bytes)
+            .open()
+    });
+    match opened {
+        Ok(Ok(db)) => Ok(db),
+        Ok(Err(e)) if is_lock_error(&e) => Err(StorageError::InUse(dir.to_path_buf())),
+        Ok(Err(sled::Error::Io(e))) => Err(io_error(
+            format!("opening sled database {}", dir.display()),
+            e,
+        )),
+        Ok(Err(e)) => Err(damaged(dir, format!("sled cannot open it: {e}"))),
+        Err(panic) => Err(damaged(
+            dir,
+            format!("sled panicked opening it: {}", panic_message(&*panic)),
+        )),
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(no message)".to_owned()
+    }
+}
+
+/// Locks a mutex that guards no data of its own (or data still sound
+/// after a panic elsewhere), ignoring poisoning.
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Bytes of the seal: applied index, digest entries, digest sum
+/// (big-endian u64s), then the CRC-32C of those 24 bytes (big-endian).
+const SEAL_BYTES: usize = 28;
+
+/// Durably replaces `dir`'s seal: written aside, fsynced, renamed over the
+/// old one, directory fsynced.
+pub(super) fn write_seal(dir: &Path, applied: Slot, digest: Digest) -> Result<(), StorageError> {
+    let mut bytes = Vec::with_capacity(SEAL_BYTES);
+    bytes.extend_from_slice(&applied.to_be_bytes());
+    bytes.extend_from_slice(&digest.to_bytes());
+    bytes.extend_from_slice(&crc32c::crc32c(&bytes).to_be_bytes());
+    assert_eq!(bytes.len(), SEAL_BYTES);
+    let (tmp, path) = (dir.join(SEAL_TMP), dir.join(SEAL_FILE));
+    let mut f =
+        File::create(&tmp).map_err(|e| io_error(format!("creating {}", tmp.display()), e))?;
+    f.write_all(&bytes)
+        .map_err(|e| io_error(format!("writing {}", tmp.display()), e))?;
+    f.sync_all().map_err(|e| io_error(sync_what(&tmp), e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| {
+        io_error(
+            format!("renaming {} to {}", tmp.display(), path.display()),
+            e,
+        )
+    })?;
+    sync_dir(dir)
+}
+
+/// The sealed applied index and digest; `None` if there is no seal.
+fn read_seal(path: &Path) -> Result<Option<(Slot, Digest)>, StorageError> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_error(format!("reading {}", path.display()), e)),
+    };
+    let bad = |what: &str| StorageError::StateDamaged {
+        dir: path.parent().unwrap_or(path).to_path_buf(),
+        reason: format!("{}: {what}", path.display()),
+    };
+    if bytes.len() != SEAL_BYTES {
+        return Err(bad(&format!(
+            "{} bytes, expected {SEAL_BYTES}",
+            bytes.len()
+        )));
+    }
+    let (body, crc) = bytes.split_at(24);
+    if crc32c::crc32c(body).to_be_bytes() != crc {
+        return Err(bad("CRC mismatch"));
+    }
+    let (applied, digest) = body.split_at(8);
+    let applied = u64::from_be_bytes(applied.try_into().map_err(|_| bad("short"))?);
+    let digest = Digest::from_bytes(digest).ok_or_else(|| bad("short"))?;
+    Ok(Some((applied, digest)))
 }

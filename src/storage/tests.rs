@@ -211,11 +211,13 @@ fn large_keys_go_to_blob_files_which_flush_syncs() {
         .map(|e| e.unwrap().path())
         .collect();
     assert!(!blobs.is_empty(), "sled stored the large key as a blob");
-    let synced = s.state.synced.lock().unwrap();
+    let sm = s.state.current();
+    let synced = sm.synced.lock().unwrap();
     for blob in &blobs {
         assert!(synced.contains(blob), "{} not synced", blob.display());
     }
     drop(synced);
+    drop(sm);
     drop(s);
     assert_eq!(open(&dir).get(&key).unwrap(), Some(7));
 }
@@ -443,15 +445,15 @@ fn corrupt_meta_kv_and_sessions_are_reported() {
     let dir = TempDir::new("corrupt-other");
     let s = open(&dir);
 
-    s.state.meta.insert(APPLIED, &[1][..]).unwrap();
+    s.state.current().meta.insert(APPLIED, &[1][..]).unwrap();
     let err = s.applied().unwrap_err().to_string();
     assert!(err.contains("tree meta, key applied"), "{err}");
     assert!(s.apply(&[(1, Value::Noop)]).is_err());
-    s.state.meta.remove(APPLIED).unwrap();
+    s.state.current().meta.remove(APPLIED).unwrap();
 
     // A stored value of the wrong width: get() and apply() both refuse,
     // and apply changes nothing.
-    s.state.kv.insert("a", &[1, 2][..]).unwrap();
+    s.state.current().kv.insert("a", &[1, 2][..]).unwrap();
     let err = s.get("a").unwrap_err().to_string();
     assert!(err.contains("tree kv, key \"a\""), "{err}");
     let err = s.entries().unwrap_err().to_string();
@@ -465,6 +467,7 @@ fn corrupt_meta_kv_and_sessions_are_reported() {
 
     // A corrupt session.
     s.state
+        .current()
         .sessions
         .insert(9u64.to_be_bytes(), &[0u8; 3][..])
         .unwrap();
