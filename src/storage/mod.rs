@@ -42,7 +42,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::kv;
 use crate::paxos::{Accepted, Ballot, Membership, Persist, Slot, Value};
@@ -301,8 +301,9 @@ impl Storage {
     pub fn checkpoint(&self, keep: Slot) -> Result<Checkpoint, StorageError> {
         // Read first, then flush: the flush makes durable at least what
         // was applied when it started, so A is durable once it returns.
-        let snapshot = self.state.applied()?;
-        self.state.flush()?;
+        let state = Arc::clone(&self.state.current());
+        let snapshot = state.applied()?;
+        state.flush()?;
         let segments_deleted = self
             .log()
             .compact(snapshot, snapshot.saturating_sub(keep))?;

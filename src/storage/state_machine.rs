@@ -393,8 +393,11 @@ impl StateMachine {
                         digest.add(*tag, key, after);
                     }
                 }
+                // Written with every applied index, even when no entry
+                // changed (a batch of no-ops): a state with an applied index
+                // and no digest is one whose digest was lost.
+                meta.insert(DIGEST, &digest.to_bytes())?;
                 if changed {
-                    meta.insert(DIGEST, &digest.to_bytes())?;
                     // Before the commit makes any change visible: see
                     // `snapshot.rs` for why this order makes readers exact.
                     // A retried or failed transaction records the same
