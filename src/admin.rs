@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use tonic::{Request, Response, Status};
 
 use crate::node::{NodeError, NodeHandle};
-use crate::paxos::{NodeId, Role};
+use crate::paxos::{Membership, NodeId, Role};
 use crate::pb;
 
 /// The Admin service of one replica.
@@ -27,12 +27,17 @@ impl AdminService {
     }
 }
 
-/// The name a role goes by in status output.
-pub fn role_name(role: Role) -> &'static str {
-    match role {
-        Role::Leader => "leader",
-        Role::Follower => "follower",
-        Role::Candidate => "candidate",
+/// The name a replica's part goes by in status output: its role if it
+/// votes; `learner` while it rejoins after losing its data (it votes on
+/// nothing); `joining` while an empty replica asks its peers whether the
+/// cluster is new.
+pub fn role_name(role: Role, membership: Option<Membership>) -> &'static str {
+    match (membership, role) {
+        (None, _) => "joining",
+        (Some(Membership::Learner), _) => "learner",
+        (Some(Membership::Voter), Role::Leader) => "leader",
+        (Some(Membership::Voter), Role::Follower) => "follower",
+        (Some(Membership::Voter), Role::Candidate) => "candidate",
     }
 }
 
@@ -64,7 +69,7 @@ impl pb::admin_server::Admin for AdminService {
             .collect();
         Ok(Response::new(pb::StatusResponse {
             id: status.core.id,
-            role: role_name(status.core.role).to_string(),
+            role: role_name(status.core.role, status.core.membership).to_string(),
             leader: status.core.leader.unwrap_or(0),
             ballot_round: status.core.promised.round,
             ballot_node: status.core.promised.node,

@@ -14,6 +14,8 @@
 //!   which caller gets which answer (the simulator runs it too);
 //! - [`transport`]: Paxos messages between replicas over long-lived gRPC
 //!   streams, one per peer, with reconnects;
+//! - [`transfer`]: state machine snapshots from one replica to another
+//!   (`Paxos/Snapshot`), for a replica behind the others' compacted logs;
 //! - [`dial`]: the one way to make a channel to a replica, from any address
 //!   form `--peers` and `--endpoint` accept;
 //! - [`storage`]: the one place that touches the disk: the acceptor's
@@ -42,6 +44,7 @@ pub mod paxos;
 pub mod server;
 pub mod service;
 pub mod storage;
+pub mod transfer;
 pub mod transport;
 pub mod wal;
 pub mod wire;

@@ -67,6 +67,14 @@ enum Command {
         /// 8, from 4096 to 1 GiB). Segments are preallocated to this size.
         #[arg(long, env = "PAXOSKV_LOG_SEGMENT_BYTES", default_value_t = paxoskv::storage::DEFAULT_SEGMENT_BYTES)]
         log_segment_bytes: u64,
+        /// Snapshot the state machine (make it durable, compact the log)
+        /// every this many applied slots; 0 never.
+        #[arg(long, env = "PAXOSKV_SNAPSHOT_EVERY", default_value_t = 10_000)]
+        snapshot_every: u64,
+        /// Slots kept in the log below each snapshot, so that a follower a
+        /// little behind catches up from the log rather than by snapshot.
+        #[arg(long, env = "PAXOSKV_LOG_KEEP", default_value_t = 5_000)]
+        log_keep: u64,
         /// Serve Prometheus metrics at http://ADDR/metrics.
         #[arg(long, env = "PAXOSKV_METRICS_LISTEN")]
         metrics_listen: Option<SocketAddr>,
@@ -237,6 +245,8 @@ async fn run(cli: Cli) -> ExitCode {
             tick_ms,
             cache_mb,
             log_segment_bytes,
+            snapshot_every,
+            log_keep,
             metrics_listen,
         } => {
             init_logs(cli.log_format);
@@ -248,6 +258,10 @@ async fn run(cli: Cli) -> ExitCode {
                 tick: Duration::from_millis(tick_ms.max(1)),
                 cache_bytes: cache_mb * 1024 * 1024,
                 log_segment_bytes,
+                snapshots: paxoskv::node::SnapshotPolicy {
+                    every: snapshot_every,
+                    keep: log_keep,
+                },
                 drain: Duration::from_secs(5),
                 metrics_listen,
             };

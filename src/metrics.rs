@@ -34,6 +34,18 @@ pub const WRITTEN_BYTES: &str = "paxoskv_storage_written_bytes_total";
 pub const LOG_BYTES: &str = "paxoskv_log_bytes";
 /// Segment files of the Paxos log.
 pub const LOG_SEGMENTS: &str = "paxoskv_log_segments";
+/// The slot of the last snapshot (checkpoint or install) here.
+pub const SNAPSHOT_INDEX: &str = "paxoskv_snapshot_index";
+/// Entries (keys and dedup sessions) in the last snapshot.
+pub const SNAPSHOT_ENTRIES: &str = "paxoskv_snapshot_entries";
+/// Checkpoints made: state machine made durable, log compacted.
+pub const SNAPSHOTS: &str = "paxoskv_snapshots_total";
+/// Time one checkpoint took.
+pub const SNAPSHOT_DURATION: &str = "paxoskv_snapshot_duration_seconds";
+/// Snapshots fetched from a peer and installed.
+pub const SNAPSHOTS_INSTALLED: &str = "paxoskv_snapshots_installed_total";
+/// Time from asking a peer for a snapshot to having it installed.
+pub const SNAPSHOT_INSTALL_DURATION: &str = "paxoskv_snapshot_install_duration_seconds";
 /// Every slot up to this one is known chosen here.
 pub const COMMIT_INDEX: &str = "paxoskv_commit_index";
 /// Every slot up to this one is applied to the state machine here.
@@ -113,6 +125,32 @@ fn describe() {
         "Bytes the Paxos log's segments take on disk."
     );
     describe_gauge!(LOG_SEGMENTS, "Segment files of the Paxos log.");
+    describe_gauge!(
+        SNAPSHOT_INDEX,
+        "Slot of the last snapshot made or installed here."
+    );
+    describe_gauge!(
+        SNAPSHOT_ENTRIES,
+        "Keys and dedup sessions in the last snapshot."
+    );
+    describe_counter!(
+        SNAPSHOTS,
+        "Checkpoints: state machine made durable, log compacted."
+    );
+    describe_histogram!(
+        SNAPSHOT_DURATION,
+        Unit::Seconds,
+        "Time one checkpoint took."
+    );
+    describe_counter!(
+        SNAPSHOTS_INSTALLED,
+        "Snapshots fetched from a peer and installed."
+    );
+    describe_histogram!(
+        SNAPSHOT_INSTALL_DURATION,
+        Unit::Seconds,
+        "From asking a peer for a snapshot to having it installed."
+    );
     describe_gauge!(
         COMMIT_INDEX,
         "Every slot up to this one is known chosen here."

@@ -10,6 +10,14 @@
 //! Which caller gets which answer is decided by the driver, not here: this
 //! module only turns its answers into replies on the callers' channels (a
 //! read's value is read from the state machine when the driver says so).
+//!
+//! Two kinds of slow work run beside the loop and report back to it:
+//! - a **checkpoint** every [`SnapshotPolicy::every`] applied slots: the
+//!   storage makes the state machine durable and compacts the log, then
+//!   the loop lets the core drop the votes it no longer needs;
+//! - a **snapshot fetch** when the core asks for one: the chunks are
+//!   fetched and written into an install beside the live state, then the
+//!   loop switches it in (no apply runs meanwhile) and tells the core.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -22,8 +30,11 @@ use tracing::{debug, error, info, warn};
 use crate::driver::{Answer, Driver};
 use crate::kv::{self, Op, Reply};
 use crate::metrics as m;
-use crate::paxos::{Message, NodeId, Replica, Role, Slot, Status, Value};
+use crate::paxos::{
+    Membership, Message, NodeId, Replica, Role, Slot, SnapshotFetch, Status, Value,
+};
 use crate::storage::Storage;
+use crate::storage::{Checkpoint, SnapshotInstall, SnapshotMeta, StorageError};
 use crate::transport::Transport;
 
 /// Why the node could not serve a call (decided by the [`Driver`]).
@@ -138,6 +149,33 @@ impl std::fmt::Display for NodeFailure {
 
 impl std::error::Error for NodeFailure {}
 
+/// When this replica snapshots its state machine and compacts its log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnapshotPolicy {
+    /// Checkpoint every this many applied slots; 0 never.
+    pub every: Slot,
+    /// Slots kept in the log below each checkpoint, so that a follower a
+    /// little behind catches up from the log rather than by snapshot.
+    pub keep: Slot,
+}
+
+/// The longest a snapshot fetch may take before it is given up and asked
+/// for again.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Slow work done beside the loop, reporting back.
+enum Background {
+    Checkpointed {
+        result: Result<Checkpoint, StorageError>,
+        started: Instant,
+    },
+    Fetched {
+        from: NodeId,
+        result: Result<Box<(SnapshotInstall, SnapshotMeta)>, String>,
+        started: Instant,
+    },
+}
+
 /// A write's caller, and when it was proposed (for the commit latency).
 type WriteWaiter = (WriteReply, Instant);
 
@@ -155,6 +193,14 @@ pub struct Node {
     last_role: Role,
     /// When a refused peer message was last logged, and how many since.
     refused_log: (Option<Instant>, u64),
+    last_membership: Option<Membership>,
+    policy: SnapshotPolicy,
+    /// The last checkpoint's (or install's) index.
+    last_snapshot: Slot,
+    checkpointing: bool,
+    fetching: bool,
+    background_tx: mpsc::Sender<Background>,
+    background_rx: mpsc::Receiver<Background>,
 }
 
 /// How many inputs one loop iteration takes before it syncs.
@@ -169,6 +215,7 @@ impl Node {
         transport: Transport,
         peer_rx: mpsc::Receiver<(NodeId, Message)>,
         tick: Duration,
+        policy: SnapshotPolicy,
     ) -> (Node, NodeHandle) {
         let (tx, requests) = mpsc::channel(16 * 1024);
         let (leader_tx, leader) = watch::channel(None);
@@ -181,7 +228,22 @@ impl Node {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64)
             ^ (u64::from(id) << 56);
+        let (background_tx, background_rx) = mpsc::channel(4);
+        let last_membership = replica.status().membership;
+        if last_membership == Some(Membership::Learner) {
+            warn!(
+                replica = id,
+                "this replica lost its data (or may have): rejoining as a non-voting learner until it has caught up"
+            );
+        }
         let node = Node {
+            last_membership,
+            policy,
+            last_snapshot: storage.snapshot_index(),
+            checkpointing: false,
+            fetching: false,
+            background_tx,
+            background_rx,
             last_role: Role::Follower,
             refused_log: (None, 0),
             driver: Driver::new(replica, applied, first_proposal),
@@ -218,6 +280,7 @@ impl Node {
                     None => break,
                 },
                 _ = ticker.tick() => self.on_tick(),
+                Some(done) = self.background_rx.recv() => self.on_background(done).await?,
             }
             // Everything already waiting joins this round (and its sync).
             for _ in 0..MAX_INPUTS_PER_ROUND {
@@ -326,9 +389,7 @@ impl Node {
                 metrics::histogram!(m::SYNC_DURATION).record(started.elapsed().as_secs_f64());
                 metrics::counter!(m::WRITTEN_BYTES)
                     .increment(self.storage.bytes_written() - written);
-                let (segments, bytes) = self.storage.log_size();
-                metrics::gauge!(m::LOG_SEGMENTS).set(segments as f64);
-                metrics::gauge!(m::LOG_BYTES).set(bytes as f64);
+                self.export_log_size();
             }
             // 3. Replies that promise or accept what is now on disk.
             for e in work.persisted_messages {
@@ -343,11 +404,159 @@ impl Node {
             self.answer(work.answers)?;
             if !work.chosen.is_empty() {
                 self.apply(work.chosen).await?;
+                self.maybe_checkpoint();
+            }
+            if let Some(fetch) = work.fetch_snapshot {
+                self.start_fetch(fetch);
             }
             for msg in to_self {
                 self.driver.step_own(msg);
             }
         }
+    }
+
+    /// Starts a checkpoint if one is due and none is running.
+    fn maybe_checkpoint(&mut self) {
+        let due = self.last_snapshot.saturating_add(self.policy.every);
+        if self.policy.every == 0 || self.checkpointing || self.driver.applied() < due {
+            return;
+        }
+        self.checkpointing = true;
+        let (storage, tx) = (Arc::clone(&self.storage), self.background_tx.clone());
+        let keep = self.policy.keep;
+        tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let result = storage.checkpoint(keep);
+            let _ = tx.blocking_send(Background::Checkpointed { result, started });
+        });
+    }
+
+    /// Starts fetching the snapshot the core asked for, unless a fetch is
+    /// running (the core asks again while it still needs one).
+    fn start_fetch(&mut self, fetch: SnapshotFetch) {
+        if self.fetching {
+            return;
+        }
+        let id = self.driver.replica().id();
+        let Some(endpoint) = self.transport.address(fetch.from).map(str::to_owned) else {
+            warn!(
+                replica = id,
+                from = fetch.from,
+                "asked to fetch a snapshot from an unknown replica"
+            );
+            return;
+        };
+        info!(
+            replica = id,
+            from = fetch.from,
+            min_index = fetch.min_index,
+            "fetching a snapshot"
+        );
+        self.fetching = true;
+        let (storage, tx) = (Arc::clone(&self.storage), self.background_tx.clone());
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let fetched = crate::transfer::fetch(storage, id, &endpoint, fetch.min_index);
+            let result = match tokio::time::timeout(FETCH_TIMEOUT, fetched).await {
+                Ok(result) => result.map(Box::new),
+                Err(_) => Err(format!("no complete snapshot within {FETCH_TIMEOUT:?}")),
+            };
+            let _ = tx
+                .send(Background::Fetched {
+                    from: fetch.from,
+                    result,
+                    started,
+                })
+                .await;
+        });
+    }
+
+    /// Finishes what a background task started.
+    async fn on_background(&mut self, done: Background) -> Result<(), NodeFailure> {
+        let id = self.driver.replica().id();
+        match done {
+            Background::Checkpointed { result, started } => {
+                self.checkpointing = false;
+                // A failed checkpoint is a failed fsync or a poisoned log:
+                // nothing on disk can be trusted to be as we think.
+                let cp = result.map_err(|e| {
+                    error!(replica = id, error = %e, "checkpoint failed; stopping the replica");
+                    NodeFailure(format!("checkpoint: {e}"))
+                })?;
+                let took = started.elapsed();
+                self.last_snapshot = self.last_snapshot.max(cp.snapshot);
+                self.driver.compact(cp.compacted.min(self.driver.applied()));
+                metrics::histogram!(m::SNAPSHOT_DURATION).record(took.as_secs_f64());
+                metrics::counter!(m::SNAPSHOTS).increment(1);
+                metrics::gauge!(m::SNAPSHOT_INDEX).set(cp.snapshot as f64);
+                metrics::gauge!(m::SNAPSHOT_ENTRIES).set(cp.entries as f64);
+                self.export_log_size();
+                debug!(
+                    replica = id,
+                    snapshot = cp.snapshot,
+                    compacted = cp.compacted,
+                    segments_deleted = cp.segments_deleted,
+                    ?took,
+                    "checkpoint"
+                );
+            }
+            Background::Fetched {
+                from,
+                result,
+                started,
+            } => {
+                let finished = match result {
+                    Ok(fetched) => {
+                        let (install, meta) = *fetched;
+                        // Not `blocking`: a snapshot that does not match its
+                        // digest is refused, and the replica goes on.
+                        let storage = Arc::clone(&self.storage);
+                        match tokio::task::spawn_blocking(move || {
+                            storage.finish_install(install, meta)
+                        })
+                        .await
+                        {
+                            Ok(Ok(())) => Ok(meta),
+                            Ok(Err(e)) => Err(format!("installing: {e}")),
+                            Err(e) => Err(format!("install task: {e}")),
+                        }
+                    }
+                    Err(e) => Err(e),
+                };
+                self.fetching = false;
+                match finished {
+                    Ok(meta) => {
+                        let took = started.elapsed();
+                        info!(
+                            replica = id,
+                            from,
+                            applied = meta.applied,
+                            entries = meta.digest.entries,
+                            ?took,
+                            "installed a snapshot"
+                        );
+                        self.last_snapshot = self.last_snapshot.max(meta.applied);
+                        self.driver.snapshot_installed(meta.applied);
+                        metrics::counter!(m::SNAPSHOTS_INSTALLED).increment(1);
+                        metrics::histogram!(m::SNAPSHOT_INSTALL_DURATION)
+                            .record(took.as_secs_f64());
+                        metrics::gauge!(m::SNAPSHOT_INDEX).set(meta.applied as f64);
+                        metrics::gauge!(m::SNAPSHOT_ENTRIES).set(meta.digest.entries as f64);
+                        self.export_log_size();
+                        self.process_ready().await?;
+                    }
+                    // The core asks again, rate-limited, while it still needs one.
+                    Err(e) => warn!(replica = id, from, error = %e, "snapshot fetch failed"),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn export_log_size(&self) {
+        let (segments, bytes) = self.storage.log_size();
+        metrics::gauge!(m::LOG_SEGMENTS).set(segments as f64);
+        metrics::gauge!(m::LOG_BYTES).set(bytes as f64);
     }
 
     async fn apply(&mut self, chosen: Vec<(Slot, Value)>) -> Result<(), NodeFailure> {
@@ -404,6 +613,27 @@ impl Node {
 
     fn publish_leader(&mut self) {
         let status = self.driver.replica().status();
+        if status.membership != self.last_membership {
+            match status.membership {
+                Some(Membership::Voter) if self.last_membership.is_none() => {
+                    info!(
+                        replica = status.id,
+                        "every peer is new too: a new cluster; voting"
+                    )
+                }
+                Some(Membership::Voter) => info!(
+                    replica = status.id,
+                    committed = status.committed,
+                    "caught up after losing its data: voting again"
+                ),
+                Some(Membership::Learner) => warn!(
+                    replica = status.id,
+                    "this replica lost its data (or may have): rejoining as a non-voting learner until it has caught up"
+                ),
+                None => {}
+            }
+            self.last_membership = status.membership;
+        }
         if status.role != self.last_role {
             match status.role {
                 Role::Leader => info!(

@@ -37,6 +37,8 @@ pub struct ServeOptions {
     pub cache_bytes: u64,
     /// Size of each new Paxos log segment.
     pub log_segment_bytes: u64,
+    /// When to checkpoint and how much log to keep.
+    pub snapshots: crate::node::SnapshotPolicy,
     /// How long in-flight calls get to finish after SIGTERM.
     pub drain: Duration,
     /// Where to serve Prometheus metrics (`/metrics`), if anywhere.
@@ -141,7 +143,14 @@ pub async fn serve(
         .map(|(id, a)| (*id, a.clone()))
         .collect();
     let transport = Transport::start(opts.id, others);
-    let (node, handle) = Node::new(replica, Arc::clone(&storage), transport, peer_rx, opts.tick);
+    let (node, handle) = Node::new(
+        replica,
+        Arc::clone(&storage),
+        transport,
+        peer_rx,
+        opts.tick,
+        opts.snapshots,
+    );
     let (stop_node, node_stopped) = watch::channel(false);
     let mut node_task = tokio::spawn(node.run(node_stopped));
 
@@ -168,6 +177,7 @@ pub async fn serve(
         .add_service(
             PaxosService::new(peer_tx)
                 .with_shutdown(server_stopped.clone())
+                .with_snapshots(Arc::clone(&storage))
                 .into_server(),
         )
         .serve_with_incoming_shutdown(incoming(listener), async move {

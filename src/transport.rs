@@ -151,6 +151,8 @@ struct PeerHandle {
     queue: mpsc::Sender<pb::PeerMessage>,
     /// Whether a `Stream` call to the peer is open right now.
     connected: Arc<AtomicBool>,
+    /// Its address, as `--peers` gave it.
+    addr: String,
     /// The peer task, aborted when the transport is dropped.
     task: JoinHandle<()>,
 }
@@ -176,7 +178,7 @@ impl Transport {
             let connected = Arc::new(AtomicBool::new(false));
             let task = PeerTask {
                 peer,
-                addr,
+                addr: addr.clone(),
                 queue: rx,
                 connected: connected.clone(),
                 dropped: dropped.clone(),
@@ -190,6 +192,7 @@ impl Transport {
                 PeerHandle {
                     queue,
                     connected,
+                    addr,
                     task,
                 },
             );
@@ -200,6 +203,11 @@ impl Transport {
             peers: handles,
             dropped,
         }
+    }
+
+    /// The address of peer `id`, as configured.
+    pub fn address(&self, id: NodeId) -> Option<&str> {
+        self.peers.get(&id).map(|p| p.addr.as_str())
     }
 
     /// Queues `msg` for peer `to`. Never blocks: if the peer's queue is full,
@@ -443,6 +451,8 @@ pub struct PaxosService {
     inbox: mpsc::Sender<(NodeId, Message)>,
     /// Once this turns true, every open stream ends.
     shutdown: Option<watch::Receiver<bool>>,
+    /// Where `Snapshot` calls read from; without it they are refused.
+    snapshots: Option<Arc<crate::storage::Storage>>,
 }
 
 impl PaxosService {
@@ -452,7 +462,14 @@ impl PaxosService {
         PaxosService {
             inbox,
             shutdown: None,
+            snapshots: None,
         }
+    }
+
+    /// Serves `Snapshot` calls from `storage`'s state machine.
+    pub fn with_snapshots(mut self, storage: Arc<crate::storage::Storage>) -> Self {
+        self.snapshots = Some(storage);
+        self
     }
 
     /// Ends every open stream, and refuses to read from new ones, once
@@ -466,7 +483,9 @@ impl PaxosService {
     /// The gRPC server for this service, accepting messages up to
     /// [`MAX_MESSAGE_SIZE`].
     pub fn into_server(self) -> PaxosServer<Self> {
-        PaxosServer::new(self).max_decoding_message_size(MAX_MESSAGE_SIZE)
+        PaxosServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(crate::transfer::MAX_CHUNK_MESSAGE)
     }
 }
 
@@ -474,6 +493,17 @@ impl PaxosService {
 impl Paxos for PaxosService {
     /// Never yields a message; ends when the call is over.
     type StreamStream = ReceiverStream<Result<pb::PeerMessage, Status>>;
+    type SnapshotStream = crate::transfer::ChunkStream;
+
+    async fn snapshot(
+        &self,
+        request: Request<pb::SnapshotRequest>,
+    ) -> Result<Response<Self::SnapshotStream>, Status> {
+        match &self.snapshots {
+            Some(storage) => crate::transfer::serve(Arc::clone(storage), request).await,
+            None => Err(Status::unimplemented("this server holds no state machine")),
+        }
+    }
 
     async fn stream(
         &self,

@@ -7,68 +7,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::Cluster;
-use common::load::{Acked, Load, Traffic};
-use paxoskv::storage::Storage;
-
-/// Waits until every replica in `ids` has applied as far as the leader has
-/// committed (with writes stopped).
-async fn wait_caught_up(cluster: &Cluster, ids: &[u32], within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        let mut applied = Vec::new();
-        for &id in ids {
-            applied.push(
-                cluster
-                    .status(id)
-                    .await
-                    .ok()
-                    .map(|s| (s.committed, s.applied)),
-            );
-        }
-        let leader_commit = applied.iter().flatten().map(|(c, _)| *c).max().unwrap_or(0);
-        if leader_commit > 0
-            && applied
-                .iter()
-                .all(|a| a.is_some_and(|(_, ap)| ap == leader_commit))
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "replicas did not catch up within {within:?}: {applied:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Stops every replica, opens every data directory, and checks that each
-/// holds every acknowledged write and that all hold the same state.
-fn verify_disks(cluster: &mut Cluster, acked: &Acked) {
-    for id in 1..=3 {
-        let status = cluster.terminate(id, Duration::from_secs(10));
-        assert!(
-            status.is_some_and(|s| s.success()),
-            "replica {id} did not exit cleanly on SIGTERM: {status:?}"
-        );
-    }
-    let mut states = Vec::new();
-    for id in 1..=3 {
-        let (storage, _) =
-            Storage::open(&cluster.dir.join(format!("data-{id}")), 8 << 20).expect("open data dir");
-        let state = storage.entries().expect("read the state machine");
-        for (key, value) in &acked.values {
-            assert_eq!(
-                state.get(key),
-                Some(value),
-                "replica {id} lost acknowledged write {key}"
-            );
-        }
-        states.push(state);
-    }
-    assert_eq!(states[0], states[1], "replicas 1 and 2 diverge");
-    assert_eq!(states[0], states[2], "replicas 1 and 3 diverge");
-}
+use common::load::{Load, Traffic};
+use common::{Cluster, verify_disks, wait_caught_up};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_leader_under_load_loses_no_acknowledged_write() {

@@ -198,6 +198,11 @@ impl AcceptorLog {
         self.snapshot
     }
 
+    /// No vote at or below this slot is kept.
+    pub(super) fn compacted(&self) -> Slot {
+        self.compacted
+    }
+
     pub(super) fn syncs(&self) -> u64 {
         self.syncs
     }

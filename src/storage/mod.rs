@@ -208,8 +208,12 @@ pub struct Checkpoint {
     /// The state machine is durable at this slot (its applied index when
     /// the checkpoint started), recorded in the log as the snapshot.
     pub snapshot: Slot,
+    /// The log keeps no vote at or below this slot now.
+    pub compacted: Slot,
     /// Log segments deleted.
     pub segments_deleted: usize,
+    /// Entries (keys and sessions) in the state machine.
+    pub entries: u64,
 }
 
 /// The durable state of one replica. `Send + Sync`: share it with an `Arc`
@@ -220,6 +224,12 @@ pub struct Storage {
     log: Mutex<AcceptorLog>,
     /// Swapped by a snapshot install.
     state: StateSlot,
+}
+
+impl std::fmt::Debug for Storage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Storage").finish_non_exhaustive()
+    }
 }
 
 impl Storage {
@@ -266,16 +276,77 @@ impl Storage {
             AcceptorLog::open(&dir.join(LOG_DIR), segment_bytes).map_err(in_use)?;
         upgrade::remove_leftovers(dir)?;
         snapshot::recover(dir)?;
-        let state = StateMachine::open(&dir.join(STATE_DIR), cache_bytes).map_err(in_use)?;
-        sync_dir(dir)?;
-        let durable = Durable {
-            promised: replayed.promised,
-            votes: replayed.votes.into_values().collect(),
-            applied: state.applied()?,
-            snapshot: replayed.snapshot,
-            compacted: replayed.compacted,
-            membership: replayed.membership,
+        let mut log = log;
+        let state_dir = dir.join(STATE_DIR);
+        let damage = match StateMachine::open(&state_dir, cache_bytes).map_err(in_use) {
+            Ok(state) => match state.applied()? {
+                // The log says the state was durable at `snapshot`, and
+                // the log no longer holds what lies below it.
+                applied if applied < replayed.snapshot => Err((
+                    state,
+                    format!(
+                        "the state machine in {} has applied up to slot {applied}, but the \
+                         log records a snapshot at {}: it lost what it had made durable",
+                        state_dir.display(),
+                        replayed.snapshot
+                    ),
+                )),
+                _ => Ok(state),
+            },
+            Err(e @ StorageError::StateDamaged { .. }) => Err((
+                StateMachine::open_fresh(&state_dir, cache_bytes, &e)?,
+                e.to_string(),
+            )),
+            Err(e) => return Err(e),
         };
+        let (state, durable) = match damage {
+            Ok(state) => {
+                let durable = Durable {
+                    promised: replayed.promised,
+                    votes: replayed.votes.into_values().collect(),
+                    applied: state.applied()?,
+                    snapshot: replayed.snapshot,
+                    compacted: replayed.compacted,
+                    membership: replayed.membership,
+                };
+                (state, durable)
+            }
+            Err((state, why)) => {
+                // Treated as a wiped replica: it may have voted for values
+                // it can no longer produce, and serving a smaller state is
+                // silent data loss. So it neither serves nor votes until
+                // it has a snapshot from its peers and has rejoined.
+                tracing::error!(
+                    data_dir = %dir.display(),
+                    damage = %why,
+                    "the state machine cannot be trusted; starting over as a non-voting learner, to recover it from the peers"
+                );
+                let state = if state.applied()? == 0 {
+                    state
+                } else {
+                    drop(state);
+                    StateMachine::open_fresh(
+                        &state_dir,
+                        cache_bytes,
+                        &StorageError::Corrupt(why.clone()),
+                    )?
+                };
+                log.persist(&Persist {
+                    membership: Some(Membership::Learner),
+                    ..Persist::default()
+                })?;
+                let durable = Durable {
+                    promised: replayed.promised,
+                    votes: Vec::new(),
+                    applied: 0,
+                    snapshot: 0,
+                    compacted: 0,
+                    membership: Some(Membership::Learner),
+                };
+                (state, durable)
+            }
+        };
+        sync_dir(dir)?;
         let storage = Storage {
             log: Mutex::new(log),
             state: StateSlot::new(dir, cache_bytes, state),
@@ -304,12 +375,14 @@ impl Storage {
         let state = Arc::clone(&self.state.current());
         let snapshot = state.applied()?;
         state.flush()?;
-        let segments_deleted = self
-            .log()
-            .compact(snapshot, snapshot.saturating_sub(keep))?;
+        let entries = state.digest()?.entries;
+        let mut log = self.log();
+        let segments_deleted = log.compact(snapshot, snapshot.saturating_sub(keep))?;
         Ok(Checkpoint {
             snapshot,
+            compacted: log.compacted(),
             segments_deleted,
+            entries,
         })
     }
 
@@ -390,7 +463,12 @@ impl Storage {
         install: SnapshotInstall,
         expected: SnapshotMeta,
     ) -> Result<(), StorageError> {
-        self.state.finish_install(install, expected, None)
+        let at = expected.applied;
+        self.state.finish_install(install, expected, None)?;
+        // The new state is sealed durable at `at`: the log's votes up to it
+        // are stale now, and a restart must know the snapshot.
+        self.log().compact(at, at)?;
+        Ok(())
     }
 
     fn log(&self) -> std::sync::MutexGuard<'_, AcceptorLog> {

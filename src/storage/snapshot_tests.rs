@@ -1,6 +1,7 @@
 //! Tests of damage detection, snapshot reading and snapshot install, on
 //! real files.
 
+use super::state_machine::StateMachine;
 use super::state_machine::{APPLIED, Digest, SEAL_FILE, SLED_DATA_FILE, TAG_KV, entry_hash};
 use super::*;
 use crate::kv::{Command, Op};
@@ -175,23 +176,60 @@ fn db_path(dir: &TempDir) -> PathBuf {
     dir.0.join(STATE_DIR).join(SLED_DATA_FILE)
 }
 
-/// Opens a damaged directory: it must fail naming the state directory, or
-/// (damage sled never reads) open with the whole state. Returns the error.
+/// The state machine's own verdict on a damaged directory: an error naming
+/// the state directory, or `None` if it opens with the whole state (damage
+/// sled never reads). Then, through `Storage::open`, the replica must start
+/// as a non-voting learner with an empty state and the damaged one moved
+/// aside, or, undamaged, with the whole state.
 fn reopen_damaged(dir: &TempDir, state: &State) -> Option<String> {
-    let opened = std::panic::catch_unwind(|| Storage::open(&dir.0, CACHE));
-    match opened {
-        Err(_) => panic!("Storage::open panicked"),
+    let state_dir = dir.0.join(STATE_DIR);
+    let verdict = std::panic::catch_unwind(|| StateMachine::open(&state_dir, CACHE).map(drop));
+    let err = match verdict {
+        Err(_) => panic!("StateMachine::open panicked"),
         Ok(Err(e)) => {
             let msg = e.to_string();
-            assert!(
-                msg.contains(&dir.0.join(STATE_DIR).display().to_string()),
-                "{msg}"
-            );
+            assert!(msg.contains(&state_dir.display().to_string()), "{msg}");
             Some(msg)
         }
-        Ok(Ok((s, _))) => {
-            assert_eq!(&full_state(&s), state, "opened with a different state");
-            None
+        Ok(Ok(())) => None,
+    };
+    let (s, durable) = Storage::open(&dir.0, CACHE).expect("a damaged state is not fatal");
+    if err.is_some() {
+        assert_eq!(durable.membership, Some(crate::paxos::Membership::Learner));
+        assert_eq!((durable.applied, durable.votes.len()), (0, 0));
+        assert!(
+            s.entries().unwrap().is_empty(),
+            "a damaged state is never served"
+        );
+        assert!(dir.0.join("state.damaged").is_dir(), "kept aside");
+        // It stays a learner across a restart, until a snapshot is installed.
+        drop(s);
+        let (_, again) = Storage::open(&dir.0, CACHE).unwrap();
+        assert_eq!(again.membership, Some(crate::paxos::Membership::Learner));
+    } else {
+        assert_eq!(&full_state(&s), state, "opened with a different state");
+    }
+    err
+}
+
+/// The state machine's error on opening the directory's state.
+fn state_error(dir: &TempDir) -> String {
+    StateMachine::open(&dir.0.join(STATE_DIR), CACHE)
+        .err()
+        .map(|e| e.to_string())
+        .expect("must refuse")
+        .to_string()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
         }
     }
 }
@@ -221,9 +259,14 @@ fn flipped_bytes_anywhere_in_db_never_open_a_different_state() {
     let (dir, state) = damaged_setup("flip-scan");
     let db = db_path(&dir);
     let pristine = std::fs::read(&db).unwrap();
+    // Opening a damaged directory changes it (the state moved aside, the
+    // log told it is a learner): each flip starts from a copy.
+    let copy = TempDir::new("flip-scan-copy");
+    copy_dir(&dir.0, &copy.0);
     let (mut caught, mut unnoticed) = (0, Vec::new());
     for at in (0..pristine.len()).step_by(pristine.len() / 40 + 1) {
-        std::fs::write(&db, &pristine).unwrap();
+        std::fs::remove_dir_all(&dir.0).unwrap();
+        copy_dir(&copy.0, &dir.0);
         flip(&db, at, 1);
         match reopen_damaged(&dir, &state) {
             Some(_) => caught += 1,
@@ -320,10 +363,7 @@ fn a_state_older_than_its_seal_is_damage() {
     let body = newer_seal[..24].to_vec();
     newer_seal[24..].copy_from_slice(&crc32c::crc32c(&body).to_be_bytes());
     std::fs::write(&seal, &newer_seal).unwrap();
-    let err = Storage::open(&dir.0, CACHE)
-        .err()
-        .expect("must refuse")
-        .to_string();
+    let err = state_error(&dir);
     assert!(
         err.contains("sled lost data it had written to disk"),
         "{err}"

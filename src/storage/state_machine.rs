@@ -281,6 +281,37 @@ impl StateMachine {
         Ok(())
     }
 
+    /// Moves a damaged database in `dir` aside to `<dir>.damaged` (replacing
+    /// any earlier one: one is kept, for a person to look at) and opens a
+    /// new, empty one in its place. `why` is logged with it.
+    pub(super) fn open_fresh(
+        dir: &Path,
+        cache_bytes: u64,
+        why: &StorageError,
+    ) -> Result<StateMachine, StorageError> {
+        let aside = dir.with_extension("damaged");
+        match std::fs::remove_dir_all(&aside) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_error(format!("removing {}", aside.display()), e)),
+        }
+        std::fs::rename(dir, &aside).map_err(|e| {
+            io_error(
+                format!("moving {} aside to {}", dir.display(), aside.display()),
+                e,
+            )
+        })?;
+        if let Some(parent) = dir.parent() {
+            sync_dir(parent)?;
+        }
+        tracing::warn!(
+            damaged = %aside.display(),
+            reason = %why,
+            "moved the damaged state machine aside; starting from an empty one"
+        );
+        StateMachine::open(dir, cache_bytes)
+    }
+
     /// Writes everything to disk and fsyncs it (see the module doc), then
     /// seals the applied index and digest it made durable.
     pub(super) fn flush(&self) -> Result<(), StorageError> {

@@ -341,9 +341,7 @@ fn dedup_survives_reopen() {
 fn second_open_in_this_process_is_in_use() {
     let dir = TempDir::new("inuse");
     let first = open(&dir);
-    let err = Storage::open(&dir.0, CACHE)
-        .err()
-        .expect("second open must fail");
+    let err = Storage::open(&dir.0, CACHE).expect_err("second open must fail");
     assert!(
         matches!(&err, StorageError::InUse(d) if *d == dir.0),
         "{err:?}"
@@ -433,7 +431,7 @@ fn a_damaged_log_record_with_records_after_it_is_refused_naming_the_file() {
     // frame header): later commits follow it, so this is not a torn write.
     bytes[32 + 24 + 2] ^= 0x40;
     std::fs::write(&segment, &bytes).unwrap();
-    let err = Storage::open(&dir.0, CACHE).err().expect("must refuse");
+    let err = Storage::open(&dir.0, CACHE).expect_err("must refuse");
     assert!(matches!(err, StorageError::Log(_)), "{err:?}");
     let msg = err.to_string();
     assert!(msg.contains(&segment.display().to_string()), "{msg}");
@@ -573,7 +571,7 @@ fn a_damaged_v1_vote_stops_the_migration_by_name_and_changes_nothing() {
             .unwrap();
         db.flush().unwrap();
     }
-    let err = Storage::open(&dir.0, CACHE).err().expect("must refuse");
+    let err = Storage::open(&dir.0, CACHE).expect_err("must refuse");
     let msg = err.to_string();
     assert!(
         msg.contains("0.1 database, tree log") && msg.contains("ballot"),
