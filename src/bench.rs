@@ -2,7 +2,9 @@
 //! clients against a gRPC server that does nothing, for the ceiling.
 //!
 //! Each client sends one call, waits for its answer, and sends the next,
-//! for the whole run, over a channel of its own. Writes are upserts with a
+//! for the whole run, over a channel of its own. Client `c` of `n` writes
+//! keys from `c * keys / n` on, in order, so a run of `keys` writes fills
+//! every key. Writes are upserts with a
 //! request id (client id, sequence), as a careful application would send
 //! them; reads are `Get`s of keys the run wrote first. Latency is measured
 //! per call, from send to answer; errors (any status other than OK and
@@ -116,8 +118,10 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, String> {
             let mut sequence = 0u64;
             while Instant::now() < until {
                 sequence += 1;
-                // Spread over the keys, not in order.
-                let key = (sequence as u32).wrapping_mul(2_654_435_761) % opts.keys;
+                // Each client walks its own share of the keys, so that
+                // together they write every key once before any twice.
+                let share = u64::from(opts.keys) * c as u64 / opts.clients as u64;
+                let key = ((share + sequence - 1) % u64::from(opts.keys)) as u32;
                 let sent = Instant::now();
                 let result = if opts.reads {
                     get(&mut client, key, opts.timeout).await
