@@ -1909,7 +1909,160 @@ mod oracles_can_fail {
     fn world() -> World {
         let mut p = Params::from_seed(1, 10);
         p.replicas = 3;
+        p.bootstrap = false;
         World::new(1, p)
+    }
+
+    /// Restarts replica `id` from `disk` (and its state machine as is).
+    fn restart_with(w: &mut World, id: NodeId, disk: Disk) {
+        w.crash(id);
+        w.nodes.get_mut(&id).unwrap().disk = disk;
+        w.start(id);
+    }
+
+    #[test]
+    fn durability_order_takes_a_vote_compacted_since_only_if_it_was_durable() {
+        let mut w = world();
+        let b = Ballot::new(1, 2);
+        let accepted = Message::Accepted { ballot: b, slot: 1 };
+        let promise = promise_message(Ballot::new(2, 3), vec![vote(1, b, "x")]);
+        w.nodes.get_mut(&1).unwrap().disk.promised = Ballot::new(2, 3);
+        // Slot 1 is compacted on disk, but the vote was never durable here.
+        w.nodes.get_mut(&1).unwrap().disk.compacted = 1;
+        assert!(w.check_durable_before_send(1, &accepted).is_err());
+        assert!(w.check_durable_before_send(1, &promise).is_err());
+        // Durable on another replica only: still not here.
+        w.record_vote(2, vote(1, b, "x")).unwrap();
+        assert!(w.check_durable_before_send(1, &promise).is_err());
+        // Durable here, then compacted away: fine.
+        w.record_vote(1, vote(1, b, "x")).unwrap();
+        assert_eq!(w.check_durable_before_send(1, &accepted), Ok(()));
+        assert_eq!(w.check_durable_before_send(1, &promise), Ok(()));
+        // But not as another value, nor under another ballot.
+        let other = promise_message(Ballot::new(2, 3), vec![vote(1, b, "y")]);
+        assert!(w.check_durable_before_send(1, &other).is_err());
+        let other = Message::Accepted {
+            ballot: Ballot::new(1, 3),
+            slot: 1,
+        };
+        assert!(w.check_durable_before_send(1, &other).is_err());
+        // Above the compacted index the disk itself must hold it.
+        w.nodes.get_mut(&1).unwrap().disk.compacted = 0;
+        assert!(w.check_durable_before_send(1, &accepted).is_err());
+    }
+
+    #[test]
+    fn only_voters_vote_catches_a_learner_or_unknown_replica_voting() {
+        let mut w = world();
+        let b = Ballot::new(3, 2);
+        let votes = [
+            Message::Accepted { ballot: b, slot: 1 },
+            promise_message(b, vec![]),
+            Message::HeartbeatAck {
+                ballot: b,
+                read_round: 0,
+                committed: 0,
+            },
+        ];
+        let refusals = [
+            Message::Nack { promised: b },
+            Message::PreVoteReply {
+                ballot: b,
+                granted: true,
+            },
+        ];
+        for m in votes.iter().chain(&refusals) {
+            assert_eq!(w.check_only_voters_vote(1, m), Ok(()), "a voter: {m:?}");
+        }
+        // A wiped replica, unknown until its probes settle; it still probes.
+        restart_with(&mut w, 1, Disk::default());
+        let probe = Message::Probe { nonce: 1 };
+        assert_eq!(w.check_only_voters_vote(1, &probe), Ok(()));
+        for m in votes.iter().chain(&refusals) {
+            assert!(w.check_only_voters_vote(1, m).is_err(), "unknown: {m:?}");
+        }
+        // A learner.
+        let learner = Disk {
+            membership: Some(Membership::Learner),
+            ..Disk::default()
+        };
+        restart_with(&mut w, 1, learner);
+        for m in votes.iter().chain(&refusals) {
+            assert!(w.check_only_voters_vote(1, m).is_err(), "learner: {m:?}");
+        }
+        // A voter in memory whose voter membership is not durable yet (a
+        // learner rejoining, its sync in progress) may refuse, not vote.
+        restart_with(&mut w, 1, Disk::voter());
+        w.nodes.get_mut(&1).unwrap().disk.membership = Some(Membership::Learner);
+        for m in &votes {
+            assert!(w.check_only_voters_vote(1, m).is_err(), "rejoining: {m:?}");
+        }
+        for m in &refusals {
+            assert_eq!(w.check_only_voters_vote(1, m), Ok(()), "rejoining: {m:?}");
+        }
+    }
+
+    #[test]
+    fn fresh_means_blank_catches_a_replica_with_state_answering_fresh() {
+        let mut w = world();
+        let fresh = Message::ProbeReply {
+            nonce: 1,
+            fresh: true,
+        };
+        let not_fresh = Message::ProbeReply {
+            nonce: 1,
+            fresh: false,
+        };
+        // A voter that holds nothing is fresh.
+        assert_eq!(w.check_fresh_only_when_blank(1, &fresh), Ok(()));
+        let changes: [fn(&mut Node); 5] = [
+            |n| n.disk.promised = Ballot::new(1, 1),
+            |n| {
+                n.disk.votes.insert(1, vote(1, Ballot::new(1, 1), "x"));
+            },
+            |n| n.disk.snapshot = 4,
+            |n| n.machine.applied = 4,
+            |n| n.disk.membership = Some(Membership::Learner),
+        ];
+        for change in changes {
+            let mut w = world();
+            change(w.nodes.get_mut(&1).unwrap());
+            assert!(w.check_fresh_only_when_blank(1, &fresh).is_err());
+            assert_eq!(w.check_fresh_only_when_blank(1, &not_fresh), Ok(()));
+        }
+        // A learner in memory whose membership is not durable yet.
+        let learner = Disk {
+            membership: Some(Membership::Learner),
+            ..Disk::default()
+        };
+        restart_with(&mut w, 1, learner);
+        w.nodes.get_mut(&1).unwrap().disk.membership = None;
+        assert!(w.check_fresh_only_when_blank(1, &fresh).is_err());
+    }
+
+    #[test]
+    fn installs_catch_a_snapshot_that_is_not_the_chosen_state() {
+        let mut w = world();
+        let b = Ballot::new(1, 1);
+        w.record_vote(1, vote(1, b, "x")).unwrap();
+        w.record_vote(2, vote(1, b, "x")).unwrap();
+        w.apply(1, 1, value("x")).unwrap();
+        let right = w.nodes[&1].machine.kv.clone();
+        assert_eq!(w.check_install(2, 1, &right), Ok(()));
+        // The state before slot 1, claimed to be at slot 1.
+        assert!(w.check_install(2, 1, &MemState::new()).is_err());
+        // A snapshot past the chosen log.
+        assert!(w.check_install(2, 2, &right).is_err());
+    }
+
+    #[test]
+    fn the_end_catches_a_replica_that_never_became_a_voter_again() {
+        let mut w = world();
+        assert_eq!(w.check_all_voters(), Ok(()));
+        w.nodes.get_mut(&2).unwrap().disk.membership = Some(Membership::Learner);
+        assert!(w.check_all_voters().is_err());
+        w.nodes.get_mut(&2).unwrap().disk.membership = None;
+        assert!(w.check_all_voters().is_err());
     }
 
     fn value(s: &str) -> Value {
