@@ -202,16 +202,28 @@ impl<W, R> Driver<W, R> {
     /// [`Work::fetch_snapshot`] asked): the state machine has applied every
     /// slot up to it. Ignored unless past the commit index (install none
     /// below it). Writes in doubt may have had their slot in it, so they
-    /// can no longer be answered `Retry`.
+    /// can no longer be answered `Retry`. If chosen slots handed out were
+    /// not applied yet, the install skips them, and with them the replies
+    /// of the writes they hold: every write waiting is then answered
+    /// `Unknown` (it may be one of them; slots are not tracked per write).
     pub fn snapshot_installed(&mut self, index: Slot) {
-        if index <= self.replica.committed() {
+        let committed = self.replica.committed();
+        if index <= committed {
             return;
         }
+        let skipped = self.applied < committed;
         self.replica.snapshot_installed(index);
         self.applied = index;
+        let now = self.now;
         for w in self.writes.values_mut() {
             if let Some(d) = &mut w.doubt {
                 d.unobservable = true;
+            } else if skipped {
+                w.doubt = Some(Doubt {
+                    through: committed,
+                    give_up_at: now,
+                    unobservable: true,
+                });
             }
         }
         self.resolve_doubts();
@@ -748,6 +760,38 @@ mod tests {
         c.d(1).snapshot_installed(1);
         c.flush(1);
         assert_eq!(c.written(1), &[("lost", Err(CallError::Unknown))]);
+    }
+
+    #[test]
+    fn writes_chosen_but_not_yet_applied_when_a_snapshot_skips_them_are_answered_unknown() {
+        // A leader's write is chosen, but its state machine lags; then a
+        // snapshot past it is installed (the chosen slot is skipped here).
+        let mut c = Cluster::new(3);
+        let l = c.elect(&[1]);
+        c.lagging = Some(l);
+        c.write(l, "k", Op::Insert(1), "chosen");
+        c.run();
+        assert_eq!((c.d(l).replica().committed(), c.d(l).applied()), (1, 0));
+        c.d(l).snapshot_installed(2);
+        c.flush(l);
+        assert_eq!(c.written(l), &[("chosen", Err(CallError::Unknown))]);
+        // The same after the leader stepped down with nothing in flight.
+        let mut c = Cluster::new(3);
+        let l = c.elect(&[1]);
+        c.lagging = Some(l);
+        c.write(l, "k", Op::Insert(1), "chosen");
+        c.run();
+        let ballot = c.d(l).replica().status().promised;
+        let nack = Message::Nack {
+            promised: Ballot::new(ballot.round + 1, 3),
+        };
+        c.d(l).step(3, nack).unwrap();
+        c.flush(l);
+        assert!(!c.d(l).replica().is_leader());
+        assert!(c.written(l).is_empty());
+        c.d(l).snapshot_installed(2);
+        c.flush(l);
+        assert_eq!(c.written(l), &[("chosen", Err(CallError::Unknown))]);
     }
 
     #[test]

@@ -77,22 +77,7 @@ fn simulated_clusters_stay_safe_linearizable_and_live() {
     let mut failures = Vec::new();
     for (seed, result) in &results {
         match result {
-            Ok(s) => {
-                total.ops_completed += s.ops_completed;
-                total.ops_unanswered += s.ops_unanswered;
-                total.messages += s.messages;
-                total.dropped += s.dropped;
-                total.duplicated += s.duplicated;
-                total.crashes += s.crashes;
-                total.torn_readies += s.torn_readies;
-                total.partitions += s.partitions;
-                total.pauses += s.pauses;
-                total.late += s.late;
-                total.released += s.released;
-                total.leader_changes += s.leader_changes;
-                total.slots_chosen += s.slots_chosen;
-                total.ticks += s.ticks;
-            }
+            Ok(s) => total.absorb(s),
             Err(e) => failures.push(format!(
                 "seed {seed} failed (replay: PAXOSKV_SIM_SEED={seed}): {e}"
             )),

@@ -6,6 +6,12 @@
 //! simulated disk (only what a `Work` asked to persist survives a crash) and
 //! a state machine (applied entries survive, as sled's do). The network
 //! drops, duplicates, delays (and so reorders) and partitions messages.
+//! Replicas checkpoint their state machine and compact their logs; a
+//! replica the log cannot catch up fetches a snapshot from another and
+//! installs it (transfers fail, crash midway, or complete late); a crash
+//! may wipe a disk (and state machine), after which the replica restarts
+//! with an empty data directory and must rejoin as a learner first; and
+//! some clusters start with empty data directories and bootstrap.
 //! Clients send each operation to a random replica and retry through others
 //! on redirects and timeouts, keeping their `(client_id, sequence)` so a
 //! retried write applies once.
@@ -19,7 +25,14 @@
 //!   it, applies it, answers a client from it), a majority holds that very
 //!   value durably under one ballot;
 //! - **durability order**: a `Promise`, `Accepted` or `HeartbeatAck` leaves
-//!   a replica only when its disk already holds what the message reports;
+//!   a replica only when its disk already holds what the message reports
+//!   (or held it, durably, before a compaction dropped it);
+//! - **only voters vote**: a learner or unknown replica never sends a
+//!   `Promise`, `Accepted`, `HeartbeatAck`, `Nack` or pre-vote answer;
+//! - **fresh means blank**: `ProbeReply { fresh: true }` comes only from a
+//!   replica whose disk and state machine hold nothing, not a learner;
+//! - **installs**: an installed snapshot at A is the reference state
+//!   machine over the chosen log through A;
 //! - every replica's applied log is a prefix of one log, and equal applied
 //!   prefixes give equal KV state;
 //! - **answers**: every call a replica takes is answered exactly once (or
@@ -32,8 +45,13 @@
 //!   the chance).
 //!
 //! At the end it heals the network, restarts everyone, requires every
-//! operation and every call to complete and every replica to converge, and
-//! checks the client history for linearizability.
+//! operation and every call to complete, every replica to converge and to
+//! be a durable voter (within a bound: wiped ones rejoined), and checks the
+//! client history for linearizability.
+//!
+//! The safety ledger (`votes`, `truly_chosen`) is history: it keeps every
+//! vote ever durable, so a value once chosen stays the chosen one when
+//! disks compact or are wiped.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
@@ -43,7 +61,7 @@ use paxoskv::kv::{self, Command, KvState, MemState, Op, Reply};
 use paxoskv::paxos::rng::Rng;
 use paxoskv::paxos::{
     Accepted, Ballot, Config, Envelope, Membership, Message, NodeId, Persist, Replica, Restore,
-    Slot, Value,
+    Slot, SnapshotFetch, Value,
 };
 
 use crate::linearizability::{self, Input, Operation, Output};
@@ -80,6 +98,25 @@ pub struct Params {
     /// Probability that the state machine applies what was chosen only a
     /// few ticks later (in order), so reads and writers wait for it.
     pub apply_lag: f64,
+    /// A replica checkpoints its state machine every this many applied
+    /// slots (0: never, and nothing is ever compacted).
+    pub snapshot_every: u64,
+    /// A checkpoint at A compacts the log through A - keep.
+    pub keep: u64,
+    /// A snapshot transfer takes 1..=max_transfer ticks.
+    pub max_transfer: u64,
+    /// Probability that a crash also wipes the replica's disk and state
+    /// machine: it restarts with an empty data directory.
+    pub wipe: f64,
+    /// Probability that a replica crashes just as a snapshot transfer
+    /// completes, before installing it (the install is lost: it is atomic).
+    pub install_crash: f64,
+    /// Probability that a snapshot transfer's completion is reported twice,
+    /// the second time late (after the fetch ended, often after a restart).
+    pub stale_transfer: f64,
+    /// The replicas start with empty data directories and bootstrap by
+    /// probing each other (else: formatted as voters).
+    pub bootstrap: bool,
 }
 
 impl Params {
@@ -103,6 +140,21 @@ impl Params {
             pause: rng.range(0, if harsh { 40 } else { 10 }) as f64 / 10_000.0,
             late: rng.range(0, 80) as f64 / 1000.0,
             apply_lag: rng.range(0, 40) as f64 / 100.0,
+            snapshot_every: if rng.range(0, 5) == 0 {
+                0
+            } else {
+                rng.range(3, 31)
+            },
+            keep: rng.range(0, 21),
+            max_transfer: rng.range(1, 3 * ELECTION),
+            wipe: if rng.range(0, 3) == 0 {
+                0.0
+            } else {
+                rng.range(5, 40) as f64 / 100.0
+            },
+            install_crash: rng.range(0, 10) as f64 / 100.0,
+            stale_transfer: rng.range(0, 20) as f64 / 100.0,
+            bootstrap: rng.range(0, 3) == 0,
         }
     }
 }
@@ -124,6 +176,74 @@ pub struct Stats {
     pub leader_changes: u64,
     pub slots_chosen: u64,
     pub ticks: u64,
+    /// Checkpoints taken (each compacts the log unless `keep` holds it).
+    pub checkpoints: u64,
+    /// Promises that reported a snapshot above the candidate's commit index
+    /// (phase 1 across a compacted prefix).
+    pub promises_past_commit: u64,
+    /// Snapshot fetches started, installed, failed (source gone, cut off or
+    /// behind; or the requester crashed meanwhile) and completions ignored
+    /// because they belonged to an ended fetch or incarnation.
+    pub fetches: u64,
+    pub installs: u64,
+    pub failed_fetches: u64,
+    pub stale_fetches: u64,
+    /// Crashes that wiped the disk, and wiped replicas that rejoined as
+    /// voters.
+    pub wipes: u64,
+    pub rejoins: u64,
+}
+
+impl Stats {
+    /// Adds another seed's counts to these.
+    pub fn absorb(&mut self, s: &Stats) {
+        let Stats {
+            ops_completed,
+            ops_unanswered,
+            messages,
+            dropped,
+            duplicated,
+            crashes,
+            torn_readies,
+            partitions,
+            pauses,
+            late,
+            released,
+            leader_changes,
+            slots_chosen,
+            ticks,
+            checkpoints,
+            promises_past_commit,
+            fetches,
+            installs,
+            failed_fetches,
+            stale_fetches,
+            wipes,
+            rejoins,
+        } = s;
+        self.ops_completed += ops_completed;
+        self.ops_unanswered += ops_unanswered;
+        self.messages += messages;
+        self.dropped += dropped;
+        self.duplicated += duplicated;
+        self.crashes += crashes;
+        self.torn_readies += torn_readies;
+        self.partitions += partitions;
+        self.pauses += pauses;
+        self.late += late;
+        self.released += released;
+        self.leader_changes += leader_changes;
+        self.slots_chosen += slots_chosen;
+        self.ticks += ticks;
+        self.checkpoints += checkpoints;
+        self.promises_past_commit += promises_past_commit;
+        self.fetches += fetches;
+        self.installs += installs;
+        self.failed_fetches += failed_fetches;
+        self.stale_fetches += stale_fetches;
+        self.wipes += wipes;
+        self.rejoins += rejoins;
+    }
 }
 
 /// A request a client sends to a replica.
@@ -178,6 +298,15 @@ enum Event {
         node: NodeId,
         incarnation: u64,
     },
+    /// A snapshot transfer to `node` from `from` completes (see
+    /// `Work::fetch_snapshot`); `fetch` identifies the fetch it belongs to.
+    TransferDone {
+        node: NodeId,
+        incarnation: u64,
+        fetch: u64,
+        from: NodeId,
+        min_index: Slot,
+    },
 }
 
 /// Which attempt of which operation of which client a message is about.
@@ -195,14 +324,43 @@ struct Write {
     chosen: Vec<(Slot, Value)>,
 }
 
-/// What survives a crash.
+/// What survives a crash (but not a wipe): the Paxos log.
 #[derive(Default)]
 struct Disk {
+    /// `None`: the data directory is empty (new, or wiped).
+    membership: Option<Membership>,
     promised: Ballot,
+    /// Votes above `compacted` only.
     votes: BTreeMap<Slot, Accepted>,
+    /// The last snapshot recorded: the state machine is durable at or past
+    /// it (a checkpoint, or an install).
+    snapshot: Slot,
+    /// The votes through here are gone (`snapshot - keep` at a checkpoint,
+    /// the snapshot itself at an install).
+    compacted: Slot,
 }
 
-/// The state machine, durable like sled's trees.
+impl Disk {
+    /// A formatted data directory: a voter with nothing yet.
+    fn voter() -> Disk {
+        Disk {
+            membership: Some(Membership::Voter),
+            ..Disk::default()
+        }
+    }
+
+    /// Drops the votes through `through`.
+    fn compact(&mut self, through: Slot) {
+        if through > self.compacted {
+            self.votes = self.votes.split_off(&(through + 1));
+            self.compacted = through;
+        }
+    }
+}
+
+/// The state machine, durable like sled's trees (every apply survives a
+/// crash, so a checkpoint's durable snapshot is the machine itself at the
+/// index the disk records); gone in a wipe.
 #[derive(Default)]
 struct Machine {
     kv: MemState,
@@ -230,6 +388,10 @@ struct Node {
     last_sync_done: u64,
     group: u32,
     paused_until: u64,
+    /// The snapshot fetch running, by id; ends with the incarnation.
+    fetching: Option<u64>,
+    /// Wiped, and not yet a voter again.
+    wiped: bool,
 }
 
 struct Pending {
@@ -263,10 +425,14 @@ pub struct World {
     issued: usize,
     next_value: i32,
     healed: bool,
+    /// When the network healed and the faults stopped.
+    healed_at: u64,
+    next_fetch: u64,
     // The safety ledger.
     votes: BTreeMap<(Slot, Ballot), (Value, BTreeSet<NodeId>)>,
     truly_chosen: BTreeMap<Slot, Value>,
     applied_log: Vec<Value>,
+    /// The digest of the reference state machine after each slot.
     digests: BTreeMap<Slot, u64>,
     /// The state machine over the chosen log, and the reply each command
     /// got there, by proposal id: what a writer must be answered.
@@ -304,6 +470,9 @@ const HELD_PER_PEER: usize = 64;
 /// Once healed and converged, every open call is answered within this many
 /// ticks (a write in doubt waits at most three election timeouts).
 const ANSWER_WITHIN: u64 = 10 * ELECTION;
+/// Once healed, every replica is a voter within this many ticks: a wiped
+/// one has rejoined, a new cluster bootstrapped.
+const REJOIN_WITHIN: u64 = 100 * ELECTION;
 
 impl World {
     pub fn new(seed: u64, p: Params) -> Self {
@@ -312,13 +481,19 @@ impl World {
                 let node = Node {
                     driver: None,
                     incarnation: 0,
-                    disk: Disk::default(),
+                    disk: if p.bootstrap {
+                        Disk::default()
+                    } else {
+                        Disk::voter()
+                    },
                     machine: Machine::default(),
                     syncing: VecDeque::new(),
                     unapplied: VecDeque::new(),
                     last_sync_done: 0,
                     group: 0,
                     paused_until: 0,
+                    fetching: None,
+                    wiped: false,
                 };
                 (id, node)
             })
@@ -345,6 +520,8 @@ impl World {
             issued: 0,
             next_value: 1,
             healed: false,
+            healed_at: 0,
+            next_fetch: 1,
             votes: BTreeMap::new(),
             truly_chosen: BTreeMap::new(),
             applied_log: Vec::new(),
@@ -388,19 +565,17 @@ impl World {
     fn start(&mut self, id: NodeId) {
         let node = &self.nodes[&id];
         let cfg = self.config(id, node.incarnation + 1);
-        let votes = node.disk.votes.values().cloned().collect();
-        let applied = node.machine.applied;
-        // No snapshots in the simulator yet: the disk keeps every vote; and
-        // no disk is wiped, so every replica is a voter.
         let restore = Restore {
             promised: node.disk.promised,
-            votes,
-            applied,
-            snapshot: 0,
-            membership: Some(Membership::Voter),
-            nonce: cfg.seed.rotate_left(32),
+            votes: node.disk.votes.values().cloned().collect(),
+            applied: node.machine.applied,
+            snapshot: node.disk.compacted,
+            membership: node.disk.membership,
+            // Fresh per incarnation.
+            nonce: self.rng.next_u64(),
         };
-        let replica = Replica::new(cfg, restore).expect("valid config");
+        let applied = restore.applied;
+        let replica = Replica::new(cfg, restore).expect("a valid config and disk");
         let node = self.nodes.get_mut(&id).expect("node exists");
         node.incarnation += 1;
         // Proposal ids unique across replicas and incarnations.
@@ -408,11 +583,43 @@ impl World {
         node.driver = Some(Driver::new(replica, applied, first_proposal));
     }
 
+    /// A crash of a random replica; maybe one that also wipes its disk and
+    /// state machine. Only while the others include a majority of durable
+    /// voters, so that at most a minority are wiped (or not yet members)
+    /// at once: a majority that loses its disks has lost what it chose,
+    /// which no protocol can bring back, and without a majority of voters
+    /// no leader can be elected for a learner to rejoin under. Beyond that,
+    /// nothing restricts a wipe: the core's membership rules must make it
+    /// safe.
+    fn crash_random(&mut self) {
+        let id = self.rng.range(1, u64::from(self.p.replicas) + 1) as NodeId;
+        let voters = self
+            .nodes
+            .iter()
+            .filter(|&(&other, n)| {
+                other != id && !n.wiped && n.disk.membership == Some(Membership::Voter)
+            })
+            .count();
+        let room = voters >= self.majority();
+        if room && self.chance(self.p.wipe) {
+            self.crash(id);
+            self.stats.wipes += 1;
+            let node = self.nodes.get_mut(&id).expect("node exists");
+            node.disk = Disk::default();
+            node.machine = Machine::default();
+            node.wiped = true;
+        } else {
+            self.crash(id);
+        }
+    }
+
     fn crash(&mut self, id: NodeId) {
         let node = self.nodes.get_mut(&id).expect("node exists");
         if node.driver.take().is_some() {
             node.syncing.clear();
             node.unapplied.clear();
+            // A fetch running dies with the process.
+            node.fetching = None;
             // Its calls die with it; their clients time out and retry.
             self.outstanding.remove(&id);
             self.stats.crashes += 1;
@@ -479,9 +686,13 @@ impl World {
             if !self.healed && self.issued >= self.p.ops {
                 self.heal();
             }
+            if self.healed && self.now - self.healed_at > REJOIN_WITHIN {
+                self.check_all_voters()?;
+            }
             if !(self.healed
                 && self.clients.iter().all(|c| c.pending.is_none())
-                && self.converged())
+                && self.converged()
+                && self.check_all_voters().is_ok())
             {
                 settled_at = None;
                 continue;
@@ -549,6 +760,7 @@ impl World {
     /// run ends as usual.
     pub fn run_flaky_follower(&mut self, cycles: u64) -> Check {
         self.healed = true; // no random faults: only the scripted cuts
+        self.healed_at = self.now;
         // Settle first: one leader that every replica follows.
         let (leader, ballot) = loop {
             self.tick()?;
@@ -605,6 +817,7 @@ impl World {
 
     fn heal(&mut self) {
         self.healed = true;
+        self.healed_at = self.now;
         let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
         for id in ids {
             let node = self.nodes.get_mut(&id).expect("node");
@@ -617,6 +830,24 @@ impl World {
         self.release_held();
     }
 
+    /// Every replica is a voter, durably: one that lost its disk has
+    /// rejoined (and a new cluster has bootstrapped).
+    fn check_all_voters(&self) -> Check {
+        for (id, node) in &self.nodes {
+            if node.disk.membership != Some(Membership::Voter) {
+                return Err(format!(
+                    "replica {id} is not a voter {} ticks after the network healed: membership {:?}, applied {} of {}; {:?}",
+                    self.now - self.healed_at,
+                    node.disk.membership,
+                    node.machine.applied,
+                    self.applied_log.len(),
+                    node.driver.as_ref().map(|d| d.replica().status())
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Every replica has applied everything chosen.
     fn converged(&self) -> bool {
         let target = self.applied_log.len() as Slot;
@@ -625,8 +856,7 @@ impl World {
 
     fn inject_faults(&mut self) {
         if self.chance(self.p.crash) {
-            let id = self.rng.range(1, u64::from(self.p.replicas) + 1) as NodeId;
-            self.crash(id);
+            self.crash_random();
         }
         if self.chance(self.p.pause) {
             self.stats.pauses += 1;
@@ -729,7 +959,9 @@ impl World {
         // A frozen replica finds what arrived meanwhile queued, in order.
         let target = match &event {
             Event::Peer { to, .. } | Event::ToReplica { to, .. } => Some(*to),
-            Event::SyncDone { node, .. } | Event::ApplyDue { node, .. } => Some(*node),
+            Event::SyncDone { node, .. }
+            | Event::ApplyDue { node, .. }
+            | Event::TransferDone { node, .. } => Some(*node),
             Event::Restart { .. } | Event::ToClient { .. } => None,
         };
         if let Some(id) = target.filter(|&id| self.paused(id)) {
@@ -756,6 +988,13 @@ impl World {
                 }
                 Ok(())
             }
+            Event::TransferDone {
+                node,
+                incarnation,
+                fetch,
+                from,
+                min_index,
+            } => self.complete_transfer(node, incarnation, fetch, from, min_index),
             Event::Peer {
                 from,
                 to,
@@ -773,6 +1012,12 @@ impl World {
                 let Some(d) = self.nodes.get_mut(&to).and_then(|n| n.driver.as_mut()) else {
                     return Ok(());
                 };
+                if let Message::Promise { snapshot, .. } = &msg
+                    && *snapshot > d.replica().committed()
+                    && from != to
+                {
+                    self.stats.promises_past_commit += 1;
+                }
                 if from == to {
                     d.step_own(msg);
                 } else if let Err(refused) = d.step(from, msg) {
@@ -817,9 +1062,7 @@ impl World {
             fetch_snapshot,
         } = work;
         if let Some(fetch) = fetch_snapshot {
-            // Nothing compacts in the simulator yet, so no snapshot is ever
-            // needed: asking for one is a bug.
-            return Err(format!("replica {id} asked for a snapshot: {fetch:?}"));
+            self.start_fetch(id, fetch);
         }
         // Oracle: a replica treats a slot as chosen only if a majority holds
         // that very value durably under one ballot; a leader, under its own
@@ -891,9 +1134,22 @@ impl World {
             return Ok(());
         };
         if let Some(m) = persist.membership {
-            // Every replica starts a voter and no disk is wiped: nothing
-            // may change its membership.
-            return Err(format!("replica {id} persisted membership {m:?}"));
+            // Unknown becomes a learner or a voter, a learner a voter; a
+            // voter stays one for as long as its disk lives.
+            if node.disk.membership == Some(Membership::Voter) && m != Membership::Voter {
+                return Err(format!("replica {id}, a voter, persisted membership {m:?}"));
+            }
+            node.disk.membership = Some(m);
+            if m == Membership::Voter && node.wiped {
+                node.wiped = false;
+                self.stats.rejoins += 1;
+            }
+        }
+        let node = self.nodes.get_mut(&id).expect("node");
+        if node.disk.membership.is_none() && !persist.is_empty() {
+            return Err(format!(
+                "replica {id}, with no membership yet, persisted {persist:?}"
+            ));
         }
         if let Some(b) = persist.promised {
             if b < node.disk.promised {
@@ -905,7 +1161,11 @@ impl World {
             node.disk.promised = b;
         }
         for vote in &persist.entries {
-            node.disk.votes.insert(vote.slot, vote.clone());
+            // A vote for a slot compacted meanwhile (an install) is
+            // obsolete as it lands: a restart drops it.
+            if vote.slot > node.disk.compacted {
+                node.disk.votes.insert(vote.slot, vote.clone());
+            }
         }
         for vote in persist.entries {
             self.record_vote(id, vote)?;
@@ -942,12 +1202,14 @@ impl World {
     /// Applies every chosen slot waiting for the state machine, and reports
     /// the replies to the driver.
     fn apply_chosen(&mut self, id: NodeId) -> Check {
-        let chosen: Vec<(Slot, Value)> = self
-            .nodes
-            .get_mut(&id)
-            .expect("node")
+        let node = self.nodes.get_mut(&id).expect("node");
+        let applied = node.machine.applied;
+        // Slots an installed snapshot covered are in the state machine
+        // already: they are skipped, as sled skips them.
+        let chosen: Vec<(Slot, Value)> = node
             .unapplied
             .drain(..)
+            .filter(|&(slot, _)| slot > applied)
             .collect();
         let Some(&(last, _)) = chosen.last() else {
             return Ok(());
@@ -958,7 +1220,122 @@ impl World {
         }
         let d = self.driver(id);
         let answers = d.applied_through(last, replies);
-        self.answer(id, answers)
+        self.answer(id, answers)?;
+        self.checkpoint_if_due(id);
+        Ok(())
+    }
+
+    /// Every `snapshot_every` applied slots: the state machine is durable at
+    /// its applied index A (it always is, here), the disk records snapshot A
+    /// and drops the votes through A - keep, and the core is told.
+    fn checkpoint_if_due(&mut self, id: NodeId) {
+        let every = self.p.snapshot_every;
+        let node = self.nodes.get_mut(&id).expect("node");
+        let a = node.machine.applied;
+        if every == 0 || a < node.disk.snapshot + every {
+            return;
+        }
+        self.stats.checkpoints += 1;
+        node.disk.snapshot = a;
+        let through = a.saturating_sub(self.p.keep);
+        if through > node.disk.compacted {
+            node.disk.compact(through);
+            self.driver(id).compact(through);
+        }
+    }
+
+    /// `Work::fetch_snapshot`: unless one is running already, a transfer
+    /// from the replica named starts, and completes after a while.
+    fn start_fetch(&mut self, id: NodeId, fetch: SnapshotFetch) {
+        let node = &self.nodes[&id];
+        if node.fetching.is_some() {
+            return;
+        }
+        let (incarnation, fetch_id) = (node.incarnation, self.next_fetch);
+        self.next_fetch += 1;
+        self.nodes.get_mut(&id).expect("node").fetching = Some(fetch_id);
+        self.stats.fetches += 1;
+        let event = Event::TransferDone {
+            node: id,
+            incarnation,
+            fetch: fetch_id,
+            from: fetch.from,
+            min_index: fetch.min_index,
+        };
+        let delay = self.rng.range(1, self.p.max_transfer + 1);
+        self.schedule(delay, event.clone());
+        // Reported again, late: it must find the fetch (or the incarnation)
+        // ended, and change nothing.
+        if self.faulty() && self.chance(self.p.stale_transfer) {
+            let late = delay + self.rng.range(1, 8 * ELECTION);
+            self.schedule(late, event);
+        }
+    }
+
+    /// A snapshot transfer completes: if the source is up and reachable and
+    /// its state machine has reached `min_index`, its state (consistent at
+    /// its applied index A) is installed here atomically — the state
+    /// machine becomes it, the disk records snapshot A and drops the votes
+    /// through A — and the driver is told. Otherwise the fetch failed, and
+    /// the core asks again if it still needs one.
+    fn complete_transfer(
+        &mut self,
+        id: NodeId,
+        incarnation: u64,
+        fetch: u64,
+        from: NodeId,
+        min_index: Slot,
+    ) -> Check {
+        let node = &self.nodes[&id];
+        if node.incarnation != incarnation || node.fetching != Some(fetch) || !self.alive(id) {
+            self.stats.stale_fetches += 1;
+            return Ok(());
+        }
+        self.nodes.get_mut(&id).expect("node").fetching = None;
+        if !self.alive(from) || !self.connected(from, id) || self.paused(from) {
+            self.stats.failed_fetches += 1;
+            return Ok(());
+        }
+        let source = &self.nodes[&from].machine;
+        let (index, kv) = (source.applied, source.kv.clone());
+        let committed = self.driver(id).replica().committed();
+        // Below `min_index` it is no use; at or below the commit index the
+        // driver would ignore it, so it is not installed either.
+        if index < min_index || index <= committed {
+            self.stats.failed_fetches += 1;
+            return Ok(());
+        }
+        if self.faulty() && self.chance(self.p.install_crash) {
+            self.stats.failed_fetches += 1;
+            self.crash(id);
+            return Ok(());
+        }
+        self.check_install(id, index, &kv)?;
+        self.stats.installs += 1;
+        let node = self.nodes.get_mut(&id).expect("node");
+        node.machine = Machine { kv, applied: index };
+        node.disk.snapshot = index;
+        node.disk.compact(index);
+        // Chosen slots waiting for the state machine are all at or below the
+        // commit index, so in the snapshot.
+        node.unapplied.clear();
+        self.driver(id).snapshot_installed(index);
+        self.drain(id)
+    }
+
+    /// Oracle: a snapshot installed at `index` is the reference state
+    /// machine over the chosen log through `index`.
+    fn check_install(&self, id: NodeId, index: Slot, kv: &MemState) -> Check {
+        match self.digests.get(&index) {
+            Some(&d) if d == kv.digest() => Ok(()),
+            Some(_) => Err(format!(
+                "replica {id} installs a snapshot at {index} that differs from the chosen log's state there"
+            )),
+            None => Err(format!(
+                "replica {id} installs a snapshot at {index}, past the chosen log ({} slots)",
+                self.applied_log.len()
+            )),
+        }
     }
 
     fn driver(&mut self, id: NodeId) -> &mut Driver<Call, Call> {
@@ -972,6 +1349,8 @@ impl World {
     /// only what the sender's disk already holds.
     fn send_peer(&mut self, from: NodeId, to: NodeId, msg: Message) -> Check {
         self.check_durable_before_send(from, &msg)?;
+        self.check_only_voters_vote(from, &msg)?;
+        self.check_fresh_only_when_blank(from, &msg)?;
         if from == to {
             // Local delivery: reliable, but gone if the replica crashes first.
             let incarnation = Some(self.nodes[&from].incarnation);
@@ -1009,13 +1388,24 @@ impl World {
                 Ok(())
             }
         };
+        // A vote the disk dropped since (the slot was compacted: a
+        // checkpoint or an install while the message waited for its sync)
+        // counts if the ledger saw it durable here.
+        let compacted_after_sync = |slot: Slot, ballot: Ballot, value: Option<&Value>| {
+            slot <= disk.compacted
+                && self.votes.get(&(slot, ballot)).is_some_and(|(v, voters)| {
+                    voters.contains(&from) && value.is_none_or(|value| v == value)
+                })
+        };
         match msg {
             Message::Promise {
                 ballot, accepted, ..
             } => {
                 promised(ballot, "a Promise")?;
                 for vote in accepted {
-                    if disk.votes.get(&vote.slot) != Some(vote) {
+                    if disk.votes.get(&vote.slot) != Some(vote)
+                        && !compacted_after_sync(vote.slot, vote.ballot, Some(&vote.value))
+                    {
                         return Err(format!(
                             "replica {from} reported vote {vote:?} in a Promise before it was on disk"
                         ));
@@ -1025,12 +1415,76 @@ impl World {
             }
             Message::Accepted { ballot, slot } => match disk.votes.get(slot) {
                 Some(vote) if vote.ballot == *ballot => Ok(()),
+                _ if compacted_after_sync(*slot, *ballot, None) => Ok(()),
                 other => Err(format!(
                     "replica {from} sent Accepted({ballot}, slot {slot}) while its disk holds {other:?}"
                 )),
             },
             Message::HeartbeatAck { ballot, .. } => promised(ballot, "a HeartbeatAck"),
             _ => Ok(()),
+        }
+    }
+
+    /// Oracle: only a voter votes. A learner or an unknown replica (one
+    /// that lost its disk, or may have) never sends a `Promise`, an
+    /// `Accepted` or a `HeartbeatAck` (each needs a durable voter
+    /// membership: it leaves after the sync that made it one), nor a `Nack`
+    /// or a pre-vote answer (not a voter right now).
+    fn check_only_voters_vote(&self, from: NodeId, msg: &Message) -> Check {
+        let node = &self.nodes[&from];
+        let durable = node.disk.membership;
+        let now = node
+            .driver
+            .as_ref()
+            .and_then(|d| d.replica().status().membership);
+        let (what, standing) = match msg {
+            Message::Promise { .. } => ("a Promise", durable),
+            Message::Accepted { .. } => ("an Accepted", durable),
+            Message::HeartbeatAck { .. } => ("a HeartbeatAck", durable),
+            Message::Nack { .. } => ("a Nack", now),
+            Message::PreVoteReply { .. } => ("a PreVoteReply", now),
+            _ => return Ok(()),
+        };
+        if standing == Some(Membership::Voter) && now == Some(Membership::Voter) {
+            Ok(())
+        } else {
+            Err(format!(
+                "replica {from} sent {what} as a non-voter (durable membership {durable:?}, now {now:?}): {msg:?}"
+            ))
+        }
+    }
+
+    /// Oracle: `ProbeReply { fresh: true }` comes only from a replica whose
+    /// disk and state machine hold nothing at all and that is not a learner.
+    fn check_fresh_only_when_blank(&self, from: NodeId, msg: &Message) -> Check {
+        let Message::ProbeReply { fresh: true, .. } = msg else {
+            return Ok(());
+        };
+        let node = &self.nodes[&from];
+        let disk = &node.disk;
+        let learner = |m: Option<Membership>| m == Some(Membership::Learner);
+        let now = node
+            .driver
+            .as_ref()
+            .and_then(|d| d.replica().status().membership);
+        let blank = disk.promised == Ballot::ZERO
+            && disk.votes.is_empty()
+            && disk.snapshot == 0
+            && disk.compacted == 0
+            && node.machine.applied == 0
+            && !learner(disk.membership)
+            && !learner(now);
+        if blank {
+            Ok(())
+        } else {
+            Err(format!(
+                "replica {from} answered a probe fresh, but holds promise {}, {} votes, snapshot {}, applied {}, membership {:?} (now {now:?})",
+                disk.promised,
+                disk.votes.len(),
+                disk.snapshot,
+                node.machine.applied,
+                disk.membership
+            ))
         }
     }
 
@@ -1095,6 +1549,7 @@ impl World {
                     }
                 }
                 self.applied_log.push(value.clone());
+                self.digests.insert(slot, self.reference.digest());
             }
         }
         let mut replies = Vec::new();
@@ -1105,17 +1560,10 @@ impl World {
             }
         }
         node.machine.applied = slot;
-        let digest = node.machine.kv.digest();
-        match self.digests.get(&slot) {
-            Some(&d) if d != digest => {
-                return Err(format!(
-                    "replica {id} has a different KV state after slot {slot}"
-                ));
-            }
-            Some(_) => {}
-            None => {
-                self.digests.insert(slot, digest);
-            }
+        if self.digests.get(&slot) != Some(&node.machine.kv.digest()) {
+            return Err(format!(
+                "replica {id} has a different KV state after slot {slot}"
+            ));
         }
         Ok(replies)
     }
@@ -1461,7 +1909,160 @@ mod oracles_can_fail {
     fn world() -> World {
         let mut p = Params::from_seed(1, 10);
         p.replicas = 3;
+        p.bootstrap = false;
         World::new(1, p)
+    }
+
+    /// Restarts replica `id` from `disk` (and its state machine as is).
+    fn restart_with(w: &mut World, id: NodeId, disk: Disk) {
+        w.crash(id);
+        w.nodes.get_mut(&id).unwrap().disk = disk;
+        w.start(id);
+    }
+
+    #[test]
+    fn durability_order_takes_a_vote_compacted_since_only_if_it_was_durable() {
+        let mut w = world();
+        let b = Ballot::new(1, 2);
+        let accepted = Message::Accepted { ballot: b, slot: 1 };
+        let promise = promise_message(Ballot::new(2, 3), vec![vote(1, b, "x")]);
+        w.nodes.get_mut(&1).unwrap().disk.promised = Ballot::new(2, 3);
+        // Slot 1 is compacted on disk, but the vote was never durable here.
+        w.nodes.get_mut(&1).unwrap().disk.compacted = 1;
+        assert!(w.check_durable_before_send(1, &accepted).is_err());
+        assert!(w.check_durable_before_send(1, &promise).is_err());
+        // Durable on another replica only: still not here.
+        w.record_vote(2, vote(1, b, "x")).unwrap();
+        assert!(w.check_durable_before_send(1, &promise).is_err());
+        // Durable here, then compacted away: fine.
+        w.record_vote(1, vote(1, b, "x")).unwrap();
+        assert_eq!(w.check_durable_before_send(1, &accepted), Ok(()));
+        assert_eq!(w.check_durable_before_send(1, &promise), Ok(()));
+        // But not as another value, nor under another ballot.
+        let other = promise_message(Ballot::new(2, 3), vec![vote(1, b, "y")]);
+        assert!(w.check_durable_before_send(1, &other).is_err());
+        let other = Message::Accepted {
+            ballot: Ballot::new(1, 3),
+            slot: 1,
+        };
+        assert!(w.check_durable_before_send(1, &other).is_err());
+        // Above the compacted index the disk itself must hold it.
+        w.nodes.get_mut(&1).unwrap().disk.compacted = 0;
+        assert!(w.check_durable_before_send(1, &accepted).is_err());
+    }
+
+    #[test]
+    fn only_voters_vote_catches_a_learner_or_unknown_replica_voting() {
+        let mut w = world();
+        let b = Ballot::new(3, 2);
+        let votes = [
+            Message::Accepted { ballot: b, slot: 1 },
+            promise_message(b, vec![]),
+            Message::HeartbeatAck {
+                ballot: b,
+                read_round: 0,
+                committed: 0,
+            },
+        ];
+        let refusals = [
+            Message::Nack { promised: b },
+            Message::PreVoteReply {
+                ballot: b,
+                granted: true,
+            },
+        ];
+        for m in votes.iter().chain(&refusals) {
+            assert_eq!(w.check_only_voters_vote(1, m), Ok(()), "a voter: {m:?}");
+        }
+        // A wiped replica, unknown until its probes settle; it still probes.
+        restart_with(&mut w, 1, Disk::default());
+        let probe = Message::Probe { nonce: 1 };
+        assert_eq!(w.check_only_voters_vote(1, &probe), Ok(()));
+        for m in votes.iter().chain(&refusals) {
+            assert!(w.check_only_voters_vote(1, m).is_err(), "unknown: {m:?}");
+        }
+        // A learner.
+        let learner = Disk {
+            membership: Some(Membership::Learner),
+            ..Disk::default()
+        };
+        restart_with(&mut w, 1, learner);
+        for m in votes.iter().chain(&refusals) {
+            assert!(w.check_only_voters_vote(1, m).is_err(), "learner: {m:?}");
+        }
+        // A voter in memory whose voter membership is not durable yet (a
+        // learner rejoining, its sync in progress) may refuse, not vote.
+        restart_with(&mut w, 1, Disk::voter());
+        w.nodes.get_mut(&1).unwrap().disk.membership = Some(Membership::Learner);
+        for m in &votes {
+            assert!(w.check_only_voters_vote(1, m).is_err(), "rejoining: {m:?}");
+        }
+        for m in &refusals {
+            assert_eq!(w.check_only_voters_vote(1, m), Ok(()), "rejoining: {m:?}");
+        }
+    }
+
+    #[test]
+    fn fresh_means_blank_catches_a_replica_with_state_answering_fresh() {
+        let mut w = world();
+        let fresh = Message::ProbeReply {
+            nonce: 1,
+            fresh: true,
+        };
+        let not_fresh = Message::ProbeReply {
+            nonce: 1,
+            fresh: false,
+        };
+        // A voter that holds nothing is fresh.
+        assert_eq!(w.check_fresh_only_when_blank(1, &fresh), Ok(()));
+        let changes: [fn(&mut Node); 5] = [
+            |n| n.disk.promised = Ballot::new(1, 1),
+            |n| {
+                n.disk.votes.insert(1, vote(1, Ballot::new(1, 1), "x"));
+            },
+            |n| n.disk.snapshot = 4,
+            |n| n.machine.applied = 4,
+            |n| n.disk.membership = Some(Membership::Learner),
+        ];
+        for change in changes {
+            let mut w = world();
+            change(w.nodes.get_mut(&1).unwrap());
+            assert!(w.check_fresh_only_when_blank(1, &fresh).is_err());
+            assert_eq!(w.check_fresh_only_when_blank(1, &not_fresh), Ok(()));
+        }
+        // A learner in memory whose membership is not durable yet.
+        let learner = Disk {
+            membership: Some(Membership::Learner),
+            ..Disk::default()
+        };
+        restart_with(&mut w, 1, learner);
+        w.nodes.get_mut(&1).unwrap().disk.membership = None;
+        assert!(w.check_fresh_only_when_blank(1, &fresh).is_err());
+    }
+
+    #[test]
+    fn installs_catch_a_snapshot_that_is_not_the_chosen_state() {
+        let mut w = world();
+        let b = Ballot::new(1, 1);
+        w.record_vote(1, vote(1, b, "x")).unwrap();
+        w.record_vote(2, vote(1, b, "x")).unwrap();
+        w.apply(1, 1, value("x")).unwrap();
+        let right = w.nodes[&1].machine.kv.clone();
+        assert_eq!(w.check_install(2, 1, &right), Ok(()));
+        // The state before slot 1, claimed to be at slot 1.
+        assert!(w.check_install(2, 1, &MemState::new()).is_err());
+        // A snapshot past the chosen log.
+        assert!(w.check_install(2, 2, &right).is_err());
+    }
+
+    #[test]
+    fn the_end_catches_a_replica_that_never_became_a_voter_again() {
+        let mut w = world();
+        assert_eq!(w.check_all_voters(), Ok(()));
+        w.nodes.get_mut(&2).unwrap().disk.membership = Some(Membership::Learner);
+        assert!(w.check_all_voters().is_err());
+        w.nodes.get_mut(&2).unwrap().disk.membership = None;
+        assert!(w.check_all_voters().is_err());
     }
 
     fn value(s: &str) -> Value {

@@ -49,6 +49,9 @@ pub(super) struct Leader {
     /// Reads that arrived before recovery finished: not yet given an index.
     pub(super) unindexed_reads: Vec<ReadId>,
     pub(super) reads: VecDeque<PendingRead>,
+    /// A learner waits for a slot proposed after this one (see
+    /// `on_catch_up_request`): a no-op goes there if no command does.
+    owed_slot_after: Option<Slot>,
 }
 
 impl Leader {
@@ -81,6 +84,7 @@ impl Leader {
             read_round: 0,
             unindexed_reads: Vec::new(),
             reads: VecDeque::new(),
+            owed_slot_after: None,
         }
     }
 
@@ -200,6 +204,17 @@ impl Leader {
             let slot = self.next_slot;
             self.next_slot = slot.checked_add(1).expect("slot numbers ran out");
             self.propose_at(core, slot, Value::Batch(batch));
+        }
+        // A learner waits for a slot after `after`; no command took one.
+        if let Some(after) = self.owed_slot_after {
+            if self.next_slot - 1 > after {
+                self.owed_slot_after = None;
+            } else if self.in_flight.len() < core.cfg.window {
+                self.owed_slot_after = None;
+                let slot = self.next_slot;
+                self.next_slot = slot.checked_add(1).expect("slot numbers ran out");
+                self.propose_at(core, slot, Value::Noop);
+            }
         }
     }
 
@@ -364,7 +379,9 @@ impl Leader {
     /// and says the highest slot proposed so far; if nothing is in flight or
     /// queued, a no-op is proposed right after answering, so that a slot
     /// proposed after the learner's recovery began gets chosen even in an
-    /// idle cluster.
+    /// idle cluster. With slots in flight, a no-op is owed: proposed once
+    /// the window has room, unless a command took a slot after them first
+    /// (else a cluster that goes idle never proposes the learner's slot).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn on_catch_up_request(
         &mut self,
@@ -428,6 +445,8 @@ impl Leader {
             let slot = self.next_slot;
             self.next_slot = slot.checked_add(1).expect("slot numbers ran out");
             self.propose_at(core, slot, Value::Noop);
+        } else if nonce.is_some() {
+            self.owed_slot_after = self.owed_slot_after.max(Some(proposed));
         }
     }
 }
@@ -436,6 +455,40 @@ impl Leader {
 mod tests {
     use super::*;
     use crate::paxos::testing::{Net, batch, cmd, only, small_messages};
+
+    #[test]
+    fn a_learner_asking_while_slots_are_in_flight_gets_a_slot_proposed_after_them_even_when_idle() {
+        let mut net = Net::new(3);
+        net.elect(1);
+        let ballot = net.node(1).status().promised;
+        net.node(1).propose(cmd("a")).unwrap();
+        // Slot 1 is in flight when a learner's request (with its nonce)
+        // arrives: it must wait for a slot proposed after 1.
+        net.flush(1);
+        let request = Message::CatchUpRequest {
+            ballot,
+            from_slot: 1,
+            to_slot: 0,
+            nonce: Some(9),
+        };
+        net.node(1).step(3, request).unwrap();
+        net.run();
+        let proposed = net.delivered.iter().find_map(|(from, to, m)| match m {
+            Message::CatchUp {
+                nonce: Some(9),
+                proposed,
+                ..
+            } if (*from, *to) == (1, 3) => Some(*proposed),
+            _ => None,
+        });
+        assert_eq!(proposed, Some(1));
+        // No client writes any more, yet slot 2 is proposed and chosen.
+        for _ in 0..5 {
+            net.tick_all();
+        }
+        assert_eq!(net.node(1).committed(), 2);
+        assert_eq!(net.chosen[&1][1], (2, Value::Noop));
+    }
 
     #[test]
     fn the_leader_counts_itself_only_once_its_accept_is_durable() {

@@ -59,9 +59,10 @@
 //! Here: the learner's `CatchUpRequest` carries its nonce; the leader's
 //! `CatchUp` echoes it and adds `proposed`, the highest slot it had
 //! proposed so far. The first piece whose nonce matches fixes
-//! `rejoin_at = proposed + 1` and the leader's ballot `B`. (A leader with
-//! nothing in flight proposes a no-op on such a request, so that an idle
-//! cluster has a slot to wait for.) The learner rejoins once `rejoin_at` is
+//! `rejoin_at = proposed + 1` and the leader's ballot `B`. (A leader
+//! proposes a no-op after such a request unless a command takes the next
+//! slot first, so that a cluster that is or goes idle has a slot to wait
+//! for.) The learner rejoins once `rejoin_at` is
 //! committed here *and* the leader of `B` itself reported a commit index at
 //! or past it (in an `Accept`, `Heartbeat` or `CatchUp` under `B`): then
 //! `rejoin_at` is chosen under `B`, a slot `B`'s leader first proposed after
