@@ -104,7 +104,7 @@ def plant(bug):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=500)
+    parser.add_argument("--seeds", type=int, default=2000)
     parser.add_argument("bugs", nargs="*", help="names of bugs to plant (default: all)")
     args = parser.parse_args()
     names = {b["name"] for b in BUGS}

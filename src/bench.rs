@@ -36,6 +36,8 @@ pub struct BenchOptions {
     pub reads: bool,
     /// The deadline of each call.
     pub timeout: Duration,
+    /// Stop after this many calls in all, if sooner than `duration`.
+    pub max_calls: Option<u64>,
 }
 
 /// What a run measured.
@@ -106,17 +108,22 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, String> {
         << 12;
     let started = Instant::now();
     let until = started + opts.duration;
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let max_calls = opts.max_calls.unwrap_or(u64::MAX);
     let mut tasks = Vec::new();
     for c in 0..opts.clients {
         let endpoint = opts.endpoints[c % opts.endpoints.len()].clone();
         let opts = opts.clone();
         let client_id = base_id + c as u64 + 1;
+        let calls = std::sync::Arc::clone(&calls);
         tasks.push(tokio::spawn(async move {
             let mut client = KvStoreClient::new(channel(&endpoint)?);
             let (mut ok, mut errors, mut first_error) = (0u64, 0u64, None);
             let mut latencies = Vec::new();
             let mut sequence = 0u64;
-            while Instant::now() < until {
+            while Instant::now() < until
+                && calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < max_calls
+            {
                 sequence += 1;
                 // Each client walks its own share of the keys, so that
                 // together they write every key once before any twice.

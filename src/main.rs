@@ -124,6 +124,9 @@ enum Command {
         /// Each call's deadline, in milliseconds.
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
+        /// Stop after this many calls in all (sooner than --seconds).
+        #[arg(long)]
+        max_calls: Option<u64>,
     },
     /// Prints every replica's role, ballot, indexes and lag; exits 6 if the
     /// cluster has no leader or no quorum.
@@ -298,6 +301,7 @@ async fn run(cli: Cli) -> ExitCode {
             reads,
             ceiling,
             timeout_ms,
+            max_calls,
         } => {
             let mut opts = paxoskv::bench::BenchOptions {
                 endpoints,
@@ -306,6 +310,7 @@ async fn run(cli: Cli) -> ExitCode {
                 keys,
                 reads,
                 timeout: Duration::from_millis(timeout_ms),
+                max_calls,
             };
             let what = if reads { "reads" } else { "writes" };
             let mut floor = None;
