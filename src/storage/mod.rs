@@ -486,6 +486,27 @@ fn sync_what(path: &Path) -> String {
     format!("fsync of {}", path.display())
 }
 
+/// Renames `dir/from` to `dir/to` and makes the rename durable.
+fn rename(dir: &Path, from: &str, to: &str) -> Result<(), StorageError> {
+    let (from, to) = (dir.join(from), dir.join(to));
+    std::fs::rename(&from, &to).map_err(|e| {
+        io_error(
+            format!("renaming {} to {}", from.display(), to.display()),
+            e,
+        )
+    })?;
+    sync_dir(dir)
+}
+
+/// Removes a directory and everything in it; nothing there is fine.
+fn remove_dir_if_present(path: &Path) -> Result<(), StorageError> {
+    match std::fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_error(format!("removing {}", path.display()), e)),
+    }
+}
+
 /// Fsyncs a directory, making the entries created in it durable.
 fn sync_dir(dir: &Path) -> Result<(), StorageError> {
     let d = std::fs::File::open(dir)

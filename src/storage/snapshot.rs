@@ -82,7 +82,7 @@ use super::state_machine::{
     APPLIED, DIGEST, Digest, StateMachine, TAG_KV, TAG_SESSION, damaged, decode_kv, decode_session,
     grouped, lock,
 };
-use super::{STATE_DIR, StorageError, io_error, sync_dir};
+use super::{STATE_DIR, StorageError, remove_dir_if_present, rename, sync_dir};
 use crate::kv;
 use crate::paxos::Slot;
 
@@ -606,23 +606,4 @@ pub(super) fn recover(data_dir: &Path) -> Result<(), StorageError> {
         }
     }
     sync_dir(data_dir)
-}
-
-fn rename(dir: &Path, from: &str, to: &str) -> Result<(), StorageError> {
-    let (from, to) = (dir.join(from), dir.join(to));
-    std::fs::rename(&from, &to).map_err(|e| {
-        io_error(
-            format!("renaming {} to {}", from.display(), to.display()),
-            e,
-        )
-    })?;
-    sync_dir(dir)
-}
-
-fn remove_dir_if_present(path: &Path) -> Result<(), StorageError> {
-    match std::fs::remove_dir_all(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_error(format!("removing {}", path.display()), e)),
-    }
 }

@@ -3,33 +3,14 @@
 
 use super::state_machine::StateMachine;
 use super::state_machine::{APPLIED, Digest, SEAL_FILE, SLED_DATA_FILE, TAG_KV, entry_hash};
+use super::tests::TempDir;
 use super::*;
 use crate::kv::{Command, Op};
 use bytes::Bytes;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
 const CACHE: u64 = 8 << 20;
-
-/// A fresh directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let path =
-            std::env::temp_dir().join(format!("paxoskv-snap-{name}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        TempDir(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn open(dir: &Path) -> Storage {
     Storage::open(dir, CACHE).unwrap().0

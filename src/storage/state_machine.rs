@@ -66,7 +66,7 @@ use sled::transaction::{
 };
 
 use super::snapshot::Readers;
-use super::{StorageError, io_error, sync_dir, sync_what};
+use super::{StorageError, io_error, remove_dir_if_present, sync_dir, sync_what};
 use crate::kv::{self, KvState};
 use crate::paxos::{Slot, Value};
 
@@ -290,11 +290,7 @@ impl StateMachine {
         why: &StorageError,
     ) -> Result<StateMachine, StorageError> {
         let aside = dir.with_extension("damaged");
-        match std::fs::remove_dir_all(&aside) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_error(format!("removing {}", aside.display()), e)),
-        }
+        remove_dir_if_present(&aside)?;
         std::fs::rename(dir, &aside).map_err(|e| {
             io_error(
                 format!("moving {} aside to {}", dir.display(), aside.display()),

@@ -26,7 +26,10 @@ use tracing::warn;
 
 use super::acceptor_log::{AcceptorLog, SEGMENT_BYTES};
 use super::state_machine::{SLED_DATA_FILE, StateMachine};
-use super::{LOG_DIR, STATE_DIR, StorageError, decode_ballot, io_error, sync_dir};
+use super::{
+    LOG_DIR, STATE_DIR, StorageError, decode_ballot, io_error, remove_dir_if_present, rename,
+    sync_dir,
+};
 use crate::paxos::{Ballot, Membership, Persist};
 use crate::pb;
 use crate::wire;
@@ -112,25 +115,6 @@ fn read_acceptor(old: &sled::Db) -> Result<(Ballot, Vec<crate::paxos::Accepted>)
         votes.push(vote);
     }
     Ok((promised, votes))
-}
-
-fn rename(dir: &Path, from: &str, to: &str) -> Result<(), StorageError> {
-    let (from, to) = (dir.join(from), dir.join(to));
-    std::fs::rename(&from, &to).map_err(|e| {
-        io_error(
-            format!("renaming {} to {}", from.display(), to.display()),
-            e,
-        )
-    })?;
-    sync_dir(dir)
-}
-
-fn remove_dir_if_present(path: &Path) -> Result<(), StorageError> {
-    match std::fs::remove_dir_all(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_error(format!("removing {}", path.display()), e)),
-    }
 }
 
 /// Deletes what a completed migration may have left of sled 0.1's files;
