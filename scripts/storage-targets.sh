@@ -54,14 +54,23 @@ until [ "$(field $follower 3)" = "follower" ]; do sleep 0.02; done
 t1=$(date +%s.%N)
 echo "restart after SIGKILL: replica $follower serving as follower after $(awk "BEGIN {printf \"%.2f\", $t1 - $t0}") s"
 
+# One client's writes to the leader for 10 s, as a baseline for the next.
+lead=127.0.0.1:1818$leader
+echo "one client, no snapshot being sent: $($BIN bench --endpoints $lead --seconds 10 | tail -1)"
+
 # A follower whose data directory is deleted: back in sync (voting, applied
-# the leader's commit index) after ...
+# the leader's commit index) after ... While the leader sends it the
+# snapshot, one client writes to the leader, as above.
 kill -9 "${PID[$follower]}"; wait "${PID[$follower]}" 2>/dev/null || true
 rm -rf "${DIR:?}/$follower"
+$BIN bench --endpoints $lead --seconds 10 > "$DIR/during.txt" &
+BENCH=$!
 t0=$(date +%s.%N); start $follower
 until [ "$(field $follower 3)" = "follower" ] && \
       [ "$(field $follower 6)" = "$(field "$leader" 5)" ]; do sleep 0.1; done
 t1=$(date +%s.%N)
 echo "wiped follower: replica $follower back in sync (voting, applied = leader's commit) after $(awk "BEGIN {printf \"%.2f\", $t1 - $t0}") s"
 grep -h "installed a snapshot" "$DIR/replica-$follower.log" | tail -1 || true
+wait $BENCH
+echo "one client, while the snapshot was being sent: $(tail -1 "$DIR/during.txt")"
 status
