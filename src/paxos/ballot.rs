@@ -44,10 +44,14 @@ impl Ballot {
     }
 
     /// Whether a replica that has seen rounds up to `highest` may take this
-    /// ballot: its round is at most [`MAX_ROUND_JUMP`](Self::MAX_ROUND_JUMP)
-    /// above `highest`, and leaves room for a higher one.
+    /// ballot from a peer: its round is at least 1 (rounds start there; 0
+    /// is [`ZERO`](Self::ZERO)'s), at most
+    /// [`MAX_ROUND_JUMP`](Self::MAX_ROUND_JUMP) above `highest`, and leaves
+    /// room for a higher one.
     pub fn in_range(self, highest: u64) -> bool {
-        self.round < u64::MAX && self.round <= highest.saturating_add(Self::MAX_ROUND_JUMP)
+        self.round >= 1
+            && self.round < u64::MAX
+            && self.round <= highest.saturating_add(Self::MAX_ROUND_JUMP)
     }
 
     /// The round after `highest` for a new ballot, unless none is left.
@@ -81,6 +85,8 @@ mod tests {
         assert!(!Ballot::new(jump + 8, 1).in_range(7));
         assert!(Ballot::new(u64::MAX - 1, 1).in_range(u64::MAX - 2));
         assert!(!Ballot::new(u64::MAX, 1).in_range(u64::MAX - 1));
+        assert!(!Ballot::new(0, 1).in_range(0));
+        assert!(Ballot::new(1, 1).in_range(0));
         assert_eq!(Ballot::next_round(4), Some(5));
         assert_eq!(Ballot::next_round(u64::MAX - 2), Some(u64::MAX - 1));
         assert_eq!(Ballot::next_round(u64::MAX - 1), None);

@@ -21,7 +21,9 @@ pub struct Config {
     pub resend_ticks: u64,
     /// A follower repeats an unanswered catch-up request after this many ticks.
     pub catch_up_ticks: u64,
-    /// Most slots the leader has proposed and not yet seen chosen.
+    /// How far past its commit index the leader proposes: slot `s` only
+    /// while `s <= commit + window` (so at most this many slots are in
+    /// flight). At most [`MAX_WINDOW`](Self::MAX_WINDOW).
     pub window: usize,
     /// Most client commands in one slot.
     pub max_batch: usize,
@@ -42,6 +44,14 @@ pub struct Config {
 }
 
 impl Config {
+    /// The largest [`window`](Self::window) any replica may use. It is also
+    /// the bound every acceptor holds accepts to: a slot at most this far
+    /// above the commit index the accept carries (see
+    /// `replica/admission.rs`). A protocol constant rather than this
+    /// replica's own `window`, so that replicas configured with different
+    /// windows still hear each other.
+    pub const MAX_WINDOW: usize = 1024;
+
     /// Defaults for a cluster of `members`, tuned for a 10 ms tick: heartbeat
     /// every 100 ms, elections after 1 to 2 s of silence.
     pub fn new(id: NodeId, members: Vec<NodeId>) -> Self {
@@ -80,6 +90,13 @@ impl Config {
         }
         if self.window == 0 || self.max_batch == 0 || self.max_catch_up == 0 {
             return Err("window, max_batch and max_catch_up must be > 0".into());
+        }
+        if self.window > Self::MAX_WINDOW {
+            return Err(format!(
+                "window ({}) must be at most {}: acceptors refuse accepts further ahead",
+                self.window,
+                Self::MAX_WINDOW
+            ));
         }
         let full_batch = self.max_batch_bytes
             + self.max_batch * COMMAND_OVERHEAD
@@ -126,5 +143,10 @@ mod tests {
         assert_eq!(small.validate(), Ok(()));
         small.max_message_bytes -= 1;
         assert!(small.validate().is_err());
+        let mut wide = cfg.clone();
+        wide.window = Config::MAX_WINDOW;
+        assert_eq!(wide.validate(), Ok(()));
+        wide.window += 1;
+        assert!(wide.validate().unwrap_err().contains("window"));
     }
 }

@@ -14,6 +14,9 @@
 //! - [`recovery`]: which value a new leader re-proposes per slot;
 //! - [`quorum`]: what counts as a majority, for every vote of the protocol;
 //! - [`replica`]: one replica, split by role into
+//!   - `replica/admission.rs`: which peer messages are heard at all (every
+//!     [`Refused`] rule: non-members, ballots and slots out of range,
+//!     accepts beyond the window, values no state machine can apply);
 //!   - `replica/election.rs`: pre-vote, prepare, promise, becoming leader,
 //!     stepping down, the election timer, leader stickiness;
 //!   - `replica/leader.rs`: the pipelined phase 2, counting accepts, the

@@ -6,17 +6,22 @@ use super::ballot::{Ballot, Slot};
 use super::message::{Accepted, Value};
 
 /// Given the votes reported by a majority of promises (all at or after
-/// `from_slot`), the value to re-propose for every slot from `from_slot` up
-/// to the highest reported one.
+/// `from_slot`), the value to re-propose for each slot from `from_slot` up
+/// to the highest reported one: the map holds the slots with a vote, and
+/// every slot of that range it does not hold gets a no-op.
 ///
 /// Rules: for a slot with votes, the value of the highest-ballot vote (any
 /// value chosen earlier is that one); for a slot in the range with no vote,
 /// a no-op (nothing can have been chosen there). Votes below `from_slot` are
 /// ignored: the new leader already knows those slots chosen.
+///
+/// The no-ops are left implicit, not listed, so that recovering a range
+/// with wide gaps costs memory for the votes only: the leader makes each
+/// no-op when it proposes its slot (see `Leader::fill_pipeline`).
 pub fn recover<'a>(
     from_slot: Slot,
     promises: impl IntoIterator<Item = &'a [Accepted]>,
-) -> Vec<(Slot, Value)> {
+) -> BTreeMap<Slot, Value> {
     let mut best: BTreeMap<Slot, (Ballot, &Value)> = BTreeMap::new();
     for votes in promises {
         for vote in votes.iter().filter(|vote| vote.slot >= from_slot) {
@@ -26,14 +31,8 @@ pub fn recover<'a>(
             }
         }
     }
-    let Some(&last) = best.keys().next_back() else {
-        return Vec::new();
-    };
-    (from_slot..=last)
-        .map(|slot| {
-            let value = best.get(&slot).map_or(Value::Noop, |(_, v)| (*v).clone());
-            (slot, value)
-        })
+    best.into_iter()
+        .map(|(slot, (_, value))| (slot, value.clone()))
         .collect()
 }
 
@@ -52,6 +51,21 @@ mod tests {
 
     fn val(s: &str) -> Value {
         Value::Batch(vec![Bytes::copy_from_slice(s.as_bytes())])
+    }
+
+    /// What the leader proposes: every slot from `from_slot` to the last
+    /// recovered one, a no-op where none was.
+    fn recover<'a>(
+        from_slot: Slot,
+        promises: impl IntoIterator<Item = &'a [Accepted]>,
+    ) -> Vec<(Slot, Value)> {
+        let mut votes = super::recover(from_slot, promises);
+        let Some(&last) = votes.keys().next_back() else {
+            return Vec::new();
+        };
+        (from_slot..=last)
+            .map(|slot| (slot, votes.remove(&slot).unwrap_or(Value::Noop)))
+            .collect()
     }
 
     #[test]
@@ -83,5 +97,18 @@ mod tests {
         // Votes below from_slot are known chosen already and are not re-proposed.
         let old = vec![vote(4, 9, "x")];
         assert!(recover(5, [old.as_slice()]).is_empty());
+    }
+
+    #[test]
+    fn the_no_ops_of_a_gap_are_not_listed() {
+        // A vote far ahead (a forged or corrupt one, say) costs one entry,
+        // not one per slot of the gap.
+        let far = vec![vote(1, 1, "a"), vote(u64::MAX - 1, 1, "z")];
+        let got = super::recover(1, [far.as_slice()]);
+        assert_eq!(got.len(), 2);
+        assert_eq!(
+            got.keys().copied().collect::<Vec<_>>(),
+            vec![1, u64::MAX - 1]
+        );
     }
 }

@@ -261,9 +261,10 @@ impl Replica {
     /// slot up to `S` is chosen, though no vote says with what. Recovery
     /// starts above `S`: re-proposing there (a reported vote, or a no-op
     /// where the vote was compacted away) could overwrite a chosen value.
-    /// When `S` is past our commit index we lead anyway, pipelining above
-    /// `S`, and fetch the snapshot from a replica that reported it; the
-    /// commit index (and with it every read) waits for its install.
+    /// When `S` is past our commit index we lead anyway and fetch the
+    /// snapshot from a replica that reported it; the commit index (and with
+    /// it every read) waits for its install, and so does every proposal
+    /// more than a window above it.
     fn become_leader(&mut self) {
         let State::Candidate(c) = std::mem::replace(&mut self.state, State::Follower) else {
             return;
@@ -289,16 +290,17 @@ impl Replica {
             .flat_map(|(_, chunks)| chunks.values().map(|chunk| chunk.accepted.as_slice()));
         let recovered = recover(from_slot, votes);
         assert!(
-            recovered.first().is_none_or(|&(slot, _)| slot == from_slot),
-            "recovery re-proposes every slot from the first one not known chosen"
+            recovered
+                .first_key_value()
+                .is_none_or(|(&slot, _)| slot >= from_slot && slot > snapshot),
+            "nothing below the first slot not known chosen, or at or below a reported \
+             snapshot, is re-proposed"
         );
-        assert!(
-            recovered.first().is_none_or(|&(slot, _)| slot > snapshot),
-            "nothing at or below a reported snapshot is re-proposed"
-        );
+        // Every slot from `from_slot` to the last vote is re-proposed (a
+        // no-op where none was reported), paced by the window.
         let recovered_through = recovered
-            .last()
-            .map_or(core.committed.max(snapshot), |&(slot, _)| slot);
+            .last_key_value()
+            .map_or(core.committed.max(snapshot), |(&slot, _)| slot);
         core.leadership = Some(Leadership {
             id: core.cfg.id,
             ballot: c.ballot,
@@ -307,12 +309,13 @@ impl Replica {
         if snapshot > core.committed {
             core.need_snapshot(reporter, snapshot, c.ballot);
         }
-        let l = self
-            .state
-            .become_leader(Leader::new(core, c.ballot, recovered_through));
-        for (slot, value) in recovered {
-            l.propose_at(core, slot, value);
-        }
+        let l = self.state.become_leader(Leader::new(
+            core,
+            c.ballot,
+            from_slot,
+            recovered_through,
+            recovered,
+        ));
         l.broadcast_heartbeat(core);
     }
 
@@ -437,7 +440,7 @@ mod tests {
     use super::*;
     use crate::paxos::Value;
     use crate::paxos::testing::{Net, campaign, cmd, config, only, replica, small_messages};
-    use crate::paxos::{NotLeader, Refused, Replica, Restore, Role};
+    use crate::paxos::{NotLeader, Replica, Restore, Role};
     use bytes::Bytes;
 
     #[test]
@@ -575,30 +578,6 @@ mod tests {
         );
         r.step(2, chunk(5, Some(6))).unwrap();
         assert!(r.is_leader());
-    }
-
-    #[test]
-    fn a_promise_chunk_holding_votes_outside_its_range_is_refused() {
-        let mut r = replica(1, 3);
-        let vote = Accepted {
-            slot: 9,
-            ballot: Ballot::new(1, 2),
-            value: Value::Noop,
-        };
-        let chunk = Message::Promise {
-            ballot: Ballot::new(1, 1),
-            from_slot: 1,
-            to_slot: Some(8),
-            accepted: vec![vote],
-            snapshot: 0,
-        };
-        assert_eq!(
-            r.step(2, chunk),
-            Err(Refused::PromiseOutOfRange {
-                from_slot: 1,
-                to_slot: Some(8)
-            })
-        );
     }
 
     fn vote(slot: Slot, ballot: Ballot, s: &str) -> Accepted {
@@ -761,6 +740,8 @@ mod tests {
     fn a_pre_vote_is_granted_only_without_a_live_leader_and_above_the_promise_and_changes_nothing()
     {
         let mut net = Net::new(3);
+        // Leading at round 5, so that there are rounds below the promise.
+        net.restore(1, Ballot::new(4, 1), vec![]);
         net.elect(1);
         let promised = net.node(2).status().promised;
         let f = net.node(2);

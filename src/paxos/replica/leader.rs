@@ -39,6 +39,13 @@ pub(super) struct Leader {
     pub(super) ballot: Ballot,
     /// The last slot recovered in phase 1; reads wait until it is committed.
     pub(super) recovered_through: Slot,
+    /// The next recovered slot to propose (past `recovered_through` once
+    /// every one is): recovered slots are proposed in order, as the window
+    /// allows, before any new command.
+    next_recovered: Slot,
+    /// The values recovered in phase 1 for the slots from `next_recovered`
+    /// on, not yet proposed; a slot of that range missing here gets a no-op.
+    recovering: BTreeMap<Slot, Value>,
     next_slot: Slot,
     pub(super) in_flight: BTreeMap<Slot, Proposal>,
     pub(super) queued: VecDeque<Bytes>,
@@ -55,9 +62,17 @@ pub(super) struct Leader {
 }
 
 impl Leader {
-    /// A leader of `ballot` that recovered every slot up to
-    /// `recovered_through` in phase 1 (and has yet to propose them).
-    pub(super) fn new(core: &Core, ballot: Ballot, recovered_through: Slot) -> Leader {
+    /// A leader of `ballot` that recovered, in phase 1, `recovered` for the
+    /// slots `first_recovered..=recovered_through` (a no-op for each slot
+    /// of that range `recovered` does not hold), and has yet to propose
+    /// them.
+    pub(super) fn new(
+        core: &Core,
+        ballot: Ballot,
+        first_recovered: Slot,
+        recovered_through: Slot,
+        recovered: BTreeMap<Slot, Value>,
+    ) -> Leader {
         let now = core.now;
         let progress = core
             .peers()
@@ -74,6 +89,8 @@ impl Leader {
         Leader {
             ballot,
             recovered_through,
+            next_recovered: first_recovered,
+            recovering: recovered,
             next_slot: recovered_through
                 .checked_add(1)
                 .expect("recovered slots are below u64::MAX"),
@@ -117,11 +134,21 @@ impl Leader {
                     .is_none_or(|(&s, _)| s < self.next_slot),
             "slots in flight lie between the commit index and next_slot"
         );
-        // Recovery may put more than a window of slots in flight at once;
-        // new slots are only opened below the window.
         assert!(
-            self.in_flight.len() <= core.cfg.window || self.next_slot - 1 == self.recovered_through,
-            "the window is never exceeded by new proposals"
+            self.in_flight
+                .last_key_value()
+                .is_none_or(|(&s, _)| self.in_window(core, s)),
+            "no slot is proposed more than a window above the commit index"
+        );
+        assert!(
+            self.recovery_done() || self.next_recovered > core.committed,
+            "the recovered slots not yet proposed are above the commit index"
+        );
+        assert!(
+            self.recovering
+                .keys()
+                .all(|&s| (self.next_recovered..=self.recovered_through).contains(&s)),
+            "recovered values wait only for slots not yet proposed"
         );
         debug_assert!(
             self.in_flight.keys().all(|&slot| core
@@ -142,6 +169,20 @@ impl Leader {
                 silent_ticks: now.saturating_sub(p.last_ack),
             })
             .collect()
+    }
+
+    /// Whether `slot` may be proposed now: it is at most `window` above the
+    /// commit index. Every accept carries the commit index, which never
+    /// goes down, so every accept for `slot` lies within the window above
+    /// the commit index it carries: acceptors refuse any other (see
+    /// `admission.rs`).
+    fn in_window(&self, core: &Core, slot: Slot) -> bool {
+        slot.saturating_sub(core.committed) <= core.cfg.window as u64
+    }
+
+    /// Whether every slot recovered in phase 1 has been proposed.
+    fn recovery_done(&self) -> bool {
+        self.next_recovered > self.recovered_through
     }
 
     /// Check-quorum: whether a majority (us included) answered within the
@@ -170,11 +211,7 @@ impl Leader {
     /// outcome it leaves unknown reach.
     pub(super) fn abandon(self, core: &mut Core) {
         if let Some((&last, _)) = self.in_flight.last_key_value() {
-            assert_eq!(
-                last + 1,
-                self.next_slot,
-                "the last slot proposed is in flight"
-            );
+            assert!(last < self.next_slot, "slots in flight were proposed");
             let through = &mut core.ready.abandoned_through;
             *through = (*through).max(Some(last));
         }
@@ -186,9 +223,24 @@ impl Leader {
         core.leadership = None;
     }
 
-    /// Cuts the queued commands into slots while the window has room.
+    /// Proposes the slots recovered in phase 1, then cuts the queued
+    /// commands into slots, while the window has room.
+    ///
+    /// Rule: the window bounds every proposal, recovered ones included: a
+    /// slot is proposed only while it is at most `window` above the commit
+    /// index. A leader that recovered far more slots than that (it lagged)
+    /// proposes them a window at a time, as they are chosen; a leader still
+    /// waiting for a snapshot to move its commit index up proposes nothing
+    /// beyond it meanwhile.
     pub(super) fn fill_pipeline(&mut self, core: &mut Core) {
-        while !self.queued.is_empty() && self.in_flight.len() < core.cfg.window {
+        while !self.recovery_done() && self.in_window(core, self.next_recovered) {
+            let slot = self.next_recovered;
+            // Below `recovered_through`, itself below u64::MAX.
+            self.next_recovered = slot + 1;
+            let value = self.recovering.remove(&slot).unwrap_or(Value::Noop);
+            self.propose_at(core, slot, value);
+        }
+        while !self.queued.is_empty() && self.in_window(core, self.next_slot) {
             let mut batch = Vec::new();
             let mut bytes = 0;
             while let Some(command) = self.queued.front() {
@@ -209,7 +261,7 @@ impl Leader {
         if let Some(after) = self.owed_slot_after {
             if self.next_slot - 1 > after {
                 self.owed_slot_after = None;
-            } else if self.in_flight.len() < core.cfg.window {
+            } else if self.in_window(core, self.next_slot) {
                 self.owed_slot_after = None;
                 let slot = self.next_slot;
                 self.next_slot = slot.checked_add(1).expect("slot numbers ran out");
@@ -314,17 +366,26 @@ impl Leader {
     /// The driver installed a snapshot at `index`, now the commit index.
     /// Slots in flight up to it are chosen and in the snapshot: they are
     /// dropped, and the commands in them handed back with an unknown
-    /// outcome (the snapshot may hold them or another value). Proposals go
+    /// outcome (the snapshot may hold them or another value); so are the
+    /// recovered values not yet proposed there. Proposals go
     /// on above it, and the commit index runs on through the slots in
     /// flight already chosen.
     pub(super) fn snapshot_installed(&mut self, core: &mut Core, index: Slot) {
         debug_assert_eq!(core.committed, index, "the core moved the commit index");
         let above = self.in_flight.split_off(&(index + 1));
-        for (_, p) in std::mem::replace(&mut self.in_flight, above) {
-            if let Value::Batch(commands) = p.value {
+        let covered = std::mem::replace(&mut self.in_flight, above);
+        let above = self.recovering.split_off(&(index + 1));
+        let recovered = std::mem::replace(&mut self.recovering, above);
+        for value in covered
+            .into_values()
+            .map(|p| p.value)
+            .chain(recovered.into_values())
+        {
+            if let Value::Batch(commands) = value {
                 core.ready.unknown_outcome.extend(commands);
             }
         }
+        self.next_recovered = self.next_recovered.max(index + 1);
         self.next_slot = self.next_slot.max(index + 1);
         self.advance_commit(core);
     }
@@ -441,7 +502,12 @@ impl Leader {
                 },
             );
         }
-        if nonce.is_some() && self.in_flight.is_empty() && self.queued.is_empty() {
+        if nonce.is_some()
+            && self.in_flight.is_empty()
+            && self.queued.is_empty()
+            && self.recovery_done()
+            && self.in_window(core, self.next_slot)
+        {
             let slot = self.next_slot;
             self.next_slot = slot.checked_add(1).expect("slot numbers ran out");
             self.propose_at(core, slot, Value::Noop);
@@ -454,7 +520,7 @@ impl Leader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::paxos::testing::{Net, batch, cmd, only, small_messages};
+    use crate::paxos::testing::{Net, batch, campaign, cmd, only, small_messages};
 
     #[test]
     fn a_learner_asking_while_slots_are_in_flight_gets_a_slot_proposed_after_them_even_when_idle() {
@@ -525,6 +591,8 @@ mod tests {
     #[test]
     fn a_slot_is_chosen_on_a_majority_under_the_same_ballot() {
         let mut net = Net::new(5);
+        // Leading at round 5, after an older leadership of its own.
+        net.restore(1, Ballot::new(4, 1), vec![]);
         net.elect(1);
         let leader = net.node(1);
         let ballot = leader.status().promised;
@@ -534,12 +602,13 @@ mod tests {
         leader
             .step(2, Message::Accepted { ballot, slot: 1 })
             .unwrap();
-        // A vote under another ballot, and a repeated vote, do not count.
+        // A vote under another (our own older) ballot, and a repeated
+        // vote, do not count.
         leader
             .step(
                 3,
                 Message::Accepted {
-                    ballot: Ballot::new(ballot.round - 1, 3),
+                    ballot: Ballot::new(ballot.round - 1, 1),
                     slot: 1,
                 },
             )
@@ -623,6 +692,77 @@ mod tests {
                 .iter()
                 .any(|m| matches!(m, Message::Accept { slot: 3, value, .. } if value.len() == 3))
         );
+    }
+
+    /// Replica 2's votes: `slots` under an older ballot of replica 3.
+    fn old_votes(slots: impl IntoIterator<Item = Slot>) -> Vec<crate::paxos::Accepted> {
+        slots
+            .into_iter()
+            .map(|slot| crate::paxos::Accepted {
+                slot,
+                ballot: Ballot::new(1, 3),
+                value: batch(&[&slot.to_string()]),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_new_leader_proposes_what_it_recovered_a_window_at_a_time() {
+        let mut net = Net::with_config(3, |cfg| cfg.window = 2);
+        net.restore(2, Ballot::new(1, 3), old_votes(1..=7));
+        net.elect(1);
+        net.run();
+        // Every accept lay within the window above the commit index it
+        // carried, recovered slots included.
+        let accepts: Vec<(Slot, Slot)> = net
+            .delivered
+            .iter()
+            .filter_map(|(_, _, m)| match m {
+                Message::Accept { slot, commit, .. } => Some((*slot, *commit)),
+                _ => None,
+            })
+            .collect();
+        assert!(!accepts.is_empty());
+        assert!(
+            accepts
+                .iter()
+                .all(|&(slot, commit)| commit < slot && slot - commit <= 2),
+            "{accepts:?}"
+        );
+        let chosen: Vec<Slot> = net.chosen[&1].iter().map(|(s, _)| *s).collect();
+        assert_eq!(chosen, (1..=7).collect::<Vec<_>>());
+        assert_eq!(net.chosen[&1][6].1, batch(&["7"]));
+    }
+
+    #[test]
+    fn a_vote_far_ahead_costs_a_new_leader_one_window_not_the_gap() {
+        let far = 1 << 40;
+        let mut net = Net::new(3);
+        net.restore(2, Ballot::new(1, 3), old_votes([1, far]));
+        net.restore(1, Ballot::new(1, 3), vec![]);
+        // Replica 1 campaigns; only its own promise and replica 2's are
+        // delivered, and nothing after.
+        campaign(net.node(1));
+        let ready = net.node(1).take_ready();
+        for e in ready.persisted_messages {
+            match e.to {
+                1 => net.node(1).step_own(e.msg),
+                2 => {
+                    net.node(2).step(1, e.msg).unwrap();
+                    for reply in net.node(2).take_ready().persisted_messages {
+                        net.node(1).step(2, reply.msg).unwrap();
+                    }
+                }
+                _ => {}
+            }
+        }
+        let leader = net.node(1);
+        assert!(leader.is_leader());
+        leader.take_ready();
+        // It recovered through `far`, but holds one window in flight.
+        assert_eq!(leader.status().in_flight, leader.config().window);
+        assert_eq!(leader.read(1), Ok(()));
+        assert!(leader.take_ready().reads.is_empty(), "recovery is not over");
     }
 
     #[test]

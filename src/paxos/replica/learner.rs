@@ -448,19 +448,25 @@ mod tests {
     fn an_accept_for_a_compacted_slot_gets_no_vote_and_points_the_leader_at_the_snapshot() {
         let mut f = replica(2, 3);
         let ballot = Ballot::new(1, 1);
-        let accept = |slot| Message::Accept {
+        let accept = |slot, commit| Message::Accept {
             ballot,
             slot,
             value: batch(&["x"]),
-            commit: 2,
+            commit,
         };
-        f.step(1, accept(1)).unwrap();
-        f.step(1, accept(2)).unwrap();
+        f.step(1, accept(1, 0)).unwrap();
+        f.step(1, accept(2, 1)).unwrap();
+        let heartbeat = Message::Heartbeat {
+            ballot,
+            commit: 2,
+            read_round: 0,
+        };
+        f.step(1, heartbeat).unwrap();
         f.take_ready();
         assert_eq!(f.committed(), 2);
         f.compact(2);
         // The leader, not knowing, sends slot 2 again.
-        f.step(1, accept(2)).unwrap();
+        f.step(1, accept(2, 1)).unwrap();
         let ready = f.take_ready();
         assert!(ready.persist.is_empty());
         assert_eq!(

@@ -712,17 +712,29 @@ mod tests {
         )
         .unwrap();
         // An answer to the previous incarnation's request (nonce 4), which
-        // would make slot 1 the rejoin slot.
+        // would make slot 2 the rejoin slot.
         let late = Message::CatchUp {
             ballot: b,
             entries: vec![(1, batch(&["a"]))],
             commit: 1,
             more: false,
             nonce: Some(4),
-            proposed: 0,
+            proposed: 1,
         };
         r.step(1, late).unwrap();
         assert_eq!(r.committed(), 1);
+        // Slot 2 is chosen next: had the late answer fixed it as the rejoin
+        // slot, the learner would vote now.
+        let next = Message::CatchUp {
+            ballot: b,
+            entries: vec![(2, batch(&["b"]))],
+            commit: 2,
+            more: false,
+            nonce: None,
+            proposed: 2,
+        };
+        r.step(1, next).unwrap();
+        assert_eq!(r.committed(), 2);
         assert_eq!(r.status().membership, Some(Membership::Learner));
         r.take_ready();
         // It keeps asking with its own nonce.

@@ -16,7 +16,8 @@
 //!    highest-ballot vote reported for every slot up to the highest reported
 //!    one, and a no-op where none was reported ([`recover`]).
 //! 3. It then streams one `Accept` per slot without waiting for earlier
-//!    slots, up to `window` slots in flight; commands that arrive meanwhile
+//!    slots, up to `window` slots past its commit index (the recovered
+//!    slots first, a window at a time); commands that arrive meanwhile
 //!    wait and go together into the next slot. A slot is chosen on a majority
 //!    of `Accepted` under the leader's ballot, the leader's own counted only
 //!    once durable. The commit index (end of the contiguous chosen prefix)
@@ -28,6 +29,8 @@
 //!
 //! - this one: the [`Replica`], its public API, and the dispatch of inputs
 //!   to the role that handles them;
+//! - `admission.rs`: every rule by which a peer's message is refused
+//!   before it reaches any of them ([`Refused`]);
 //! - `election.rs`: pre-vote, prepare, promise, becoming leader, stepping
 //!   down, the election timer and leader stickiness;
 //! - `leader.rs`: the phase 2 pipeline, counting accepts, advancing the
@@ -43,13 +46,12 @@
 //!
 //! [`recover`]: super::recovery::recover
 
+mod admission;
 mod election;
 mod leader;
 mod learner;
 mod membership;
 mod reads;
-
-use std::fmt;
 
 use bytes::Bytes;
 
@@ -61,6 +63,7 @@ use super::message::{
 };
 use super::rng::Rng;
 
+pub use admission::Refused;
 use election::{Candidate, PreCandidate};
 use leader::Leader;
 use membership::Standing;
@@ -83,61 +86,6 @@ pub struct NotLeader {
     /// The replica to ask instead, when known.
     pub leader: Option<NodeId>,
 }
-
-/// Why [`Replica::step`] refused a message. A refused message changes
-/// nothing: no promise, no vote, no reply. Honest members never cause one,
-/// so the driver may log each (rate-limited).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Refused {
-    /// The claimed sender is not a member of the configuration: only
-    /// members vote, and only their messages are heard.
-    NotMember(NodeId),
-    /// The message claims to come from this replica itself. Its own
-    /// messages come back through [`Replica::step_own`], never from the
-    /// network.
-    FromSelf,
-    /// A pre-vote, prepare, accept, heartbeat or catch-up speaks for `ballot`, which
-    /// is not the sender's own: a replica only proposes under ballots that
-    /// carry its id.
-    NotSendersBallot { from: NodeId, ballot: Ballot },
-    /// The message's ballot round is more than
-    /// [`Ballot::MAX_ROUND_JUMP`] above `highest`, the highest round this
-    /// replica has seen or promised, or is `u64::MAX`, which leaves no
-    /// round above it.
-    BallotOutOfRange { ballot: Ballot, highest: u64 },
-    /// A slot the message carries, to be voted on or learned, is 0 (slots
-    /// start at 1) or `u64::MAX` (it leaves no slot after it).
-    SlotOutOfRange { slot: Slot },
-    /// A chunk of a promise holds a vote outside the slots it says it
-    /// covers, or covers none.
-    PromiseOutOfRange {
-        from_slot: Slot,
-        to_slot: Option<Slot>,
-    },
-}
-
-impl fmt::Display for Refused {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Refused::NotMember(id) => write!(f, "sender {id} is not a member"),
-            Refused::FromSelf => f.write_str("sender claims to be this replica"),
-            Refused::NotSendersBallot { from, ballot } => {
-                write!(f, "replica {from} speaks for ballot {ballot}, not its own")
-            }
-            Refused::BallotOutOfRange { ballot, highest } => write!(
-                f,
-                "ballot {ballot} is out of range: the highest round seen is {highest}"
-            ),
-            Refused::SlotOutOfRange { slot } => write!(f, "slot {slot} is out of range"),
-            Refused::PromiseOutOfRange { from_slot, to_slot } => write!(
-                f,
-                "a promise chunk for slots {from_slot}..={to_slot:?} holds other slots"
-            ),
-        }
-    }
-}
-
-impl std::error::Error for Refused {}
 
 /// A snapshot of the replica's state, for metrics and status displays.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -274,6 +222,9 @@ struct Core {
     standing: Standing,
     nonce: u64,
     elections: u64,
+    /// Whether a client command may be voted on or learned (see
+    /// [`Replica::check_commands_with`]).
+    command_check: fn(&[u8]) -> bool,
     ready: Ready,
 }
 
@@ -317,6 +268,7 @@ impl Replica {
                 standing: Standing::restore(membership),
                 nonce,
                 elections: 0,
+                command_check: |_| true,
                 ready: Ready::default(),
             },
             state: State::Follower,
@@ -333,6 +285,18 @@ impl Replica {
     /// Its configuration.
     pub fn config(&self) -> &Config {
         &self.core.cfg
+    }
+
+    /// From now on, refuses ([`Refused::BadCommand`]) any peer message
+    /// whose values hold a client command for which `check` is false. The
+    /// core treats commands as opaque bytes, so the driver, which knows
+    /// what the state machine can apply, says which ones are acceptable. A
+    /// command no replica can apply must never be voted on: once chosen, or
+    /// recovered from a vote by a later leader, it would stop every
+    /// replica's state machine at that slot for good. (Without a check,
+    /// every command is taken.)
+    pub fn check_commands_with(&mut self, check: fn(&[u8]) -> bool) {
+        self.core.command_check = check;
     }
 
     /// True while leading.
@@ -492,81 +456,6 @@ impl Replica {
         self.check_invariants();
     }
 
-    /// Whether a message claimed to be from `from` may be heard at all.
-    fn admit(&self, from: NodeId, msg: &Message) -> Result<(), Refused> {
-        if from == self.core.cfg.id {
-            return Err(Refused::FromSelf);
-        }
-        if !self.core.cfg.members.contains(&from) {
-            return Err(Refused::NotMember(from));
-        }
-        if let Message::PreVote { ballot }
-        | Message::Prepare { ballot, .. }
-        | Message::Accept { ballot, .. }
-        | Message::Heartbeat { ballot, .. }
-        | Message::CatchUp { ballot, .. } = msg
-            && ballot.node != from
-        {
-            return Err(Refused::NotSendersBallot {
-                from,
-                ballot: *ballot,
-            });
-        }
-        let highest = self.core.highest_round();
-        if let Some(ballot) = msg.ballot()
-            && !ballot.in_range(highest)
-        {
-            return Err(Refused::BallotOutOfRange { ballot, highest });
-        }
-        // Every slot voted on or learned leaves room for the next one, so
-        // that `slot + 1` never overflows anywhere.
-        let bad_slot = match msg {
-            Message::Accept { slot, .. } => Some(*slot).filter(|&s| !slot_in_range(s)),
-            // A snapshot index, like the commit index, must leave room for
-            // the next slot; 0 (nothing compacted) is fine.
-            Message::Promise {
-                accepted, snapshot, ..
-            } => accepted
-                .iter()
-                .map(|a| a.slot)
-                .find(|&s| !slot_in_range(s))
-                .or(Some(*snapshot).filter(|&s| s == u64::MAX)),
-            Message::SnapshotAvailable { index: slot, .. }
-            | Message::CatchUp { proposed: slot, .. }
-                if *slot == u64::MAX =>
-            {
-                Some(*slot)
-            }
-            Message::CatchUp { entries, .. } => {
-                entries.iter().map(|e| e.0).find(|&s| !slot_in_range(s))
-            }
-            _ => None,
-        };
-        if let Some(slot) = bad_slot {
-            return Err(Refused::SlotOutOfRange { slot });
-        }
-        if let Message::Promise {
-            from_slot,
-            to_slot,
-            accepted,
-            ..
-        } = msg
-        {
-            let last = to_slot.unwrap_or(Slot::MAX);
-            if last < *from_slot
-                || accepted
-                    .iter()
-                    .any(|a| !(*from_slot..=last).contains(&a.slot))
-            {
-                return Err(Refused::PromiseOutOfRange {
-                    from_slot: *from_slot,
-                    to_slot: *to_slot,
-                });
-            }
-        }
-        Ok(())
-    }
-
     /// Hands a message to the code for its kind (and for the role).
     fn dispatch(&mut self, from: NodeId, msg: Message) {
         match msg {
@@ -696,11 +585,6 @@ impl Replica {
     }
 }
 
-/// Whether `slot` may be voted on: slots run from 1 to `u64::MAX - 1`.
-fn slot_in_range(slot: Slot) -> bool {
-    slot != 0 && slot != u64::MAX
-}
-
 impl Core {
     /// The highest round this replica has seen or promised.
     fn highest_round(&self) -> u64 {
@@ -821,113 +705,6 @@ impl Core {
 mod tests {
     use super::*;
     use crate::paxos::testing::{Net, cmd, replica};
-
-    #[test]
-    fn only_members_other_than_this_replica_are_heard() {
-        let mut r = replica(2, 3);
-        let promised = r.status().promised;
-        let outsider = Message::Prepare {
-            ballot: Ballot::new(5, 9),
-            from_slot: 1,
-        };
-        assert_eq!(r.step(9, outsider), Err(Refused::NotMember(9)));
-        let impostor = Message::Prepare {
-            ballot: Ballot::new(6, 2),
-            from_slot: 1,
-        };
-        assert_eq!(r.step(2, impostor), Err(Refused::FromSelf));
-        assert!(r.take_ready().is_empty(), "nothing to persist or send");
-        assert_eq!(r.status().promised, promised);
-    }
-
-    #[test]
-    fn a_member_cannot_speak_for_another_members_ballot() {
-        let mut r = replica(2, 3);
-        let accept = Message::Accept {
-            ballot: Ballot::new(5, 3),
-            slot: 1,
-            value: Value::Noop,
-            commit: 0,
-        };
-        assert_eq!(
-            r.step(1, accept),
-            Err(Refused::NotSendersBallot {
-                from: 1,
-                ballot: Ballot::new(5, 3)
-            })
-        );
-        assert!(r.take_ready().is_empty(), "nothing to persist or send");
-        assert_eq!(r.leader(), None);
-    }
-
-    #[test]
-    fn a_ballot_with_the_last_round_is_refused_and_the_replica_can_still_be_elected() {
-        let mut net = Net::new(3);
-        let last = Ballot::new(u64::MAX, 3);
-        let prepare = Message::Prepare {
-            ballot: last,
-            from_slot: 1,
-        };
-        let refused = Err(Refused::BallotOutOfRange {
-            ballot: last,
-            highest: 0,
-        });
-        assert_eq!(net.node(2).step(3, prepare), refused);
-        assert_eq!(
-            net.node(2).step(1, Message::Nack { promised: last }),
-            refused
-        );
-        assert!(net.node(2).take_ready().is_empty());
-        assert_eq!(net.node(2).status().promised, Ballot::ZERO);
-        net.elect(2);
-        assert_eq!(net.node(3).leader(), Some(2));
-    }
-
-    #[test]
-    fn a_round_may_jump_up_to_the_bound_above_the_highest_seen_and_no_further() {
-        let jump = Ballot::MAX_ROUND_JUMP;
-        let mut r = replica(2, 3);
-        let prepare = |round| Message::Prepare {
-            ballot: Ballot::new(round, 3),
-            from_slot: 1,
-        };
-        assert!(matches!(
-            r.step(3, prepare(jump + 1)),
-            Err(Refused::BallotOutOfRange { highest: 0, .. })
-        ));
-        assert!(r.take_ready().is_empty());
-        assert_eq!(r.status().promised, Ballot::ZERO);
-        // An honest gap, however large, is below the bound.
-        r.step(3, prepare(jump)).unwrap();
-        assert_eq!(r.status().promised, Ballot::new(jump, 3));
-        // The bound is measured from the highest round seen.
-        r.step(3, prepare(2 * jump)).unwrap();
-        assert_eq!(r.status().promised, Ballot::new(2 * jump, 3));
-    }
-
-    #[test]
-    fn slots_that_leave_no_room_after_them_are_refused() {
-        let mut r = replica(2, 3);
-        for slot in [0, u64::MAX] {
-            let accept = Message::Accept {
-                ballot: Ballot::new(1, 1),
-                slot,
-                value: Value::Noop,
-                commit: 0,
-            };
-            assert_eq!(r.step(1, accept), Err(Refused::SlotOutOfRange { slot }));
-            let catch_up = Message::CatchUp {
-                ballot: Ballot::new(1, 1),
-                entries: vec![(1, Value::Noop), (slot, Value::Noop)],
-                commit: 1,
-                more: false,
-                nonce: None,
-                proposed: 1,
-            };
-            assert_eq!(r.step(1, catch_up), Err(Refused::SlotOutOfRange { slot }));
-        }
-        assert!(r.take_ready().is_empty());
-    }
 
     #[test]
     fn an_accepted_claiming_to_be_the_leaders_own_does_not_count() {
