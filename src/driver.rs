@@ -151,7 +151,12 @@ impl<W, R> Driver<W, R> {
     /// make them unique among every command this replica ever proposes
     /// (across restarts too), since the state machine's replies are matched
     /// to callers by it.
-    pub fn new(replica: Replica, applied: Slot, first_proposal_id: u64) -> Self {
+    ///
+    /// The replica is told which client commands may enter the log
+    /// ([`Command::may_enter_log`]): a peer message carrying any other is
+    /// refused.
+    pub fn new(mut replica: Replica, applied: Slot, first_proposal_id: u64) -> Self {
+        replica.check_commands_with(Command::may_enter_log);
         Driver {
             replica,
             applied,
@@ -628,6 +633,35 @@ mod tests {
         fn written(&self, id: NodeId) -> &[WriteAnswer] {
             self.writes.get(&id).map_or(&[], Vec::as_slice)
         }
+    }
+
+    #[test]
+    fn a_peer_message_carrying_a_command_the_state_machine_cannot_apply_is_refused() {
+        let mut c = Cluster::new(3);
+        let ballot = Ballot::new(1, 1);
+        let accept = |command: &[u8]| Message::Accept {
+            ballot,
+            slot: 1,
+            value: Value::Batch(vec![bytes::Bytes::copy_from_slice(command)]),
+            commit: 0,
+        };
+        let refused = Err(Refused::BadCommand { slot: 1 });
+        // Not a Command at all, and a Command the client API never makes.
+        assert_eq!(c.d(2).step(1, accept(&[0x0a, 0xff, 0x01])), refused);
+        let empty_key = Command {
+            proposal_id: 1,
+            client_id: 0,
+            sequence: 0,
+            key: String::new(),
+            op: Op::Remove,
+        };
+        assert_eq!(c.d(2).step(1, accept(&empty_key.encode())), refused);
+        assert!(c.d(2).take_ready().is_empty());
+        let valid = Command {
+            key: "k".into(),
+            ..empty_key
+        };
+        assert_eq!(c.d(2).step(1, accept(&valid.encode())), Ok(()));
     }
 
     #[test]

@@ -31,6 +31,9 @@ use prost::Message as _;
 
 use crate::pb;
 
+/// Longest key accepted, in bytes. Keys are 1 to this many bytes of UTF-8.
+pub const MAX_KEY_BYTES: usize = 1024;
+
 /// A write operation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Op {
@@ -76,6 +79,36 @@ impl Command {
     pub fn decode(buf: &[u8]) -> Result<Command, DecodeError> {
         let msg = pb::Command::decode(buf).map_err(DecodeError::Protobuf)?;
         Command::try_from(msg)
+    }
+
+    /// Checks what the client API guarantees of every command it puts in
+    /// the log: a key of 1 to [`MAX_KEY_BYTES`] bytes, and a retry identity
+    /// that is either absent (`client_id` and `sequence` both 0) or whole
+    /// (both non-zero). The error says which part is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.key.is_empty() || self.key.len() > MAX_KEY_BYTES {
+            return Err(format!(
+                "key is {} bytes long; 1 to {MAX_KEY_BYTES} are allowed",
+                self.key.len()
+            ));
+        }
+        if (self.client_id == 0) != (self.sequence == 0) {
+            return Err(format!(
+                "client_id {} with sequence {}: both or neither must be 0",
+                self.client_id, self.sequence
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether `buf` is a command that may enter the log: it decodes, and
+    /// [`validate`](Self::validate) passes. The consensus core refuses any
+    /// peer message whose values hold anything else (see
+    /// [`Replica::check_commands_with`](crate::paxos::Replica::check_commands_with)):
+    /// a command that does not decode would stop every state machine at
+    /// its slot, and one that is not valid could never have been proposed.
+    pub fn may_enter_log(buf: &[u8]) -> bool {
+        Command::decode(buf).is_ok_and(|c| c.validate().is_ok())
     }
 }
 
@@ -638,6 +671,28 @@ mod tests {
             err.to_string().contains("invalid Command protobuf"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn only_valid_commands_may_enter_the_log() {
+        let valid = from_client(1, 1, "k", Op::Insert(1));
+        assert_eq!(valid.validate(), Ok(()));
+        assert!(Command::may_enter_log(&valid.encode()));
+        assert!(Command::may_enter_log(
+            &anon(&"k".repeat(MAX_KEY_BYTES), Op::Remove).encode()
+        ));
+        let invalid = [
+            anon("", Op::Remove),
+            anon(&"k".repeat(MAX_KEY_BYTES + 1), Op::Remove),
+            from_client(1, 0, "k", Op::Remove),
+            from_client(0, 1, "k", Op::Remove),
+        ];
+        for cmd in invalid {
+            assert!(cmd.validate().is_err(), "{cmd:?}");
+            assert!(!Command::may_enter_log(&cmd.encode()), "{cmd:?}");
+        }
+        assert!(!Command::may_enter_log(&[0x0a, 0xff, 0x01]));
+        assert!(!Command::may_enter_log(&[]));
     }
 
     #[test]

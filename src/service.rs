@@ -26,8 +26,8 @@ use crate::paxos::NodeId;
 use crate::pb;
 use crate::pb::kv_store_client::KvStoreClient;
 
-/// Longest key accepted, in bytes.
-pub const MAX_KEY_BYTES: usize = 1024;
+/// Longest key accepted, in bytes (the state machine's rule).
+pub const MAX_KEY_BYTES: usize = crate::kv::MAX_KEY_BYTES;
 
 /// Deadline of a call that sets none.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(5);
