@@ -19,6 +19,7 @@
 //! | [`Refused::BeyondWindow`] | an accept for a slot not above its own commit index, or more than [`Config::MAX_WINDOW`] above it |
 //! | [`Refused::PromiseOutOfRange`] | a promise chunk with votes outside the slots it covers, or not in slot order |
 //! | [`Refused::CatchUpOutOfRange`] | a catch-up with entries that are not consecutive and chosen (at or below its commit index), or that says fewer slots were proposed than committed |
+//! | [`Refused::ConflictingValue`] | an accept or catch-up giving a slot another value under the very ballot this replica already voted for there |
 //! | [`Refused::ReadRoundAhead`] | a heartbeat ack for a read round this leader has not announced |
 //! | [`Refused::BadCommand`] | a value holding a client command the driver's check refuses (one the state machine could not apply) |
 //!
@@ -106,6 +107,10 @@ pub enum Refused {
     /// or (with `slot` the highest proposed) says fewer slots were proposed
     /// than committed.
     CatchUpOutOfRange { slot: Slot, commit: Slot },
+    /// An accept or catch-up under `ballot` gives `slot` a value other
+    /// than the one this replica voted for there under that same ballot: a
+    /// leader proposes one value per slot, so one of the two is not its.
+    ConflictingValue { slot: Slot, ballot: Ballot },
     /// A heartbeat ack echoes read round `round`, above `announced`, the
     /// last one this leader announced.
     ReadRoundAhead { round: u64, announced: u64 },
@@ -149,6 +154,11 @@ impl fmt::Display for Refused {
                 f,
                 "a catch-up with commit index {commit} holds slot {slot}, which is not \
                  the next chosen one"
+            ),
+            Refused::ConflictingValue { slot, ballot } => write!(
+                f,
+                "another value for slot {slot} under ballot {ballot}, for which this \
+                 replica voted a different one"
             ),
             Refused::ReadRoundAhead { round, announced } => write!(
                 f,
@@ -287,6 +297,12 @@ impl Replica {
                 });
             }
         }
+        if let Some(slot) = self.conflicting_value(msg) {
+            return Err(Refused::ConflictingValue {
+                slot,
+                ballot: msg.ballot().unwrap_or_default(),
+            });
+        }
         if let (
             Message::HeartbeatAck {
                 ballot, read_round, ..
@@ -305,6 +321,32 @@ impl Replica {
             return Err(Refused::BadCommand { slot });
         }
         Ok(())
+    }
+
+    /// The first slot to which an accept or catch-up gives another value
+    /// than our vote there under the same ballot.
+    fn conflicting_value(&self, msg: &Message) -> Option<Slot> {
+        let conflicts = |ballot: Ballot, slot: Slot, value: &Value| {
+            self.core
+                .acceptor
+                .vote(slot)
+                .is_some_and(|(b, v)| b == ballot && v != value)
+        };
+        match msg {
+            Message::Accept {
+                ballot,
+                slot,
+                value,
+                ..
+            } => Some(*slot).filter(|&s| conflicts(*ballot, s, value)),
+            Message::CatchUp {
+                ballot, entries, ..
+            } => entries
+                .iter()
+                .find(|(s, v)| conflicts(*ballot, *s, v))
+                .map(|(s, _)| *s),
+            _ => None,
+        }
     }
 
     /// The slot of the first value in `msg` holding a client command the
@@ -657,6 +699,42 @@ mod tests {
         refuses(&mut r, 1, catch_up(&[1], 3, 2), refused(2, 3));
         r.step(1, catch_up(&[1, 2], 3, 3)).unwrap();
         assert_eq!(r.committed(), 2);
+    }
+
+    #[test]
+    fn another_value_under_the_ballot_already_voted_for_is_refused() {
+        let mut r = replica(2, 3);
+        let b = Ballot::new(1, 1);
+        let accept = |value| Message::Accept {
+            ballot: b,
+            slot: 1,
+            value,
+            commit: 0,
+        };
+        r.step(1, accept(batch(&["x"]))).unwrap();
+        r.take_ready();
+        let refused = Refused::ConflictingValue { slot: 1, ballot: b };
+        refuses(&mut r, 1, accept(batch(&["y"])), refused);
+        let catch_up = Message::CatchUp {
+            ballot: b,
+            entries: vec![(1, batch(&["y"]))],
+            commit: 1,
+            more: false,
+            nonce: None,
+            proposed: 1,
+        };
+        refuses(&mut r, 1, catch_up, refused);
+        // The same value again (a re-send) is heard; so is another value
+        // under a higher ballot (a new leader's).
+        r.step(1, accept(batch(&["x"]))).unwrap();
+        let newer = Message::Accept {
+            ballot: Ballot::new(2, 3),
+            slot: 1,
+            value: batch(&["y"]),
+            commit: 0,
+        };
+        r.step(3, newer).unwrap();
+        assert_eq!(r.take_ready().persist.entries.len(), 1);
     }
 
     #[test]

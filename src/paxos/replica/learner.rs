@@ -152,13 +152,8 @@ impl Replica {
         core.note_rejoin_slot(ballot, nonce, proposed);
         for (slot, value) in entries {
             // A vote under the leader's ballot is the value it proposed, so
-            // it is the chosen one that it reports.
-            debug_assert!(
-                core.acceptor
-                    .vote(slot)
-                    .is_none_or(|(b, v)| b != ballot || *v == value),
-                "leader {ballot} reports for slot {slot} a value other than it proposed"
-            );
+            // it is the chosen one that it reports (a catch-up saying
+            // otherwise was refused: `Refused::ConflictingValue`).
             if slot > core.committed && core.acceptor.learn(ballot, slot, &value) {
                 core.persist_vote(slot, ballot, &value);
             }
