@@ -542,7 +542,9 @@ fn validate_value(value: Option<i32>) -> Result<i32, Status> {
     value.ok_or_else(|| Status::invalid_argument("value is required"))
 }
 
-fn validate_request_id(id: &Option<pb::RequestId>) -> Result<(), Status> {
+/// Checks a write's request id against the contract; the error names the
+/// field.
+pub fn validate_request_id(id: &Option<pb::RequestId>) -> Result<(), Status> {
     match id {
         Some(r) if r.client_id == 0 => Err(Status::invalid_argument(
             "request_id.client_id must not be 0",
