@@ -576,13 +576,17 @@ mod tests {
         fn apply(&mut self, id: NodeId, chosen: &[(Slot, Value)]) -> Vec<(u64, Reply)> {
             let machine = self.machines.get_mut(&id).unwrap();
             let mut replies = Vec::new();
-            for (_, value) in chosen {
-                if let Value::Batch(commands) = value {
-                    for c in commands {
-                        let cmd = Command::decode(c).unwrap();
-                        replies.push((cmd.proposal_id, kv::apply(machine, &cmd)));
-                    }
-                }
+            for (slot, value) in chosen {
+                let commands: Vec<Command> = match value {
+                    Value::Noop => Vec::new(),
+                    Value::Batch(commands) => commands
+                        .iter()
+                        .map(|c| Command::decode(c).unwrap())
+                        .collect(),
+                };
+                let limits = kv::SessionLimits::DEFAULT;
+                let slot_replies = kv::apply_slot(machine, &limits, *slot, &commands);
+                replies.extend(commands.iter().map(|c| c.proposal_id).zip(slot_replies));
             }
             replies
         }

@@ -129,7 +129,7 @@ fn command_bytes() -> impl Strategy<Value = Bytes> {
     let command = (
         "[a-c]{0,3}",
         prop_oneof![Just((0u64, 0u64)), (1..4u64, 1..4u64), (0..3u64, 0..3u64)],
-        0..5u8,
+        0..6u8,
         any::<i32>(),
     )
         .prop_map(|(key, (client_id, sequence), op, v)| {
@@ -137,7 +137,8 @@ fn command_bytes() -> impl Strategy<Value = Bytes> {
                 0 => Op::Insert(v),
                 1 => Op::Update(v),
                 2 => Op::Upsert(v),
-                _ => Op::Remove,
+                3 | 4 => Op::Remove,
+                _ => Op::OpenSession,
             };
             Command {
                 proposal_id: 0,

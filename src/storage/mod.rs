@@ -44,7 +44,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use crate::kv;
+use crate::kv::{self, SessionLimits};
 use crate::paxos::{Accepted, Ballot, Membership, Persist, Slot, Value};
 use crate::wal::WalError;
 
@@ -224,6 +224,9 @@ pub struct Storage {
     log: Mutex<AcceptorLog>,
     /// Swapped by a snapshot install.
     state: StateSlot,
+    /// When the state machine forgets client sessions: the same on every
+    /// replica ([`SessionLimits::DEFAULT`] unless a test says otherwise).
+    session_limits: SessionLimits,
 }
 
 impl std::fmt::Debug for Storage {
@@ -350,6 +353,7 @@ impl Storage {
         let storage = Storage {
             log: Mutex::new(log),
             state: StateSlot::new(dir, cache_bytes, state),
+            session_limits: SessionLimits::DEFAULT,
         };
         Ok((storage, durable))
     }
@@ -397,10 +401,18 @@ impl Storage {
         self.state.current().flush()
     }
 
+    /// Makes the state machine forget client sessions by `limits` instead
+    /// of [`SessionLimits::DEFAULT`], from the next apply on. Every replica
+    /// must use the same limits: this is for tests that want sessions to
+    /// expire soon.
+    pub fn set_session_limits(&mut self, limits: SessionLimits) {
+        self.session_limits = limits;
+    }
+
     /// Applies chosen slots in order, atomically with the applied index;
     /// see [`StateMachine::apply`].
     pub fn apply(&self, entries: &[(Slot, Value)]) -> Result<Vec<(u64, kv::Reply)>, StorageError> {
-        self.state.current().apply(entries)
+        self.state.current().apply(entries, &self.session_limits)
     }
 
     /// The value of a key in the state machine.

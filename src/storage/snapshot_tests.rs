@@ -62,16 +62,37 @@ fn read_all(r: SnapshotReader) -> State {
     out
 }
 
+/// The ids of the sessions in `s`; if it has none, 7 sessions opened in
+/// the slot after the applied index.
+fn sessions(s: &Storage) -> Vec<u64> {
+    let ids: Vec<u64> = full_state(s).1.into_keys().collect();
+    if !ids.is_empty() {
+        return ids;
+    }
+    let slot = s.applied().unwrap() + 1;
+    let open = (0..7).map(|_| cmd(0, 0, "", Op::OpenSession)).collect();
+    s.apply(&[(slot, Value::Batch(open))])
+        .unwrap()
+        .into_iter()
+        .map(|(_, reply)| match reply {
+            kv::Reply::SessionOpened { client_id } => client_id,
+            other => panic!("no session opened: {other:?}"),
+        })
+        .collect()
+}
+
 /// Applies `keys` upserts of `key{i}`, 10 per slot after the applied
-/// index, from client i % 7 + 1 with sequence i + 1, so 7 sessions are made
-/// too (on a second call, the clients' writes are stale: slots only).
+/// index, from the `i % 7`th of 7 sessions (opened first, if there are
+/// none) with sequence i + 1 (on a second call, the clients' writes are
+/// stale: slots only).
 fn fill(s: &Storage, keys: usize) {
+    let clients = sessions(s);
     let mut slot = s.applied().unwrap();
     for start in (0..keys).step_by(10) {
         slot += 1;
         let batch = (start..(start + 10).min(keys))
             .map(|i| {
-                let (client, sequence) = (i as u64 % 7 + 1, i as u64 + 1);
+                let (client, sequence) = (clients[i % clients.len()], i as u64 + 1);
                 cmd(
                     client,
                     sequence,
@@ -404,9 +425,9 @@ impl Rng {
 }
 
 /// A random batch for `slot`: upserts, removes, inserts of new keys,
-/// updates, and session changes, over a key space a little larger than
-/// what [`fill`] made.
-fn random_batch(rng: &mut Rng, slot: Slot) -> Value {
+/// updates, and session changes (writes through `clients`' sessions), over
+/// a key space a little larger than what [`fill`] made.
+fn random_batch(rng: &mut Rng, slot: Slot, clients: &[u64]) -> Value {
     let n = rng.below(6) + 1;
     Value::Batch(
         (0..n)
@@ -418,8 +439,13 @@ fn random_batch(rng: &mut Rng, slot: Slot) -> Value {
                     2 => Op::Update(rng.below(1000) as i32),
                     _ => Op::Upsert(rng.below(1000) as i32),
                 };
-                let client = rng.below(12);
-                cmd(client, slot * 10 + rng.below(10), &key, op)
+                match rng.below(12) as usize {
+                    0 => cmd(0, 0, &key, op),
+                    c => {
+                        let client = clients[(c - 1) % clients.len()];
+                        cmd(client, slot * 10 + rng.below(10), &key, op)
+                    }
+                }
             })
             .collect(),
     )
@@ -429,10 +455,9 @@ fn random_batch(rng: &mut Rng, slot: Slot) -> Value {
 fn a_reader_yields_the_state_at_its_start_while_apply_goes_on() {
     let dir = TempDir::new("reader");
     let s = open(&dir.0);
+    fill(&s, 200);
+    let clients = sessions(&s);
     for seed in 1..=150u64 {
-        if seed == 1 {
-            fill(&s, 200);
-        }
         let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
         let at_start = full_state(&s);
         let applied = s.applied().unwrap();
@@ -449,7 +474,8 @@ fn a_reader_yields_the_state_at_its_start_while_apply_goes_on() {
         loop {
             for _ in 0..rng.below(3) {
                 slot += 1;
-                s.apply(&[(slot, random_batch(&mut rng, slot))]).unwrap();
+                s.apply(&[(slot, random_batch(&mut rng, slot, &clients))])
+                    .unwrap();
             }
             let Some(chunk) = reader.next_chunk().unwrap() else {
                 break;
@@ -474,6 +500,7 @@ fn readers_run_concurrently_with_an_applying_thread() {
     let dir = TempDir::new("reader-threads");
     let s = Arc::new(open(&dir.0));
     fill(&s, 200);
+    let clients = sessions(&s);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
         let (s, stop) = (Arc::clone(&s), Arc::clone(&stop));
@@ -482,7 +509,8 @@ fn readers_run_concurrently_with_an_applying_thread() {
             let mut slot = s.applied().unwrap();
             while !stop.load(Ordering::Relaxed) {
                 slot += 1;
-                s.apply(&[(slot, random_batch(&mut rng, slot))]).unwrap();
+                s.apply(&[(slot, random_batch(&mut rng, slot, &clients))])
+                    .unwrap();
             }
             slot
         })
@@ -510,6 +538,7 @@ fn several_readers_at_different_indexes() {
     let dir = TempDir::new("readers");
     let s = open(&dir.0);
     fill(&s, 150);
+    let clients = sessions(&s);
     let mut rng = Rng(7);
     let mut readers = Vec::new();
     let mut slot = s.applied().unwrap();
@@ -520,7 +549,8 @@ fn several_readers_at_different_indexes() {
         ));
         for _ in 0..5 {
             slot += 1;
-            s.apply(&[(slot, random_batch(&mut rng, slot))]).unwrap();
+            s.apply(&[(slot, random_batch(&mut rng, slot, &clients))])
+                .unwrap();
         }
     }
     let mut got = vec![State::default(); readers.len()];
@@ -534,7 +564,8 @@ fn several_readers_at_different_indexes() {
                 got[i].1.extend(chunk.sessions);
             }
             slot += 1;
-            s.apply(&[(slot, random_batch(&mut rng, slot))]).unwrap();
+            s.apply(&[(slot, random_batch(&mut rng, slot, &clients))])
+                .unwrap();
         }
     }
     for ((expected, _), got) in readers.iter().zip(&got) {

@@ -11,6 +11,12 @@
 //! - `kv`: key (UTF-8 bytes) → value (`i32`, little-endian).
 //! - `sessions`: client id (big-endian u64) → [`kv::Session::to_bytes`].
 //!
+//! Sessions expire and are evicted by the slot they were last used at
+//! ([`kv::apply_slot`]), so the state machine keeps them indexed by use:
+//! in memory (a [`SessionIndex`]), built from `sessions` on open, and
+//! changed with every committed batch. sled's transactions cannot scan a
+//! tree, so the index cannot live in one.
+//!
 //! Beside sled's files, `seal` (written by [`StateMachine::flush`]) holds the
 //! applied index and digest that the flush made durable, with a CRC.
 //!
@@ -53,7 +59,7 @@
 //! segment to `blobs/<lsn>` and never fsyncs them), then the directory.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs::File;
 use std::io::{self, Write as _};
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -67,7 +73,7 @@ use sled::transaction::{
 
 use super::snapshot::Readers;
 use super::{StorageError, io_error, remove_dir_if_present, sync_dir, sync_what};
-use crate::kv::{self, KvState};
+use crate::kv::{self, KvState, SessionIndex, SessionLimits};
 use crate::paxos::{Slot, Value};
 
 /// Key of the applied index in the `meta` tree.
@@ -207,6 +213,9 @@ pub(super) struct StateMachine {
     /// Held across a flush, so that two flushes do not write the seal at
     /// once.
     flush_lock: Mutex<()>,
+    /// The sessions of `sessions` by use (see the module doc). Changed only
+    /// by `apply`, under `apply_lock`, after its transaction committed.
+    by_use: Mutex<SessionIndex>,
 }
 
 impl StateMachine {
@@ -240,6 +249,7 @@ impl StateMachine {
             apply_lock: Mutex::new(()),
             readers: Readers::default(),
             flush_lock: Mutex::new(()),
+            by_use: Mutex::new(SessionIndex::default()),
         };
         if created {
             sm.flush()?;
@@ -251,12 +261,25 @@ impl StateMachine {
                 format!("sled panicked reading it: {}", panic_message(&*panic)),
             ))
         })?;
+        *lock(&sm.by_use) = sm.index_sessions()?;
         Ok(sm)
     }
 
     /// The directory of the database.
     pub(super) fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Every session of `sessions`, indexed by use. Run after `verify`,
+    /// which has decoded every one already.
+    fn index_sessions(&self) -> Result<SessionIndex, StorageError> {
+        let mut index = SessionIndex::default();
+        for item in self.sessions.iter() {
+            let (key, value) = item?;
+            let (id, session) = decode_session(&key, &value).map_err(StorageError::Corrupt)?;
+            index.update(id, None, Some(&session));
+        }
+        Ok(index)
     }
 
     /// Copies the state machine of a paxoskv 0.1 database (same trees, same
@@ -341,11 +364,13 @@ impl StateMachine {
         decode_digest(self.meta.get(DIGEST)?.as_deref())
     }
 
-    /// Applies chosen slots in order, atomically with the applied index: one
-    /// sled transaction over `kv`, `sessions` and `meta` per call, so a crash
-    /// leaves either all of the call's slots applied or none. The digest is
-    /// updated in the same transaction, and snapshot readers are told of
-    /// each key changed before the change is committed.
+    /// Applies chosen slots in order ([`kv::apply_slot`] under `limits`,
+    /// no-ops included, so sessions expire at the same slot everywhere),
+    /// atomically with the applied index: one sled transaction over `kv`,
+    /// `sessions` and `meta` per call, so a crash leaves either all of the
+    /// call's slots applied or none. The digest is updated in the same
+    /// transaction, and snapshot readers are told of each key changed before
+    /// the change is committed.
     ///
     /// A slot at or below the stored applied index is skipped (never applied
     /// twice); a slot that is not the applied index + 1 is
@@ -356,10 +381,13 @@ impl StateMachine {
     pub(super) fn apply(
         &self,
         entries: &[(Slot, Value)],
+        limits: &SessionLimits,
     ) -> Result<Vec<(u64, kv::Reply)>, StorageError> {
         // One apply at a time: the "before" bytes read in the transaction
-        // are then the committed ones, which snapshot readers rely on.
+        // are then the committed ones, which snapshot readers rely on, and
+        // the session index is the committed one.
         let _applying = lock(&self.apply_lock);
+        let mut by_use = lock(&self.by_use);
         // No fsync here, on purpose: see the module doc. `apply` is
         // deterministic, so slots applied again give the same replies.
         let replies =
@@ -372,6 +400,8 @@ impl StateMachine {
                     sessions,
                     failure: RefCell::new(None),
                     changes: RefCell::new(BTreeMap::new()),
+                    by_use: &by_use,
+                    index_changes: IndexChanges::default(),
                 };
                 let mut replies = Vec::new();
                 for (slot, value) in entries {
@@ -384,24 +414,29 @@ impl StateMachine {
                             StorageError::OutOfOrder { applied, slot },
                         ));
                     }
-                    if let Value::Batch(commands) = value {
-                        for (i, bytes) in commands.iter().enumerate() {
-                            let cmd = kv::Command::decode(bytes).map_err(|e| {
-                                ConflictableTransactionError::Abort(StorageError::Corrupt(format!(
-                                    "slot {slot}, command {i}: {e}"
-                                )))
-                            })?;
-                            let reply = kv::apply(&mut state, &cmd);
-                            // A failed read made `apply` see a wrong state: drop
-                            // the whole transaction (or retry it on a conflict).
-                            state.check()?;
-                            replies.push((cmd.proposal_id, reply));
-                        }
-                    }
+                    let commands = match value {
+                        Value::Noop => Vec::new(),
+                        Value::Batch(commands) => commands
+                            .iter()
+                            .enumerate()
+                            .map(|(i, bytes)| {
+                                kv::Command::decode(bytes).map_err(|e| {
+                                    ConflictableTransactionError::Abort(StorageError::Corrupt(
+                                        format!("slot {slot}, command {i}: {e}"),
+                                    ))
+                                })
+                            })
+                            .collect::<Result<_, _>>()?,
+                    };
+                    let slot_replies = kv::apply_slot(&mut state, limits, slot, &commands);
+                    // A failed read made `apply_slot` see a wrong state: drop
+                    // the whole transaction (or retry it on a conflict).
+                    state.check()?;
+                    replies.extend(commands.iter().map(|c| c.proposal_id).zip(slot_replies));
                     applied = slot;
                 }
                 if applied == start {
-                    return Ok(replies);
+                    return Ok((replies, IndexChanges::default()));
                 }
                 meta.insert(APPLIED, &applied.to_be_bytes())?;
                 let changes = state.changes.into_inner();
@@ -436,8 +471,11 @@ impl StateMachine {
                             .map(|((tag, key), c)| (*tag, key.as_slice(), c.before.as_deref())),
                     );
                 }
-                Ok(replies)
+                Ok((replies, state.index_changes))
             })?;
+        // Committed: the index follows.
+        let (replies, index_changes) = replies;
+        index_changes.commit(&mut by_use);
         Ok(replies)
     }
 
@@ -626,6 +664,67 @@ struct TxState<'a> {
     sessions: &'a TransactionalTree,
     failure: RefCell<Option<TxFailure>>,
     changes: RefCell<BTreeMap<(u8, Vec<u8>), Change>>,
+    /// The committed session index, and what the transaction changed in
+    /// it so far: the index as the transaction sees it is both.
+    by_use: &'a SessionIndex,
+    index_changes: IndexChanges,
+}
+
+/// Changes to a [`SessionIndex`] not yet committed: pairs removed from it
+/// and pairs added, disjoint.
+#[derive(Default)]
+struct IndexChanges {
+    removed: BTreeSet<(Slot, u64)>,
+    added: BTreeSet<(Slot, u64)>,
+}
+
+impl IndexChanges {
+    /// Records that `client_id`'s session went from `before` to `after`,
+    /// over `index` as committed.
+    fn update(
+        &mut self,
+        index: &SessionIndex,
+        client_id: u64,
+        before: Option<&kv::Session>,
+        after: Option<&kv::Session>,
+    ) {
+        if let Some(s) = before {
+            let key = (s.last_used, client_id);
+            if !self.added.remove(&key) && index.contains(&key) {
+                self.removed.insert(key);
+            }
+        }
+        if let Some(s) = after {
+            let key = (s.last_used, client_id);
+            if !self.removed.remove(&key) {
+                self.added.insert(key);
+            }
+        }
+    }
+
+    /// The least recently used session of `index` with these changes.
+    fn oldest(&self, index: &SessionIndex) -> Option<(Slot, u64)> {
+        let committed = index.oldest_except(&self.removed);
+        match (committed, self.added.first().copied()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// How many sessions `index` holds with these changes.
+    fn count(&self, index: &SessionIndex) -> u64 {
+        index.len() - self.removed.len() as u64 + self.added.len() as u64
+    }
+
+    /// Makes the changes in `index`, once their transaction committed.
+    fn commit(self, index: &mut SessionIndex) {
+        for key in self.removed {
+            index.set(key, false);
+        }
+        for key in self.added {
+            index.set(key, true);
+        }
+    }
 }
 
 /// One entry touched by a transaction.
@@ -764,11 +863,38 @@ impl KvState for TxState<'_> {
     }
 
     fn set_session(&mut self, client_id: u64, session: kv::Session) {
+        let before = self.session(client_id);
         self.write(
             TAG_SESSION,
             &client_id.to_be_bytes(),
             Some(session.to_bytes()),
         );
+        if !self.failed() {
+            self.index_changes
+                .update(self.by_use, client_id, before.as_ref(), Some(&session));
+        }
+    }
+
+    fn remove_session(&mut self, client_id: u64) {
+        let before = self.session(client_id);
+        self.write(TAG_SESSION, &client_id.to_be_bytes(), None);
+        if !self.failed() {
+            self.index_changes
+                .update(self.by_use, client_id, before.as_ref(), None);
+        }
+    }
+
+    fn oldest_session(&self) -> Option<(Slot, u64)> {
+        // After a failure, nothing: callers loop until there is no session
+        // to drop, and the transaction is dropped anyway.
+        if self.failed() {
+            return None;
+        }
+        self.index_changes.oldest(self.by_use)
+    }
+
+    fn session_count(&self) -> u64 {
+        self.index_changes.count(self.by_use)
     }
 }
 

@@ -313,28 +313,151 @@ fn undecodable_command_is_corrupt_and_applies_nothing() {
 #[test]
 fn dedup_survives_reopen() {
     let dir = TempDir::new("dedup");
-    let write = cmd(21, 7, 1, "k", Op::Upsert(10));
+    let client = kv::client_id_at(1, 0).unwrap();
+    let write = cmd(21, client, 1, "k", Op::Upsert(10));
     {
         let s = open(&dir);
+        let opened = s
+            .apply(&[(1, batch(vec![cmd(20, 0, 0, "", Op::OpenSession)]))])
+            .unwrap();
         assert_eq!(
-            s.apply(&[(1, batch(vec![write.clone()]))]).unwrap(),
+            opened,
+            vec![(20, Reply::SessionOpened { client_id: client })]
+        );
+        assert_eq!(
+            s.apply(&[(2, batch(vec![write.clone()]))]).unwrap(),
             vec![(21, Reply::Inserted)]
         );
         // Someone else changes the key after the original write.
-        s.apply(&[(2, batch(vec![cmd(22, 0, 0, "k", Op::Update(20))]))])
+        s.apply(&[(3, batch(vec![cmd(22, 0, 0, "k", Op::Update(20))]))])
             .unwrap();
     }
     let s = open(&dir);
     // The retry, chosen again in a later slot, proposed anew: first
     // reply, not applied again (which would answer Updated and set 10).
-    let retry = cmd(23, 7, 1, "k", Op::Upsert(10));
+    let retry = cmd(23, client, 1, "k", Op::Upsert(10));
     assert_eq!(
-        s.apply(&[(3, batch(vec![retry]))]).unwrap(),
+        s.apply(&[(4, batch(vec![retry]))]).unwrap(),
         vec![(23, Reply::Inserted)]
     );
     assert_eq!(s.get("k").unwrap(), Some(20));
-    assert_eq!(s.applied().unwrap(), 3);
+    assert_eq!(s.applied().unwrap(), 4);
     assert_eq!(s.entries().unwrap(), BTreeMap::from([("k".to_owned(), 20)]));
+}
+
+/// The state machine in sled and [`kv::MemState`] over one log, with
+/// limits small enough that sessions expire and are evicted all the time,
+/// applied a few slots per call (one transaction, in which a session may be
+/// opened, used and evicted): the same replies, the same sessions byte for
+/// byte; and the same again after a reopen, which rebuilds the index of
+/// sessions by use from disk.
+#[test]
+fn sessions_expire_and_are_evicted_at_the_same_slots_as_in_memory_across_reopens() {
+    use kv::KvState;
+    let dir = TempDir::new("sessions");
+    let limits = kv::SessionLimits {
+        max_sessions: 4,
+        idle_slots: 6,
+    };
+    let mut memory = kv::MemState::new();
+    let mut issued: Vec<u64> = Vec::new();
+    let mut sequence = 0;
+    let mut expired = 0;
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let mut slot = 0;
+    for round in 0..6 {
+        let mut s = open(&dir);
+        s.set_session_limits(limits);
+        let mut pending = Vec::new();
+        let mut expected_replies = Vec::new();
+        for i in 0..40 {
+            slot += 1;
+            let mut commands = Vec::new();
+            let many = if next(8) == 0 { 7 } else { 4 };
+            for _ in 0..next(many) {
+                sequence += 1;
+                let command = match next(5) {
+                    0 => Command {
+                        proposal_id: sequence,
+                        client_id: 0,
+                        sequence: 0,
+                        key: String::new(),
+                        op: Op::OpenSession,
+                    },
+                    1 if !issued.is_empty() => Command {
+                        proposal_id: sequence,
+                        client_id: 0,
+                        sequence: 0,
+                        key: format!("k{}", next(5)),
+                        op: Op::Upsert(sequence as i32),
+                    },
+                    _ if !issued.is_empty() => Command {
+                        proposal_id: sequence,
+                        client_id: issued[next(issued.len() as u64) as usize],
+                        // Sometimes a retry (an older sequence).
+                        sequence: sequence - next(2),
+                        key: format!("k{}", next(5)),
+                        op: Op::Upsert(sequence as i32),
+                    },
+                    _ => continue,
+                };
+                commands.push(command);
+            }
+            // Some slots are no-ops: sessions expire in them too.
+            let value = if commands.is_empty() && next(2) == 0 {
+                Value::Noop
+            } else {
+                batch(commands.iter().map(Command::encode).collect())
+            };
+            pending.push((slot, value));
+            let expected = kv::apply_slot(&mut memory, &limits, slot, &commands);
+            for (command, reply) in commands.iter().zip(expected) {
+                expected_replies.push((command.proposal_id, reply));
+                match reply {
+                    Reply::SessionOpened { client_id } => issued.push(client_id),
+                    Reply::SessionExpired => expired += 1,
+                    _ => {}
+                }
+            }
+            if i == 39 || next(4) == 0 {
+                let replies = s.apply(&pending).unwrap();
+                assert_eq!(replies, expected_replies, "round {round}, slot {slot}");
+                pending.clear();
+                expected_replies.clear();
+            }
+        }
+        // Every session, byte for byte.
+        let sm = s.state.current();
+        let on_disk: BTreeMap<u64, Vec<u8>> = sm
+            .sessions
+            .iter()
+            .map(|item| {
+                let (k, v) = item.unwrap();
+                (
+                    u64::from_be_bytes(k.as_ref().try_into().unwrap()),
+                    v.to_vec(),
+                )
+            })
+            .collect();
+        let in_memory: BTreeMap<u64, Vec<u8>> = issued
+            .iter()
+            .filter_map(|&id| memory.session(id).map(|s| (id, s.to_bytes())))
+            .collect();
+        assert_eq!(on_disk, in_memory, "round {round}");
+        assert!(on_disk.len() <= 4);
+        let keys: BTreeMap<String, i32> = (0..5)
+            .filter_map(|i| memory.get(&format!("k{i}")).map(|v| (format!("k{i}"), v)))
+            .collect();
+        assert_eq!(s.entries().unwrap(), keys);
+    }
+    assert!(issued.len() > 20, "{} sessions opened", issued.len());
+    assert!(expired > 20, "{expired} writes found their session expired");
 }
 
 #[test]

@@ -12,9 +12,12 @@
 //! may wipe a disk (and state machine), after which the replica restarts
 //! with an empty data directory and must rejoin as a learner first; and
 //! some clusters start with empty data directories and bootstrap.
-//! Clients send each operation to a random replica and retry through others
-//! on redirects and timeouts, keeping their `(client_id, sequence)` so a
-//! retried write applies once.
+//! Clients open a session first, then send each operation to a random
+//! replica and retry through others on redirects and timeouts, keeping
+//! their `(client_id, sequence)` so a retried write applies once. Sessions
+//! are kept under small limits (drawn per seed), so they expire and are
+//! evicted while clients still use them: a write then gets "session
+//! expired", its outcome unknown to its client, which opens a new session.
 //!
 //! After every step the world checks safety, from what each replica has
 //! persisted, never from what a replica believes:
@@ -38,6 +41,10 @@
 //! - **answers**: every call a replica takes is answered exactly once (or
 //!   dies with the replica); a write with the reply its command got in the
 //!   chosen log; "certainly not in the log" only for commands never chosen;
+//! - **exactly once**: in the chosen log, a write (client id, sequence) is
+//!   executed at most once, and never after any copy of it was refused as
+//!   "session expired" (observed from the state machine's reads of the
+//!   key, not from its replies);
 //! - **reads**: a read is served from a state that includes every slot
 //!   applied anywhere before it arrived, and a leader that a majority had
 //!   durably deposed when a read arrived never serves it (the
@@ -53,11 +60,12 @@
 //! vote ever durable, so a value once chosen stays the chosen one when
 //! disks compact or are wiped.
 
+use std::cell::Cell;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 
 use paxoskv::driver::{Answer, CallError, Driver, Work};
-use paxoskv::kv::{self, Command, KvState, MemState, Op, Reply};
+use paxoskv::kv::{Command, KvState, MemState, Op, Reply, Session, SessionLimits, SlotApplier};
 use paxoskv::paxos::rng::Rng;
 use paxoskv::paxos::{
     Accepted, Ballot, Config, Envelope, Membership, Message, NodeId, Persist, Replica, Restore,
@@ -117,6 +125,9 @@ pub struct Params {
     /// The replicas start with empty data directories and bootstrap by
     /// probing each other (else: formatted as voters).
     pub bootstrap: bool,
+    /// When the state machines forget client sessions: small, so that they
+    /// expire and are evicted while clients still use them.
+    pub sessions: SessionLimits,
 }
 
 impl Params {
@@ -125,7 +136,7 @@ impl Params {
     pub fn from_seed(seed: u64, ops: usize) -> Self {
         let mut rng = Rng::new(seed ^ 0x005e_ed0f_fa17);
         let harsh = rng.range(0, 4) == 0;
-        Params {
+        let mut p = Params {
             replicas: if rng.range(0, 2) == 0 { 3 } else { 5 },
             clients: rng.range(2, 7) as usize,
             keys: rng.range(1, 6) as usize,
@@ -155,7 +166,20 @@ impl Params {
             install_crash: rng.range(0, 10) as f64 / 100.0,
             stale_transfer: rng.range(0, 20) as f64 / 100.0,
             bootstrap: rng.range(0, 3) == 0,
-        }
+            sessions: SessionLimits::DEFAULT,
+        };
+        // Room for about every client's session, so that eviction strikes
+        // now and then (a retried open, or a client that lost its session,
+        // adds one); and an idle span that a client waiting out a
+        // partition can exceed. A write whose session expired ends with no
+        // output, which the linearizability check pays for, so not too
+        // often.
+        let clients = p.clients as u64;
+        p.sessions = SessionLimits {
+            max_sessions: rng.range(clients, clients + 4),
+            idle_slots: rng.range(30, 150),
+        };
+        p
     }
 }
 
@@ -192,6 +216,11 @@ pub struct Stats {
     /// voters.
     pub wipes: u64,
     pub rejoins: u64,
+    /// Sessions opened; writes answered "session expired" (of which, ones
+    /// an earlier copy of had been executed).
+    pub sessions_opened: u64,
+    pub expired_writes: u64,
+    pub expired_after_applied: u64,
 }
 
 impl Stats {
@@ -220,6 +249,9 @@ impl Stats {
             stale_fetches,
             wipes,
             rejoins,
+            sessions_opened,
+            expired_writes,
+            expired_after_applied,
         } = s;
         self.ops_completed += ops_completed;
         self.ops_unanswered += ops_unanswered;
@@ -243,6 +275,9 @@ impl Stats {
         self.stale_fetches += stale_fetches;
         self.wipes += wipes;
         self.rejoins += rejoins;
+        self.sessions_opened += sessions_opened;
+        self.expired_writes += expired_writes;
+        self.expired_after_applied += expired_after_applied;
     }
 }
 
@@ -252,6 +287,7 @@ enum Request {
     Read {
         key: String,
     },
+    OpenSession,
     Write {
         client_id: u64,
         sequence: u64,
@@ -264,6 +300,10 @@ enum Request {
 #[derive(Clone, Debug)]
 enum Response {
     Done(Output),
+    /// A session was opened: its client id.
+    Opened(u64),
+    /// The write's session expired: its outcome is unknown to the client.
+    Expired,
     /// Not the leader (hint), or the request was dropped: try elsewhere.
     Retry(Option<NodeId>),
 }
@@ -394,7 +434,12 @@ struct Node {
     wiped: bool,
 }
 
+/// `Pending::op` of a client opening a session (not an operation of the
+/// history).
+const OPENING: usize = usize::MAX;
+
 struct Pending {
+    /// The operation in `World::history`, or [`OPENING`].
     op: usize,
     attempt: u64,
     req: Request,
@@ -402,7 +447,11 @@ struct Pending {
 }
 
 struct Client {
+    /// The client in the history.
     id: u64,
+    /// The session its writes go in, once opened: the id the state machine
+    /// issued.
+    session: Option<u64>,
     sequence: u64,
     pending: Option<Pending>,
     /// The replica that answered last: asked first next time, as real
@@ -438,6 +487,10 @@ pub struct World {
     /// got there, by proposal id: what a writer must be answered.
     reference: MemState,
     reference_replies: BTreeMap<u64, Reply>,
+    /// For the exactly-once oracle, by (client id, sequence): the slot at
+    /// which each write was executed, and those refused as expired.
+    executed: BTreeMap<(u64, u64), Slot>,
+    refused_expired: BTreeSet<(u64, u64)>,
     /// Proposals answered as certainly not in the log.
     not_in_log: BTreeSet<u64>,
     next_call: u64,
@@ -501,6 +554,7 @@ impl World {
         let clients = (0..p.clients)
             .map(|i| Client {
                 id: i as u64 + 1,
+                session: None,
                 sequence: 0,
                 pending: None,
                 last_answered: None,
@@ -528,6 +582,8 @@ impl World {
             digests: BTreeMap::new(),
             reference: MemState::new(),
             reference_replies: BTreeMap::new(),
+            executed: BTreeMap::new(),
+            refused_expired: BTreeSet::new(),
             not_in_log: BTreeSet::new(),
             next_call: 1,
             outstanding: BTreeMap::new(),
@@ -1535,30 +1591,43 @@ impl World {
             }
             Some(_) => {}
             None => {
-                if let Value::Batch(commands) = &value {
-                    for bytes in commands {
-                        let cmd =
-                            Command::decode(bytes).map_err(|e| format!("slot {slot}: {e}"))?;
-                        let reply = kv::apply(&mut self.reference, &cmd);
-                        self.reference_replies.insert(cmd.proposal_id, reply);
-                        if self.not_in_log.contains(&cmd.proposal_id) {
-                            return Err(format!(
-                                "{cmd:?} was answered as certainly not in the log, yet slot {slot} holds it"
-                            ));
-                        }
+                let commands = commands_of(slot, &value)?;
+                let limits = self.p.sessions;
+                let mut observed = Observed {
+                    state: &mut self.reference,
+                    reads: Cell::new(0),
+                };
+                let mut applier = SlotApplier::new(&mut observed, &limits, slot);
+                for cmd in &commands {
+                    let reply = applier.apply(cmd);
+                    // Executed iff it read its key: dedup, staleness and
+                    // expiry are decided from the session alone.
+                    let executed = applier.state().reads.take() > 0;
+                    self.reference_replies.insert(cmd.proposal_id, reply);
+                    if self.not_in_log.contains(&cmd.proposal_id) {
+                        return Err(format!(
+                            "{cmd:?} was answered as certainly not in the log, yet slot {slot} holds it"
+                        ));
                     }
+                    check_exactly_once(
+                        &mut self.executed,
+                        &mut self.refused_expired,
+                        slot,
+                        cmd,
+                        reply,
+                        executed,
+                    )?;
                 }
                 self.applied_log.push(value.clone());
                 self.digests.insert(slot, self.reference.digest());
             }
         }
-        let mut replies = Vec::new();
-        if let Value::Batch(commands) = &value {
-            for bytes in commands {
-                let cmd = Command::decode(bytes).map_err(|e| format!("slot {slot}: {e}"))?;
-                replies.push((cmd.proposal_id, kv::apply(&mut node.machine.kv, &cmd)));
-            }
-        }
+        let commands = commands_of(slot, &value)?;
+        let mut applier = SlotApplier::new(&mut node.machine.kv, &self.p.sessions, slot);
+        let replies: Vec<(u64, Reply)> = commands
+            .iter()
+            .map(|cmd| (cmd.proposal_id, applier.apply(cmd)))
+            .collect();
         node.machine.applied = slot;
         if self.digests.get(&slot) != Some(&node.machine.kv.digest()) {
             return Err(format!(
@@ -1590,16 +1659,24 @@ impl World {
                                 ));
                             }
                             match reply {
-                                Reply::Inserted => Some(Output::Inserted),
-                                Reply::Updated { previous } => Some(Output::Updated { previous }),
-                                Reply::Removed { previous } => Some(Output::Removed { previous }),
-                                Reply::AlreadyExists => Some(Output::AlreadyExists),
-                                Reply::NotFound => Some(Output::NotFound),
+                                Reply::Inserted => Some(Response::Done(Output::Inserted)),
+                                Reply::Updated { previous } => {
+                                    Some(Response::Done(Output::Updated { previous }))
+                                }
+                                Reply::Removed { previous } => {
+                                    Some(Response::Done(Output::Removed { previous }))
+                                }
+                                Reply::AlreadyExists => Some(Response::Done(Output::AlreadyExists)),
+                                Reply::NotFound => Some(Response::Done(Output::NotFound)),
                                 // An older attempt of a write its client has
                                 // moved past: nobody waits for it.
                                 Reply::Stale { .. } => None,
+                                Reply::SessionOpened { client_id } => {
+                                    Some(Response::Opened(client_id))
+                                }
+                                Reply::SessionExpired => Some(Response::Expired),
+                                Reply::SessionNotOpened => Some(Response::Retry(None)),
                             }
-                            .map(Response::Done)
                         }
                         Err(e) => {
                             if e == CallError::Retry
@@ -1747,6 +1824,18 @@ impl World {
         let d = self.driver(to);
         match req {
             Request::Read { key } => d.read(key, call),
+            Request::OpenSession => {
+                let command = Command {
+                    proposal_id: 0,
+                    client_id: 0,
+                    sequence: 0,
+                    key: String::new(),
+                    op: Op::OpenSession,
+                };
+                if let Some(proposal) = d.write(command, call) {
+                    self.call_proposal.insert(call.id, proposal);
+                }
+            }
             Request::Write {
                 client_id,
                 sequence,
@@ -1781,7 +1870,7 @@ impl World {
             return Ok(()); // about an operation already answered
         }
         match resp {
-            Response::Done(output) => {
+            Response::Done(output) if pending.op != OPENING => {
                 // Any attempt's answer is the operation's answer: writes are
                 // deduplicated, and a read ran after its attempt was sent.
                 let op = &mut self.history[pending.op];
@@ -1789,6 +1878,42 @@ impl World {
                 op.ret = now;
                 self.clients[client].pending = None;
                 self.clients[client].last_answered = Some(from);
+            }
+            Response::Opened(session) if pending.op == OPENING => {
+                // Any attempt's session will do (the others go unused, and
+                // expire).
+                let c = &mut self.clients[client];
+                c.session = Some(session);
+                c.sequence = 0;
+                c.pending = None;
+                c.last_answered = Some(from);
+                self.stats.sessions_opened += 1;
+            }
+            Response::Expired if pending.op != OPENING => {
+                if let Request::Write {
+                    client_id,
+                    sequence,
+                    ..
+                } = pending.req
+                    && self.executed.contains_key(&(client_id, sequence))
+                {
+                    self.stats.expired_after_applied += 1;
+                }
+                // The write may or may not have been applied by an earlier
+                // attempt: the history keeps it without an output (it may
+                // take effect, once, anywhere after its call). The client
+                // opens a new session for its next write.
+                let c = &mut self.clients[client];
+                c.session = None;
+                c.pending = None;
+                c.last_answered = Some(from);
+                self.stats.expired_writes += 1;
+            }
+            Response::Done(_) | Response::Opened(_) | Response::Expired => {
+                return Err(format!(
+                    "client {client} got {resp:?} from replica {from} for {:?}",
+                    pending.req
+                ));
             }
             Response::Retry(hint) => {
                 if ticket.attempt == pending.attempt {
@@ -1832,10 +1957,29 @@ impl World {
                     self.resend(c, target);
                 }
                 Some(_) => {}
+                None if self.issued < self.p.ops && self.clients[c].session.is_none() => {
+                    self.open_session(c)
+                }
                 None if self.issued < self.p.ops && self.rng.range(0, 4) == 0 => self.issue(c),
                 None => {}
             }
         }
+    }
+
+    /// Client `c` opens a session (retried like an operation until
+    /// answered).
+    fn open_session(&mut self, c: usize) {
+        self.clients[c].pending = Some(Pending {
+            op: OPENING,
+            attempt: 0,
+            req: Request::OpenSession,
+            deadline: 0,
+        });
+        let target = match self.clients[c].last_answered {
+            Some(id) if self.rng.range(0, 4) != 0 => id,
+            _ => self.random_replica(),
+        };
+        self.resend(c, target);
     }
 
     fn issue(&mut self, c: usize) {
@@ -1854,7 +1998,7 @@ impl World {
                 let client = &mut self.clients[c];
                 client.sequence += 1;
                 let req = Request::Write {
-                    client_id: client.id,
+                    client_id: client.session.expect("a session before any operation"),
                     sequence: client.sequence,
                     key: key.clone(),
                     op,
@@ -1891,6 +2035,93 @@ impl World {
     }
 }
 
+/// The commands of a chosen value (none for a no-op).
+fn commands_of(slot: Slot, value: &Value) -> Result<Vec<Command>, String> {
+    match value {
+        Value::Noop => Ok(Vec::new()),
+        Value::Batch(commands) => commands
+            .iter()
+            .map(|bytes| Command::decode(bytes).map_err(|e| format!("slot {slot}: {e}")))
+            .collect(),
+    }
+}
+
+/// Oracle (exactly once), for one command of the chosen log at `slot`,
+/// which got `reply` and did or did not execute (`ran`): a write (client
+/// id, sequence) executes at most once, never once a copy of it was
+/// refused as expired, and a refused copy executes nothing.
+fn check_exactly_once(
+    executed: &mut BTreeMap<(u64, u64), Slot>,
+    refused: &mut BTreeSet<(u64, u64)>,
+    slot: Slot,
+    cmd: &Command,
+    reply: Reply,
+    ran: bool,
+) -> Check {
+    if cmd.client_id == 0 || cmd.op == Op::OpenSession {
+        return Ok(());
+    }
+    let write = (cmd.client_id, cmd.sequence);
+    if reply == Reply::SessionExpired {
+        if ran {
+            return Err(format!(
+                "{cmd:?} at slot {slot} was refused as expired, yet executed"
+            ));
+        }
+        refused.insert(write);
+        return Ok(());
+    }
+    if !ran {
+        return Ok(());
+    }
+    if refused.contains(&write) {
+        return Err(format!(
+            "{cmd:?} was executed at slot {slot}, after a copy of it was refused as expired"
+        ));
+    }
+    if let Some(first) = executed.insert(write, slot) {
+        return Err(format!(
+            "{cmd:?} was executed twice: at slots {first} and {slot}"
+        ));
+    }
+    Ok(())
+}
+
+/// A state machine's state, counting the reads of keys: a write reads its
+/// key exactly when it is executed (not deduplicated, stale or refused).
+struct Observed<'a> {
+    state: &'a mut MemState,
+    reads: Cell<u64>,
+}
+
+impl KvState for Observed<'_> {
+    fn get(&self, key: &str) -> Option<i32> {
+        self.reads.set(self.reads.get() + 1);
+        self.state.get(key)
+    }
+    fn put(&mut self, key: &str, value: i32) {
+        self.state.put(key, value)
+    }
+    fn delete(&mut self, key: &str) {
+        self.state.delete(key)
+    }
+    fn session(&self, client_id: u64) -> Option<Session> {
+        self.state.session(client_id)
+    }
+    fn set_session(&mut self, client_id: u64, session: Session) {
+        self.state.set_session(client_id, session)
+    }
+    fn remove_session(&mut self, client_id: u64) {
+        self.state.remove_session(client_id)
+    }
+    fn oldest_session(&self) -> Option<(Slot, u64)> {
+        self.state.oldest_session()
+    }
+    fn session_count(&self) -> u64 {
+        self.state.session_count()
+    }
+}
+
 /// The response a client gets for a call the driver could not serve.
 fn retry(e: CallError) -> Response {
     match e {
@@ -1918,6 +2149,54 @@ mod oracles_can_fail {
         w.crash(id);
         w.nodes.get_mut(&id).unwrap().disk = disk;
         w.start(id);
+    }
+
+    #[test]
+    fn exactly_once_catches_a_write_executed_twice_or_after_it_was_refused_as_expired() {
+        let write = Command {
+            proposal_id: 9,
+            client_id: 1 << 16,
+            sequence: 3,
+            key: "k".into(),
+            op: Op::Upsert(1),
+        };
+        let (mut executed, mut refused) = (BTreeMap::new(), BTreeSet::new());
+        let mut check = |slot, reply, ran| {
+            check_exactly_once(&mut executed, &mut refused, slot, &write, reply, ran)
+        };
+        // Executed once, then deduplicated: fine; executed again: caught.
+        assert_eq!(check(5, Reply::Inserted, true), Ok(()));
+        assert_eq!(check(6, Reply::Inserted, false), Ok(()));
+        assert!(check(7, Reply::Updated { previous: 1 }, true).is_err());
+        // Refused as expired (after its execution: fine), then executed
+        // again: caught; a refusal that executed anything: caught.
+        let (mut executed, mut refused) = (BTreeMap::new(), BTreeSet::new());
+        let mut check = |slot, reply, ran| {
+            check_exactly_once(&mut executed, &mut refused, slot, &write, reply, ran)
+        };
+        assert_eq!(check(5, Reply::SessionExpired, false), Ok(()));
+        assert!(check(8, Reply::Inserted, true).is_err());
+        assert!(check(9, Reply::SessionExpired, true).is_err());
+        // Writes without a session are not deduplicated: never caught.
+        let anonymous = Command {
+            client_id: 0,
+            sequence: 0,
+            ..write.clone()
+        };
+        let (mut executed, mut refused) = (BTreeMap::new(), BTreeSet::new());
+        for slot in 1..3 {
+            assert_eq!(
+                check_exactly_once(
+                    &mut executed,
+                    &mut refused,
+                    slot,
+                    &anonymous,
+                    Reply::Inserted,
+                    true
+                ),
+                Ok(())
+            );
+        }
     }
 
     #[test]
