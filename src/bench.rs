@@ -6,7 +6,7 @@
 //! keys from `c * keys / n` on, in order, so a run of `keys` writes fills
 //! every key. Writes are upserts with a
 //! request id (client id, sequence), as a careful application would send
-//! them; reads are `Get`s of keys the run wrote first. Latency is measured
+//! them: each writing client opens a session first (not timed); reads are `Get`s of keys the run wrote first. Latency is measured
 //! per call, from send to answer; errors (any status other than OK and
 //! NOT_FOUND) are counted, not timed.
 
@@ -100,12 +100,6 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, String> {
                 .map_err(|e| format!("writing the keys to read: {e}"))?;
         }
     }
-    // Distinct client ids per run, so sequences never collide with an
-    // earlier run's sessions.
-    let base_id = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(1, |d| d.as_micros() as u64)
-        << 12;
     let started = Instant::now();
     let until = started + opts.duration;
     let calls = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -114,10 +108,17 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, String> {
     for c in 0..opts.clients {
         let endpoint = opts.endpoints[c % opts.endpoints.len()].clone();
         let opts = opts.clone();
-        let client_id = base_id + c as u64 + 1;
         let calls = std::sync::Arc::clone(&calls);
         tasks.push(tokio::spawn(async move {
             let mut client = KvStoreClient::new(channel(&endpoint)?);
+            // The store issues each writer its client id.
+            let client_id = if opts.reads {
+                0
+            } else {
+                open_session(&mut client, opts.timeout)
+                    .await
+                    .map_err(|e| format!("opening a session: {e}"))?
+            };
             let (mut ok, mut errors, mut first_error) = (0u64, 0u64, None);
             let mut latencies = Vec::new();
             let mut sequence = 0u64;
@@ -195,6 +196,16 @@ fn channel(endpoint: &str) -> Result<tonic::transport::Channel, String> {
         .connect_lazy())
 }
 
+async fn open_session(
+    client: &mut KvStoreClient<tonic::transport::Channel>,
+    timeout: Duration,
+) -> Result<u64, Status> {
+    let mut request = Request::new(pb::OpenSessionRequest {});
+    request.set_timeout(timeout);
+    let response = client.open_session(request).await?;
+    Ok(response.into_inner().client_id)
+}
+
 async fn upsert(
     client: &mut KvStoreClient<tonic::transport::Channel>,
     key: u32,
@@ -261,5 +272,13 @@ impl KvStore for Noop {
         _: Request<pb::UpsertRequest>,
     ) -> Result<Response<pb::UpsertResponse>, Status> {
         Ok(Response::new(pb::UpsertResponse { inserted: true }))
+    }
+    async fn open_session(
+        &self,
+        _: Request<pb::OpenSessionRequest>,
+    ) -> Result<Response<pb::OpenSessionResponse>, Status> {
+        Ok(Response::new(pb::OpenSessionResponse {
+            client_id: 1 << 16,
+        }))
     }
 }

@@ -256,6 +256,32 @@ fn check_write(
     Ok(Action::Write(op))
 }
 
+impl Method for pb::OpenSessionRequest {
+    type Response = pb::OpenSessionResponse;
+    const NAME: &'static str = "OpenSession";
+    fn key(&self) -> &str {
+        ""
+    }
+    fn request_id(&self) -> Option<pb::RequestId> {
+        None
+    }
+    fn check(&self) -> Result<Action, Status> {
+        Ok(Action::Write(Op::OpenSession))
+    }
+    fn respond(key: &str, outcome: Outcome) -> Result<Self::Response, Status> {
+        match wrote(outcome)? {
+            Reply::SessionOpened { client_id } => Ok(pb::OpenSessionResponse { client_id }),
+            other => Err(reply_status(key, other)),
+        }
+    }
+    async fn forward(
+        mut client: KvStoreClient<Channel>,
+        request: Request<Self>,
+    ) -> Result<Response<Self::Response>, Status> {
+        client.open_session(request).await
+    }
+}
+
 /// The state machine's reply to a write.
 fn wrote(outcome: Outcome) -> Result<Reply, Status> {
     match outcome {
@@ -565,6 +591,14 @@ fn reply_status(key: &str, reply: Reply) -> Status {
         Reply::Stale { last } => Status::failed_precondition(format!(
             "request_id.sequence is older than {last}, the last one applied for this client_id"
         )),
+        Reply::SessionExpired => Status::failed_precondition(
+            "the session of request_id.client_id has expired (or was never opened): this \
+             write was not applied, but an earlier attempt of it may have been; open a new \
+             session (OpenSession) and use its client_id, with sequences from 1",
+        ),
+        Reply::SessionNotOpened => {
+            Status::aborted("no session could be opened in this log slot; try again")
+        }
         other => Status::internal(format!("unexpected reply {other:?}")),
     }
 }
@@ -632,6 +666,13 @@ impl pb::kv_store_server::KvStore for KvService {
         &self,
         request: Request<pb::UpsertRequest>,
     ) -> Result<Response<pb::UpsertResponse>, Status> {
+        self.handle(request).await
+    }
+
+    async fn open_session(
+        &self,
+        request: Request<pb::OpenSessionRequest>,
+    ) -> Result<Response<pb::OpenSessionResponse>, Status> {
         self.handle(request).await
     }
 }

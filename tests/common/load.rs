@@ -147,9 +147,33 @@ async fn acked_inserts(
     sink: Sink,
     mut stop: watch::Receiver<bool>,
 ) {
-    let client_id = 0xC0FFEE;
-    let mut seq = 0u64;
     let mut turn = 0usize;
+    // The store issues the client id: open a session, through the aimed
+    // replicas in turn, until one answers.
+    let client_id = loop {
+        if *stop.borrow() {
+            return;
+        }
+        let live = targets.borrow().clone();
+        turn += 1;
+        let id = live[turn % live.len()];
+        let channel = paxoskv::dial::endpoint(&addrs[&id])
+            .expect("endpoint")
+            .connect_timeout(Duration::from_millis(300))
+            .connect_lazy();
+        let mut req = tonic::Request::new(pb::OpenSessionRequest {});
+        req.set_timeout(Duration::from_secs(2));
+        match KvStoreClient::new(channel).open_session(req).await {
+            Ok(response) => break response.into_inner().client_id,
+            Err(_) => {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    _ = stop.changed() => {}
+                }
+            }
+        }
+    };
+    let mut seq = 0u64;
     while !*stop.borrow() {
         seq += 1;
         let key = format!("key-{seq:06}");
