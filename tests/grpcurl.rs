@@ -187,6 +187,39 @@ async fn grpcurl_drives_every_operation_on_every_replica() {
             "NotFound",
             "not found",
         );
+
+        // A session: its retried write answered once with the first reply;
+        // a client id the store never issued refused, naming what to do.
+        let opened = kv(addr, "OpenSession", "{}");
+        assert_ok(&opened, "clientId");
+        let client_id: u64 = opened
+            .stdout
+            .split(r#""clientId": ""#)
+            .nth(1)
+            .and_then(|s| s.split('"').next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no client id in {opened:?}"));
+        let write = format!(
+            r#"{{"key":"{key}-s","value":3,"request_id":{{"client_id":"{client_id}","sequence":"1"}}}}"#
+        );
+        for _ in 0..2 {
+            assert_ok(&kv(addr, "Upsert", &write), r#""inserted": true"#);
+        }
+        assert_code(
+            &kv(
+                addr,
+                "Upsert",
+                &format!(
+                    r#"{{"key":"{key}-s","value":4,"request_id":{{"client_id":"7","sequence":"1"}}}}"#
+                ),
+            ),
+            "FailedPrecondition",
+            "open a new session",
+        );
+        assert_ok(
+            &kv(addr, "Get", &format!(r#"{{"key":"{key}-s"}}"#)),
+            r#""value": 3"#,
+        );
     }
 }
 
@@ -245,8 +278,17 @@ async fn bad_input_is_refused_by_name_and_never_reaches_the_log() {
         "{",
     );
 
-    // Only that last insert reached the log (one slot; heartbeats write nothing).
-    let after = applied(&run(&["-plaintext", addr, "paxoskv.v1.Admin/Status"]));
+    // Only that last insert reached the log (one slot; heartbeats write
+    // nothing). Replica 2 may follow: it learns the commit with the
+    // leader's next heartbeat, so wait for the slot to be applied there.
+    let mut after = 0;
+    for _ in 0..50 {
+        after = applied(&run(&["-plaintext", addr, "paxoskv.v1.Admin/Status"]));
+        if after > before {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert_eq!(after, before + 1, "bad input reached the log");
     for k in ["novalue", "x"] {
         assert_code(
