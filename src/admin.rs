@@ -48,7 +48,7 @@ impl pb::admin_server::Admin for AdminService {
         _: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         let status = self.node.status().await.map_err(|e| match e {
-            NodeError::Stopped => Status::unavailable("replica is shutting down"),
+            NodeError::Stopped => crate::service::stopped(&self.node),
             other => Status::internal(format!("{other:?}")),
         })?;
         let tick_ms = status.tick.as_millis() as u64;

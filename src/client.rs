@@ -10,6 +10,7 @@ use crate::dial;
 use crate::pb;
 use crate::pb::admin_client::AdminClient;
 use crate::pb::kv_store_client::KvStoreClient;
+use crate::service::Unavailable;
 
 /// One client call.
 #[derive(Clone, Debug)]
@@ -138,7 +139,7 @@ fn with_deadline<T>(message: T, timeout: Duration) -> Request<T> {
 struct Row {
     id: u32,
     address: String,
-    status: Option<pb::StatusResponse>,
+    status: Result<pb::StatusResponse, Status>,
 }
 
 /// Asks `endpoint` for the cluster's members, then every member for its
@@ -151,7 +152,7 @@ pub async fn cluster_status(
     let first = admin_status(endpoint, timeout).await?;
     let mut rows = Vec::new();
     let calls = first.peers.clone().into_iter().map(|p| async move {
-        let status = admin_status(&p.address, timeout).await.ok();
+        let status = admin_status(&p.address, timeout).await;
         (p.id, p.address, status)
     });
     for (id, address, status) in futures_join_all(calls).await {
@@ -163,7 +164,7 @@ pub async fn cluster_status(
     }
     let leader = rows
         .iter()
-        .filter_map(|r| r.status.as_ref())
+        .filter_map(|r| r.status.as_ref().ok())
         .filter(|s| s.role == "leader")
         .max_by_key(|s| (s.ballot_round, s.ballot_node))
         .cloned();
@@ -180,9 +181,18 @@ pub async fn cluster_status(
         "LAST CONTACT"
     );
     for row in &rows {
-        let Some(s) = &row.status else {
-            out += &format!("{:<4} {:<22} {:<10}\n", row.id, row.address, "unreachable");
-            continue;
+        let s = match &row.status {
+            Ok(s) => s,
+            Err(e) => {
+                let what = match Unavailable::of(e) {
+                    Some(Unavailable::StorageFailed) => {
+                        "storage failed: restart it once its disk is fixed"
+                    }
+                    _ => "unreachable",
+                };
+                out += &format!("{:<4} {:<22} {what}\n", row.id, row.address);
+                continue;
+            }
         };
         let lag = leader.as_ref().map_or("-".to_string(), |l| {
             l.committed.saturating_sub(s.applied).to_string()
@@ -209,7 +219,7 @@ pub async fn cluster_status(
             contact
         );
     }
-    let answering = rows.iter().filter(|r| r.status.is_some()).count();
+    let answering = rows.iter().filter(|r| r.status.is_ok()).count();
     let majority = rows.len() / 2 + 1;
     let problem = if answering < majority {
         Some(format!(

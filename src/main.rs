@@ -78,6 +78,16 @@ enum Command {
         /// Serve Prometheus metrics at http://ADDR/metrics.
         #[arg(long, env = "PAXOSKV_METRICS_LISTEN")]
         metrics_listen: Option<SocketAddr>,
+        /// The cluster's name, recorded in the data directory at first
+        /// start and checked at every start: a directory of another
+        /// cluster (or another replica) is refused. Letters, digits, '.',
+        /// '_', '-'; give each cluster its own.
+        #[arg(long, env = "PAXOSKV_CLUSTER_NAME", default_value = "paxoskv", value_parser = parse_cluster_name)]
+        cluster_name: String,
+        /// Tests only: after this many successful log syncs, every sync
+        /// fails as if the disk returned EIO.
+        #[arg(long, hide = true)]
+        fault_fail_syncs_after: Option<u64>,
     },
     /// Runs a local cluster of `serve` processes on 127.0.0.1 until Ctrl-C.
     Cluster {
@@ -208,6 +218,11 @@ fn parse_peers(s: &str) -> Result<BTreeMap<NodeId, String>, String> {
     Ok(peers)
 }
 
+fn parse_cluster_name(s: &str) -> Result<String, String> {
+    paxoskv::storage::identity::check_cluster_name(s)?;
+    Ok(s.to_string())
+}
+
 /// Checks `--endpoint` with the same rules every dial uses, so a bad
 /// address is refused before any call, by name.
 fn parse_endpoint(s: &str) -> Result<String, String> {
@@ -251,6 +266,8 @@ async fn run(cli: Cli) -> ExitCode {
             snapshot_every,
             log_keep,
             metrics_listen,
+            cluster_name,
+            fault_fail_syncs_after,
         } => {
             init_logs(cli.log_format);
             let opts = ServeOptions {
@@ -267,6 +284,8 @@ async fn run(cli: Cli) -> ExitCode {
                 },
                 drain: Duration::from_secs(5),
                 metrics_listen,
+                cluster_name,
+                fail_syncs_after: fault_fail_syncs_after,
             };
             let shutdown = match shutdown_signal() {
                 Ok(shutdown) => shutdown,

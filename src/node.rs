@@ -78,6 +78,7 @@ pub struct NodeHandle {
     id: NodeId,
     requests: mpsc::Sender<Request>,
     leader: watch::Receiver<Option<NodeId>>,
+    failure: watch::Receiver<Option<String>>,
 }
 
 impl NodeHandle {
@@ -89,6 +90,17 @@ impl NodeHandle {
     /// The leader this replica currently follows (itself when leading).
     pub fn leader(&self) -> Option<NodeId> {
         *self.leader.borrow()
+    }
+
+    /// Why this replica's storage failed, once it has: the node then
+    /// answers every call [`NodeError::Stopped`] until the process stops.
+    pub fn failure(&self) -> Option<String> {
+        self.failure.borrow().clone()
+    }
+
+    /// A receiver that sees the storage failure, for health reporting.
+    pub fn watch_failure(&self) -> watch::Receiver<Option<String>> {
+        self.failure.clone()
     }
 
     /// Waits until the known leader changes (or the node stops).
@@ -189,6 +201,7 @@ pub struct Node {
     peer_rx: mpsc::Receiver<(NodeId, Message)>,
     requests: mpsc::Receiver<Request>,
     leader_tx: watch::Sender<Option<NodeId>>,
+    failure_tx: watch::Sender<Option<String>>,
     ticks: u64,
     last_role: Role,
     /// When a refused peer message was last logged, and how many since.
@@ -219,6 +232,7 @@ impl Node {
     ) -> (Node, NodeHandle) {
         let (tx, requests) = mpsc::channel(16 * 1024);
         let (leader_tx, leader) = watch::channel(None);
+        let (failure_tx, failure) = watch::channel(None);
         let id = replica.id();
         let applied = replica.committed();
         // Proposal ids need only be unique among this replica's waiters;
@@ -253,6 +267,7 @@ impl Node {
             peer_rx,
             requests,
             leader_tx,
+            failure_tx,
             ticks: 0,
         };
         (
@@ -261,23 +276,40 @@ impl Node {
                 id,
                 requests: tx,
                 leader,
+                failure,
             },
         )
     }
 
     /// Runs until `shutdown` turns true (or every handle is gone). Calls in
     /// flight are then failed with [`NodeError::Stopped`].
+    ///
+    /// If the storage fails (a write or sync to disk returns an error, the
+    /// disk is full), the replica may not answer anything that depends on
+    /// what it could not persist: it [halts](Node::halted) until `shutdown`,
+    /// and then returns the failure.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), NodeFailure> {
+        match self.serve(&mut shutdown).await {
+            Ok(()) => {
+                info!(replica = self.driver.replica().id(), "node stopping");
+                let answers = self.driver.stop();
+                self.answer(answers)
+            }
+            Err(failure) => self.halted(failure, shutdown).await,
+        }
+    }
+
+    async fn serve(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), NodeFailure> {
         let mut ticker = tokio::time::interval(self.tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
-                _ = shutdown.changed() => break,
+                _ = shutdown.changed() => return Ok(()),
                 Some((from, msg)) = self.peer_rx.recv() => self.step_peer(from, msg),
                 request = self.requests.recv() => match request {
                     Some(request) => self.on_request(request),
-                    None => break,
+                    None => return Ok(()),
                 },
                 _ = ticker.tick() => self.on_tick(),
                 Some(done) = self.background_rx.recv() => self.on_background(done).await?,
@@ -295,10 +327,56 @@ impl Node {
             self.process_ready().await?;
             self.publish_leader();
         }
-        info!(replica = self.driver.replica().id(), "node stopping");
+    }
+
+    /// After a storage failure: this replica's acceptor state on disk is not
+    /// what the core holds, so it sends nothing, answers no peer and serves
+    /// no call (each gets [`NodeError::Stopped`]; [`NodeHandle::failure`]
+    /// says why) until `shutdown`. It is not a panic: whatever is on disk
+    /// stays as it was, and a restart recovers from it (the log's scan
+    /// truncates a torn tail). Health and metrics report the failure.
+    async fn halted(
+        mut self,
+        failure: NodeFailure,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), NodeFailure> {
+        let id = self.driver.replica().id();
+        error!(
+            replica = id,
+            error = %failure,
+            "storage failed: this replica no longer votes or serves calls; fix the disk and restart it (it recovers from what is on disk)"
+        );
+        metrics::gauge!(m::STORAGE_FAILED).set(1.0);
+        metrics::gauge!(m::IS_LEADER).set(0.0);
+        // Published before the callers waiting are answered, so that each
+        // is told why.
+        self.failure_tx.send_replace(Some(failure.0.clone()));
+        self.leader_tx.send_replace(None);
         let answers = self.driver.stop();
-        self.answer(answers)?;
-        Ok(())
+        // `stop` answers with errors only: no read touches the storage.
+        let _ = self.answer(answers);
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => break,
+                // Read and dropped, so that the peers' streams do not stall.
+                Some(_) = self.peer_rx.recv() => {}
+                request = self.requests.recv() => match request {
+                    Some(Request::Write { reply, .. }) => {
+                        let _ = reply.send(Err(NodeError::Stopped));
+                    }
+                    Some(Request::Read { reply, .. }) => {
+                        let _ = reply.send(Err(NodeError::Stopped));
+                    }
+                    // Dropping the reply answers the caller `Stopped`.
+                    Some(Request::Status { .. }) => {}
+                    None => break,
+                },
+                Some(_) = self.background_rx.recv() => {}
+            }
+        }
+        info!(replica = id, "node stopping");
+        Err(failure)
     }
 
     /// Hands a peer's message to the core. A refusal (which honest members
@@ -479,10 +557,7 @@ impl Node {
                 self.checkpointing = false;
                 // A failed checkpoint is a failed fsync or a poisoned log:
                 // nothing on disk can be trusted to be as we think.
-                let cp = result.map_err(|e| {
-                    error!(replica = id, error = %e, "checkpoint failed; stopping the replica");
-                    NodeFailure(format!("checkpoint: {e}"))
-                })?;
+                let cp = result.map_err(|e| NodeFailure(format!("checkpoint: {e}")))?;
                 let took = started.elapsed();
                 self.last_snapshot = self.last_snapshot.max(cp.snapshot);
                 self.driver.compact(cp.compacted.min(self.driver.applied()));
@@ -709,10 +784,7 @@ where
 {
     match tokio::task::spawn_blocking(f).await {
         Ok(Ok(value)) => Ok(value),
-        Ok(Err(e)) => {
-            error!(error = %e, "storage failed; stopping the replica");
-            Err(NodeFailure(format!("storage: {e}")))
-        }
+        Ok(Err(e)) => Err(NodeFailure(format!("storage: {e}"))),
         Err(e) => Err(NodeFailure(format!("storage task: {e}"))),
     }
 }

@@ -18,6 +18,7 @@ use crate::paxos::{self, NodeId, Replica};
 use crate::pb;
 use crate::service::KvService;
 use crate::storage::Storage;
+use crate::storage::identity::{self, Identity};
 use crate::transport::{PaxosService, Transport};
 
 /// How to run a replica.
@@ -43,6 +44,12 @@ pub struct ServeOptions {
     pub drain: Duration,
     /// Where to serve Prometheus metrics (`/metrics`), if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// The cluster's name: the data directory must be this cluster's (see
+    /// [`crate::storage::identity`]).
+    pub cluster_name: String,
+    /// Fault injection, for tests: after this many log syncs, every sync
+    /// fails (see [`Storage::fail_syncs_after`]).
+    pub fail_syncs_after: Option<u64>,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -80,8 +87,23 @@ pub async fn serve(
     if let Some(addr) = opts.metrics_listen {
         crate::metrics::install(addr)?;
     }
+    let identity = Identity {
+        cluster: opts.cluster_name.clone(),
+        replica: opts.id,
+    };
+    if identity::check_or_record(&opts.data_dir, &identity)? == identity::Found::Recorded {
+        info!(replica = opts.id, cluster = %opts.cluster_name, data_dir = %opts.data_dir.display(), "recorded this replica's identity in its data directory");
+    }
     let (storage, durable) =
         Storage::open_with(&opts.data_dir, opts.cache_bytes, opts.log_segment_bytes)?;
+    if let Some(n) = opts.fail_syncs_after {
+        warn!(
+            replica = opts.id,
+            syncs = n,
+            "fault injection: every log sync after this many fails"
+        );
+        storage.fail_syncs_after(n);
+    }
     let storage = Arc::new(storage);
     info!(
         replica = opts.id,
@@ -158,6 +180,20 @@ pub async fn serve(
     health
         .set_serving::<pb::kv_store_server::KvStoreServer<KvService>>()
         .await;
+    // A replica whose storage failed serves nothing: say so to health
+    // checks (the whole server, "", and the KV service).
+    let mut failure = handle.watch_failure();
+    let failed_health = health.clone();
+    tokio::spawn(async move {
+        if failure.wait_for(Option::is_some).await.is_ok() {
+            failed_health
+                .set_not_serving::<pb::kv_store_server::KvStoreServer<KvService>>()
+                .await;
+            failed_health
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+        }
+    });
     // Each reflection service describes itself; give each the other's
     // descriptor too, so both versions list every service.
     let reflection = |other_reflection_version| {
@@ -222,12 +258,13 @@ pub async fn serve(
         server_task.abort();
     }
     let _ = stop_node.send(true);
-    match node_task.await {
-        Ok(Ok(())) => {}
-        Ok(Err(failure)) => warn!(error = %failure, "node failed while stopping"),
-        Err(e) => warn!(error = %e, "node task failed while stopping"),
-    }
+    let node_result = match node_task.await {
+        Ok(result) => result.map_err(BoxError::from),
+        Err(e) => Err(format!("node task: {e}").into()),
+    };
+    // Even after a failure: what the state machine holds is consistent,
+    // and the log's damage (if any) is found by the next start's scan.
     storage.flush()?;
     info!(replica = opts.id, "stopped");
-    Ok(())
+    node_result
 }

@@ -119,9 +119,7 @@ impl KvService {
             };
             match outcome {
                 Ok(outcome) => return M::respond(call.key(), outcome),
-                Err(NodeError::Stopped) => {
-                    return Err(Unavailable::ShuttingDown.status("replica is shutting down"));
-                }
+                Err(NodeError::Stopped) => return Err(stopped(&node)),
                 Err(NodeError::Retry) => tokio::time::sleep(Duration::from_millis(10)).await,
                 // With a request id the state machine deduplicates: asking
                 // again is safe, and learns the outcome.
@@ -440,14 +438,18 @@ pub enum Unavailable {
     /// The leader changed while the write was in flight, and whether its
     /// slot chose it could not be learned in time.
     OutcomeUnknown,
+    /// A write or sync to the replica's disk failed: it serves nothing
+    /// until restarted (ask another replica).
+    StorageFailed,
 }
 
 impl Unavailable {
-    const ALL: [Unavailable; 4] = [
+    const ALL: [Unavailable; 5] = [
         Unavailable::NoLeader,
         Unavailable::NoQuorum,
         Unavailable::ShuttingDown,
         Unavailable::OutcomeUnknown,
+        Unavailable::StorageFailed,
     ];
 
     /// The value under [`REASON`].
@@ -457,6 +459,7 @@ impl Unavailable {
             Unavailable::NoQuorum => "no-quorum",
             Unavailable::ShuttingDown => "shutting-down",
             Unavailable::OutcomeUnknown => "outcome-unknown",
+            Unavailable::StorageFailed => "storage-failed",
         }
     }
 
@@ -480,16 +483,28 @@ impl Unavailable {
     }
 }
 
+/// Why a node answered [`NodeError::Stopped`]: it is shutting down, or its
+/// storage failed.
+pub fn stopped(node: &NodeHandle) -> Status {
+    match node.failure() {
+        Some(why) => Unavailable::StorageFailed.status(format!(
+            "replica {}'s storage failed ({why}); it serves nothing until restarted: ask another replica",
+            node.id()
+        )),
+        None => Unavailable::ShuttingDown.status("replica is shutting down"),
+    }
+}
+
 /// Whether a forwarded call's failure means the leader may be gone, so that
 /// looking for the leader again is worth it: it could not be reached (an
-/// UNAVAILABLE no replica marked), or it is shutting down. A leader that
+/// UNAVAILABLE no replica marked), or it is shutting down or failed. A leader that
 /// answered "no leader" or "no quorum" did so at the call's deadline; there
 /// is no time left to try again.
 fn leader_may_be_gone(status: &Status) -> bool {
     status.code() == Code::Unavailable
         && matches!(
             Unavailable::of(status),
-            None | Some(Unavailable::ShuttingDown)
+            None | Some(Unavailable::ShuttingDown | Unavailable::StorageFailed)
         )
 }
 

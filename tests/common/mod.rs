@@ -135,6 +135,12 @@ impl Cluster {
 
     /// Starts (or restarts) replica `id` on its address and data.
     pub fn spawn(&mut self, id: u32) {
+        self.spawn_with(id, &[]);
+    }
+
+    /// [`Cluster::spawn`], with `args` added to this start of replica `id`
+    /// only.
+    pub fn spawn_with(&mut self, id: u32, args: &[&str]) {
         let log =
             std::fs::File::create(self.dir.join(format!("replica-{id}.log"))).expect("log file");
         let child = Command::new(binary())
@@ -152,6 +158,7 @@ impl Cluster {
             .arg("--data-dir")
             .arg(self.dir.join(format!("data-{id}")))
             .args(&self.extra_args)
+            .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -159,6 +166,13 @@ impl Cluster {
             .spawn()
             .expect("start paxoskv serve");
         self.procs.insert(id, child);
+    }
+
+    /// Whether replica `id`'s process is still running.
+    pub fn running(&mut self, id: u32) -> bool {
+        self.procs
+            .get_mut(&id)
+            .is_some_and(|child| matches!(child.try_wait(), Ok(None)))
     }
 
     /// SIGKILL: no chance to flush or say goodbye.
