@@ -26,6 +26,9 @@
 //!   records, group commit with one fdatasync);
 //! - [`bench`]: `paxoskv bench`, closed-loop clients and a no-op server
 //!   for the ceiling;
+//! - [`check`]: `paxoskv check`, a Jepsen-style run against a local
+//!   cluster of its own (faults, concurrent clients, a linearizability
+//!   check); its checker is the simulator's too;
 //! - [`wire`]: the core's types in protobuf form, for the network and the disk;
 //! - [`kv`]: the state machine (the five operations and the dedup table);
 //! - [`paxos`]: the consensus core, sans-IO and deterministic;
@@ -33,6 +36,7 @@
 
 pub mod admin;
 pub mod bench;
+pub mod check;
 pub mod client;
 pub mod cluster;
 pub mod dial;

@@ -64,7 +64,7 @@ use paxoskv::paxos::{
     Slot, SnapshotFetch, Value,
 };
 
-use crate::linearizability::{self, Input, Operation, Output};
+use paxoskv::check::linearizability::{self, Input, Operation, Output};
 
 /// What one seed runs: sizes and fault rates, all drawn from the seed.
 #[derive(Clone, Debug)]

@@ -1,5 +1,11 @@
 //! A linearizability checker for key-value histories.
 //!
+//! One checker, two users: the deterministic simulator
+//! (`tests/simulation`) checks the histories of its simulated clients, and
+//! `paxoskv check` ([`crate::check`]) those of real clients against real
+//! processes. Times are whatever the recorder uses (ticks in the
+//! simulator, microseconds since the start in `paxoskv check`).
+//!
 //! The algorithm is the one of Wing & Gong, improved by Lowe, as used by
 //! Porcupine and Knossos: a depth-first search for a sequential order of the
 //! operations (a *linearization*) that respects real time and that the
