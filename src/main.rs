@@ -88,6 +88,10 @@ enum Command {
         /// fails as if the disk returned EIO.
         #[arg(long, hide = true)]
         fault_fail_syncs_after: Option<u64>,
+        /// Tests only: run a deliberate bug (forget-votes, ack-early,
+        /// local-reads), to prove `paxoskv check` catches it. NOT SAFE.
+        #[arg(long, hide = true, value_parser = paxoskv::node::TestBug::parse)]
+        unsafe_test_bug: Option<paxoskv::node::TestBug>,
     },
     /// Runs a local cluster of `serve` processes on 127.0.0.1 until Ctrl-C.
     Cluster {
@@ -268,6 +272,7 @@ async fn run(cli: Cli) -> ExitCode {
             metrics_listen,
             cluster_name,
             fault_fail_syncs_after,
+            unsafe_test_bug,
         } => {
             init_logs(cli.log_format);
             let opts = ServeOptions {
@@ -286,6 +291,7 @@ async fn run(cli: Cli) -> ExitCode {
                 metrics_listen,
                 cluster_name,
                 fail_syncs_after: fault_fail_syncs_after,
+                test_bug: unsafe_test_bug,
             };
             let shutdown = match shutdown_signal() {
                 Ok(shutdown) => shutdown,

@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use crate::driver::{Answer, Driver};
-use crate::kv::{self, Op, Reply};
+use crate::kv::{self, KvState, Op, Reply};
 use crate::metrics as m;
 use crate::paxos::{
     Membership, Message, NodeId, Replica, Role, Slot, SnapshotFetch, Status, Value,
@@ -161,6 +161,53 @@ impl std::fmt::Display for NodeFailure {
 
 impl std::error::Error for NodeFailure {}
 
+/// A deliberate bug, for tests only: switched on by the hidden flag
+/// `paxoskv serve --unsafe-test-bug NAME`, which `paxoskv check --break
+/// NAME` passes to every replica it starts. Each exists only to prove that
+/// `paxoskv check` catches a real bug of its kind (see `tests/check.rs`); a
+/// replica running one is not safe, and says so at start. Each switch is a
+/// few lines in this file, marked `UNSAFE TEST BUG`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TestBug {
+    /// `forget-votes`: the acceptor answers `Accepted` but its votes (and
+    /// the chosen values it learns) are never written to the log; promises
+    /// still are. A restarted replica has forgotten what it voted: a sync
+    /// bug of the kind the log's group commit exists to prevent.
+    ForgetVotes,
+    /// `ack-early`: the leader answers a write as soon as it proposes it,
+    /// with the reply its state machine would give now, instead of the
+    /// reply the command gets once its slot is chosen and applied.
+    AckEarly,
+    /// `local-reads`: every replica serves `Get` from its own state machine,
+    /// without the leader or a ReadIndex round.
+    LocalReads,
+}
+
+impl TestBug {
+    /// Every bug, in the order `--help` texts list them.
+    pub const ALL: [TestBug; 3] = [TestBug::ForgetVotes, TestBug::AckEarly, TestBug::LocalReads];
+
+    /// The name the flags take.
+    pub fn name(self) -> &'static str {
+        match self {
+            TestBug::ForgetVotes => "forget-votes",
+            TestBug::AckEarly => "ack-early",
+            TestBug::LocalReads => "local-reads",
+        }
+    }
+
+    /// The bug called `name`; the error lists the names.
+    pub fn parse(name: &str) -> Result<TestBug, String> {
+        TestBug::ALL
+            .into_iter()
+            .find(|b| b.name() == name)
+            .ok_or_else(|| {
+                let names: Vec<_> = TestBug::ALL.iter().map(|b| b.name()).collect();
+                format!("unknown test bug {name:?}; one of: {}", names.join(", "))
+            })
+    }
+}
+
 /// When this replica snapshots its state machine and compacts its log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SnapshotPolicy {
@@ -214,6 +261,8 @@ pub struct Node {
     fetching: bool,
     background_tx: mpsc::Sender<Background>,
     background_rx: mpsc::Receiver<Background>,
+    /// A deliberate bug, for `paxoskv check --break` only; see [`TestBug`].
+    test_bug: Option<TestBug>,
 }
 
 /// How many inputs one loop iteration takes before it syncs.
@@ -269,6 +318,7 @@ impl Node {
             leader_tx,
             failure_tx,
             ticks: 0,
+            test_bug: None,
         };
         (
             node,
@@ -279,6 +329,20 @@ impl Node {
                 failure,
             },
         )
+    }
+
+    /// Switches on a deliberate bug (none if `None`): for `paxoskv check
+    /// --break` only, to prove that it catches real bugs. See [`TestBug`].
+    pub fn with_test_bug(mut self, bug: Option<TestBug>) -> Self {
+        if let Some(bug) = bug {
+            warn!(
+                replica = self.driver.replica().id(),
+                bug = bug.name(),
+                "UNSAFE: this replica runs a deliberate bug (--unsafe-test-bug), to test paxoskv check; it is NOT consistent; never use it for data"
+            );
+        }
+        self.test_bug = bug;
+        self
     }
 
     /// Runs until `shutdown` turns true (or every handle is gone). Calls in
@@ -410,8 +474,33 @@ impl Node {
 
     fn on_request(&mut self, request: Request) {
         match request {
+            // UNSAFE TEST BUG (ack-early), see `TestBug::AckEarly`: the
+            // reply the state machine would give now, before any slot.
+            Request::Write { command, reply }
+                if self.test_bug == Some(TestBug::AckEarly)
+                    && self.driver.replica().is_leader() =>
+            {
+                let mut now = kv::MemState::new();
+                if let Ok(Some(value)) = self.storage.get(&command.key) {
+                    now.put(&command.key, value);
+                }
+                let early = kv::apply(
+                    &mut now,
+                    &kv::Command {
+                        client_id: 0,
+                        ..command.clone()
+                    },
+                );
+                let _ = reply.send(Ok(early));
+                let (ignored, _) = oneshot::channel();
+                self.driver.write(command, (ignored, Instant::now()));
+            }
             Request::Write { command, reply } => {
                 self.driver.write(command, (reply, Instant::now()));
+            }
+            // UNSAFE TEST BUG (local-reads), see `TestBug::LocalReads`.
+            Request::Read { key, reply } if self.test_bug == Some(TestBug::LocalReads) => {
+                let _ = reply.send(self.storage.get(&key).map_err(|_| NodeError::Stopped));
             }
             Request::Read { key, reply } => self.driver.read(key, reply),
             Request::Status { reply } => {
@@ -461,7 +550,11 @@ impl Node {
             // 2. The sync: one for everything gathered this round.
             if !work.persist.is_empty() {
                 let storage = Arc::clone(&self.storage);
-                let persist = work.persist;
+                let mut persist = work.persist;
+                // UNSAFE TEST BUG (forget-votes), see `TestBug::ForgetVotes`.
+                if self.test_bug == Some(TestBug::ForgetVotes) {
+                    persist.entries.clear();
+                }
                 let (started, written) = (Instant::now(), self.storage.bytes_written());
                 blocking(move || storage.persist(&persist)).await?;
                 metrics::histogram!(m::SYNC_DURATION).record(started.elapsed().as_secs_f64());

@@ -50,6 +50,9 @@ pub struct ServeOptions {
     /// Fault injection, for tests: after this many log syncs, every sync
     /// fails (see [`Storage::fail_syncs_after`]).
     pub fail_syncs_after: Option<u64>,
+    /// A deliberate bug, for `paxoskv check --break` only (see
+    /// [`crate::node::TestBug`]); `None` in every real use.
+    pub test_bug: Option<crate::node::TestBug>,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -173,6 +176,7 @@ pub async fn serve(
         opts.tick,
         opts.snapshots,
     );
+    let node = node.with_test_bug(opts.test_bug);
     let (stop_node, node_stopped) = watch::channel(false);
     let mut node_task = tokio::spawn(node.run(node_stopped));
 
