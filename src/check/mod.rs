@@ -111,6 +111,9 @@ const BUCKET: Duration = Duration::from_secs(5);
 /// How long the cluster may take to come up, and to settle after healing.
 const READY_WITHIN: Duration = Duration::from_secs(30);
 const SETTLE_WITHIN: Duration = Duration::from_secs(30);
+/// Settling is given up sooner if no replica's applied index moves for this
+/// long (a replica that can never catch up: nothing to wait for).
+const SETTLE_STALLED: Duration = Duration::from_secs(10);
 /// How long the checker may take.
 const CHECK_BUDGET: Duration = Duration::from_secs(120);
 
@@ -604,6 +607,8 @@ fn leader_of(
 async fn wait_settled(cluster: &LocalCluster) -> Result<(), String> {
     let deadline = Instant::now() + SETTLE_WITHIN;
     let mut last = None;
+    let mut applied = Vec::new();
+    let mut progress = Instant::now();
     loop {
         let statuses = cluster.statuses(Duration::from_millis(500)).await;
         let why = match leader_of(&statuses) {
@@ -614,6 +619,11 @@ async fn wait_settled(cluster: &LocalCluster) -> Result<(), String> {
                     .map(|(id, s)| (id, s.leader, s.role.clone(), s.committed, s.applied))
                     .collect();
                 let committed = views.iter().map(|v| v.3).max().unwrap_or(0);
+                let now_applied: Vec<u64> = views.iter().map(|v| v.4).collect();
+                if now_applied != applied {
+                    applied = now_applied;
+                    progress = Instant::now();
+                }
                 let settled = views
                     .iter()
                     .all(|(_, l, _, _, applied)| *l == leader && *applied == committed);
@@ -637,6 +647,11 @@ async fn wait_settled(cluster: &LocalCluster) -> Result<(), String> {
         };
         if Instant::now() > deadline {
             return Err(why);
+        }
+        if progress.elapsed() > SETTLE_STALLED {
+            return Err(format!(
+                "no replica applied anything for {SETTLE_STALLED:?}: {why}"
+            ));
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
@@ -696,9 +711,10 @@ impl Report {
         let c = &self.clients;
         let _ = writeln!(
             out,
-            "\nOperations: {} ok ({} reads, {} writes, {} of them answered on a retry with the same request id); \
-             {} failed with no effect, not in the history ({} reads, {} writes); \
-             {} indeterminate (writes never answered, in the history as pending); {} calls in all",
+            "\nOperations: {:>7} ok: {} reads, {} writes ({} of them answered on a retry with the same request id)\n\
+             {:>19} failed with no effect, not in the history: {} reads, {} writes\n\
+             {:>19} indeterminate: writes never answered, in the history as pending\n\
+             {:>19} calls in all, retries included",
             c.ok(),
             c.reads_ok,
             c.writes_ok,
