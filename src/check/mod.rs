@@ -749,11 +749,11 @@ impl Report {
                 let v = &f.violation;
                 let _ = writeln!(
                     out,
-                    "NOT LINEARIZABLE: key {:?} has no linearization. It already had none at {:.3} s, \
-                     when the history of the key stood as below: the {} operations called by then, \
-                     those answered later shown pending, as they stood then (times in µs since the \
-                     start). This is the smallest failing sub-history this checker reports; the key's \
-                     whole sub-history has {} operations.",
+                    "NOT LINEARIZABLE: key {:?} has no linearization.\n\
+                     It already had none at {:.3} s. Below, its history as it stood then: the {} \
+                     operations called by then,\nthose answered later shown pending (times in µs \
+                     since the start). This is the smallest failing sub-history\nthis checker \
+                     reports; the key's whole sub-history has {} operations.",
                     v.key,
                     f.cut as f64 / 1e6,
                     v.ops.len(),
