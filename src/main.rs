@@ -147,40 +147,7 @@ enum Command {
     /// replicas, heals, and checks the history for linearizability. Exits
     /// 0 if VALID, 3 if NOT LINEARIZABLE, 4 if INCONCLUSIVE, 1 if it could
     /// not run.
-    Check {
-        /// How long the clients and faults run.
-        #[arg(long, default_value_t = 60)]
-        seconds: u64,
-        /// Concurrent clients.
-        #[arg(long, default_value_t = 8)]
-        clients: usize,
-        /// Replicas in the cluster.
-        #[arg(long, default_value_t = 3)]
-        replicas: u32,
-        /// Faults to inject: any of kill,pause,partition, or none.
-        #[arg(long, default_value = "kill,pause,partition", value_parser = paxoskv::check::nemesis::FaultSet::parse)]
-        faults: paxoskv::check::nemesis::FaultSet,
-        /// Seed of the fault schedule and the clients' calls (default: from
-        /// the clock; printed, to run the same plan again).
-        #[arg(long)]
-        seed: Option<u64>,
-        /// Where the replicas keep data and logs (must be empty or new;
-        /// default: a new directory in the system's temp directory,
-        /// removed after a VALID run).
-        #[arg(long)]
-        data_dir: Option<PathBuf>,
-        /// Replica N listens on 127.0.0.1:(BASE_PORT + N - 1) (default:
-        /// free ports).
-        #[arg(long)]
-        base_port: Option<u16>,
-        /// Run every replica with a deliberate bug, to see the check catch
-        /// it: forget-votes, ack-early or local-reads.
-        #[arg(long = "break", value_parser = paxoskv::node::TestBug::parse)]
-        break_bug: Option<paxoskv::node::TestBug>,
-        /// Print the report as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Check(paxoskv::check::CheckArgs),
     /// Prints every replica's role, ballot, indexes and lag; exits 6 if the
     /// cluster has no leader or no quorum.
     Status {
@@ -411,59 +378,12 @@ async fn run(cli: Cli) -> ExitCode {
                 Err(e) => report(Err(e.into())),
             };
         }
-        Command::Check {
-            seconds,
-            clients,
-            replicas,
-            faults,
-            seed,
-            data_dir,
-            base_port,
-            break_bug,
-            json,
-        } => {
-            let seed = seed.unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(1, |d| d.as_nanos() as u64 % 1_000_000)
-            });
-            let opts = paxoskv::check::CheckOptions {
-                duration: Duration::from_secs(seconds),
-                clients,
-                replicas,
-                faults,
-                seed,
-                data_dir,
-                base_port,
-                test_bug: break_bug,
-            };
+        Command::Check(args) => {
             let interrupted = match shutdown_signal() {
                 Ok(signal) => signal,
                 Err(e) => return report(Err(e)),
             };
-            // Ctrl-C drops the run, and with it every replica it started
-            // (they are killed on drop).
-            let outcome = tokio::select! {
-                outcome = paxoskv::check::run(opts) => outcome,
-                () = interrupted => {
-                    eprintln!("paxoskv check: interrupted; every replica it started is stopped");
-                    return ExitCode::from(paxoskv::check::exit::INTERRUPTED);
-                }
-            };
-            return match outcome {
-                Ok(report) => {
-                    if json {
-                        println!("{:#}", report.json());
-                    } else {
-                        print!("{}", report.text());
-                    }
-                    ExitCode::from(report.exit_code())
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::from(paxoskv::check::exit::ERROR)
-                }
-            };
+            return ExitCode::from(paxoskv::check::command(args, interrupted).await);
         }
         Command::Status { target } => {
             let timeout = Duration::from_millis(target.timeout_ms);

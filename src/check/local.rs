@@ -153,12 +153,27 @@ impl LocalCluster {
             .append(true)
             .open(self.log_path(id))
             .map_err(|e| format!("cannot open {}: {e}", self.log_path(id).display()))?;
-        let child = Command::new(&self.exe)
+        let mut command = Command::new(&self.exe);
+        command
             .args(replica_args(id, listen, &peers, &data, self.test_bug))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
-            .kill_on_drop(true)
+            .kill_on_drop(true);
+        // Even if this process is SIGKILLed (no drop runs), its replicas
+        // die with it rather than live on as orphans. Linux: the signal
+        // comes when the thread that spawned the child exits, and tokio's
+        // worker threads live as long as the runtime.
+        #[cfg(target_os = "linux")]
+        // SAFETY: between fork and exec, only prctl(2), which is
+        // async-signal-safe, is called.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = command
             .spawn()
             .map_err(|e| format!("cannot start replica {id}: {e}"))?;
         self.children.insert(id, child);

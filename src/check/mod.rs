@@ -54,6 +54,93 @@ use local::LocalCluster;
 use nemesis::{FaultEvent, FaultSet, Nemesis, Timing};
 use workload::{History, WorkloadOptions};
 
+/// `paxoskv check`'s command line.
+#[derive(clap::Args, Clone, Debug)]
+pub struct CheckArgs {
+    /// How long the clients and faults run.
+    #[arg(long, default_value_t = 60)]
+    pub seconds: u64,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 8)]
+    pub clients: usize,
+    /// Replicas in the cluster.
+    #[arg(long, default_value_t = 3)]
+    pub replicas: u32,
+    /// Faults to inject: any of kill,pause,partition, or none.
+    #[arg(long, default_value = "kill,pause,partition", value_parser = FaultSet::parse)]
+    pub faults: FaultSet,
+    /// Seed of the fault schedule and the clients' calls (default: from
+    /// the clock; printed, to run the same plan again).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Where the replicas keep data and logs (must be empty or new;
+    /// default: a new directory in the system's temp directory, removed
+    /// after a VALID run).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Replica N listens on 127.0.0.1:(BASE_PORT + N - 1) (default: free
+    /// ports).
+    #[arg(long)]
+    pub base_port: Option<u16>,
+    /// Run every replica with a deliberate bug, to see the check catch it:
+    /// forget-votes, ack-early or local-reads.
+    #[arg(long = "break", value_parser = TestBug::parse)]
+    pub break_bug: Option<TestBug>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl CheckArgs {
+    /// The options these arguments ask for; without `--seed`, one drawn
+    /// from the clock.
+    pub fn options(&self) -> CheckOptions {
+        let seed = self.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64 % 1_000_000)
+        });
+        CheckOptions {
+            duration: Duration::from_secs(self.seconds),
+            clients: self.clients,
+            replicas: self.replicas,
+            faults: self.faults,
+            seed,
+            data_dir: self.data_dir.clone(),
+            base_port: self.base_port,
+            test_bug: self.break_bug,
+        }
+    }
+}
+
+/// `paxoskv check` as the command line runs it: progress on stderr, the
+/// report on stdout (JSON with `--json`); returns the exit code ([`exit`]).
+/// If `interrupted` resolves first (Ctrl-C, SIGTERM), the run is dropped,
+/// and with it every replica it started.
+pub async fn command(args: CheckArgs, interrupted: impl Future<Output = ()>) -> u8 {
+    let outcome = tokio::select! {
+        outcome = run(args.options()) => outcome,
+        () = interrupted => {
+            eprintln!("paxoskv check: interrupted; every replica it started is stopped");
+            return exit::INTERRUPTED;
+        }
+    };
+    match outcome {
+        Ok(report) => {
+            if args.json {
+                println!("{:#}", report.json());
+            } else {
+                print!("{}", report.text());
+            }
+            report.exit_code()
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            exit::ERROR
+        }
+    }
+}
+
 /// What a check does.
 #[derive(Clone, Debug)]
 pub struct CheckOptions {
