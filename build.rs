@@ -20,6 +20,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::fs::write(&descriptor_path, prost::Message::encode_to_vec(&fds))?;
 
     tonic_prost_build::configure()
+        // Decode errors are the caller's: INVALID_ARGUMENT (src/codec.rs).
+        .codec_path("crate::codec::Codec")
         .build_server(true)
         .build_client(true)
         .compile_fds(fds)?;

@@ -35,6 +35,7 @@ pub mod admin;
 pub mod bench;
 pub mod client;
 pub mod cluster;
+pub mod codec;
 pub mod dial;
 pub mod driver;
 pub mod kv;
