@@ -24,6 +24,7 @@ impl AdminService {
     /// The tonic server for this service.
     pub fn into_server(self) -> pb::admin_server::AdminServer<Self> {
         pb::admin_server::AdminServer::new(self)
+            .max_decoding_message_size(crate::service::MAX_REQUEST_BYTES)
     }
 }
 

@@ -39,6 +39,7 @@ pub mod codec;
 pub mod dial;
 pub mod driver;
 pub mod kv;
+pub mod listener;
 pub mod metrics;
 pub mod node;
 pub mod paxos;

@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::admin::AdminService;
+use crate::listener::{self, Limits};
 use crate::node::Node;
 use crate::paxos::{self, NodeId, Replica};
 use crate::pb;
@@ -54,15 +55,24 @@ pub struct ServeOptions {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The connections `listener` accepts, with `TCP_NODELAY` set on each.
-///
-/// `Server::tcp_nodelay` applies only to a listener tonic binds itself;
-/// without it, a small response waits in Nagle's algorithm for the ACK of
-/// the previous segment, which the client's delayed ACK holds back for up
-/// to 40 ms: the p99 spikes of 40–50 ms measured with one client.
-pub fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+/// Client connections a replica holds, within what its file descriptors
+/// allow: [`Limits::CLIENTS`], less [`RESERVED_FDS`] below the descriptor
+/// limit, so that clients can never take what the log, the state machine
+/// and the peer streams need.
+fn client_limits(fd_limit: Option<u64>) -> Limits {
+    let mut limits = Limits::CLIENTS;
+    if let Some(fds) = fd_limit {
+        let room = fds.saturating_sub(RESERVED_FDS).max(16);
+        limits.max_connections = limits.max_connections.min(room as usize);
+    }
+    limits
 }
+
+/// File descriptors kept back from client connections.
+pub const RESERVED_FDS: u64 = 256;
+
+/// HTTP/2 streams (calls) at once on one connection.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 
 /// Runs the replica until `shutdown` resolves (in `paxoskv serve`: SIGTERM
 /// or SIGINT), then stops taking calls, lets those in flight finish (up to
@@ -153,6 +163,14 @@ pub async fn serve(
     };
     let replica = Replica::new(cfg, restore)?;
 
+    let fd_limit = listener::raise_fd_limit();
+    let clients = client_limits(fd_limit);
+    info!(
+        replica = opts.id,
+        fd_limit = ?fd_limit,
+        max_client_connections = clients.max_connections,
+        "limits"
+    );
     let listener = TcpListener::bind(opts.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", opts.listen))?;
@@ -205,6 +223,9 @@ pub async fn serve(
     let (stop_server, server_stopped) = watch::channel(false);
     let mut server_stopped_rx = server_stopped.clone();
     let server = tonic::transport::Server::builder()
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(health_service)
         .add_service(reflection(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET).build_v1()?)
         .add_service(reflection(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET).build_v1alpha()?)
@@ -216,9 +237,12 @@ pub async fn serve(
                 .with_snapshots(Arc::clone(&storage))
                 .into_server(),
         )
-        .serve_with_incoming_shutdown(incoming(listener), async move {
-            let _ = server_stopped_rx.changed().await;
-        });
+        .serve_with_incoming_shutdown(
+            listener::incoming(listener, clients, "clients"),
+            async move {
+                let _ = server_stopped_rx.changed().await;
+            },
+        );
     let mut server_task = tokio::spawn(server);
     info!(replica = opts.id, listen = %opts.listen, "serving");
 

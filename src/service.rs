@@ -32,6 +32,10 @@ pub const MAX_KEY_BYTES: usize = 1024;
 /// Deadline of a call that sets none.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(5);
 
+/// The largest client request decoded: a key is at most 1,024 bytes, so
+/// anything near this is not a request of this API.
+pub const MAX_REQUEST_BYTES: usize = 16 * 1024;
+
 /// Header marking a call forwarded by a replica, with its hop count.
 const FORWARDED: &str = "x-paxoskv-forwarded";
 /// Metadata key on every UNAVAILABLE status a replica gives on purpose; its
@@ -61,7 +65,7 @@ impl KvService {
 
     /// The tonic server for this service.
     pub fn into_server(self) -> pb::kv_store_server::KvStoreServer<Self> {
-        pb::kv_store_server::KvStoreServer::new(self)
+        pb::kv_store_server::KvStoreServer::new(self).max_decoding_message_size(MAX_REQUEST_BYTES)
     }
 
     fn client(&self, leader: NodeId) -> Result<KvStoreClient<Channel>, Status> {
