@@ -1,6 +1,7 @@
 //! The command-line client: one call to one replica, printed for a person,
 //! with an exit code for a script.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use tonic::transport::Channel;
@@ -137,30 +138,77 @@ fn with_deadline<T>(message: T, timeout: Duration) -> Request<T> {
 /// One replica's line in `paxoskv status`.
 struct Row {
     id: u32,
-    address: String,
+    /// Where clients (and so this command) reach it, once some replica
+    /// has told us.
+    client: Option<String>,
+    /// Where the other replicas reach it.
+    peer: String,
+    /// Its own view, if it was asked and answered.
     status: Option<pb::StatusResponse>,
+    /// Whether it was asked.
+    asked: bool,
 }
 
 /// Asks `endpoint` for the cluster's members, then every member for its
-/// status, and renders a table. Returns the table and, if the cluster is not
-/// healthy (no leader, or fewer than a majority answering), why.
+/// status at its client address, and renders a table. Returns the table
+/// and, if the cluster is not healthy (no leader, or fewer than a majority
+/// answering), why.
+///
+/// A replica knows a peer's client address once that peer's Paxos stream
+/// to it has opened; an address the first replica does not know is looked
+/// for in the answers of the others.
 pub async fn cluster_status(
     endpoint: &str,
     timeout: Duration,
 ) -> Result<(String, Option<String>), Status> {
     let first = admin_status(endpoint, timeout).await?;
-    let mut rows = Vec::new();
-    let calls = first.peers.clone().into_iter().map(|p| async move {
-        let status = admin_status(&p.address, timeout).await.ok();
-        (p.id, p.address, status)
-    });
-    for (id, address, status) in futures_join_all(calls).await {
-        rows.push(Row {
-            id,
-            address,
-            status,
-        });
+    let mut rows: BTreeMap<u32, Row> = first
+        .peers
+        .iter()
+        .map(|p| {
+            let row = Row {
+                id: p.id,
+                client: known(&p.client_address),
+                peer: p.peer_address.clone(),
+                status: None,
+                asked: false,
+            };
+            (p.id, row)
+        })
+        .collect();
+    if let Some(row) = rows.get_mut(&first.id) {
+        row.status = Some(first.clone());
+        row.asked = true;
     }
+    loop {
+        let calls: Vec<_> = rows
+            .values_mut()
+            .filter(|r| !r.asked)
+            .filter_map(|r| {
+                let address = r.client.clone()?;
+                r.asked = true;
+                let id = r.id;
+                Some(async move { (id, admin_status(&address, timeout).await.ok()) })
+            })
+            .collect();
+        if calls.is_empty() {
+            break;
+        }
+        for (id, status) in futures_join_all(calls).await {
+            let Some(status) = status else { continue };
+            for p in &status.peers {
+                if let Some(row) = rows.get_mut(&p.id)
+                    && row.client.is_none()
+                {
+                    row.client = known(&p.client_address);
+                }
+            }
+            if let Some(row) = rows.get_mut(&id) {
+                row.status = Some(status);
+            }
+        }
+    }
+    let rows: Vec<Row> = rows.into_values().collect();
     let leader = rows
         .iter()
         .filter_map(|r| r.status.as_ref())
@@ -168,9 +216,10 @@ pub async fn cluster_status(
         .max_by_key(|s| (s.ballot_round, s.ballot_node))
         .cloned();
     let mut out = format!(
-        "{:<4} {:<22} {:<10} {:<9} {:>10} {:>10} {:>10} {:>6} {:>13}\n",
+        "{:<4} {:<21} {:<21} {:<10} {:<9} {:>10} {:>10} {:>10} {:>6} {:>13}\n",
         "ID",
-        "ADDRESS",
+        "CLIENT",
+        "PEER",
         "ROLE",
         "BALLOT",
         "COMMITTED",
@@ -180,8 +229,15 @@ pub async fn cluster_status(
         "LAST CONTACT"
     );
     for row in &rows {
+        let client = row.client.as_deref().unwrap_or("-");
         let Some(s) = &row.status else {
-            out += &format!("{:<4} {:<22} {:<10}\n", row.id, row.address, "unreachable");
+            // Asked and silent, or never asked: no replica knew where its
+            // clients reach it.
+            let what = if row.asked { "unreachable" } else { "unknown" };
+            out += &format!(
+                "{:<4} {:<21} {:<21} {:<10}\n",
+                row.id, client, row.peer, what
+            );
             continue;
         };
         let lag = leader.as_ref().map_or("-".to_string(), |l| {
@@ -197,9 +253,10 @@ pub async fn cluster_status(
             None => "-".to_string(),
         };
         out += &format!(
-            "{:<4} {:<22} {:<10} {:<9} {:>10} {:>10} {:>10} {:>6} {:>13}\n",
+            "{:<4} {:<21} {:<21} {:<10} {:<9} {:>10} {:>10} {:>10} {:>6} {:>13}\n",
             s.id,
-            row.address,
+            client,
+            row.peer,
             s.role,
             format!("{}.{}", s.ballot_round, s.ballot_node),
             s.committed,
@@ -222,6 +279,11 @@ pub async fn cluster_status(
         None
     };
     Ok((out, problem))
+}
+
+/// An address from a status answer: `None` when empty (not known there).
+fn known(address: &str) -> Option<String> {
+    (!address.is_empty()).then(|| address.to_string())
 }
 
 async fn admin_status(endpoint: &str, timeout: Duration) -> Result<pb::StatusResponse, Status> {
