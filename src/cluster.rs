@@ -192,3 +192,48 @@ async fn stop_all(children: &mut [(u32, Child)]) {
     }
     println!("paxoskv: cluster stopped");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_ports_are_a_hundred_above_the_client_ports() {
+        assert_eq!(
+            addresses(8081, 1),
+            Ok(("127.0.0.1:8081".into(), "127.0.0.1:8181".into()))
+        );
+        assert_eq!(
+            addresses(8081, 3),
+            Ok(("127.0.0.1:8083".into(), "127.0.0.1:8183".into()))
+        );
+        // The last replica allowed still has its client port below the
+        // first peer port.
+        let (last_client, _) = addresses(8081, MAX_REPLICAS).expect("in range");
+        assert_eq!(last_client, "127.0.0.1:8180");
+        let err = addresses(65_500, 1).expect_err("peer port above 65535");
+        assert!(
+            err.contains("--base-port 65500") && err.contains("65600"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn too_many_replicas_are_refused() {
+        for replicas in [0, MAX_REPLICAS + 1] {
+            let opts = ClusterOptions {
+                replicas,
+                base_port: 8081,
+                data_dir: PathBuf::from("unused"),
+                metrics_base_port: None,
+            };
+            let err = run(opts, std::future::pending())
+                .await
+                .expect_err("refused before anything starts");
+            assert!(
+                err.to_string().contains("--replicas must be from 1 to 100"),
+                "{err}"
+            );
+        }
+    }
+}
