@@ -378,16 +378,6 @@ pub async fn serve(
         let _ = stop_peers.send(true);
         let _ = stop_node.send(true);
     };
-    let server_ended =
-        |port: &str,
-         result: Result<Result<(), tonic::transport::Error>, tokio::task::JoinError>| {
-            let e: BoxError = match result {
-                Ok(Ok(())) => format!("the {port} gRPC server stopped unexpectedly").into(),
-                Ok(Err(e)) => format!("the {port} gRPC server failed: {e}").into(),
-                Err(e) => Box::new(e),
-            };
-            e
-        };
     // Run until told to stop, or until the node or a server fails on its
     // own.
     tokio::select! {
@@ -443,6 +433,19 @@ pub async fn serve(
     storage.flush()?;
     info!(replica = opts.id, "stopped");
     Ok(())
+}
+
+/// The error for a gRPC server (`port`: "client" or "peer") whose task
+/// ended while the replica was meant to be running.
+fn server_ended(
+    port: &str,
+    result: Result<Result<(), tonic::transport::Error>, tokio::task::JoinError>,
+) -> BoxError {
+    match result {
+        Ok(Ok(())) => format!("the {port} gRPC server stopped unexpectedly").into(),
+        Ok(Err(e)) => format!("the {port} gRPC server failed: {e}").into(),
+        Err(e) => Box::new(e),
+    }
 }
 
 #[cfg(test)]
