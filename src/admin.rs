@@ -1,24 +1,25 @@
 //! `paxoskv.v1.Admin`: what a replica knows of itself and its peers, for
 //! `paxoskv status`, tests and operators (also callable with grpcurl).
 
-use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use crate::directory::Directory;
 use crate::node::{NodeError, NodeHandle};
-use crate::paxos::{Membership, NodeId, Role};
+use crate::paxos::{Membership, Role};
 use crate::pb;
 
 /// The Admin service of one replica.
 pub struct AdminService {
     node: NodeHandle,
-    peers: BTreeMap<NodeId, String>,
+    directory: Arc<Directory>,
 }
 
 impl AdminService {
-    /// Reports on `node`; `peers` maps every replica id to its address.
-    pub fn new(node: NodeHandle, peers: BTreeMap<NodeId, String>) -> Self {
-        AdminService { node, peers }
+    /// Reports on `node`; `directory` gives every replica's addresses.
+    pub fn new(node: NodeHandle, directory: Arc<Directory>) -> Self {
+        AdminService { node, directory }
     }
 
     /// The tonic server for this service.
@@ -54,13 +55,15 @@ impl pb::admin_server::Admin for AdminService {
         })?;
         let tick_ms = status.tick.as_millis() as u64;
         let peers = self
-            .peers
+            .directory
+            .peers()
             .iter()
             .map(|(&id, address)| {
                 let follower = status.core.followers.iter().find(|f| f.id == id);
                 pb::Peer {
                     id,
-                    address: address.clone(),
+                    peer_address: address.clone(),
+                    client_address: self.directory.client_address(id).unwrap_or_default(),
                     committed: follower.map_or(0, |f| f.committed),
                     silent_ms: follower.map_or(0, |f| f.silent_ticks * tick_ms),
                     connected: id == status.core.id

@@ -96,7 +96,7 @@ pub fn raise_fd_limit() -> Option<u64> {
             }
         }
     }
-    Some(limit.rlim_cur as u64)
+    Some(limit.rlim_cur)
 }
 
 /// The connections `listener` accepts, within `limits`; `name` says which
