@@ -35,6 +35,7 @@
 
 pub mod admin;
 pub mod bench;
+pub mod certainty;
 pub mod client;
 pub mod cluster;
 pub mod codec;

@@ -27,6 +27,7 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
+use crate::certainty::{Attempts, Certainty};
 use crate::dial;
 use crate::directory::Directory;
 use crate::kv::{Op, Reply};
@@ -123,7 +124,9 @@ impl KvService {
         if admitted {
             Ok(InFlight(&self.forwarded_in))
         } else {
-            Err(Unavailable::ShuttingDown.status("replica is shutting down"))
+            // Refused before anything was proposed.
+            Err(Certainty::NotProposed
+                .mark(Unavailable::ShuttingDown.status("replica is shutting down")))
         }
     }
 
@@ -206,12 +209,31 @@ impl KvService {
     }
 
     /// Serves `call` here if this replica leads, else forwards it to the
-    /// leader, retrying where that is safe, until done or the deadline.
+    /// leader, retrying where that is safe, until done or the deadline. A
+    /// write that fails says whether it surely did not happen
+    /// ([`crate::certainty`]).
     async fn serve<M: Method>(
         &self,
         meta: CallMeta,
         call: M,
         action: Action,
+    ) -> Result<M::Response, Status> {
+        let mut attempts = Attempts::default();
+        let result = self.attempt(meta, call, action, &mut attempts).await;
+        match action {
+            Action::Write(_) => result.map_err(|status| attempts.mark(status)),
+            Action::Read => result,
+        }
+    }
+
+    /// The loop of [`KvService::serve`], recording in `attempts` what each
+    /// attempt of a write established.
+    async fn attempt<M: Method>(
+        &self,
+        meta: CallMeta,
+        call: M,
+        action: Action,
+        attempts: &mut Attempts,
     ) -> Result<M::Response, Status> {
         let mut node = self.node.clone();
         // A read may always be retried; a write only with a request id,
@@ -222,8 +244,12 @@ impl KvService {
             let left = meta.deadline.saturating_duration_since(Instant::now());
             let local = run_locally(&node, &call, action);
             let Ok(outcome) = tokio::time::timeout(left, local).await else {
+                attempts.cut_off();
                 return Err(self.at_deadline(node.leader()));
             };
+            if let Err(e) = &outcome {
+                attempts.answered(e);
+            }
             match outcome {
                 Ok(outcome) => return M::respond(call.key(), outcome),
                 Err(NodeError::Stopped) => return Err(stopped(&node)),
@@ -239,10 +265,13 @@ impl KvService {
                 {
                     let left = meta.deadline.saturating_duration_since(Instant::now());
                     metrics::counter!(m::FORWARDED, "leader_known" => "true").increment(1);
-                    match self
+                    let forwarded = self
                         .forward(leader, call.clone(), left, meta.hops + 1)
-                        .await
-                    {
+                        .await;
+                    if let Err(status) = &forwarded {
+                        attempts.forwarded(status);
+                    }
+                    match forwarded {
                         Ok(response) => return Ok(response),
                         // The leader may have died; look again shortly.
                         Err(status) if retry_safe && leader_may_be_gone(&status) => {
