@@ -6,8 +6,9 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use crate::directory::Directory;
+use crate::kv;
 use crate::node::{NodeError, NodeHandle};
-use crate::paxos::{Membership, Role};
+use crate::paxos::{Membership, Role, Value};
 use crate::pb;
 
 /// The Admin service of one replica.
@@ -82,5 +83,51 @@ impl pb::admin_server::Admin for AdminService {
             snapshot: status.snapshot,
             peers,
         }))
+    }
+
+    async fn acceptor(
+        &self,
+        request: Request<pb::AcceptorRequest>,
+    ) -> Result<Response<pb::AcceptorResponse>, Status> {
+        let slot = request.into_inner().slot;
+        let view = self.node.acceptor(slot).await.map_err(|e| match e {
+            NodeError::Stopped => crate::service::stopped(&self.node),
+            other => Status::internal(format!("{other:?}")),
+        })?;
+        let (vote, (vote_round, vote_node), commands) = match &view.vote {
+            Some((ballot, value)) => ("voted", (ballot.round, ballot.node), describe_value(value)),
+            None if slot <= view.compacted => ("compacted", (0, 0), Vec::new()),
+            None => ("none", (0, 0), Vec::new()),
+        };
+        Ok(Response::new(pb::AcceptorResponse {
+            id: self.node.id(),
+            promised_round: view.promised.round,
+            promised_node: view.promised.node,
+            slot,
+            vote: vote.to_string(),
+            vote_round,
+            vote_node,
+            commands,
+            compacted: view.compacted,
+            last_slot: view.last_slot,
+        }))
+    }
+}
+
+/// A log value for people: `no-op`, or one line per command (what it
+/// does, and its request id).
+fn describe_value(value: &Value) -> Vec<String> {
+    match value {
+        Value::Noop => vec!["no-op".to_string()],
+        Value::Batch(commands) => commands
+            .iter()
+            .map(|bytes| match kv::Command::decode(bytes) {
+                Ok(c) => format!(
+                    "{:?} {:?} (client {} sequence {})",
+                    c.op, c.key, c.client_id, c.sequence
+                ),
+                Err(e) => format!("undecodable command ({} bytes): {e}", bytes.len()),
+            })
+            .collect(),
     }
 }

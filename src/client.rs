@@ -310,6 +310,37 @@ async fn admin_status(endpoint: &str, timeout: Duration) -> Result<pb::StatusRes
     Ok(response.into_inner())
 }
 
+/// One replica's acceptor, for people: its promise and its vote for
+/// `slot` (`paxoskv acceptor SLOT`).
+pub async fn acceptor(endpoint: &str, slot: u64, timeout: Duration) -> Result<String, Status> {
+    let a = AdminClient::new(connect(endpoint, timeout).await?)
+        .acceptor(with_deadline(pb::AcceptorRequest { slot }, timeout))
+        .await?
+        .into_inner();
+    let mut out = format!(
+        "replica {}: promised {}.{}; votes up to slot {}; compacted through {}\n",
+        a.id, a.promised_round, a.promised_node, a.last_slot, a.compacted
+    );
+    out += &match a.vote.as_str() {
+        "voted" => format!(
+            "slot {}: voted in ballot {}.{} for\n{}",
+            a.slot,
+            a.vote_round,
+            a.vote_node,
+            a.commands
+                .iter()
+                .map(|c| format!("  {c}\n"))
+                .collect::<String>()
+        ),
+        "compacted" => format!(
+            "slot {}: compacted (chosen, and in the state machine's snapshot; its vote is gone)\n",
+            a.slot
+        ),
+        _ => format!("slot {}: no vote here\n", a.slot),
+    };
+    Ok(out)
+}
+
 /// Awaits every future concurrently, keeping their order.
 async fn futures_join_all<F>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output>
 where

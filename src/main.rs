@@ -158,6 +158,14 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Shows one replica's acceptor, read-only: its promise and its vote
+    /// for a slot.
+    Acceptor {
+        /// The slot whose vote to show.
+        slot: u64,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Reads a key.
     Get {
         key: String,
@@ -402,6 +410,19 @@ async fn run(cli: Cli) -> ExitCode {
                     print!("{table}");
                     eprintln!("error: {problem}");
                     ExitCode::from(client::exit::UNAVAILABLE as u8)
+                }
+                Err(status) => {
+                    eprintln!("error: {:?}: {}", status.code(), status.message());
+                    ExitCode::from(client::exit_code(&status) as u8)
+                }
+            };
+        }
+        Command::Acceptor { slot, target } => {
+            let timeout = Duration::from_millis(target.timeout_ms);
+            return match client::acceptor(&target.endpoint, slot, timeout).await {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
                 }
                 Err(status) => {
                     eprintln!("error: {:?}: {}", status.code(), status.message());

@@ -22,7 +22,10 @@ async fn upsert_within(cluster: &Cluster, id: u32, key: &str, deadline: Duration
         }),
     });
     request.set_timeout(deadline);
-    client.upsert(request).await.expect_err("no quorum: the write fails")
+    client
+        .upsert(request)
+        .await
+        .expect_err("no quorum: the write fails")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -33,12 +36,19 @@ async fn a_write_no_leader_ever_had_is_not_proposed() {
     cluster.kill(3);
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while cluster.status(1).await.is_err() {
-        assert!(std::time::Instant::now() < deadline, "replica 1 never served");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "replica 1 never served"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let status = upsert_within(&cluster, 1, "k", Duration::from_secs(2)).await;
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-    assert_eq!(Certainty::of(&status), Some(Certainty::NotProposed), "{status:?}");
+    assert_eq!(
+        Certainty::of(&status),
+        Some(Certainty::NotProposed),
+        "{status:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
