@@ -184,7 +184,11 @@ pub async fn serve_noop() -> Result<SocketAddr, String> {
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(KvStoreServer::new(Noop))
-            .serve_with_incoming(crate::server::incoming(listener)),
+            .serve_with_incoming(crate::listener::incoming(
+                listener,
+                crate::listener::Limits::CLIENTS,
+                "no-op",
+            )),
     );
     Ok(addr)
 }

@@ -1,6 +1,7 @@
 //! The command-line client: one call to one replica, printed for a person,
 //! with an exit code for a script.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use tonic::transport::Channel;
@@ -138,40 +139,100 @@ fn with_deadline<T>(message: T, timeout: Duration) -> Request<T> {
 /// One replica's line in `paxoskv status`.
 struct Row {
     id: u32,
-    address: String,
-    status: Result<pb::StatusResponse, Status>,
+    /// Where clients (and so this command) reach it, once some replica
+    /// has told us.
+    client: Option<String>,
+    /// Where the other replicas reach it.
+    peer: String,
+    /// Its own view, if it was asked and answered.
+    status: Option<pb::StatusResponse>,
+    /// Whether it was asked.
+    asked: bool,
+    /// It answered that its storage failed.
+    storage_failed: bool,
 }
 
 /// Asks `endpoint` for the cluster's members, then every member for its
-/// status, and renders a table. Returns the table and, if the cluster is not
-/// healthy (no leader, or fewer than a majority answering), why.
+/// status at its client address, and renders a table. Returns the table
+/// and, if the cluster is not healthy (no leader, or fewer than a majority
+/// answering), why.
+///
+/// A replica knows a peer's client address once that peer's Paxos stream
+/// to it has opened; an address the first replica does not know is looked
+/// for in the answers of the others.
 pub async fn cluster_status(
     endpoint: &str,
     timeout: Duration,
 ) -> Result<(String, Option<String>), Status> {
     let first = admin_status(endpoint, timeout).await?;
-    let mut rows = Vec::new();
-    let calls = first.peers.clone().into_iter().map(|p| async move {
-        let status = admin_status(&p.address, timeout).await;
-        (p.id, p.address, status)
-    });
-    for (id, address, status) in futures_join_all(calls).await {
-        rows.push(Row {
-            id,
-            address,
-            status,
-        });
+    let mut rows: BTreeMap<u32, Row> = first
+        .peers
+        .iter()
+        .map(|p| {
+            let row = Row {
+                id: p.id,
+                client: known(&p.client_address),
+                peer: p.peer_address.clone(),
+                status: None,
+                asked: false,
+                storage_failed: false,
+            };
+            (p.id, row)
+        })
+        .collect();
+    if let Some(row) = rows.get_mut(&first.id) {
+        row.status = Some(first.clone());
+        row.asked = true;
     }
+    loop {
+        let calls: Vec<_> = rows
+            .values_mut()
+            .filter(|r| !r.asked)
+            .filter_map(|r| {
+                let address = r.client.clone()?;
+                r.asked = true;
+                let id = r.id;
+                Some(async move { (id, admin_status(&address, timeout).await) })
+            })
+            .collect();
+        if calls.is_empty() {
+            break;
+        }
+        for (id, status) in futures_join_all(calls).await {
+            let status = match status {
+                Ok(status) => status,
+                Err(e) => {
+                    if let Some(row) = rows.get_mut(&id) {
+                        row.storage_failed =
+                            Unavailable::of(&e) == Some(Unavailable::StorageFailed);
+                    }
+                    continue;
+                }
+            };
+            for p in &status.peers {
+                if let Some(row) = rows.get_mut(&p.id)
+                    && row.client.is_none()
+                {
+                    row.client = known(&p.client_address);
+                }
+            }
+            if let Some(row) = rows.get_mut(&id) {
+                row.status = Some(status);
+            }
+        }
+    }
+    let rows: Vec<Row> = rows.into_values().collect();
     let leader = rows
         .iter()
-        .filter_map(|r| r.status.as_ref().ok())
+        .filter_map(|r| r.status.as_ref())
         .filter(|s| s.role == "leader")
         .max_by_key(|s| (s.ballot_round, s.ballot_node))
         .cloned();
     let mut out = format!(
-        "{:<4} {:<22} {:<10} {:<9} {:>10} {:>10} {:>10} {:>6} {:>13}\n",
+        "{:<4} {:<21} {:<21} {:<10} {:<9} {:>10} {:>10} {:>10} {:>6} {:>13}\n",
         "ID",
-        "ADDRESS",
+        "CLIENT",
+        "PEER",
         "ROLE",
         "BALLOT",
         "COMMITTED",
@@ -181,18 +242,20 @@ pub async fn cluster_status(
         "LAST CONTACT"
     );
     for row in &rows {
-        let s = match &row.status {
-            Ok(s) => s,
-            Err(e) => {
-                let what = match Unavailable::of(e) {
-                    Some(Unavailable::StorageFailed) => {
-                        "storage failed: restart it once its disk is fixed"
-                    }
-                    _ => "unreachable",
-                };
-                out += &format!("{:<4} {:<22} {what}\n", row.id, row.address);
-                continue;
-            }
+        let client = row.client.as_deref().unwrap_or("-");
+        let Some(s) = &row.status else {
+            // Asked and silent, or never asked: no replica knew where its
+            // clients reach it.
+            let what = match (row.asked, row.storage_failed) {
+                (true, true) => "storage failed: restart it once its disk is fixed",
+                (true, false) => "unreachable",
+                (false, _) => "unknown",
+            };
+            out += &format!(
+                "{:<4} {:<21} {:<21} {:<10}\n",
+                row.id, client, row.peer, what
+            );
+            continue;
         };
         let lag = leader.as_ref().map_or("-".to_string(), |l| {
             l.committed.saturating_sub(s.applied).to_string()
@@ -207,9 +270,10 @@ pub async fn cluster_status(
             None => "-".to_string(),
         };
         out += &format!(
-            "{:<4} {:<22} {:<10} {:<9} {:>10} {:>10} {:>10} {:>6} {:>13}\n",
+            "{:<4} {:<21} {:<21} {:<10} {:<9} {:>10} {:>10} {:>10} {:>6} {:>13}\n",
             s.id,
-            row.address,
+            client,
+            row.peer,
             s.role,
             format!("{}.{}", s.ballot_round, s.ballot_node),
             s.committed,
@@ -219,7 +283,7 @@ pub async fn cluster_status(
             contact
         );
     }
-    let answering = rows.iter().filter(|r| r.status.is_ok()).count();
+    let answering = rows.iter().filter(|r| r.status.is_some()).count();
     let majority = rows.len() / 2 + 1;
     let problem = if answering < majority {
         Some(format!(
@@ -234,11 +298,47 @@ pub async fn cluster_status(
     Ok((out, problem))
 }
 
+/// An address from a status answer: `None` when empty (not known there).
+fn known(address: &str) -> Option<String> {
+    (!address.is_empty()).then(|| address.to_string())
+}
+
 async fn admin_status(endpoint: &str, timeout: Duration) -> Result<pb::StatusResponse, Status> {
     let response = AdminClient::new(connect(endpoint, timeout).await?)
         .status(with_deadline(pb::StatusRequest {}, timeout))
         .await?;
     Ok(response.into_inner())
+}
+
+/// One replica's acceptor, for people: its promise and its vote for
+/// `slot` (`paxoskv acceptor SLOT`).
+pub async fn acceptor(endpoint: &str, slot: u64, timeout: Duration) -> Result<String, Status> {
+    let a = AdminClient::new(connect(endpoint, timeout).await?)
+        .acceptor(with_deadline(pb::AcceptorRequest { slot }, timeout))
+        .await?
+        .into_inner();
+    let mut out = format!(
+        "replica {}: promised {}.{}; votes up to slot {}; compacted through {}\n",
+        a.id, a.promised_round, a.promised_node, a.last_slot, a.compacted
+    );
+    out += &match a.vote.as_str() {
+        "voted" => format!(
+            "slot {}: voted in ballot {}.{} for\n{}",
+            a.slot,
+            a.vote_round,
+            a.vote_node,
+            a.commands
+                .iter()
+                .map(|c| format!("  {c}\n"))
+                .collect::<String>()
+        ),
+        "compacted" => format!(
+            "slot {}: compacted (chosen, and in the state machine's snapshot; its vote is gone)\n",
+            a.slot
+        ),
+        _ => format!("slot {}: no vote here\n", a.slot),
+    };
+    Ok(out)
 }
 
 /// Awaits every future concurrently, keeping their order.

@@ -16,6 +16,8 @@
 //!   streams, one per peer, with reconnects;
 //! - [`transfer`]: state machine snapshots from one replica to another
 //!   (`Paxos/Snapshot`), for a replica behind the others' compacted logs;
+//! - [`directory`]: every replica's peer address (`--peers`) and client
+//!   address (advertised when its Paxos stream opens);
 //! - [`dial`]: the one way to make a channel to a replica, from any address
 //!   form `--peers` and `--endpoint` accept;
 //! - [`storage`]: the one place that touches the disk: the acceptor's
@@ -36,12 +38,16 @@
 
 pub mod admin;
 pub mod bench;
+pub mod certainty;
 pub mod check;
 pub mod client;
 pub mod cluster;
+pub mod codec;
 pub mod dial;
+pub mod directory;
 pub mod driver;
 pub mod kv;
+pub mod listener;
 pub mod metrics;
 pub mod node;
 pub mod paxos;
@@ -61,4 +67,9 @@ pub mod pb {
     /// The encoded descriptor set of every paxoskv proto, for reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         tonic::include_file_descriptor_set!("paxoskv_descriptor");
+
+    /// The encoded descriptor set of the client-facing protos only
+    /// (`KvStore`, `Admin`), for the client port's reflection.
+    pub const CLIENT_FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("paxoskv_client_descriptor");
 }

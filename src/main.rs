@@ -47,11 +47,24 @@ enum Command {
         /// This replica's id (one of the ids in --peers).
         #[arg(long, env = "PAXOSKV_ID")]
         id: NodeId,
-        /// The gRPC address to serve on: client API, replica traffic, health, reflection.
+        /// Where to serve clients: KvStore, Admin, health and reflection
+        /// (no Paxos).
         #[arg(long, env = "PAXOSKV_LISTEN")]
         listen: SocketAddr,
-        /// Every replica's gRPC address, this one included: 1=HOST:PORT,2=HOST:PORT,...
-        /// (each HOST:PORT or http://HOST:PORT).
+        /// Where to serve the other replicas: paxoskv.v1.Paxos only (Paxos
+        /// streams, snapshots, forwarded calls). Must match this replica's
+        /// own --peers entry (its port, and its host unless this is 0.0.0.0
+        /// or [::]). Keep it reachable by the replicas alone.
+        #[arg(long, env = "PAXOSKV_PEER_LISTEN")]
+        peer_listen: SocketAddr,
+        /// Where clients reach this replica (HOST:PORT), as told to the
+        /// other replicas and shown by `paxoskv status`. Defaults to
+        /// --listen, which must then not be 0.0.0.0 or [::].
+        #[arg(long, env = "PAXOSKV_ADVERTISE_CLIENT", value_parser = parse_endpoint)]
+        advertise_client: Option<String>,
+        /// Every replica's PEER address (where it serves --peer-listen),
+        /// this one included: 1=HOST:PORT,2=HOST:PORT,... (each HOST:PORT
+        /// or http://HOST:PORT).
         #[arg(long, env = "PAXOSKV_PEERS", value_parser = parse_peers)]
         peers: BTreeMap<NodeId, String>,
         /// Where this replica keeps its data.
@@ -95,10 +108,11 @@ enum Command {
     },
     /// Runs a local cluster of `serve` processes on 127.0.0.1 until Ctrl-C.
     Cluster {
-        /// How many replicas.
+        /// How many replicas (at most 100).
         #[arg(long, env = "PAXOSKV_REPLICAS", default_value_t = 3)]
         replicas: u32,
-        /// Replica N listens on 127.0.0.1:(BASE_PORT + N - 1).
+        /// Replica N serves clients on 127.0.0.1:(BASE_PORT + N - 1) and
+        /// the other replicas on 127.0.0.1:(BASE_PORT + 100 + N - 1).
         #[arg(long, env = "PAXOSKV_BASE_PORT", default_value_t = 8081)]
         base_port: u16,
         /// Replica N keeps its data in DATA_DIR/N.
@@ -154,6 +168,14 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Shows one replica's acceptor, read-only: its promise and its vote
+    /// for a slot.
+    Acceptor {
+        /// The slot whose vote to show.
+        slot: u64,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Reads a key.
     Get {
         key: String,
@@ -195,7 +217,8 @@ enum Command {
 /// Where a client call goes.
 #[derive(clap::Args, Debug)]
 struct Target {
-    /// Any replica's gRPC address: HOST:PORT or http://HOST:PORT.
+    /// Any replica's client address (its --listen, not its peer port):
+    /// HOST:PORT or http://HOST:PORT.
     #[arg(long, env = "PAXOSKV_ENDPOINT", default_value = "127.0.0.1:8081", value_parser = parse_endpoint)]
     endpoint: String,
     /// The call's deadline, in milliseconds.
@@ -268,6 +291,8 @@ async fn run(cli: Cli) -> ExitCode {
         Command::Serve {
             id,
             listen,
+            peer_listen,
+            advertise_client,
             peers,
             data_dir,
             tick_ms,
@@ -284,6 +309,8 @@ async fn run(cli: Cli) -> ExitCode {
             let opts = ServeOptions {
                 id,
                 listen,
+                peer_listen,
+                advertise_client,
                 peers,
                 data_dir,
                 tick: Duration::from_millis(tick_ms.max(1)),
@@ -299,6 +326,12 @@ async fn run(cli: Cli) -> ExitCode {
                 fail_syncs_after: fault_fail_syncs_after,
                 test_bug: unsafe_test_bug,
             };
+            // A configuration that cannot work is a usage error, like a
+            // flag clap refuses: exit 2, naming it.
+            if let Err(e) = opts.check() {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
             let shutdown = match shutdown_signal() {
                 Ok(shutdown) => shutdown,
                 Err(e) => return report(Err(e)),
@@ -396,6 +429,19 @@ async fn run(cli: Cli) -> ExitCode {
                     print!("{table}");
                     eprintln!("error: {problem}");
                     ExitCode::from(client::exit::UNAVAILABLE as u8)
+                }
+                Err(status) => {
+                    eprintln!("error: {:?}: {}", status.code(), status.message());
+                    ExitCode::from(client::exit_code(&status) as u8)
+                }
+            };
+        }
+        Command::Acceptor { slot, target } => {
+            let timeout = Duration::from_millis(target.timeout_ms);
+            return match client::acceptor(&target.endpoint, slot, timeout).await {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
                 }
                 Err(status) => {
                     eprintln!("error: {:?}: {}", status.code(), status.message());

@@ -31,7 +31,7 @@ use crate::driver::{Answer, Driver};
 use crate::kv::{self, KvState, Op, Reply};
 use crate::metrics as m;
 use crate::paxos::{
-    Membership, Message, NodeId, Replica, Role, Slot, SnapshotFetch, Status, Value,
+    Ballot, Membership, Message, NodeId, Replica, Role, Slot, SnapshotFetch, Status, Value,
 };
 use crate::storage::Storage;
 use crate::storage::{Checkpoint, SnapshotInstall, SnapshotMeta, StorageError};
@@ -55,6 +55,26 @@ enum Request {
     Status {
         reply: oneshot::Sender<NodeStatus>,
     },
+    Acceptor {
+        slot: Slot,
+        reply: oneshot::Sender<AcceptorView>,
+    },
+}
+
+/// What this replica's acceptor holds for one slot, and its promise.
+#[derive(Clone, Debug)]
+pub struct AcceptorView {
+    /// The highest ballot promised.
+    pub promised: Ballot,
+    /// The slot asked about.
+    pub slot: Slot,
+    /// Its vote for the slot, if it has one.
+    pub vote: Option<(Ballot, Value)>,
+    /// Every slot up to here is compacted: chosen, in the snapshot, and
+    /// without a vote here.
+    pub compacted: Slot,
+    /// The highest slot with a vote here; 0 if none.
+    pub last_slot: Slot,
 }
 
 /// What a node reports about itself.
@@ -132,6 +152,12 @@ impl NodeHandle {
     pub async fn read(&self, key: String) -> Result<Option<i32>, NodeError> {
         let (reply, rx) = oneshot::channel();
         self.call(Request::Read { key, reply }, rx).await?
+    }
+
+    /// The acceptor's promise and its vote for `slot`, read-only.
+    pub async fn acceptor(&self, slot: Slot) -> Result<AcceptorView, NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.call(Request::Acceptor { slot, reply }, rx).await
     }
 
     /// The core's view of the replica and, when leading, of its followers.
@@ -433,7 +459,7 @@ impl Node {
                         let _ = reply.send(Err(NodeError::Stopped));
                     }
                     // Dropping the reply answers the caller `Stopped`.
-                    Some(Request::Status { .. }) => {}
+                    Some(Request::Status { .. } | Request::Acceptor { .. }) => {}
                     None => break,
                 },
                 Some(_) = self.background_rx.recv() => {}
@@ -516,6 +542,16 @@ impl Node {
                     snapshot: self.storage.snapshot_index(),
                     connected,
                     tick: self.tick,
+                });
+            }
+            Request::Acceptor { slot, reply } => {
+                let acceptor = self.driver.replica().acceptor();
+                let _ = reply.send(AcceptorView {
+                    promised: acceptor.promised(),
+                    slot,
+                    vote: acceptor.vote(slot).map(|(b, v)| (b, v.clone())),
+                    compacted: acceptor.compacted(),
+                    last_slot: acceptor.last_slot(),
                 });
             }
         }

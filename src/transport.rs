@@ -58,6 +58,15 @@
 //! [`STARTUP_GRACE`], so that a cluster whose replicas start a few seconds
 //! apart stays quiet.
 //!
+//! ## Saying who is calling
+//!
+//! The `Stream` call's request metadata names the dialling replica
+//! ([`REPLICA_ID`]) and, when it has one, the address where it serves
+//! clients ([`CLIENT_ADDRESS`]). The receiving [`PaxosService`] records the
+//! latter in its [`Directory`], so that every replica knows its peers'
+//! client addresses without being configured with them. A call whose
+//! metadata is present but malformed is refused with `INVALID_ARGUMENT`.
+//!
 //! ## Receiving, and shutting down
 //!
 //! [`PaxosService`] decodes each incoming message and awaits room in the
@@ -70,6 +79,13 @@
 //! them forever. Give the service a shutdown signal with
 //! [`PaxosService::with_shutdown`]: once it turns true, every open stream
 //! ends and the dialling peers go back to reconnecting.
+//!
+//! ## Forwarded client calls
+//!
+//! `Paxos/Forward` carries a client's call from a replica that does not
+//! lead to the leader. The transport only routes it: the client API, which
+//! lives above, answers it through the [`Forwarded`] it gives
+//! [`PaxosService::with_forwarding`].
 
 use std::collections::BTreeMap;
 use std::error::Error as StdError;
@@ -82,11 +98,13 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{self, Instant};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, error, info, warn};
 
 use crate::dial::{self, DialError};
+use crate::directory::{CLIENT_ADDRESS, Directory, REPLICA_ID};
 use crate::paxos::{Message, NodeId};
 use crate::pb;
 use crate::pb::paxos_client::PaxosClient;
@@ -167,6 +185,19 @@ impl Transport {
     /// connections are made in the background and messages sent before they
     /// are up wait in the queues.
     pub fn start(id: NodeId, peers: BTreeMap<NodeId, String>) -> Transport {
+        Transport::advertising(id, peers, None)
+    }
+
+    /// As [`Transport::start`], and every stream it opens tells the peer
+    /// that this replica serves clients at `client_address` (see the
+    /// module's "Saying who is calling").
+    pub fn advertising(
+        id: NodeId,
+        peers: BTreeMap<NodeId, String>,
+        client_address: Option<String>,
+    ) -> Transport {
+        // Made once: every (re)connection sends the same metadata.
+        let hello = Arc::new(hello(id, client_address.as_deref()));
         let dropped = Arc::new(AtomicU64::new(0));
         let mut handles = BTreeMap::new();
 
@@ -179,6 +210,7 @@ impl Transport {
             let task = PeerTask {
                 peer,
                 addr: addr.clone(),
+                hello: Arc::clone(&hello),
                 queue: rx,
                 connected: connected.clone(),
                 dropped: dropped.clone(),
@@ -281,10 +313,33 @@ enum CallEnd {
     Lost(String),
 }
 
+/// The metadata every `Stream` call of replica `id` opens with: its id,
+/// and its client address if it has one. An address that cannot be sent
+/// as metadata is left out (and logged): `paxoskv serve` refuses such
+/// addresses at start.
+fn hello(id: NodeId, client_address: Option<&str>) -> MetadataMap {
+    let mut meta = MetadataMap::new();
+    meta.insert(REPLICA_ID, MetadataValue::from(id));
+    if let Some(address) = client_address {
+        match MetadataValue::try_from(address.trim()) {
+            Ok(value) => {
+                meta.insert(CLIENT_ADDRESS, value);
+            }
+            Err(_) => error!(
+                client_address = address,
+                "the client address cannot be sent as gRPC metadata; peers will not know it"
+            ),
+        }
+    }
+    meta
+}
+
 /// The task that keeps one peer's outbound stream up.
 struct PeerTask {
     peer: NodeId,
     addr: String,
+    /// The metadata each `Stream` call opens with.
+    hello: Arc<MetadataMap>,
     /// The receiving end of the peer's queue.
     queue: mpsc::Receiver<pb::PeerMessage>,
     /// Mirrors `link` being `Up`, for [`Transport::peer_connected`].
@@ -355,7 +410,9 @@ impl PeerTask {
         let mut client = PaxosClient::new(channel).max_decoding_message_size(MAX_MESSAGE_SIZE);
 
         let (calls, outbound) = mpsc::channel(CALL_BUFFER);
-        let opened = time::timeout(OPEN_TIMEOUT, client.stream(ReceiverStream::new(outbound)))
+        let mut request = Request::new(ReceiverStream::new(outbound));
+        *request.metadata_mut() = MetadataMap::clone(&self.hello);
+        let opened = time::timeout(OPEN_TIMEOUT, client.stream(request))
             .await
             .map_err(|_| "open stream: timed out".to_string())?
             .map_err(|status| format!("open stream: {}", status_text(&status)))?;
@@ -443,9 +500,23 @@ impl PeerTask {
     }
 }
 
+/// Answers the client calls that other replicas forward to this one
+/// (`Paxos/Forward`). The client API implements it; the transport, below
+/// it, only routes the calls.
+#[tonic::async_trait]
+pub trait Forwarded: Send + Sync + 'static {
+    /// Serves one forwarded call, as the leader's KvStore would serve it.
+    async fn forwarded(
+        &self,
+        request: Request<pb::ForwardRequest>,
+    ) -> Result<Response<pb::ForwardResponse>, Status>;
+}
+
 /// The receiving side: the `paxoskv.v1.Paxos` gRPC service, which hands
-/// every message a peer streams to us to the local node's inbox.
-#[derive(Debug, Clone)]
+/// every message a peer streams to us to the local node's inbox, serves
+/// snapshots, and routes forwarded client calls. It belongs on the peer
+/// port only.
+#[derive(Clone)]
 pub struct PaxosService {
     /// Where decoded messages go, with the sender's id.
     inbox: mpsc::Sender<(NodeId, Message)>,
@@ -453,6 +524,22 @@ pub struct PaxosService {
     shutdown: Option<watch::Receiver<bool>>,
     /// Where `Snapshot` calls read from; without it they are refused.
     snapshots: Option<Arc<crate::storage::Storage>>,
+    /// Where the client addresses peers advertise are recorded; without it
+    /// they are not.
+    directory: Option<Arc<Directory>>,
+    /// Who answers `Forward` calls; without it they are refused.
+    forwarding: Option<Arc<dyn Forwarded>>,
+}
+
+impl std::fmt::Debug for PaxosService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PaxosService")
+            .field("shutdown", &self.shutdown.is_some())
+            .field("snapshots", &self.snapshots.is_some())
+            .field("directory", &self.directory)
+            .field("forwarding", &self.forwarding.is_some())
+            .finish()
+    }
 }
 
 impl PaxosService {
@@ -463,7 +550,22 @@ impl PaxosService {
             inbox,
             shutdown: None,
             snapshots: None,
+            directory: None,
+            forwarding: None,
         }
+    }
+
+    /// Records in `directory` the client address each dialling peer
+    /// advertises.
+    pub fn with_directory(mut self, directory: Arc<Directory>) -> Self {
+        self.directory = Some(directory);
+        self
+    }
+
+    /// Answers `Forward` calls with `forwarding`.
+    pub fn with_forwarding(mut self, forwarding: Arc<dyn Forwarded>) -> Self {
+        self.forwarding = Some(forwarding);
+        self
     }
 
     /// Serves `Snapshot` calls from `storage`'s state machine.
@@ -505,6 +607,18 @@ impl Paxos for PaxosService {
         }
     }
 
+    async fn forward(
+        &self,
+        request: Request<pb::ForwardRequest>,
+    ) -> Result<Response<pb::ForwardResponse>, Status> {
+        match &self.forwarding {
+            Some(forwarding) => forwarding.forwarded(request).await,
+            None => Err(Status::unimplemented(
+                "this server takes no forwarded client calls",
+            )),
+        }
+    }
+
     async fn stream(
         &self,
         request: Request<Streaming<pb::PeerMessage>>,
@@ -512,6 +626,12 @@ impl Paxos for PaxosService {
         let remote = request
             .remote_addr()
             .map_or_else(|| "unknown".to_string(), |addr| addr.to_string());
+        let caller = caller(request.metadata())?;
+        if let (Some(directory), Some((id, Some(address)))) = (&self.directory, &caller) {
+            directory
+                .learn(*id, address)
+                .map_err(|e| Status::invalid_argument(format!("{CLIENT_ADDRESS}: {e}")))?;
+        }
         let inbound = request.into_inner();
 
         // The response stream stays open for as long as the reader task
@@ -532,6 +652,81 @@ impl Paxos for PaxosService {
 
         Ok(Response::new(ReceiverStream::new(response)))
     }
+}
+
+/// What the client port answers to every `paxoskv.v1.Paxos` call:
+/// `UNIMPLEMENTED`, with a message that says where the service is. Nothing
+/// a call carries is looked at. (Without it, the answer would be the same
+/// code with an empty message.)
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NotOnThisPort;
+
+impl NotOnThisPort {
+    /// The tonic server for this stand-in.
+    pub fn into_server(self) -> PaxosServer<Self> {
+        PaxosServer::new(self)
+    }
+
+    fn refuse() -> Status {
+        Status::unimplemented(
+            "paxoskv.v1.Paxos is not served on the client port; replicas speak it on their peer port (--peer-listen)",
+        )
+    }
+}
+
+#[tonic::async_trait]
+impl Paxos for NotOnThisPort {
+    type StreamStream = ReceiverStream<Result<pb::PeerMessage, Status>>;
+    type SnapshotStream = crate::transfer::ChunkStream;
+
+    async fn stream(
+        &self,
+        _: Request<Streaming<pb::PeerMessage>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        Err(Self::refuse())
+    }
+
+    async fn snapshot(
+        &self,
+        _: Request<pb::SnapshotRequest>,
+    ) -> Result<Response<Self::SnapshotStream>, Status> {
+        Err(Self::refuse())
+    }
+
+    async fn forward(
+        &self,
+        _: Request<pb::ForwardRequest>,
+    ) -> Result<Response<pb::ForwardResponse>, Status> {
+        Err(Self::refuse())
+    }
+}
+
+/// Who a `Stream` call says is calling: the replica id and, if given, its
+/// client address; `None` if the call names no one (a client of an older
+/// version, or a test). Metadata that is present but malformed is refused.
+fn caller(meta: &MetadataMap) -> Result<Option<(NodeId, Option<String>)>, Status> {
+    let text = |key: &str| -> Result<Option<String>, Status> {
+        meta.get(key)
+            .map(|v| {
+                v.to_str()
+                    .map(str::to_owned)
+                    .map_err(|_| Status::invalid_argument(format!("{key} is not printable ASCII")))
+            })
+            .transpose()
+    };
+    let address = text(CLIENT_ADDRESS)?;
+    let Some(id) = text(REPLICA_ID)? else {
+        return match address {
+            None => Ok(None),
+            Some(_) => Err(Status::invalid_argument(format!(
+                "{CLIENT_ADDRESS} was given without {REPLICA_ID}"
+            ))),
+        };
+    };
+    let id = id.trim().parse::<NodeId>().map_err(|_| {
+        Status::invalid_argument(format!("{REPLICA_ID} {id:?} is not a replica id"))
+    })?;
+    Ok(Some((id, address)))
 }
 
 /// Reads one peer's stream into the inbox until the stream ends or fails, or
@@ -662,9 +857,14 @@ mod tests {
     impl GracefulServer {
         async fn start(addr: SocketAddr, inbox: mpsc::Sender<(NodeId, Message)>) -> Self {
             let listener = bind(addr).await;
+            Self::serve(listener, PaxosService::new(inbox))
+        }
+
+        /// Serves `service` (given a shutdown signal here) on `listener`.
+        fn serve(listener: TcpListener, service: PaxosService) -> Self {
             let addr = listener.local_addr().expect("local addr");
             let (stop, stopped) = watch::channel(false);
-            let service = PaxosService::new(inbox).with_shutdown(stopped.clone());
+            let service = service.with_shutdown(stopped.clone());
             let mut signal = stopped;
             let task = tokio::spawn(
                 Server::builder()
@@ -786,6 +986,76 @@ mod tests {
         wait_connected(&transport, true).await;
         assert_eq!(transport.dropped(), 0);
 
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_dialling_replica_tells_its_client_address_and_bad_metadata_is_refused() {
+        let (inbox_tx, mut inbox) = mpsc::channel(1024);
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await;
+        let addr = listener.local_addr().expect("local addr");
+        let directory = Arc::new(Directory::new(2, peers(addr), "127.0.0.1:9002".to_string()));
+        let service = PaxosService::new(inbox_tx).with_directory(Arc::clone(&directory));
+        let server = GracefulServer::serve(listener, service);
+
+        assert_eq!(directory.client_address(1), None);
+        let transport =
+            Transport::advertising(1, peers(addr), Some("http://127.0.0.1:9001".into()));
+        transport.send(2, &heartbeat(1));
+        assert_eq!(next(&mut inbox).await, (1, heartbeat(1)));
+        assert_eq!(
+            directory.client_address(1).as_deref(),
+            Some("http://127.0.0.1:9001")
+        );
+
+        // By hand: metadata a replica would never send.
+        let channel = dial::endpoint(&addr.to_string())
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect");
+        let mut client = PaxosClient::new(channel);
+        for (id, address, want) in [
+            (Some("1"), Some("https://127.0.0.1:9001"), "https"),
+            (Some("one"), Some("127.0.0.1:9001"), "is not a replica id"),
+            (
+                Some("7"),
+                Some("127.0.0.1:9001"),
+                "replica 7 is not a member",
+            ),
+            (Some("2"), Some("127.0.0.1:9001"), "is this replica"),
+            (None, Some("127.0.0.1:9001"), "without x-paxoskv-replica-id"),
+        ] {
+            let (_tx, rx) = mpsc::channel::<pb::PeerMessage>(1);
+            let mut request = Request::new(ReceiverStream::new(rx));
+            if let Some(id) = id {
+                request
+                    .metadata_mut()
+                    .insert(REPLICA_ID, id.parse().expect("ascii"));
+            }
+            if let Some(address) = address {
+                request
+                    .metadata_mut()
+                    .insert(CLIENT_ADDRESS, address.parse().expect("ascii"));
+            }
+            let status = client
+                .stream(request)
+                .await
+                .expect_err("malformed metadata is refused");
+            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+            assert!(status.message().contains(want), "{status:?}: {want}");
+        }
+        // Nothing a refused call said was recorded.
+        assert_eq!(
+            directory.client_address(1).as_deref(),
+            Some("http://127.0.0.1:9001")
+        );
+        assert_eq!(
+            directory.client_address(2).as_deref(),
+            Some("127.0.0.1:9002")
+        );
+
+        drop(transport);
         server.stop().await;
     }
 

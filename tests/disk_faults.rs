@@ -208,8 +208,9 @@ fn a_data_directory_of_another_replica_or_cluster_is_refused_at_start() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("create test dir");
     std::fs::write(dir.join("identity"), "cluster=prod\nreplica=2\n").expect("write identity");
-    let ports = common::free_ports(2);
-    let peers = format!("1=127.0.0.1:{},2=127.0.0.1:{}", ports[0], ports[1]);
+    let ports = common::free_ports(4);
+    // Replica N: clients on ports[N-1], peers on ports[N+1].
+    let peers = format!("1=127.0.0.1:{},2=127.0.0.1:{}", ports[2], ports[3]);
     for (id, cluster, says) in [
         ("1", "prod", "started as replica 1 of cluster \"prod\""),
         (
@@ -218,9 +219,12 @@ fn a_data_directory_of_another_replica_or_cluster_is_refused_at_start() {
             "started as replica 2 of cluster \"staging\"",
         ),
     ] {
-        let listen = format!("127.0.0.1:{}", ports[id.parse::<usize>().unwrap() - 1]);
+        let n = id.parse::<usize>().expect("id");
+        let listen = format!("127.0.0.1:{}", ports[n - 1]);
+        let peer_listen = format!("127.0.0.1:{}", ports[n + 1]);
         let mut child = Command::new(common::binary())
             .args(["serve", "--id", id, "--listen", &listen, "--peers", &peers])
+            .args(["--peer-listen", &peer_listen])
             .args(["--cluster-name", cluster, "--data-dir"])
             .arg(&dir)
             .stdout(std::process::Stdio::null())

@@ -305,3 +305,95 @@ async fn a_replica_cut_off_from_its_peers_answers_unavailable_within_the_deadlin
         "{out:?}"
     );
 }
+
+/// grpcurl with the repository's .proto files, for the peer port, which
+/// serves no reflection.
+fn with_protos(args: &[&str]) -> Out {
+    let protos = concat!(env!("CARGO_MANIFEST_DIR"), "/proto");
+    let mut all = vec![
+        "-plaintext",
+        "-max-time",
+        "10",
+        "-import-path",
+        protos,
+        "-proto",
+        "paxoskv/v1/replica.proto",
+        "-proto",
+        "paxoskv/v1/kv.proto",
+    ];
+    all.extend_from_slice(args);
+    run(&all)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_port_serves_no_paxos_and_the_peer_port_nothing_else() {
+    let cluster = Cluster::start("ports", 3);
+    cluster.wait_ready(1, Duration::from_secs(15)).await;
+    assert_ok(
+        &kv(&cluster.addrs[&1], "Upsert", r#"{"key":"k","value":1}"#),
+        "inserted",
+    );
+
+    for id in 1..=3 {
+        let client = &cluster.addrs[&id];
+        let peer = &cluster.peer_addrs[&id];
+
+        // The client port: neither listed nor described nor served.
+        let list = run(&["-plaintext", client, "list"]);
+        assert!(
+            list.ok && list.stdout.contains("paxoskv.v1.KvStore"),
+            "replica {id}: {list:?}"
+        );
+        assert!(
+            !list.stdout.contains("paxoskv.v1.Paxos"),
+            "replica {id}'s client port lists the replica protocol: {list:?}"
+        );
+        let describe = run(&["-plaintext", client, "describe", "paxoskv.v1.Paxos"]);
+        assert!(!describe.ok, "replica {id}: {describe:?}");
+        for (method, body) in [
+            (
+                "Stream",
+                r#"{"from":2,"heartbeat":{"ballot":{"round":"9","node":2}}}"#,
+            ),
+            ("Snapshot", r#"{"from":2}"#),
+            ("Forward", r#"{"get":{"key":"k"}}"#),
+        ] {
+            let out = with_protos(&["-d", body, client, &format!("paxoskv.v1.Paxos/{method}")]);
+            assert_code(&out, "Unimplemented", "peer port");
+        }
+
+        // The peer port: the replica protocol, and nothing else (not even
+        // reflection).
+        let list = run(&["-plaintext", peer, "list"]);
+        assert!(
+            !list.ok,
+            "replica {id}'s peer port serves reflection: {list:?}"
+        );
+        let get = with_protos(&["-d", r#"{"key":"k"}"#, peer, "paxoskv.v1.KvStore/Get"]);
+        assert_code(&get, "Unimplemented", "");
+        let snapshot = with_protos(&["-d", r#"{"from":9}"#, peer, "paxoskv.v1.Paxos/Snapshot"]);
+        assert_ok(&snapshot, r#""key": "k""#);
+        // A forwarded read is answered as the leader's KvStore would.
+        let forward = with_protos(&[
+            "-d",
+            r#"{"get":{"key":"k"}}"#,
+            peer,
+            "paxoskv.v1.Paxos/Forward",
+        ]);
+        assert_ok(&forward, r#""value": 1"#);
+        let missing = with_protos(&[
+            "-d",
+            r#"{"get":{"key":"absent"}}"#,
+            peer,
+            "paxoskv.v1.Paxos/Forward",
+        ]);
+        assert_code(&missing, "NotFound", "not found");
+        let bad = with_protos(&[
+            "-d",
+            r#"{"insert":{"key":""}}"#,
+            peer,
+            "paxoskv.v1.Paxos/Forward",
+        ]);
+        assert_code(&bad, "InvalidArgument", "key must not be empty");
+    }
+}

@@ -1,10 +1,13 @@
 //! The cluster `paxoskv check` tests: child `paxoskv serve` processes on
 //! 127.0.0.1, and a [`Proxy`] on every directed link between two of them.
 //!
-//! Replica i's `--peers` entry for j is the proxy i → j (its own entry is
-//! its real address), so that a partition is a matter of blocking proxies.
-//! Clients talk to the replicas' own addresses, not through proxies: a
-//! replica cut off from its peers still gets client calls.
+//! Each replica has a client port (`--listen`) and a peer port
+//! (`--peer-listen`: Paxos streams, snapshots, forwarded calls). Replica
+//! i's `--peers` entry for j is the proxy i → j, which forwards to j's peer
+//! port (its own entry is its real peer address), so that a partition is a
+//! matter of blocking proxies. Clients talk to the replicas' client ports,
+//! never through a proxy: a replica cut off from its peers still gets
+//! client calls.
 //!
 //! Every child is started with `kill_on_drop`: whatever happens to the
 //! check (an error, a panic, Ctrl-C), dropping the [`LocalCluster`] kills
@@ -27,12 +30,21 @@ use crate::node::TestBug;
 use crate::pb;
 use crate::pb::admin_client::AdminClient;
 
+/// A replica's two addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ports {
+    /// Where it serves clients (`--listen`).
+    pub client: SocketAddr,
+    /// Where it serves the other replicas (`--peer-listen`).
+    pub peer: SocketAddr,
+}
+
 /// A local cluster under test.
 pub struct LocalCluster {
     exe: PathBuf,
     dir: PathBuf,
-    /// Each replica's own (client) address.
-    listen: BTreeMap<u32, SocketAddr>,
+    /// Each replica's addresses.
+    ports: BTreeMap<u32, Ports>,
     /// The proxy on each directed link (from, to).
     proxies: BTreeMap<(u32, u32), Proxy>,
     /// Running (or paused) replicas.
@@ -41,16 +53,12 @@ pub struct LocalCluster {
 }
 
 /// Everything replica `id` is started with: the one place a replica's
-/// command line is built. `listen` is its own address; `peers` maps every
-/// replica to the address this one dials it at (through a proxy for the
-/// others, its own address for itself).
-///
-/// When replicas get a separate peer port (`--peer-listen`), this is the
-/// one function to change: the peer address goes here, and only peer
-/// addresses are proxied.
+/// command line is built. `ports` are its own addresses; `peers` maps every
+/// replica to the peer address this one dials it at (a proxy for the
+/// others, its own peer address for itself).
 fn replica_args(
     id: u32,
-    listen: SocketAddr,
+    ports: Ports,
     peers: &BTreeMap<u32, String>,
     data_dir: &Path,
     test_bug: Option<TestBug>,
@@ -65,7 +73,9 @@ fn replica_args(
         "--id".into(),
         id.to_string().into(),
         "--listen".into(),
-        listen.to_string().into(),
+        ports.client.to_string().into(),
+        "--peer-listen".into(),
+        ports.peer.to_string().into(),
         "--peers".into(),
         peers.into(),
         "--data-dir".into(),
@@ -81,22 +91,22 @@ fn replica_args(
 }
 
 impl LocalCluster {
-    /// Starts `listen.len()` replicas of `exe` (replica `id` on
-    /// `listen[id]`, data in `dir/id`, log in `dir/replica-id.log`), with a
+    /// Starts `ports.len()` replicas of `exe` (replica `id` on
+    /// `ports[id]`, data in `dir/id`, log in `dir/replica-id.log`), with a
     /// proxy on every link. `held` keeps the replicas' ports while the
     /// proxies take theirs; it is dropped just before the replicas start.
     pub async fn start(
         exe: PathBuf,
         dir: PathBuf,
-        listen: BTreeMap<u32, SocketAddr>,
+        ports: BTreeMap<u32, Ports>,
         held: Vec<std::net::TcpListener>,
         test_bug: Option<TestBug>,
     ) -> Result<LocalCluster, String> {
         let mut proxies = BTreeMap::new();
-        for &from in listen.keys() {
-            for (&to, addr) in &listen {
+        for &from in ports.keys() {
+            for (&to, to_ports) in &ports {
                 if from != to {
-                    let proxy = Proxy::start(addr.to_string())
+                    let proxy = Proxy::start(to_ports.peer.to_string())
                         .await
                         .map_err(|e| format!("cannot start the proxy {from} -> {to}: {e}"))?;
                     proxies.insert((from, to), proxy);
@@ -107,12 +117,12 @@ impl LocalCluster {
         let mut cluster = LocalCluster {
             exe,
             dir,
-            listen,
+            ports,
             proxies,
             children: BTreeMap::new(),
             test_bug,
         };
-        for id in cluster.listen.keys().copied().collect::<Vec<_>>() {
+        for id in cluster.ports.keys().copied().collect::<Vec<_>>() {
             cluster.spawn(id)?;
         }
         Ok(cluster)
@@ -125,23 +135,23 @@ impl LocalCluster {
 
     /// Each replica's client address.
     pub fn endpoints(&self) -> BTreeMap<u32, String> {
-        self.listen
+        self.ports
             .iter()
-            .map(|(id, a)| (*id, a.to_string()))
+            .map(|(id, p)| (*id, p.client.to_string()))
             .collect()
     }
 
     fn spawn(&mut self, id: u32) -> Result<(), String> {
-        let listen = *self
-            .listen
+        let ports = *self
+            .ports
             .get(&id)
             .ok_or_else(|| format!("no replica {id}"))?;
         let peers = self
-            .listen
+            .ports
             .iter()
-            .map(|(&to, addr)| match self.proxies.get(&(id, to)) {
+            .map(|(&to, to_ports)| match self.proxies.get(&(id, to)) {
                 Some(proxy) => (to, proxy.addr().to_string()),
-                None => (to, addr.to_string()),
+                None => (to, to_ports.peer.to_string()),
             })
             .collect();
         let data = self.dir.join(id.to_string());
@@ -155,7 +165,7 @@ impl LocalCluster {
             .map_err(|e| format!("cannot open {}: {e}", self.log_path(id).display()))?;
         let mut command = Command::new(&self.exe);
         command
-            .args(replica_args(id, listen, &peers, &data, self.test_bug))
+            .args(replica_args(id, ports, &peers, &data, self.test_bug))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -197,9 +207,10 @@ impl LocalCluster {
     /// Replica `id`'s own view (`Admin/Status`), within `timeout`.
     pub async fn status(&self, id: u32, timeout: Duration) -> Result<pb::StatusResponse, String> {
         let addr = self
-            .listen
+            .ports
             .get(&id)
-            .ok_or_else(|| format!("no replica {id}"))?;
+            .ok_or_else(|| format!("no replica {id}"))?
+            .client;
         let channel = dial::endpoint(&addr.to_string())
             .map_err(|e| e.to_string())?
             .connect_timeout(timeout)
@@ -220,7 +231,7 @@ impl LocalCluster {
         timeout: Duration,
     ) -> BTreeMap<u32, Result<pb::StatusResponse, String>> {
         let asks = self
-            .listen
+            .ports
             .keys()
             .map(|&id| async move { (id, self.status(id, timeout).await) });
         let mut out = BTreeMap::new();
@@ -257,7 +268,7 @@ impl LocalCluster {
 
 impl Target for LocalCluster {
     fn replicas(&self) -> u32 {
-        self.listen.len() as u32
+        self.ports.len() as u32
     }
 
     async fn kill(&mut self, id: u32) -> Result<(), String> {

@@ -48,9 +48,10 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::cluster;
 use crate::node::TestBug;
 use linearizability::{Operation, Output, Violation};
-use local::LocalCluster;
+use local::{LocalCluster, Ports};
 use nemesis::{FaultEvent, FaultSet, Nemesis, Timing};
 use workload::{History, WorkloadOptions};
 
@@ -78,8 +79,8 @@ pub struct CheckArgs {
     /// after a VALID run).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
-    /// Replica N listens on 127.0.0.1:(BASE_PORT + N - 1) (default: free
-    /// ports).
+    /// Replica N serves clients on 127.0.0.1:(BASE_PORT + N - 1) and its
+    /// peers on 127.0.0.1:(BASE_PORT + 100 + N - 1) (default: free ports).
     #[arg(long)]
     pub base_port: Option<u16>,
     /// Run every replica with a deliberate bug, to see the check catch it:
@@ -160,8 +161,9 @@ pub struct CheckOptions {
     /// `DIR/replica-N.log`); a new directory under the system's temporary
     /// directory if unset (removed after a VALID run).
     pub data_dir: Option<PathBuf>,
-    /// Replica N listens on 127.0.0.1:(base_port + N - 1); free ports if
-    /// unset. The proxies always take free ports.
+    /// Replica N serves clients on 127.0.0.1:(base_port + N - 1) and its
+    /// peers on 127.0.0.1:(base_port + 100 + N - 1), as `paxoskv cluster`;
+    /// free ports if unset. The proxies always take free ports.
     pub base_port: Option<u16>,
     /// A deliberate bug for every replica (`--break`), to prove the check
     /// catches it.
@@ -388,24 +390,34 @@ fn data_dir(opts: &CheckOptions) -> Result<(PathBuf, bool), String> {
     }
 }
 
-/// The replicas' client addresses, and listeners holding those ports until
-/// the proxies have taken theirs (drop them just before the replicas
-/// start).
+/// The replicas' client and peer addresses, and listeners holding those
+/// ports until the proxies have taken theirs (drop them just before the
+/// replicas start).
 ///
-/// Without `--base-port`, the ports are free ones drawn below the kernel's
-/// ephemeral range: a port from that range, free while its replica is
-/// killed, could be taken by any outgoing connection (a proxy dials
-/// hundreds) and the replica could not restart on it.
+/// With `--base-port`, as `paxoskv cluster` lays them out ([`cluster::addresses`]).
+/// Without, free ports drawn below the kernel's ephemeral range: a port
+/// from that range, free while its replica is killed, could be taken by
+/// any outgoing connection (a proxy dials hundreds), and the replica could
+/// not restart on it.
 fn addresses(
     opts: &CheckOptions,
-) -> Result<(BTreeMap<u32, SocketAddr>, Vec<std::net::TcpListener>), String> {
+) -> Result<(BTreeMap<u32, Ports>, Vec<std::net::TcpListener>), String> {
     let ids = 1..=opts.replicas;
     if let Some(base) = opts.base_port {
         let addrs = ids
             .map(|id| {
-                let port = u16::try_from(u32::from(base) + id - 1)
-                    .map_err(|_| format!("--base-port {base} leaves no port for replica {id}"))?;
-                Ok((id, SocketAddr::from(([127, 0, 0, 1], port))))
+                let (client, peer) = cluster::addresses(base, id)?;
+                let parse = |a: String| {
+                    a.parse::<SocketAddr>()
+                        .map_err(|e| format!("replica {id}: {a}: {e}"))
+                };
+                Ok((
+                    id,
+                    Ports {
+                        client: parse(client)?,
+                        peer: parse(peer)?,
+                    },
+                ))
             })
             .collect::<Result<_, String>>()?;
         return Ok((addrs, Vec::new()));
@@ -419,9 +431,8 @@ fn addresses(
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
     let mut rng = crate::paxos::rng::Rng::new(stamp ^ u64::from(std::process::id()));
-    let mut addrs = BTreeMap::new();
     let mut held = Vec::new();
-    for id in ids {
+    let mut free = |id: u32| -> Result<SocketAddr, String> {
         let mut tries = 0;
         let listener = loop {
             tries += 1;
@@ -435,8 +446,16 @@ fn addresses(
         let addr = listener
             .local_addr()
             .map_err(|e| format!("no free port for replica {id}: {e}"))?;
-        addrs.insert(id, addr);
         held.push(listener);
+        Ok(addr)
+    };
+    let mut addrs = BTreeMap::new();
+    for id in ids {
+        let ports = Ports {
+            client: free(id)?,
+            peer: free(id)?,
+        };
+        addrs.insert(id, ports);
     }
     Ok((addrs, held))
 }
@@ -1055,13 +1074,18 @@ mod tests {
         assert!(data_dir(&opts).unwrap_err().contains("not empty"));
         let _ = std::fs::remove_dir_all(&dir);
         // Ports past 65535 are refused by name.
-        assert!(addresses(&opts).unwrap_err().contains("replica 3"));
+        assert!(addresses(&opts).unwrap_err().contains("replica 1"));
+        opts.base_port = Some(8081);
+        let (laid_out, _) = addresses(&opts).unwrap();
+        assert_eq!(laid_out[&3].client.to_string(), "127.0.0.1:8083");
+        assert_eq!(laid_out[&3].peer.to_string(), "127.0.0.1:8183");
         opts.base_port = None;
         let (free, held) = addresses(&opts).unwrap();
         assert_eq!(free.len(), 3);
-        assert_eq!(held.len(), 3);
-        assert_eq!(free.values().collect::<BTreeSet<_>>().len(), 3);
+        assert_eq!(held.len(), 6);
+        let all: BTreeSet<SocketAddr> = free.values().flat_map(|p| [p.client, p.peer]).collect();
+        assert_eq!(all.len(), 6);
         // Outside the ephemeral range, where connections take their ports.
-        assert!(free.values().all(|a| (10_000..32_768).contains(&a.port())));
+        assert!(all.iter().all(|a| (10_000..32_768).contains(&a.port())));
     }
 }

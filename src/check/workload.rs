@@ -28,15 +28,16 @@
 //!   pending (no output: it may take effect at any later time, or never),
 //!   and the client carries on under a fresh client id, as Jepsen starts a
 //!   new process after an indeterminate operation.
-//! - **Status reasons** (`x-paxoskv-reason`, [`Unavailable::of`]) say
-//!   where to send the retry: a replica that was not reached, is shutting
-//!   down or whose disk failed is avoided; one that answered "no leader"
-//!   or "no quorum" speaks for the cluster, so the retry waits a little.
-//!   None of today's reasons says that a write certainly did not happen
-//!   (a replica retries a write with a request id by itself, and a
-//!   forwarded copy may have reached a leader), so every failed write is
-//!   indeterminate; only `INVALID_ARGUMENT` and `FAILED_PRECONDITION`
-//!   (refused before the log) are certain failures.
+//! - **What the server says decides.** A failed write marked
+//!   `NOT_PROPOSED` ([`Certainty::of`]: the replicas prove it is not in the
+//!   log and never will be) had no effect, like one refused as
+//!   `INVALID_ARGUMENT` or `FAILED_PRECONDITION`; any other failure
+//!   (`OUTCOME_UNKNOWN`, a deadline, a lost connection, no marking) may
+//!   have had one. The reason a replica gives with `UNAVAILABLE`
+//!   (`x-paxoskv-reason`, [`Unavailable::of`]) says where to send the
+//!   retry: a replica that was not reached, is shutting down or whose disk
+//!   failed is avoided; one that answered "no leader" or "no quorum"
+//!   speaks for the cluster, so the retry waits a little.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -49,6 +50,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
 use super::linearizability::{Input, Operation, Output};
+use crate::certainty::Certainty;
 use crate::dial;
 use crate::paxos::rng::Rng;
 use crate::pb;
@@ -89,8 +91,8 @@ pub enum Attempt {
     /// A reply of the model (`NOT_FOUND` and `ALREADY_EXISTS` included):
     /// the operation took effect, or was observed, with this output.
     Definite(Output),
-    /// Certainly no effect: a read that failed, or a write refused before
-    /// the log.
+    /// Certainly no effect: a read that failed, a write refused before the
+    /// log, or one the replicas say was never proposed (`NOT_PROPOSED`).
     NoEffect,
     /// The write may or may not have taken effect.
     Indeterminate,
@@ -133,6 +135,9 @@ pub fn classify(input: Input, result: &Result<Output, Status>) -> (Attempt, Advi
         (Input::Get, _) => Attempt::NoEffect,
         // Checked before anything reaches the log.
         (_, Code::InvalidArgument | Code::FailedPrecondition) => Attempt::NoEffect,
+        // The replicas say so, only when every attempt they made for the
+        // call proves it absent from the log.
+        _ if Certainty::of(status) == Some(Certainty::NotProposed) => Attempt::NoEffect,
         _ => Attempt::Indeterminate,
     };
     (attempt, advice)
@@ -694,6 +699,18 @@ mod tests {
         // A write refused before the log: no effect.
         let bad = Err(Status::invalid_argument("key must not be empty"));
         assert_eq!(classify(Input::Upsert(1), &bad).0, Attempt::NoEffect);
+        // One the replicas say never reached the log: no effect either, and
+        // the reason still says where to retry.
+        let not_proposed = Certainty::NotProposed.mark(marked(Unavailable::NoLeader));
+        assert_eq!(
+            classify(Input::Upsert(1), &Err(not_proposed)),
+            (Attempt::NoEffect, Advice::Wait)
+        );
+        let unknown = Certainty::OutcomeUnknown.mark(marked(Unavailable::NoQuorum));
+        assert_eq!(
+            classify(Input::Upsert(1), &Err(unknown)),
+            (Attempt::Indeterminate, Advice::Wait)
+        );
         // Any other failed write may have happened.
         for (status, advice) in [
             (marked(Unavailable::NoLeader), Advice::Wait),

@@ -2,8 +2,10 @@
 //!
 //! Every process is killed when the [`Cluster`] is dropped, whatever the
 //! test's outcome; data lives in a fresh directory under the system temp
-//! dir, removed at the end. Every replica also serves Prometheus metrics on
-//! a port of its own ([`Cluster::metrics`]).
+//! dir, removed at the end. Every replica serves clients on one port
+//! ([`Cluster::addrs`]), the other replicas on another
+//! ([`Cluster::peer_addrs`]), and Prometheus metrics on a third
+//! ([`Cluster::metrics`]).
 //!
 //! Next to it: [`load`], client traffic in the background, and
 //! [`prometheus`], a real Prometheus and promtool.
@@ -41,8 +43,8 @@ pub fn free_ports(n: usize) -> Vec<u16> {
         .collect()
 }
 
-/// How a cluster's `--peers` spells each replica's address: every form
-/// `--peers` accepts (README, "Running replicas yourself").
+/// How a cluster's `--peers` spells each replica's peer address: every
+/// form `--peers` accepts (README, "Running replicas yourself").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PeerForm {
     /// `127.0.0.1:PORT`
@@ -72,8 +74,11 @@ pub fn channel(addr: &str) -> Channel {
 /// A running test cluster.
 pub struct Cluster {
     pub dir: PathBuf,
-    /// Each replica's gRPC address (`host:port`).
+    /// Each replica's client address (`host:port`): KvStore, Admin,
+    /// health, reflection.
     pub addrs: BTreeMap<u32, String>,
+    /// Each replica's peer address (`host:port`): `paxoskv.v1.Paxos`.
+    pub peer_addrs: BTreeMap<u32, String>,
     /// Each replica's metrics address: `http://ADDR/metrics`.
     pub metrics: BTreeMap<u32, String>,
     /// How `--peers` spells the addresses.
@@ -96,7 +101,7 @@ impl Cluster {
     }
 
     fn launch(name: &str, n: u32, peer_form: PeerForm, args: &[&str]) -> Cluster {
-        let ports = free_ports(2 * n as usize);
+        let ports = free_ports(3 * n as usize);
         let dir = std::env::temp_dir().join(format!("paxoskv-test-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create test dir");
@@ -106,9 +111,18 @@ impl Cluster {
         let metrics = (1..=n)
             .map(|id| (id, format!("127.0.0.1:{}", ports[(n + id) as usize - 1])))
             .collect();
+        let peer_addrs = (1..=n)
+            .map(|id| {
+                (
+                    id,
+                    format!("127.0.0.1:{}", ports[(2 * n + id) as usize - 1]),
+                )
+            })
+            .collect();
         let mut cluster = Cluster {
             dir,
             addrs,
+            peer_addrs,
             metrics,
             peer_form,
             extra_args: args.iter().map(|a| a.to_string()).collect(),
@@ -125,8 +139,9 @@ impl Cluster {
         Cluster::launch(name, n, PeerForm::Plain, args)
     }
 
-    fn peers_arg(&self) -> String {
-        self.addrs
+    /// The `--peers` every replica is given: the peer addresses.
+    pub fn peers_arg(&self) -> String {
+        self.peer_addrs
             .iter()
             .map(|(id, a)| format!("{id}={}", self.peer_form.spell(a)))
             .collect::<Vec<_>>()
@@ -150,6 +165,8 @@ impl Cluster {
                 &id.to_string(),
                 "--listen",
                 &self.addrs[&id],
+                "--peer-listen",
+                &self.peer_addrs[&id],
                 "--peers",
                 &self.peers_arg(),
                 "--metrics-listen",
@@ -166,6 +183,11 @@ impl Cluster {
             .spawn()
             .expect("start paxoskv serve");
         self.procs.insert(id, child);
+    }
+
+    /// Replica `id`'s process id, while it runs.
+    pub fn pid(&self, id: u32) -> Option<u32> {
+        self.procs.get(&id).map(Child::id)
     }
 
     /// Whether replica `id`'s process is still running.

@@ -1602,7 +1602,9 @@ impl World {
                             .map(Response::Done)
                         }
                         Err(e) => {
-                            if e == CallError::Retry
+                            // What the service tells a client NOT_PROPOSED
+                            // rests on this: such an answer proves absence.
+                            if e.proves_not_in_log()
                                 && let Some(p) = proposal
                             {
                                 if self.reference_replies.contains_key(&p) {
