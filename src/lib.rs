@@ -19,7 +19,9 @@
 //! - [`directory`]: every replica's peer address (`--peers`) and client
 //!   address (advertised when its Paxos stream opens);
 //! - [`dial`]: the one way to make a channel to a replica, from any address
-//!   form `--peers` and `--endpoint` accept;
+//!   form `--peers` and `--endpoint` accept, plaintext or TLS;
+//! - [`tls`]: certificates (files, who they name) and throwaway ones for
+//!   `paxoskv cluster --tls`;
 //! - [`storage`]: the one place that touches the disk: the acceptor's
 //!   promise and votes in the Paxos log, each persist one group commit
 //!   with one fdatasync, and the state machine in sled, applied atomically
@@ -49,6 +51,7 @@ pub mod paxos;
 pub mod server;
 pub mod service;
 pub mod storage;
+pub mod tls;
 pub mod transfer;
 pub mod transport;
 pub mod wal;
