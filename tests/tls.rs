@@ -2,7 +2,8 @@
 //!
 //! - A 3-replica cluster with mutual TLS (certificates made here with
 //!   rcgen) takes writes through every replica (followers forward over
-//!   TLS), serves the CLI and real grpcurl that present a client
+//!   TLS), sends a snapshot to a follower that lost its data (over TLS),
+//!   serves the CLI and real grpcurl that present a client
 //!   certificate, and refuses grpcurl without one, or in plaintext, on
 //!   both ports. On the peer port it refuses a certificate of another CA,
 //!   a client certificate, and a replica's certificate speaking for another
@@ -262,8 +263,15 @@ async fn a_mutual_tls_cluster_serves_certified_clients_and_replicas_only() {
             .collect(),
         client: ca.sign("paxoskv-client"),
     };
-    // https:// in --peers: valid with TLS on.
-    let cluster = Cluster::start_tls("tls", 3, PeerForm::Https, tls.clone());
+    // https:// in --peers: valid with TLS on. Frequent snapshots, so that
+    // a replica that lost its data is sent one (over TLS).
+    let mut cluster = Cluster::start_tls(
+        "tls",
+        3,
+        PeerForm::Https,
+        tls.clone(),
+        &["--snapshot-every", "40", "--log-keep", "10"],
+    );
     for id in 1..=3 {
         cluster.wait_ready(id, Duration::from_secs(20)).await;
     }
@@ -413,6 +421,53 @@ async fn a_mutual_tls_cluster_serves_certified_clients_and_replicas_only() {
             "replica 2's certificate on replica {id}'s peer port: {forward:?}"
         );
     }
+
+    // A follower loses its data while the others write on and compact
+    // past it: it rejoins by fetching a snapshot, over TLS.
+    let leader = cluster.leader(Duration::from_secs(10)).await;
+    let wiped = (1..=3).find(|&id| id != leader).expect("a follower");
+    cluster.kill(wiped);
+    std::fs::remove_dir_all(cluster.dir.join(format!("data-{wiped}"))).expect("delete its data");
+    let mut client = cluster.client(leader).await;
+    for n in 0..120 {
+        let mut request = tonic::Request::new(pb::UpsertRequest {
+            key: format!("bulk-{n}"),
+            value: Some(n),
+            request_id: None,
+        });
+        request.set_timeout(Duration::from_secs(5));
+        client
+            .upsert(request)
+            .await
+            .unwrap_or_else(|s| panic!("write {n} through the leader: {s}"));
+    }
+    cluster.spawn(wiped);
+    wait_log(
+        &cluster,
+        wiped,
+        Duration::from_secs(30),
+        "its rejoin by snapshot",
+        |log| log.contains("fetching a snapshot") && log.contains("voting again"),
+    );
+    let installed = cluster
+        .scrape(wiped)
+        .ok()
+        .and_then(|page| common::sample(&page, "paxoskv_snapshots_installed_total"));
+    assert!(
+        installed >= Some(1.0),
+        "replica {wiped} installed {installed:?} snapshots"
+    );
+    let got = cluster
+        .client(wiped)
+        .await
+        .get(pb::GetRequest {
+            key: "bulk-119".into(),
+        })
+        .await
+        .expect("a read through the rejoined replica")
+        .into_inner()
+        .value;
+    assert_eq!(got, 119);
 
     // Strangers on the peer port of a follower, each sending a Prepare
     // that would depose the leader.

@@ -153,9 +153,15 @@ impl Cluster {
     }
 
     /// Starts `n` replicas with mutual TLS: replica N with `tls.replicas[N]`,
-    /// `--peers` spelt as `peer_form`.
-    pub fn start_tls(name: &str, n: u32, peer_form: PeerForm, tls: ClusterTls) -> Cluster {
-        Cluster::launch(name, n, peer_form, &[], Some(tls))
+    /// `--peers` spelt as `peer_form`, each given `args` as well.
+    pub fn start_tls(
+        name: &str,
+        n: u32,
+        peer_form: PeerForm,
+        tls: ClusterTls,
+        args: &[&str],
+    ) -> Cluster {
+        Cluster::launch(name, n, peer_form, args, Some(tls))
     }
 
     fn launch(
