@@ -491,6 +491,20 @@ async fn a_mutual_tls_cluster_serves_certified_clients_and_replicas_only() {
         },
     };
     assert!(!refused.is_empty());
+    // Nor can it read through the client port.
+    let read = match connect_as(&cluster.addrs[&target], &impostor, &ca.cert).await {
+        Err(e) => Err(e),
+        Ok(channel) => pb::kv_store_client::KvStoreClient::new(channel)
+            .get(pb::GetRequest {
+                key: "via-1".into(),
+            })
+            .await
+            .map_err(|s| format!("{s:?}")),
+    };
+    assert!(
+        read.is_err(),
+        "a certificate of another CA read through the client port: {read:?}"
+    );
 
     // The right CA, but a client's certificate.
     let channel = connect_as(&peer_port, &tls.client, &ca.cert)
