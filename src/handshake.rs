@@ -85,7 +85,15 @@ pub struct Caller {
 pub struct Gate {
     directory: Arc<Directory>,
     warned: RateLimit,
+    /// Who each certificate seen names, by its DER bytes: every forwarded
+    /// client call is checked, and parsing the certificate each time would
+    /// cost more than looking it up. Bounded by [`HOLDERS_CACHED`].
+    holders: Mutex<HashMap<Vec<u8>, Result<Holder, String>>>,
 }
+
+/// Certificates whose holder the gate remembers; the cache is emptied when
+/// it is full (a cluster has a handful of replica certificates).
+const HOLDERS_CACHED: usize = 64;
 
 impl Gate {
     /// A gate for the replica `directory` describes: its id, its members,
@@ -94,6 +102,7 @@ impl Gate {
         Gate {
             directory,
             warned: RateLimit::new(WARN_EVERY),
+            holders: Mutex::new(HashMap::new()),
         }
     }
 
@@ -229,7 +238,7 @@ impl Gate {
                 "no client certificate: the peer port takes calls only from replicas' certificates (CN paxoskv-replica-N)",
             ));
         };
-        match tls::holder(leaf) {
+        match self.holder(leaf) {
             Err(e) => Err(Status::permission_denied(format!(
                 "the client certificate: {e}"
             ))),
@@ -250,6 +259,20 @@ impl Gate {
             ))),
             Ok(Holder::Replica(n)) => Ok(n),
         }
+    }
+
+    /// Who `cert` names, parsed once per certificate.
+    fn holder(&self, cert: &CertificateDer<'_>) -> Result<Holder, String> {
+        let mut holders = self.holders.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(known) = holders.get(cert.as_ref()) {
+            return known.clone();
+        }
+        let holder = tls::holder(cert);
+        if holders.len() >= HOLDERS_CACHED {
+            holders.clear();
+        }
+        holders.insert(cert.to_vec(), holder.clone());
+        holder
     }
 
     /// Whether a message that says it is `from` may be taken from the
