@@ -302,7 +302,7 @@ async fn a_mutual_tls_cluster_serves_certified_clients_and_replicas_only() {
                 .unwrap_or_else(|s| panic!("get via-{key} from replica {id}: {s}"))
                 .into_inner()
                 .value;
-            assert_eq!(got, key as i32, "replica {id}, key via-{key}");
+            assert_eq!(got, key, "replica {id}, key via-{key}");
         }
     }
 
