@@ -188,9 +188,9 @@ struct PeerHandle {
 
 impl Transport {
     /// Starts a transport for replica `id` of cluster
-    /// [`crate::directory::DEFAULT_CLUSTER`],
-    /// dialling in plaintext, with one task per peer dialling `peers[peer]`
-    /// (any form [`Dialer::endpoint`] accepts). An entry for `id` itself is
+    /// [`crate::directory::DEFAULT_CLUSTER`], dialling in plaintext, with
+    /// one task per peer dialling `peers[peer]` (any form
+    /// [`Dialer::endpoint`] accepts). An entry for `id` itself is
     /// ignored, and so is a peer whose address is invalid (logged at ERROR;
     /// `paxoskv serve` refuses such addresses at start).
     ///
