@@ -7,7 +7,7 @@ use std::time::Duration;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
-use crate::dial;
+use crate::dial::Dialer;
 use crate::pb;
 use crate::pb::admin_client::AdminClient;
 use crate::pb::kv_store_client::KvStoreClient;
@@ -55,21 +55,54 @@ pub fn exit_code(status: &Status) -> i32 {
     }
 }
 
-/// Connects to the replica at `address` (any form [`dial::endpoint`]
-/// accepts), allowing the connect the call's whole `timeout`.
-async fn connect(address: &str, timeout: Duration) -> Result<Channel, Status> {
-    dial::endpoint(address)
+/// Connects to the replica at `address` (any form [`Dialer::endpoint`]
+/// accepts) with `dialer` (plaintext or TLS), allowing the connect the
+/// call's whole `timeout`.
+async fn connect(dialer: &Dialer, address: &str, timeout: Duration) -> Result<Channel, Status> {
+    dialer
+        .endpoint(address)
         .map_err(|e| Status::invalid_argument(e.to_string()))?
         .connect_timeout(timeout)
         .connect()
         .await
-        .map_err(|e| Status::unavailable(format!("cannot connect to {address}: {e}")))
+        .map_err(|e| {
+            Status::unavailable(format!("cannot connect to {address}: {}", error_chain(&e)))
+        })
 }
 
-/// Makes the call against `endpoint` (`host:port` or `http://host:port`) and
-/// returns what to print on success.
-pub async fn run(endpoint: &str, timeout: Duration, call: Call) -> Result<String, Status> {
-    let mut client = KvStoreClient::new(connect(endpoint, timeout).await?);
+/// Makes the call against `endpoint` (`host:port`, or `http://host:port`
+/// or `https://host:port` as `dialer` speaks plaintext or TLS) and returns
+/// what to print on success.
+pub async fn run(
+    dialer: &Dialer,
+    endpoint: &str,
+    timeout: Duration,
+    call: Call,
+) -> Result<String, Status> {
+    let client = KvStoreClient::new(connect(dialer, endpoint, timeout).await?);
+    make(client, timeout, call)
+        .await
+        .map_err(|status| explained(dialer, status))
+}
+
+/// A plaintext call to a port that serves TLS fails deep in HTTP/2 (the
+/// server's TLS alert is no HTTP/2 frame); say what is the likely cause.
+fn explained(dialer: &Dialer, status: Status) -> Status {
+    if !dialer.is_tls() && status.message().contains("h2 protocol error") {
+        let message = format!(
+            "{}: the replica may be serving TLS; give --tls-cert, --tls-key and --tls-ca",
+            status.message()
+        );
+        return Status::new(status.code(), message);
+    }
+    status
+}
+
+async fn make(
+    mut client: KvStoreClient<Channel>,
+    timeout: Duration,
+    call: Call,
+) -> Result<String, Status> {
     Ok(match call {
         Call::Get { key } => client
             .get(with_deadline(pb::GetRequest { key }, timeout))
@@ -130,6 +163,22 @@ pub async fn run(endpoint: &str, timeout: Duration, call: Call) -> Result<String
     })
 }
 
+/// An error and its causes, as one line: a TLS failure is only in the
+/// causes of tonic's "transport error".
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 fn with_deadline<T>(message: T, timeout: Duration) -> Request<T> {
     let mut request = Request::new(message);
     request.set_timeout(timeout);
@@ -161,10 +210,11 @@ struct Row {
 /// to it has opened; an address the first replica does not know is looked
 /// for in the answers of the others.
 pub async fn cluster_status(
+    dialer: &Dialer,
     endpoint: &str,
     timeout: Duration,
 ) -> Result<(String, Option<String>), Status> {
-    let first = admin_status(endpoint, timeout).await?;
+    let first = admin_status(dialer, endpoint, timeout).await?;
     let mut rows: BTreeMap<u32, Row> = first
         .peers
         .iter()
@@ -192,7 +242,8 @@ pub async fn cluster_status(
                 let address = r.client.clone()?;
                 r.asked = true;
                 let id = r.id;
-                Some(async move { (id, admin_status(&address, timeout).await) })
+                let dialer = dialer.clone();
+                Some(async move { (id, admin_status(&dialer, &address, timeout).await) })
             })
             .collect();
         if calls.is_empty() {
@@ -303,17 +354,27 @@ fn known(address: &str) -> Option<String> {
     (!address.is_empty()).then(|| address.to_string())
 }
 
-async fn admin_status(endpoint: &str, timeout: Duration) -> Result<pb::StatusResponse, Status> {
-    let response = AdminClient::new(connect(endpoint, timeout).await?)
+async fn admin_status(
+    dialer: &Dialer,
+    endpoint: &str,
+    timeout: Duration,
+) -> Result<pb::StatusResponse, Status> {
+    let response = AdminClient::new(connect(dialer, endpoint, timeout).await?)
         .status(with_deadline(pb::StatusRequest {}, timeout))
-        .await?;
+        .await
+        .map_err(|status| explained(dialer, status))?;
     Ok(response.into_inner())
 }
 
 /// One replica's acceptor, for people: its promise and its vote for
 /// `slot` (`paxoskv acceptor SLOT`).
-pub async fn acceptor(endpoint: &str, slot: u64, timeout: Duration) -> Result<String, Status> {
-    let a = AdminClient::new(connect(endpoint, timeout).await?)
+pub async fn acceptor(
+    dialer: &Dialer,
+    endpoint: &str,
+    slot: u64,
+    timeout: Duration,
+) -> Result<String, Status> {
+    let a = AdminClient::new(connect(dialer, endpoint, timeout).await?)
         .acceptor(with_deadline(pb::AcceptorRequest { slot }, timeout))
         .await?
         .into_inner();

@@ -4,6 +4,10 @@
 //! Replica N serves clients on `base_port + N - 1` and the other replicas
 //! on `base_port + 100 + N - 1` (8081-8083 and 8181-8183 by default), so
 //! there are at most [`MAX_REPLICAS`].
+//!
+//! With `--tls`, it first makes a throwaway CA and certificates under
+//! `DATA_DIR/tls/` ([`crate::tls::generate`]): one per replica, and one for
+//! clients, which the grpcurl lines it prints use.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -23,6 +27,8 @@ pub struct ClusterOptions {
     pub data_dir: PathBuf,
     /// Replica N serves metrics on 127.0.0.1:(metrics_base_port + N); none if unset.
     pub metrics_base_port: Option<u16>,
+    /// Mutual TLS, with certificates made under `data_dir/tls`.
+    pub tls: bool,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -70,6 +76,17 @@ pub async fn run(
         .map(|id| format!("{id}={}", peer_addr(id)))
         .collect::<Vec<_>>()
         .join(",");
+    let ids: Vec<u32> = (1..=opts.replicas).collect();
+    let certificates = if opts.tls {
+        let dir = opts.data_dir.join("tls");
+        Some(crate::tls::generate(
+            &dir,
+            &ids,
+            &["127.0.0.1", "localhost"],
+        )?)
+    } else {
+        None
+    };
     let mut children: Vec<(u32, Child)> = Vec::new();
     for id in 1..=opts.replicas {
         let dir = opts.data_dir.join(id.to_string());
@@ -91,6 +108,14 @@ pub async fn run(
             .arg(&dir)
             .stdin(Stdio::null())
             .kill_on_drop(true);
+        if let Some(files) = certificates.as_ref().and_then(|c| c.replicas.get(&id)) {
+            cmd.arg("--tls-cert")
+                .arg(&files.cert)
+                .arg("--tls-key")
+                .arg(&files.key)
+                .arg("--tls-ca")
+                .arg(&files.ca);
+        }
         if let Some(base) = opts.metrics_base_port {
             cmd.args([
                 "--metrics-listen",
@@ -125,22 +150,44 @@ pub async fn run(
     println!(
         "\nClients use the first addresses; the peer ports carry only the replicas' own protocol."
     );
+    // How grpcurl and the CLI reach a replica: plaintext, or with the
+    // client certificate.
+    let (grpcurl, cli) = match &certificates {
+        Some(made) => {
+            let c = &made.client;
+            println!(
+                "\nMutual TLS: CA {}, client certificate {} (key {}); replica N's certificate is replica-N.pem beside them.",
+                made.ca.display(),
+                c.cert.display(),
+                c.key.display()
+            );
+            (
+                format!(
+                    "grpcurl -cacert {} -cert {} -key {}",
+                    c.ca.display(),
+                    c.cert.display(),
+                    c.key.display()
+                ),
+                format!(
+                    " --tls-cert {} --tls-key {} --tls-ca {}",
+                    c.cert.display(),
+                    c.key.display(),
+                    c.ca.display()
+                ),
+            )
+        }
+        None => ("grpcurl -plaintext".to_string(), String::new()),
+    };
     println!("\nTry (any replica answers any call):");
-    println!("  grpcurl -plaintext {a} list");
-    println!("  grpcurl -plaintext {a} describe paxoskv.v1.KvStore");
-    println!(
-        "  grpcurl -plaintext -d '{{\"key\":\"apple\",\"value\":1}}' {a} paxoskv.v1.KvStore/Insert"
-    );
-    println!("  grpcurl -plaintext -d '{{\"key\":\"apple\"}}' {b} paxoskv.v1.KvStore/Get");
-    println!(
-        "  grpcurl -plaintext -d '{{\"key\":\"apple\",\"value\":2}}' {c} paxoskv.v1.KvStore/Update"
-    );
-    println!(
-        "  grpcurl -plaintext -d '{{\"key\":\"pear\",\"value\":7}}' {b} paxoskv.v1.KvStore/Upsert"
-    );
-    println!("  grpcurl -plaintext -d '{{\"key\":\"apple\"}}' {c} paxoskv.v1.KvStore/Remove");
-    println!("  grpcurl -plaintext {a} grpc.health.v1.Health/Check");
-    println!("\nOr with the CLI: paxoskv get apple --endpoint {b}");
+    println!("  {grpcurl} {a} list");
+    println!("  {grpcurl} {a} describe paxoskv.v1.KvStore");
+    println!("  {grpcurl} -d '{{\"key\":\"apple\",\"value\":1}}' {a} paxoskv.v1.KvStore/Insert");
+    println!("  {grpcurl} -d '{{\"key\":\"apple\"}}' {b} paxoskv.v1.KvStore/Get");
+    println!("  {grpcurl} -d '{{\"key\":\"apple\",\"value\":2}}' {c} paxoskv.v1.KvStore/Update");
+    println!("  {grpcurl} -d '{{\"key\":\"pear\",\"value\":7}}' {b} paxoskv.v1.KvStore/Upsert");
+    println!("  {grpcurl} -d '{{\"key\":\"apple\"}}' {c} paxoskv.v1.KvStore/Remove");
+    println!("  {grpcurl} {a} grpc.health.v1.Health/Check");
+    println!("\nOr with the CLI: paxoskv get apple --endpoint {b}{cli}");
     println!("Ctrl-C stops the cluster.\n");
 
     let outcome = tokio::select! {
@@ -226,6 +273,7 @@ mod tests {
                 base_port: 8081,
                 data_dir: PathBuf::from("unused"),
                 metrics_base_port: None,
+                tls: false,
             };
             let err = run(opts, std::future::pending())
                 .await

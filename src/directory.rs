@@ -13,19 +13,34 @@
 //! Whatever tells a client where the leader is gives the leader's client
 //! address, never its peer address: clients cannot, and should not, reach
 //! the peer port.
+//!
+//! The directory also knows how this replica reaches the others and
+//! introduces itself to them: the cluster's name and the [`Dialer`]
+//! (plaintext or TLS), shared by the transport, snapshot fetches and
+//! forwarded calls, so that all three say the same thing ([`Directory::introduce`]).
 
 use std::collections::BTreeMap;
 use std::sync::RwLock;
 
-use crate::dial;
+use tonic::metadata::{MetadataMap, MetadataValue};
+
+use crate::dial::Dialer;
 use crate::paxos::NodeId;
 
 /// Metadata key of a Paxos `Stream` call: the dialling replica's id.
 pub const REPLICA_ID: &str = "x-paxoskv-replica-id";
 
 /// Metadata key of a Paxos `Stream` call: the dialling replica's client
-/// address, in a form [`dial::normalize`] accepts.
+/// address, in a form [`Dialer::normalize`] accepts.
 pub const CLIENT_ADDRESS: &str = "x-paxoskv-client-address";
+
+/// Metadata key of every call a replica makes on a peer port (`Stream`,
+/// `Snapshot`, `Forward`): the name of the caller's cluster
+/// (`--cluster-name`). A peer of another cluster is refused.
+pub const CLUSTER: &str = "x-paxoskv-cluster";
+
+/// The cluster name of a replica started without `--cluster-name`.
+pub const DEFAULT_CLUSTER: &str = "paxoskv";
 
 /// The addresses of every replica of the cluster, shared by the transport
 /// (which learns client addresses), the client API and the Admin service.
@@ -34,23 +49,70 @@ pub struct Directory {
     id: NodeId,
     peers: BTreeMap<NodeId, String>,
     clients: RwLock<BTreeMap<NodeId, String>>,
+    cluster: String,
+    dialer: Dialer,
 }
 
 impl Directory {
     /// The directory of replica `id`, whose own client address is
     /// `client_address`; `peers` maps every replica id (`id` included) to its
-    /// peer address.
+    /// peer address. Its cluster is [`DEFAULT_CLUSTER`] and it dials in
+    /// plaintext, unless told otherwise ([`Directory::with_cluster`],
+    /// [`Directory::with_dialer`]).
     pub fn new(id: NodeId, peers: BTreeMap<NodeId, String>, client_address: String) -> Self {
         Directory {
             id,
             peers,
             clients: RwLock::new(BTreeMap::from([(id, client_address)])),
+            cluster: DEFAULT_CLUSTER.to_string(),
+            dialer: Dialer::plain(),
         }
+    }
+
+    /// The same, for the cluster named `cluster`.
+    pub fn with_cluster(mut self, cluster: impl Into<String>) -> Self {
+        self.cluster = cluster.into();
+        self
+    }
+
+    /// The same, dialling peers with `dialer`. A TLS dialer also means that
+    /// this replica's peer port serves TLS and takes calls only from
+    /// replica certificates (see [`crate::transport::PaxosService`]).
+    pub fn with_dialer(mut self, dialer: Dialer) -> Self {
+        self.dialer = dialer;
+        self
     }
 
     /// This replica's id.
     pub fn id(&self) -> NodeId {
         self.id
+    }
+
+    /// The cluster's name.
+    pub fn cluster(&self) -> &str {
+        &self.cluster
+    }
+
+    /// How this replica dials its peers.
+    pub fn dialer(&self) -> &Dialer {
+        &self.dialer
+    }
+
+    /// Whether the replicas speak TLS, and so know each other by their
+    /// certificates.
+    pub fn tls(&self) -> bool {
+        self.dialer.is_tls()
+    }
+
+    /// Adds to `meta` what every call this replica makes on a peer port
+    /// says of it: its id ([`REPLICA_ID`]) and its cluster ([`CLUSTER`]).
+    /// A cluster name that cannot be metadata (`paxoskv serve` refuses
+    /// such names at start) is left out, and the peer will refuse the call.
+    pub fn introduce(&self, meta: &mut MetadataMap) {
+        meta.insert(REPLICA_ID, MetadataValue::from(self.id));
+        if let Ok(cluster) = MetadataValue::try_from(self.cluster.as_str()) {
+            meta.insert(CLUSTER, cluster);
+        }
     }
 
     /// Every replica's peer address, this one's included.
@@ -83,7 +145,9 @@ impl Directory {
         if !self.peers.contains_key(&id) {
             return Err(format!("replica {id} is not a member"));
         }
-        dial::normalize(address).map_err(|e| format!("client address of replica {id}: {e}"))?;
+        self.dialer
+            .normalize(address)
+            .map_err(|e| format!("client address of replica {id}: {e}"))?;
         let address = address.trim().to_string();
         let mut clients = self.clients.write().unwrap_or_else(|e| e.into_inner());
         if clients.get(&id) != Some(&address) {

@@ -16,10 +16,15 @@
 //!   streams, one per peer, with reconnects;
 //! - [`transfer`]: state machine snapshots from one replica to another
 //!   (`Paxos/Snapshot`), for a replica behind the others' compacted logs;
+//! - [`handshake`]: who is calling on the peer port (metadata, and the
+//!   certificate with TLS), and whether to let them;
 //! - [`directory`]: every replica's peer address (`--peers`) and client
-//!   address (advertised when its Paxos stream opens);
+//!   address (advertised when its Paxos stream opens), its cluster, and how
+//!   to dial them;
 //! - [`dial`]: the one way to make a channel to a replica, from any address
-//!   form `--peers` and `--endpoint` accept;
+//!   form `--peers` and `--endpoint` accept, plaintext or TLS;
+//! - [`tls`]: certificates (files, who they name) and throwaway ones for
+//!   `paxoskv cluster --tls`;
 //! - [`storage`]: the one place that touches the disk: the acceptor's
 //!   promise and votes in the Paxos log, each persist one group commit
 //!   with one fdatasync, and the state machine in sled, applied atomically
@@ -46,6 +51,7 @@ pub mod codec;
 pub mod dial;
 pub mod directory;
 pub mod driver;
+pub mod handshake;
 pub mod kv;
 pub mod listener;
 pub mod metrics;
@@ -54,6 +60,7 @@ pub mod paxos;
 pub mod server;
 pub mod service;
 pub mod storage;
+pub mod tls;
 pub mod transfer;
 pub mod transport;
 pub mod wal;

@@ -13,9 +13,10 @@ use tracing_subscriber::EnvFilter;
 
 use paxoskv::client::{self, Call};
 use paxoskv::cluster::{self, ClusterOptions};
-use paxoskv::dial;
+use paxoskv::dial::{self, Dialer};
 use paxoskv::paxos::NodeId;
 use paxoskv::server::{self, ServeOptions};
+use paxoskv::tls::{TlsConfig, TlsFiles};
 
 /// A replicated key-value store kept consistent by Multi-Paxos.
 #[derive(Parser, Debug)]
@@ -105,6 +106,8 @@ enum Command {
         /// local-reads), to prove `paxoskv check` catches it. NOT SAFE.
         #[arg(long, hide = true, value_parser = paxoskv::node::TestBug::parse)]
         unsafe_test_bug: Option<paxoskv::node::TestBug>,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// Runs a local cluster of `serve` processes on 127.0.0.1 until Ctrl-C.
     Cluster {
@@ -121,6 +124,10 @@ enum Command {
         /// Replica N serves metrics on 127.0.0.1:(METRICS_BASE_PORT + N); 0 turns them off.
         #[arg(long, env = "PAXOSKV_METRICS_BASE_PORT", default_value_t = 9090)]
         metrics_base_port: u16,
+        /// Mutual TLS: make a throwaway CA and certificates under
+        /// DATA_DIR/tls/ and start the replicas with them.
+        #[arg(long)]
+        tls: bool,
     },
     /// Closed-loop clients against the cluster for a while; prints calls/s
     /// and latency quantiles. With --ceiling, first the same clients
@@ -155,6 +162,8 @@ enum Command {
         /// Stop after this many calls in all (sooner than --seconds).
         #[arg(long)]
         max_calls: Option<u64>,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// A Jepsen-style check: starts a local cluster of its own, runs
     /// concurrent clients while killing, pausing and partitioning its
@@ -224,6 +233,48 @@ struct Target {
     /// The call's deadline, in milliseconds.
     #[arg(long, env = "PAXOSKV_TIMEOUT_MS", default_value_t = 5000)]
     timeout_ms: u64,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+/// Mutual TLS: all three flags, or none for plaintext.
+#[derive(clap::Args, Debug, Clone)]
+struct TlsArgs {
+    /// This process's certificate (PEM), signed by --tls-ca. A replica's
+    /// must have the Common Name paxoskv-replica-ID. Turns TLS on, with
+    /// --tls-key and --tls-ca.
+    #[arg(long, env = "PAXOSKV_TLS_CERT", value_name = "PEM")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "PAXOSKV_TLS_KEY", value_name = "PEM")]
+    tls_key: Option<PathBuf>,
+    /// The CA that signs every certificate of the cluster, clients' too
+    /// (PEM).
+    #[arg(long, env = "PAXOSKV_TLS_CA", value_name = "PEM")]
+    tls_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The TLS configuration the flags give, loaded and checked; `None` for
+    /// plaintext. Errors name the flag and file.
+    fn load(&self) -> Result<Option<TlsConfig>, String> {
+        let files = TlsFiles::from_flags(
+            self.tls_cert.clone(),
+            self.tls_key.clone(),
+            self.tls_ca.clone(),
+        )?;
+        files.as_ref().map(TlsConfig::load).transpose()
+    }
+
+    /// The dialer the flags give, and `endpoints` checked against it (an
+    /// `https://` endpoint needs TLS, an `http://` one plaintext).
+    fn dialer(&self, endpoints: &[String]) -> Result<Dialer, String> {
+        let dialer = Dialer::for_config(self.load()?.as_ref());
+        for endpoint in endpoints {
+            dialer.normalize(endpoint).map_err(|e| e.to_string())?;
+        }
+        Ok(dialer)
+    }
 }
 
 fn parse_peers(s: &str) -> Result<BTreeMap<NodeId, String>, String> {
@@ -239,8 +290,10 @@ fn parse_peers(s: &str) -> Result<BTreeMap<NodeId, String>, String> {
         if addr.trim().is_empty() {
             return Err(format!("replica {id} has an empty address"));
         }
-        // Refused here, at start, rather than when the replica first dials.
-        dial::endpoint(addr).map_err(|e| format!("replica {id}: {e}"))?;
+        // Refused here, at start, rather than when the replica first dials
+        // (whether the scheme suits TLS or plaintext is checked once the
+        // --tls-* flags are known).
+        dial::check_form(addr).map_err(|e| format!("replica {id}: {e}"))?;
         if peers.insert(id, addr.trim().to_string()).is_some() {
             return Err(format!("replica {id} is listed twice"));
         }
@@ -257,9 +310,10 @@ fn parse_cluster_name(s: &str) -> Result<String, String> {
 }
 
 /// Checks `--endpoint` with the same rules every dial uses, so a bad
-/// address is refused before any call, by name.
+/// address is refused before any call, by name (its scheme against the
+/// --tls-* flags later).
 fn parse_endpoint(s: &str) -> Result<String, String> {
-    dial::endpoint(s).map_err(|e| e.to_string())?;
+    dial::check_form(s).map_err(|e| e.to_string())?;
     Ok(s.trim().to_string())
 }
 
@@ -304,8 +358,17 @@ async fn run(cli: Cli) -> ExitCode {
             cluster_name,
             fault_fail_syncs_after,
             unsafe_test_bug,
+            tls,
         } => {
             init_logs(cli.log_format);
+            // Files that do not load are a usage error too: exit 2.
+            let tls = match tls.load() {
+                Ok(tls) => tls,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             let opts = ServeOptions {
                 id,
                 listen,
@@ -325,6 +388,7 @@ async fn run(cli: Cli) -> ExitCode {
                 cluster_name,
                 fail_syncs_after: fault_fail_syncs_after,
                 test_bug: unsafe_test_bug,
+                tls,
             };
             // A configuration that cannot work is a usage error, like a
             // flag clap refuses: exit 2, naming it.
@@ -343,6 +407,7 @@ async fn run(cli: Cli) -> ExitCode {
             base_port,
             data_dir,
             metrics_base_port,
+            tls,
         } => {
             init_logs(cli.log_format);
             let opts = ClusterOptions {
@@ -350,6 +415,7 @@ async fn run(cli: Cli) -> ExitCode {
                 base_port,
                 data_dir,
                 metrics_base_port: (metrics_base_port != 0).then_some(metrics_base_port),
+                tls,
             };
             let shutdown = match shutdown_signal() {
                 Ok(shutdown) => shutdown,
@@ -366,7 +432,15 @@ async fn run(cli: Cli) -> ExitCode {
             ceiling,
             timeout_ms,
             max_calls,
+            tls,
         } => {
+            let dialer = match tls.dialer(&endpoints) {
+                Ok(dialer) => dialer,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             let mut opts = paxoskv::bench::BenchOptions {
                 endpoints,
                 clients,
@@ -375,6 +449,7 @@ async fn run(cli: Cli) -> ExitCode {
                 reads,
                 timeout: Duration::from_millis(timeout_ms),
                 max_calls,
+                dialer,
             };
             let what = if reads { "reads" } else { "writes" };
             let mut floor = None;
@@ -383,15 +458,23 @@ async fn run(cli: Cli) -> ExitCode {
                     Ok(addr) => addr,
                     Err(e) => return report(Err(e.into())),
                 };
+                // The no-op server is plaintext, TLS or not: the ceiling
+                // leaves out the cost of TLS.
                 let cluster = std::mem::replace(&mut opts.endpoints, vec![addr.to_string()]);
+                let dialer = std::mem::replace(&mut opts.dialer, Dialer::plain());
+                let plaintext = if dialer.is_tls() { " (plaintext)" } else { "" };
                 match paxoskv::bench::run(&opts).await {
                     Ok(r) => {
-                        println!("no-op server, {clients} clients, {what}: {}", r.line());
+                        println!(
+                            "no-op server{plaintext}, {clients} clients, {what}: {}",
+                            r.line()
+                        );
                         floor = Some(r);
                     }
                     Err(e) => return report(Err(e.into())),
                 }
                 opts.endpoints = cluster;
+                opts.dialer = dialer;
             }
             return match paxoskv::bench::run(&opts).await {
                 Ok(r) => {
@@ -420,7 +503,14 @@ async fn run(cli: Cli) -> ExitCode {
         }
         Command::Status { target } => {
             let timeout = Duration::from_millis(target.timeout_ms);
-            return match client::cluster_status(&target.endpoint, timeout).await {
+            let dialer = match target.tls.dialer(std::slice::from_ref(&target.endpoint)) {
+                Ok(dialer) => dialer,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            return match client::cluster_status(&dialer, &target.endpoint, timeout).await {
                 Ok((table, None)) => {
                     print!("{table}");
                     ExitCode::SUCCESS
@@ -438,7 +528,14 @@ async fn run(cli: Cli) -> ExitCode {
         }
         Command::Acceptor { slot, target } => {
             let timeout = Duration::from_millis(target.timeout_ms);
-            return match client::acceptor(&target.endpoint, slot, timeout).await {
+            let dialer = match target.tls.dialer(std::slice::from_ref(&target.endpoint)) {
+                Ok(dialer) => dialer,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            return match client::acceptor(&dialer, &target.endpoint, slot, timeout).await {
                 Ok(text) => {
                     print!("{text}");
                     ExitCode::SUCCESS
@@ -456,7 +553,15 @@ async fn run(cli: Cli) -> ExitCode {
         Command::Remove { key, target } => (Call::Remove { key }, target),
     };
     let (call, target) = call;
+    let dialer = match target.tls.dialer(std::slice::from_ref(&target.endpoint)) {
+        Ok(dialer) => dialer,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     match client::run(
+        &dialer,
         &target.endpoint,
         Duration::from_millis(target.timeout_ms),
         call,

@@ -645,7 +645,7 @@ impl Node {
             return;
         }
         let id = self.driver.replica().id();
-        let Some(endpoint) = self.transport.address(fetch.from).map(str::to_owned) else {
+        let Some(endpoint) = self.transport.snapshot_source(fetch.from) else {
             warn!(
                 replica = id,
                 from = fetch.from,

@@ -10,6 +10,9 @@
 //! Whoever can send Paxos messages to an acceptor can make it promise or
 //! accept anything, so the replica protocol is not served where clients
 //! connect; operators keep the peer port reachable by the replicas alone.
+//! With TLS ([`ServeOptions::tls`]) both ports require a client certificate
+//! from the cluster's CA, and the peer port takes calls only from the other
+//! replicas' certificates (see [`crate::handshake`]).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
@@ -22,7 +25,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::admin::AdminService;
-use crate::dial;
+use crate::dial::Dialer;
 use crate::directory::Directory;
 use crate::listener::{self, Limits};
 use crate::node::Node;
@@ -31,6 +34,7 @@ use crate::pb;
 use crate::service::KvService;
 use crate::storage::Storage;
 use crate::storage::identity::{self, Identity};
+use crate::tls::{self, Holder, TlsConfig};
 use crate::transport::{Forwarded, NotOnThisPort, PaxosService, Transport};
 
 /// How to run a replica.
@@ -72,6 +76,10 @@ pub struct ServeOptions {
     /// A deliberate bug, for `paxoskv check --break` only (see
     /// [`crate::node::TestBug`]); `None` in every real use.
     pub test_bug: Option<crate::node::TestBug>,
+    /// Mutual TLS on both ports and between replicas, if set; this
+    /// replica's certificate must name it (`paxoskv-replica-ID`, see
+    /// [`crate::tls`]).
+    pub tls: Option<TlsConfig>,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -85,14 +93,23 @@ impl ServeOptions {
         }
     }
 
+    /// How this replica dials its peers: with TLS if it has it.
+    pub fn dialer(&self) -> Dialer {
+        Dialer::for_config(self.tls.as_ref())
+    }
+
     /// Refuses a configuration that cannot work, with a message that names
-    /// the flag and the value at fault: an address that does not parse,
-    /// `--id` not in `--peers`, two replicas with one peer address, the
-    /// client and peer ports overlapping, `--peer-listen` not matching this
-    /// replica's own `--peers` entry, or no address clients can dial.
+    /// the flag and the value at fault: an address that does not parse (or
+    /// whose scheme is not the one TLS calls for), `--id` not in `--peers`,
+    /// two replicas with one peer address, the client and peer ports
+    /// overlapping, `--peer-listen` not matching this replica's own
+    /// `--peers` entry, no address clients can dial, or a `--tls-cert`
+    /// that does not name this replica.
     pub fn check(&self) -> Result<(), String> {
+        let dialer = self.dialer();
+        let normalize = |addr: &str| dialer.normalize(addr);
         for (id, addr) in &self.peers {
-            dial::normalize(addr).map_err(|e| format!("--peers: replica {id}: {e}"))?;
+            normalize(addr).map_err(|e| format!("--peers: replica {id}: {e}"))?;
         }
         let Some(own) = self.peers.get(&self.id) else {
             return Err(format!(
@@ -107,7 +124,7 @@ impl ServeOptions {
         };
         let mut seen: BTreeMap<String, NodeId> = BTreeMap::new();
         for (&id, addr) in &self.peers {
-            let key = dial::normalize(addr)
+            let key = normalize(addr)
                 .map_err(|e| format!("--peers: replica {id}: {e}"))?
                 .to_ascii_lowercase();
             if let Some(other) = seen.insert(key, id) {
@@ -126,12 +143,11 @@ impl ServeOptions {
         self.check_own_peer_entry(own)?;
         match &self.advertise_client {
             Some(address) => {
-                let uri =
-                    dial::normalize(address).map_err(|e| format!("--advertise-client: {e}"))?;
+                let uri = normalize(address).map_err(|e| format!("--advertise-client: {e}"))?;
                 let peer = self
                     .peers
                     .iter()
-                    .find(|(_, a)| dial::normalize(a).is_ok_and(|a| a.eq_ignore_ascii_case(&uri)));
+                    .find(|(_, a)| normalize(a).is_ok_and(|a| a.eq_ignore_ascii_case(&uri)));
                 if let Some((id, _)) = peer {
                     return Err(format!(
                         "--advertise-client {} is replica {id}'s peer address in --peers: clients would be sent to a peer port",
@@ -146,6 +162,20 @@ impl ServeOptions {
                 ));
             }
             None => {}
+        }
+        if let Some(tls) = &self.tls {
+            // Peers know a replica by its certificate: one that names
+            // another replica (or a client) would be refused by all of
+            // them, so refuse it here, where the cause is plain.
+            let holder = tls.holder();
+            if *holder != Holder::Replica(self.id) {
+                return Err(format!(
+                    "--tls-cert {} names {holder}, but this is replica {}: a replica's certificate must have the Common Name {}",
+                    tls.files().cert.display(),
+                    self.id,
+                    tls::replica_common_name(self.id)
+                ));
+            }
         }
         Ok(())
     }
@@ -165,8 +195,8 @@ impl ServeOptions {
                 own.trim()
             ))
         };
-        let (host, port) =
-            host_and_port(own).map_err(|e| format!("--peers: replica {}: {e}", self.id))?;
+        let (host, port) = host_and_port(&self.dialer(), own)
+            .map_err(|e| format!("--peers: replica {}: {e}", self.id))?;
         if port != self.peer_listen.port() {
             return mismatch(format!("port {} is not {port}", self.peer_listen.port()));
         }
@@ -211,9 +241,10 @@ fn same_ip(a: IpAddr, b: IpAddr) -> bool {
     a.to_canonical() == b.to_canonical()
 }
 
-/// The host (without brackets) and port of an address `dial` accepts.
-fn host_and_port(addr: &str) -> Result<(String, u16), String> {
-    let uri: tonic::codegen::http::Uri = dial::normalize(addr)
+/// The host (without brackets) and port of an address `dialer` accepts.
+fn host_and_port(dialer: &Dialer, addr: &str) -> Result<(String, u16), String> {
+    let uri: tonic::codegen::http::Uri = dialer
+        .normalize(addr)
         .map_err(|e| e.to_string())?
         .parse()
         .map_err(|e| format!("{addr:?}: {e}"))?;
@@ -257,6 +288,27 @@ pub async fn serve(
     // `main.rs` checks these before it starts; a server assembled another
     // way fails here, at start, rather than when it first dials a peer.
     opts.check()?;
+    // Both ports: TLS, and a client certificate from the CA required.
+    let server_builder = || -> Result<tonic::transport::Server, BoxError> {
+        let builder = tonic::transport::Server::builder();
+        Ok(match &opts.tls {
+            Some(tls) => builder
+                .tls_config(tls.server())
+                .map_err(|e| format!("TLS (--tls-cert, --tls-key, --tls-ca): {e}"))?,
+            None => builder,
+        })
+    };
+    let client_builder = server_builder()?;
+    let mut peer_builder = server_builder()?;
+    if let Some(tls) = &opts.tls {
+        info!(
+            replica = opts.id,
+            cert = %tls.files().cert.display(),
+            ca = %tls.files().ca.display(),
+            "mutual TLS on both ports and between replicas"
+        );
+    }
+
     if let Some(addr) = opts.metrics_listen {
         crate::metrics::install(addr)?;
     }
@@ -341,20 +393,13 @@ pub async fn serve(
     let peer_listener = TcpListener::bind(opts.peer_listen)
         .await
         .map_err(|e| format!("cannot listen on --peer-listen {}: {e}", opts.peer_listen))?;
-    let directory = Arc::new(Directory::new(
-        opts.id,
-        opts.peers.clone(),
-        opts.client_address(),
-    ));
-
+    let directory = Arc::new(
+        Directory::new(opts.id, opts.peers.clone(), opts.client_address())
+            .with_cluster(opts.cluster_name.clone())
+            .with_dialer(opts.dialer()),
+    );
     let (peer_tx, peer_rx) = mpsc::channel(64 * 1024);
-    let others = opts
-        .peers
-        .iter()
-        .filter(|(id, _)| **id != opts.id)
-        .map(|(id, a)| (*id, a.clone()))
-        .collect();
-    let transport = Transport::advertising(opts.id, others, Some(opts.client_address()));
+    let transport = Transport::for_directory(&directory);
     let (node, handle) = Node::new(
         replica,
         Arc::clone(&storage),
@@ -396,7 +441,7 @@ pub async fn serve(
             .register_encoded_file_descriptor_set(other_reflection_version)
     };
     let (stop_clients, mut clients_stopped) = watch::channel(false);
-    let client_server = tonic::transport::Server::builder()
+    let client_server = client_builder
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -418,12 +463,11 @@ pub async fn serve(
     // The peer port: the replica protocol and nothing else.
     let (stop_peers, peers_stopped) = watch::channel(false);
     let mut peer_server_stopped = peers_stopped.clone();
-    let peer_server = tonic::transport::Server::builder()
+    let peer_server = peer_builder
         .add_service(
-            PaxosService::new(peer_tx)
+            PaxosService::new(peer_tx, Arc::clone(&directory))
                 .with_shutdown(peers_stopped)
                 .with_snapshots(Arc::clone(&storage))
-                .with_directory(Arc::clone(&directory))
                 .with_forwarding(Arc::clone(&kv) as Arc<dyn Forwarded>)
                 .into_server(),
         )
@@ -543,6 +587,7 @@ mod tests {
             cluster_name: "paxoskv".into(),
             fail_syncs_after: None,
             test_bug: None,
+            tls: None,
         }
     }
 
@@ -691,6 +736,44 @@ mod tests {
     }
 
     #[test]
+    fn with_tls_addresses_are_https_and_the_certificate_must_name_this_replica() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let made = tls::generate(dir.path(), &[1, 2], &["127.0.0.1"]).expect("made");
+        let load = |files| TlsConfig::load(files).expect("loads");
+
+        let mut o = opts();
+        o.tls = Some(load(&made.replicas[&1]));
+        o.check().expect("replica 1 with its own certificate");
+        for (id, form) in [(2, "https://127.0.0.1:8182"), (3, "127.0.0.1:8183")] {
+            o.peers.insert(id, form.into());
+        }
+        o.advertise_client = Some("https://127.0.0.1:8081".into());
+        o.check().expect("https:// and HOST:PORT with TLS");
+
+        // Plaintext spellings are refused with TLS, https without.
+        let mut plain_peer = o.clone();
+        plain_peer.peers.insert(2, "http://127.0.0.1:8182".into());
+        refused(&plain_peer, &["--peers: replica 2", "TLS is on"]);
+        let mut no_tls = o.clone();
+        no_tls.tls = None;
+        refused(&no_tls, &["--peers: replica 2", "https needs TLS"]);
+
+        // Another replica's certificate, or a client's.
+        let mut o = opts();
+        o.tls = Some(load(&made.replicas[&2]));
+        refused(
+            &o,
+            &[
+                "--tls-cert",
+                "names replica 2 (CN paxoskv-replica-2), but this is replica 1",
+                "Common Name paxoskv-replica-1",
+            ],
+        );
+        o.tls = Some(load(&made.client));
+        refused(&o, &["names CN \"paxoskv-client\", but this is replica 1"]);
+    }
+
+    #[test]
     fn overlap_and_host_parsing() {
         let a = |s: &str| s.parse::<SocketAddr>().unwrap();
         assert!(overlap(a("127.0.0.1:1"), a("127.0.0.1:1")));
@@ -698,12 +781,13 @@ mod tests {
         assert!(overlap(a("[::ffff:127.0.0.1]:1"), a("127.0.0.1:1")));
         assert!(!overlap(a("127.0.0.1:1"), a("127.0.0.1:2")));
         assert!(!overlap(a("127.0.0.1:1"), a("127.0.0.2:1")));
+        let plain = Dialer::plain();
         assert_eq!(
-            host_and_port("http://[::1]:8181"),
+            host_and_port(&plain, "http://[::1]:8181"),
             Ok(("::1".to_string(), 8181))
         );
         assert_eq!(
-            host_and_port("node-1.example:8181"),
+            host_and_port(&plain, "node-1.example:8181"),
             Ok(("node-1.example".to_string(), 8181))
         );
     }

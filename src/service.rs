@@ -28,7 +28,6 @@ use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
 use crate::certainty::{Attempts, Certainty};
-use crate::dial;
 use crate::directory::Directory;
 use crate::kv::{Op, Reply};
 use crate::metrics as m;
@@ -148,7 +147,10 @@ impl KvService {
             .ok_or_else(|| Status::internal(format!("leader {leader} is not in the peer list")))?;
         // `paxoskv serve` refuses bad peer addresses at start; this is for
         // a server assembled some other way.
-        let channel = dial::endpoint(addr)
+        let channel = self
+            .directory
+            .dialer()
+            .endpoint(addr)
             .map_err(|e| Status::internal(format!("replica {leader}: {e}")))?
             .connect_lazy();
         let client = PaxosClient::new(channel);
@@ -191,13 +193,15 @@ impl KvService {
         left: Duration,
         hops: u32,
     ) -> Result<M::Response, Status> {
-        let request = forwarded(
+        let mut request = forwarded(
             pb::ForwardRequest {
                 call: Some(call.into_call()),
             },
             left,
             hops,
         );
+        // The leader's peer port admits only replicas of its cluster.
+        self.directory.introduce(request.metadata_mut());
         let answer = self.client(leader)?.forward(request).await?.into_inner();
         answer.reply.and_then(M::from_answer).ok_or_else(mismatch)
     }

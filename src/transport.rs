@@ -61,11 +61,15 @@
 //! ## Saying who is calling
 //!
 //! The `Stream` call's request metadata names the dialling replica
-//! ([`REPLICA_ID`]) and, when it has one, the address where it serves
-//! clients ([`CLIENT_ADDRESS`]). The receiving [`PaxosService`] records the
-//! latter in its [`Directory`], so that every replica knows its peers'
-//! client addresses without being configured with them. A call whose
-//! metadata is present but malformed is refused with `INVALID_ARGUMENT`.
+//! ([`REPLICA_ID`]), its cluster ([`CLUSTER`]) and, when it has one, the
+//! address where it serves clients ([`CLIENT_ADDRESS`]). The receiving
+//! [`PaxosService`] checks them (and, with TLS, the caller's certificate)
+//! with a [`Gate`] before it reads a message (see [`crate::handshake`]),
+//! and records the client address in its [`Directory`], so that every
+//! replica knows its peers' client addresses without being configured with
+//! them. Every message on the stream must then name that replica as its
+//! sender: one that does not is dropped. A refused stream is retried like
+//! an unreachable peer, and its status is the reason logged.
 //!
 //! ## Receiving, and shutting down
 //!
@@ -103,8 +107,11 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, error, info, warn};
 
-use crate::dial::{self, DialError};
-use crate::directory::{CLIENT_ADDRESS, Directory, REPLICA_ID};
+use crate::dial::{DialError, Dialer};
+use crate::directory::Directory;
+#[cfg(doc)]
+use crate::directory::{CLIENT_ADDRESS, CLUSTER, REPLICA_ID};
+use crate::handshake::{Caller, Gate, PeerCall};
 use crate::paxos::{Message, NodeId};
 use crate::pb;
 use crate::pb::paxos_client::PaxosClient;
@@ -160,6 +167,10 @@ pub struct Transport {
     /// Messages dropped: queue full, unknown peer, or trimmed while the peer
     /// was unreachable. Shared with the peer tasks.
     dropped: Arc<AtomicU64>,
+    /// How peers are dialled.
+    dialer: Dialer,
+    /// The metadata every call to a peer opens with.
+    hello: Arc<MetadataMap>,
 }
 
 /// What the [`Transport`] keeps of one peer.
@@ -176,10 +187,12 @@ struct PeerHandle {
 }
 
 impl Transport {
-    /// Starts a transport for replica `id`, with one task per peer dialling
-    /// `peers[peer]` (any form [`dial::endpoint`] accepts). An entry for `id`
-    /// itself is ignored, and so is a peer whose address is invalid (logged
-    /// at ERROR; `paxoskv serve` refuses such addresses at start).
+    /// Starts a transport for replica `id` of cluster
+    /// [`crate::directory::DEFAULT_CLUSTER`], dialling in plaintext, with
+    /// one task per peer dialling `peers[peer]` (any form
+    /// [`Dialer::endpoint`] accepts). An entry for `id` itself is
+    /// ignored, and so is a peer whose address is invalid (logged at ERROR;
+    /// `paxoskv serve` refuses such addresses at start).
     ///
     /// Must be called from within a tokio runtime. Returns at once; the
     /// connections are made in the background and messages sent before they
@@ -196,8 +209,35 @@ impl Transport {
         peers: BTreeMap<NodeId, String>,
         client_address: Option<String>,
     ) -> Transport {
+        let directory = Directory::new(id, BTreeMap::new(), String::new());
+        let hello = hello(&directory, client_address.as_deref());
+        Transport::build(id, peers, hello, Dialer::plain())
+    }
+
+    /// The transport of the replica `directory` describes: it dials every
+    /// other member at its peer address with the directory's dialer
+    /// (plaintext or TLS), and introduces itself with its id, its cluster
+    /// and its client address.
+    pub fn for_directory(directory: &Directory) -> Transport {
+        let id = directory.id();
+        let others = directory
+            .peers()
+            .iter()
+            .filter(|(peer, _)| **peer != id)
+            .map(|(peer, addr)| (*peer, addr.clone()))
+            .collect();
+        let hello = hello(directory, directory.client_address(id).as_deref());
+        Transport::build(id, others, hello, directory.dialer().clone())
+    }
+
+    fn build(
+        id: NodeId,
+        peers: BTreeMap<NodeId, String>,
+        hello: MetadataMap,
+        dialer: Dialer,
+    ) -> Transport {
         // Made once: every (re)connection sends the same metadata.
-        let hello = Arc::new(hello(id, client_address.as_deref()));
+        let hello = Arc::new(hello);
         let dropped = Arc::new(AtomicU64::new(0));
         let mut handles = BTreeMap::new();
 
@@ -210,6 +250,7 @@ impl Transport {
             let task = PeerTask {
                 peer,
                 addr: addr.clone(),
+                dialer: dialer.clone(),
                 hello: Arc::clone(&hello),
                 queue: rx,
                 connected: connected.clone(),
@@ -234,12 +275,25 @@ impl Transport {
             id,
             peers: handles,
             dropped,
+            dialer,
+            hello,
         }
     }
 
     /// The address of peer `id`, as configured.
     pub fn address(&self, id: NodeId) -> Option<&str> {
         self.peers.get(&id).map(|p| p.addr.as_str())
+    }
+
+    /// Where to fetch a snapshot from peer `id`, dialled and introduced as
+    /// this transport's streams are; `None` if `id` is not a peer.
+    pub fn snapshot_source(&self, id: NodeId) -> Option<crate::transfer::Source> {
+        let addr = self.address(id)?;
+        Some(crate::transfer::Source {
+            address: addr.to_string(),
+            endpoint: self.dialer.endpoint(addr),
+            hello: MetadataMap::clone(&self.hello),
+        })
     }
 
     /// Queues `msg` for peer `to`. Never blocks: if the peer's queue is full,
@@ -313,17 +367,17 @@ enum CallEnd {
     Lost(String),
 }
 
-/// The metadata every `Stream` call of replica `id` opens with: its id,
-/// and its client address if it has one. An address that cannot be sent
-/// as metadata is left out (and logged): `paxoskv serve` refuses such
-/// addresses at start.
-fn hello(id: NodeId, client_address: Option<&str>) -> MetadataMap {
+/// The metadata every `Stream` call of the replica `directory` describes
+/// opens with: its id, its cluster, and its client address if it has one.
+/// An address that cannot be sent as metadata is left out (and logged):
+/// `paxoskv serve` refuses such addresses at start.
+fn hello(directory: &Directory, client_address: Option<&str>) -> MetadataMap {
     let mut meta = MetadataMap::new();
-    meta.insert(REPLICA_ID, MetadataValue::from(id));
-    if let Some(address) = client_address {
+    directory.introduce(&mut meta);
+    if let Some(address) = client_address.filter(|a| !a.trim().is_empty()) {
         match MetadataValue::try_from(address.trim()) {
             Ok(value) => {
-                meta.insert(CLIENT_ADDRESS, value);
+                meta.insert(crate::directory::CLIENT_ADDRESS, value);
             }
             Err(_) => error!(
                 client_address = address,
@@ -338,6 +392,8 @@ fn hello(id: NodeId, client_address: Option<&str>) -> MetadataMap {
 struct PeerTask {
     peer: NodeId,
     addr: String,
+    /// Plaintext or TLS.
+    dialer: Dialer,
     /// The metadata each `Stream` call opens with.
     hello: Arc<MetadataMap>,
     /// The receiving end of the peer's queue.
@@ -390,7 +446,9 @@ impl PeerTask {
     /// The endpoint for the peer: the shared dial settings, and the
     /// keepalives above, which notice a peer gone without a word.
     fn endpoint(&self) -> Result<Endpoint, DialError> {
-        Ok(dial::endpoint(&self.addr)?
+        Ok(self
+            .dialer
+            .endpoint(&self.addr)?
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true))
@@ -514,19 +572,18 @@ pub trait Forwarded: Send + Sync + 'static {
 
 /// The receiving side: the `paxoskv.v1.Paxos` gRPC service, which hands
 /// every message a peer streams to us to the local node's inbox, serves
-/// snapshots, and routes forwarded client calls. It belongs on the peer
-/// port only.
+/// snapshots, and routes forwarded client calls, each only once its caller
+/// has passed the [`Gate`]. It belongs on the peer port only.
 #[derive(Clone)]
 pub struct PaxosService {
     /// Where decoded messages go, with the sender's id.
     inbox: mpsc::Sender<(NodeId, Message)>,
+    /// Who may call, checked on every call (see [`crate::handshake`]).
+    gate: Arc<Gate>,
     /// Once this turns true, every open stream ends.
     shutdown: Option<watch::Receiver<bool>>,
     /// Where `Snapshot` calls read from; without it they are refused.
     snapshots: Option<Arc<crate::storage::Storage>>,
-    /// Where the client addresses peers advertise are recorded; without it
-    /// they are not.
-    directory: Option<Arc<Directory>>,
     /// Who answers `Forward` calls; without it they are refused.
     forwarding: Option<Arc<dyn Forwarded>>,
 }
@@ -534,32 +591,28 @@ pub struct PaxosService {
 impl std::fmt::Debug for PaxosService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PaxosService")
+            .field("gate", &self.gate)
             .field("shutdown", &self.shutdown.is_some())
             .field("snapshots", &self.snapshots.is_some())
-            .field("directory", &self.directory)
             .field("forwarding", &self.forwarding.is_some())
             .finish()
     }
 }
 
 impl PaxosService {
-    /// A service that pushes each `(from, message)` it receives into `inbox`,
-    /// waiting for room when it is full.
-    pub fn new(inbox: mpsc::Sender<(NodeId, Message)>) -> Self {
+    /// A service for the replica `directory` describes, which admits calls
+    /// from the other members of its cluster only (by their certificates
+    /// too, if the directory's dialer speaks TLS), records the client
+    /// addresses they advertise in `directory`, and pushes each `(from,
+    /// message)` it receives into `inbox`, waiting for room when it is full.
+    pub fn new(inbox: mpsc::Sender<(NodeId, Message)>, directory: Arc<Directory>) -> Self {
         PaxosService {
             inbox,
+            gate: Arc::new(Gate::new(directory)),
             shutdown: None,
             snapshots: None,
-            directory: None,
             forwarding: None,
         }
-    }
-
-    /// Records in `directory` the client address each dialling peer
-    /// advertises.
-    pub fn with_directory(mut self, directory: Arc<Directory>) -> Self {
-        self.directory = Some(directory);
-        self
     }
 
     /// Answers `Forward` calls with `forwarding`.
@@ -601,6 +654,15 @@ impl Paxos for PaxosService {
         &self,
         request: Request<pb::SnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
+        let caller = self.admit(PeerCall::Snapshot, &request)?;
+        // `from` is only logged; still, it must not contradict the caller.
+        if request.get_ref().from != caller.id {
+            return Err(Status::invalid_argument(format!(
+                "SnapshotRequest.from is {}, but the caller is replica {}",
+                request.get_ref().from,
+                caller.id
+            )));
+        }
         match &self.snapshots {
             Some(storage) => crate::transfer::serve(Arc::clone(storage), request).await,
             None => Err(Status::unimplemented("this server holds no state machine")),
@@ -611,6 +673,7 @@ impl Paxos for PaxosService {
         &self,
         request: Request<pb::ForwardRequest>,
     ) -> Result<Response<pb::ForwardResponse>, Status> {
+        self.admit(PeerCall::Forward, &request)?;
         match &self.forwarding {
             Some(forwarding) => forwarding.forwarded(request).await,
             None => Err(Status::unimplemented(
@@ -623,15 +686,8 @@ impl Paxos for PaxosService {
         &self,
         request: Request<Streaming<pb::PeerMessage>>,
     ) -> Result<Response<Self::StreamStream>, Status> {
-        let remote = request
-            .remote_addr()
-            .map_or_else(|| "unknown".to_string(), |addr| addr.to_string());
-        let caller = caller(request.metadata())?;
-        if let (Some(directory), Some((id, Some(address)))) = (&self.directory, &caller) {
-            directory
-                .learn(*id, address)
-                .map_err(|e| Status::invalid_argument(format!("{CLIENT_ADDRESS}: {e}")))?;
-        }
+        let caller = self.admit(PeerCall::Stream, &request)?;
+        let remote = remote_of(&request);
         let inbound = request.into_inner();
 
         // The response stream stays open for as long as the reader task
@@ -639,10 +695,11 @@ impl Paxos for PaxosService {
         let (open, response) = mpsc::channel(1);
         let inbox = self.inbox.clone();
         let shutdown = self.shutdown.clone();
+        let gate = Arc::clone(&self.gate);
         tokio::spawn(async move {
-            debug!(%remote, "peer stream opened");
+            debug!(%remote, peer = caller.id, "peer stream opened");
             tokio::select! {
-                () = read_stream(inbound, inbox, &remote) => {}
+                () = read_stream(inbound, inbox, &gate, &caller, &remote) => {}
                 () = shutting_down(shutdown) => {
                     debug!(%remote, "closing peer stream: shutting down");
                 }
@@ -701,39 +758,34 @@ impl Paxos for NotOnThisPort {
     }
 }
 
-/// Who a `Stream` call says is calling: the replica id and, if given, its
-/// client address; `None` if the call names no one (a client of an older
-/// version, or a test). Metadata that is present but malformed is refused.
-fn caller(meta: &MetadataMap) -> Result<Option<(NodeId, Option<String>)>, Status> {
-    let text = |key: &str| -> Result<Option<String>, Status> {
-        meta.get(key)
-            .map(|v| {
-                v.to_str()
-                    .map(str::to_owned)
-                    .map_err(|_| Status::invalid_argument(format!("{key} is not printable ASCII")))
-            })
-            .transpose()
-    };
-    let address = text(CLIENT_ADDRESS)?;
-    let Some(id) = text(REPLICA_ID)? else {
-        return match address {
-            None => Ok(None),
-            Some(_) => Err(Status::invalid_argument(format!(
-                "{CLIENT_ADDRESS} was given without {REPLICA_ID}"
-            ))),
-        };
-    };
-    let id = id.trim().parse::<NodeId>().map_err(|_| {
-        Status::invalid_argument(format!("{REPLICA_ID} {id:?} is not a replica id"))
-    })?;
-    Ok(Some((id, address)))
+impl PaxosService {
+    /// The gate's verdict on `request` (see [`crate::handshake`]).
+    fn admit<T>(&self, call: PeerCall, request: &Request<T>) -> Result<Caller, Status> {
+        let certs = request.peer_certs();
+        self.gate.admit(
+            call,
+            request.metadata(),
+            certs.as_deref().map(Vec::as_slice),
+            &remote_of(request),
+        )
+    }
 }
 
-/// Reads one peer's stream into the inbox until the stream ends or fails, or
-/// the inbox is closed.
+/// The caller's address, for logs.
+fn remote_of<T>(request: &Request<T>) -> String {
+    request
+        .remote_addr()
+        .map_or_else(|| "unknown".to_string(), |addr| addr.to_string())
+}
+
+/// Reads the stream `caller` opened into the inbox until the stream ends
+/// or fails, or the inbox is closed. A message that names a sender other
+/// than `caller` is dropped (see [`Gate::sent_by`]).
 async fn read_stream(
     mut inbound: Streaming<pb::PeerMessage>,
     inbox: mpsc::Sender<(NodeId, Message)>,
+    gate: &Gate,
+    caller: &Caller,
     remote: &str,
 ) {
     loop {
@@ -750,6 +802,7 @@ async fn read_stream(
         };
 
         match wire::message_from_pb(msg) {
+            Ok((from, _)) if !gate.sent_by(caller, from, remote) => {}
             Ok(decoded) => {
                 if inbox.send(decoded).await.is_err() {
                     debug!(%remote, "inbox closed; dropping peer stream");
@@ -811,7 +864,41 @@ mod tests {
     use tonic::transport::Server;
 
     use super::*;
+    use crate::directory::{CLIENT_ADDRESS, CLUSTER, DEFAULT_CLUSTER, REPLICA_ID};
     use crate::paxos::{Ballot, Value};
+
+    /// The directory of the replica the test servers play: replica 2 of
+    /// three, in the default cluster, plaintext.
+    fn server_directory() -> Arc<Directory> {
+        let peers = (1..=3).map(|id| (id, format!("127.0.0.1:{id}"))).collect();
+        Arc::new(Directory::new(2, peers, "127.0.0.1:9002".to_string()))
+    }
+
+    /// A plaintext channel to `addr`.
+    async fn connect(addr: SocketAddr) -> Channel {
+        Dialer::plain()
+            .endpoint(&addr.to_string())
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    /// A `Stream` request that introduces replica `id` of the default
+    /// cluster, carrying what `rx` yields.
+    fn stream_as(
+        id: &str,
+        rx: mpsc::Receiver<pb::PeerMessage>,
+    ) -> Request<ReceiverStream<pb::PeerMessage>> {
+        let mut request = Request::new(ReceiverStream::new(rx));
+        request
+            .metadata_mut()
+            .insert(REPLICA_ID, id.parse().expect("ascii"));
+        request
+            .metadata_mut()
+            .insert(CLUSTER, DEFAULT_CLUSTER.parse().expect("ascii"));
+        request
+    }
 
     /// Bound on every wait in these tests.
     const WAIT: Duration = Duration::from_secs(5);
@@ -857,7 +944,7 @@ mod tests {
     impl GracefulServer {
         async fn start(addr: SocketAddr, inbox: mpsc::Sender<(NodeId, Message)>) -> Self {
             let listener = bind(addr).await;
-            Self::serve(listener, PaxosService::new(inbox))
+            Self::serve(listener, PaxosService::new(inbox, server_directory()))
         }
 
         /// Serves `service` (given a shutdown signal here) on `listener`.
@@ -911,7 +998,7 @@ mod tests {
                         .send(listener.local_addr().expect("local addr"))
                         .expect("report address");
                     let server = Server::builder()
-                        .add_service(PaxosService::new(inbox).into_server())
+                        .add_service(PaxosService::new(inbox, server_directory()).into_server())
                         .serve_with_incoming(TcpListenerStream::new(listener));
                     tokio::select! {
                         _ = server => {}
@@ -995,7 +1082,7 @@ mod tests {
         let listener = bind("127.0.0.1:0".parse().unwrap()).await;
         let addr = listener.local_addr().expect("local addr");
         let directory = Arc::new(Directory::new(2, peers(addr), "127.0.0.1:9002".to_string()));
-        let service = PaxosService::new(inbox_tx).with_directory(Arc::clone(&directory));
+        let service = PaxosService::new(inbox_tx, Arc::clone(&directory));
         let server = GracefulServer::serve(listener, service);
 
         assert_eq!(directory.client_address(1), None);
@@ -1009,12 +1096,7 @@ mod tests {
         );
 
         // By hand: metadata a replica would never send.
-        let channel = dial::endpoint(&addr.to_string())
-            .expect("endpoint")
-            .connect()
-            .await
-            .expect("connect");
-        let mut client = PaxosClient::new(channel);
+        let mut client = PaxosClient::new(connect(addr).await);
         for (id, address, want) in [
             (Some("1"), Some("https://127.0.0.1:9001"), "https"),
             (Some("one"), Some("127.0.0.1:9001"), "is not a replica id"),
@@ -1028,6 +1110,9 @@ mod tests {
         ] {
             let (_tx, rx) = mpsc::channel::<pb::PeerMessage>(1);
             let mut request = Request::new(ReceiverStream::new(rx));
+            request
+                .metadata_mut()
+                .insert(CLUSTER, DEFAULT_CLUSTER.parse().expect("ascii"));
             if let Some(id) = id {
                 request
                     .metadata_mut()
@@ -1148,14 +1233,9 @@ mod tests {
         let server = GracefulServer::start("127.0.0.1:0".parse().unwrap(), inbox_tx).await;
 
         // Dial by hand, to send a message with no kind.
-        let channel = dial::endpoint(&server.addr.to_string())
-            .expect("endpoint")
-            .connect()
-            .await
-            .expect("connect");
-        let mut client = PaxosClient::new(channel);
+        let mut client = PaxosClient::new(connect(server.addr).await);
         let (tx, rx) = mpsc::channel(8);
-        let call = client.stream(ReceiverStream::new(rx)).await.expect("open");
+        let call = client.stream(stream_as("1", rx)).await.expect("open");
 
         tx.send(pb::PeerMessage {
             from: 1,
@@ -1172,6 +1252,80 @@ mod tests {
 
         drop(call);
         drop(tx);
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_message_naming_another_sender_never_reaches_the_node() {
+        let (inbox_tx, mut inbox) = mpsc::channel(1024);
+        let server = GracefulServer::start("127.0.0.1:0".parse().unwrap(), inbox_tx).await;
+        let mut client = PaxosClient::new(connect(server.addr).await);
+        let (tx, rx) = mpsc::channel(8);
+        let call = client.stream(stream_as("1", rx)).await.expect("open");
+
+        // Replica 1's stream, carrying messages that say they are replica
+        // 3's (a member) and the receiver's own, then one of its own.
+        for forged_from in [3, 2] {
+            tx.send(wire::message_to_pb(forged_from, &heartbeat(7)))
+                .await
+                .expect("send forged");
+        }
+        tx.send(wire::message_to_pb(1, &heartbeat(8)))
+            .await
+            .expect("send good");
+        let (from, msg) = next(&mut inbox).await;
+        assert_eq!(
+            (from, round_of(&msg)),
+            (1, 8),
+            "the forged ones are dropped"
+        );
+        assert!(inbox.try_recv().is_err(), "nothing else arrived");
+
+        // A stream that names no replica is refused: there would be no one
+        // to hold its messages to.
+        let (_tx, rx) = mpsc::channel::<pb::PeerMessage>(1);
+        let mut request = stream_as("1", rx);
+        request.metadata_mut().remove(REPLICA_ID);
+        let status = client.stream(request).await.expect_err("refused");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+
+        drop(call);
+        drop(tx);
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_replica_of_another_cluster_is_refused_naming_both_clusters() {
+        let (inbox_tx, mut inbox) = mpsc::channel(1024);
+        let server = GracefulServer::start("127.0.0.1:0".parse().unwrap(), inbox_tx).await;
+        let peers = peers(server.addr);
+        let directory =
+            Directory::new(1, peers.clone(), "127.0.0.1:9001".into()).with_cluster("staging");
+        let transport = Transport::for_directory(&directory);
+        transport.send(2, &heartbeat(1));
+        time::sleep(Duration::from_millis(500)).await;
+        assert!(!transport.peer_connected(2));
+        assert!(
+            inbox.try_recv().is_err(),
+            "nothing of another cluster arrives"
+        );
+
+        // The same refusal, by hand, to read its status.
+        let mut client = PaxosClient::new(connect(server.addr).await);
+        let (_tx, rx) = mpsc::channel::<pb::PeerMessage>(1);
+        let mut request = stream_as("1", rx);
+        request
+            .metadata_mut()
+            .insert(CLUSTER, "staging".parse().expect("ascii"));
+        let status = client.stream(request).await.expect_err("refused");
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+        assert!(
+            status
+                .message()
+                .contains("replica 1 belongs to cluster \"staging\", this is cluster \"paxoskv\""),
+            "{status:?}"
+        );
+        drop(transport);
         server.stop().await;
     }
 }

@@ -122,14 +122,19 @@ fn forged_prepare(leader: u32, round: u64) -> pb::PeerMessage {
     }
 }
 
-/// Opens a Paxos stream to `addr` and sends `msg` on it; the status if the
-/// stream is refused.
+/// Opens a Paxos stream to `addr`, saying it is the sender of `msg` in
+/// cluster `paxoskv` (as a replica would), and sends `msg` on it; the
+/// status if the stream is refused.
 async fn send_on_stream(addr: &str, msg: pb::PeerMessage) -> Result<(), tonic::Status> {
     let mut client = PaxosClient::new(common::channel(addr));
     let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let from = msg.from;
     tx.send(msg).await.expect("queue the message");
     let mut request = tonic::Request::new(ReceiverStream::new(rx));
     request.set_timeout(Duration::from_secs(5));
+    let meta = request.metadata_mut();
+    meta.insert("x-paxoskv-replica-id", from.into());
+    meta.insert("x-paxoskv-cluster", "paxoskv".parse().expect("ascii"));
     let call = client.stream(request).await?;
     // Keep the stream open a moment so that the message is read.
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -8,29 +8,10 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::Cluster;
-
-fn grpcurl() -> PathBuf {
-    if let Some(path) = std::env::var_os("PAXOSKV_GRPCURL") {
-        return PathBuf::from(path);
-    }
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/tools/venv/bin/grpcurl");
-    if venv.exists() {
-        return venv;
-    }
-    let in_path = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|dir| dir.join("grpcurl"))
-        .find(|p| p.exists());
-    in_path.unwrap_or_else(|| {
-        panic!("grpcurl not found: run scripts/test.sh (it installs grpcurl into target/tools/venv) or set PAXOSKV_GRPCURL")
-    })
-}
+use common::{Cluster, grpcurl};
 
 /// What one grpcurl run printed.
 struct Out {
@@ -245,8 +226,15 @@ async fn bad_input_is_refused_by_name_and_never_reaches_the_log() {
         "{",
     );
 
-    // Only that last insert reached the log (one slot; heartbeats write nothing).
-    let after = applied(&run(&["-plaintext", addr, "paxoskv.v1.Admin/Status"]));
+    // Only that last insert reached the log (one slot; heartbeats write
+    // nothing). A follower applies it once it hears of its commit, a tick
+    // or so after the leader acknowledged it: wait for that.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut after = applied(&run(&["-plaintext", addr, "paxoskv.v1.Admin/Status"]));
+    while after < before + 1 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        after = applied(&run(&["-plaintext", addr, "paxoskv.v1.Admin/Status"]));
+    }
     assert_eq!(after, before + 1, "bad input reached the log");
     for k in ["novalue", "x"] {
         assert_code(
@@ -371,29 +359,63 @@ async fn the_client_port_serves_no_paxos_and_the_peer_port_nothing_else() {
         );
         let get = with_protos(&["-d", r#"{"key":"k"}"#, peer, "paxoskv.v1.KvStore/Get"]);
         assert_code(&get, "Unimplemented", "");
-        let snapshot = with_protos(&["-d", r#"{"from":9}"#, peer, "paxoskv.v1.Paxos/Snapshot"]);
+        // Every call there says which replica of which cluster makes it,
+        // as a replica's own calls do (without TLS, only a claim).
+        let other = if id == 1 { 2 } else { 1 };
+        let as_replica = format!("x-paxoskv-replica-id: {other}");
+        let headers = [
+            "-H",
+            as_replica.as_str(),
+            "-H",
+            "x-paxoskv-cluster: paxoskv",
+        ];
+        let with_headers = |args: &[&str]| {
+            let mut all = headers.to_vec();
+            all.extend_from_slice(args);
+            with_protos(&all)
+        };
+        let snapshot_body = format!(r#"{{"from":{other}}}"#);
+        let snapshot = with_headers(&["-d", &snapshot_body, peer, "paxoskv.v1.Paxos/Snapshot"]);
         assert_ok(&snapshot, r#""key": "k""#);
+        let nameless = with_protos(&["-d", &snapshot_body, peer, "paxoskv.v1.Paxos/Snapshot"]);
+        assert_code(&nameless, "InvalidArgument", "without x-paxoskv-replica-id");
         // A forwarded read is answered as the leader's KvStore would.
-        let forward = with_protos(&[
+        let forward = with_headers(&[
             "-d",
             r#"{"get":{"key":"k"}}"#,
             peer,
             "paxoskv.v1.Paxos/Forward",
         ]);
         assert_ok(&forward, r#""value": 1"#);
-        let missing = with_protos(&[
+        let missing = with_headers(&[
             "-d",
             r#"{"get":{"key":"absent"}}"#,
             peer,
             "paxoskv.v1.Paxos/Forward",
         ]);
         assert_code(&missing, "NotFound", "not found");
-        let bad = with_protos(&[
+        let bad = with_headers(&[
             "-d",
             r#"{"insert":{"key":""}}"#,
             peer,
             "paxoskv.v1.Paxos/Forward",
         ]);
         assert_code(&bad, "InvalidArgument", "key must not be empty");
+        // Not from a replica of this cluster: refused before it is served.
+        let stranger = with_protos(&[
+            "-H",
+            as_replica.as_str(),
+            "-H",
+            "x-paxoskv-cluster: staging",
+            "-d",
+            r#"{"get":{"key":"k"}}"#,
+            peer,
+            "paxoskv.v1.Paxos/Forward",
+        ]);
+        assert_code(
+            &stranger,
+            "FailedPrecondition",
+            &format!("replica {other} belongs to cluster \"staging\", this is cluster \"paxoskv\""),
+        );
     }
 }
