@@ -18,8 +18,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     let descriptor_path = out_dir.join("paxoskv_descriptor.bin");
     std::fs::write(&descriptor_path, prost::Message::encode_to_vec(&fds))?;
+    // What the client port's reflection describes: the client API and the
+    // Admin service only. The replica protocol (replica.proto) is served on
+    // the peer port alone, so the client port does not even describe it.
+    let client_fds = protox::compile(
+        ["proto/paxoskv/v1/kv.proto", "proto/paxoskv/v1/admin.proto"],
+        ["proto"],
+    )?;
+    std::fs::write(
+        out_dir.join("paxoskv_client_descriptor.bin"),
+        prost::Message::encode_to_vec(&client_fds),
+    )?;
 
     tonic_prost_build::configure()
+        // Decode errors are the caller's: INVALID_ARGUMENT (src/codec.rs).
+        .codec_path("crate::codec::Codec")
         .build_server(true)
         .build_client(true)
         .compile_fds(fds)?;

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
-use crate::dial;
+use crate::dial::Dialer;
 use crate::pb;
 use crate::pb::kv_store_client::KvStoreClient;
 use crate::pb::kv_store_server::{KvStore, KvStoreServer};
@@ -38,6 +38,8 @@ pub struct BenchOptions {
     pub timeout: Duration,
     /// Stop after this many calls in all, if sooner than `duration`.
     pub max_calls: Option<u64>,
+    /// How to dial the endpoints: plaintext or TLS.
+    pub dialer: Dialer,
 }
 
 /// What a run measured.
@@ -93,7 +95,7 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, String> {
     }
     if opts.reads {
         // Reads of keys that exist: write each once first.
-        let mut client = KvStoreClient::new(channel(&opts.endpoints[0])?);
+        let mut client = KvStoreClient::new(channel(&opts.dialer, &opts.endpoints[0])?);
         for n in 0..opts.keys {
             upsert(&mut client, n, n as i32, None, opts.timeout)
                 .await
@@ -110,7 +112,7 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, String> {
         let opts = opts.clone();
         let calls = std::sync::Arc::clone(&calls);
         tasks.push(tokio::spawn(async move {
-            let mut client = KvStoreClient::new(channel(&endpoint)?);
+            let mut client = KvStoreClient::new(channel(&opts.dialer, &endpoint)?);
             // The store issues each writer its client id.
             let client_id = if opts.reads {
                 0
@@ -185,13 +187,18 @@ pub async fn serve_noop() -> Result<SocketAddr, String> {
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(KvStoreServer::new(Noop))
-            .serve_with_incoming(crate::server::incoming(listener)),
+            .serve_with_incoming(crate::listener::incoming(
+                listener,
+                crate::listener::Limits::CLIENTS,
+                "no-op",
+            )),
     );
     Ok(addr)
 }
 
-fn channel(endpoint: &str) -> Result<tonic::transport::Channel, String> {
-    Ok(dial::endpoint(endpoint)
+fn channel(dialer: &Dialer, endpoint: &str) -> Result<tonic::transport::Channel, String> {
+    Ok(dialer
+        .endpoint(endpoint)
         .map_err(|e| e.to_string())?
         .connect_lazy())
 }

@@ -1,15 +1,17 @@
 //! The command-line client: one call to one replica, printed for a person,
 //! with an exit code for a script.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
-use crate::dial;
+use crate::dial::Dialer;
 use crate::pb;
 use crate::pb::admin_client::AdminClient;
 use crate::pb::kv_store_client::KvStoreClient;
+use crate::service::Unavailable;
 
 /// One client call.
 #[derive(Clone, Debug)]
@@ -53,21 +55,54 @@ pub fn exit_code(status: &Status) -> i32 {
     }
 }
 
-/// Connects to the replica at `address` (any form [`dial::endpoint`]
-/// accepts), allowing the connect the call's whole `timeout`.
-async fn connect(address: &str, timeout: Duration) -> Result<Channel, Status> {
-    dial::endpoint(address)
+/// Connects to the replica at `address` (any form [`Dialer::endpoint`]
+/// accepts) with `dialer` (plaintext or TLS), allowing the connect the
+/// call's whole `timeout`.
+async fn connect(dialer: &Dialer, address: &str, timeout: Duration) -> Result<Channel, Status> {
+    dialer
+        .endpoint(address)
         .map_err(|e| Status::invalid_argument(e.to_string()))?
         .connect_timeout(timeout)
         .connect()
         .await
-        .map_err(|e| Status::unavailable(format!("cannot connect to {address}: {e}")))
+        .map_err(|e| {
+            Status::unavailable(format!("cannot connect to {address}: {}", error_chain(&e)))
+        })
 }
 
-/// Makes the call against `endpoint` (`host:port` or `http://host:port`) and
-/// returns what to print on success.
-pub async fn run(endpoint: &str, timeout: Duration, call: Call) -> Result<String, Status> {
-    let mut client = KvStoreClient::new(connect(endpoint, timeout).await?);
+/// Makes the call against `endpoint` (`host:port`, or `http://host:port`
+/// or `https://host:port` as `dialer` speaks plaintext or TLS) and returns
+/// what to print on success.
+pub async fn run(
+    dialer: &Dialer,
+    endpoint: &str,
+    timeout: Duration,
+    call: Call,
+) -> Result<String, Status> {
+    let client = KvStoreClient::new(connect(dialer, endpoint, timeout).await?);
+    make(client, timeout, call)
+        .await
+        .map_err(|status| explained(dialer, status))
+}
+
+/// A plaintext call to a port that serves TLS fails deep in HTTP/2 (the
+/// server's TLS alert is no HTTP/2 frame); say what is the likely cause.
+fn explained(dialer: &Dialer, status: Status) -> Status {
+    if !dialer.is_tls() && status.message().contains("h2 protocol error") {
+        let message = format!(
+            "{}: the replica may be serving TLS; give --tls-cert, --tls-key and --tls-ca",
+            status.message()
+        );
+        return Status::new(status.code(), message);
+    }
+    status
+}
+
+async fn make(
+    mut client: KvStoreClient<Channel>,
+    timeout: Duration,
+    call: Call,
+) -> Result<String, Status> {
     Ok(match call {
         Call::Get { key } => client
             .get(with_deadline(pb::GetRequest { key }, timeout))
@@ -128,6 +163,22 @@ pub async fn run(endpoint: &str, timeout: Duration, call: Call) -> Result<String
     })
 }
 
+/// An error and its causes, as one line: a TLS failure is only in the
+/// causes of tonic's "transport error".
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 fn with_deadline<T>(message: T, timeout: Duration) -> Request<T> {
     let mut request = Request::new(message);
     request.set_timeout(timeout);
@@ -137,30 +188,91 @@ fn with_deadline<T>(message: T, timeout: Duration) -> Request<T> {
 /// One replica's line in `paxoskv status`.
 struct Row {
     id: u32,
-    address: String,
+    /// Where clients (and so this command) reach it, once some replica
+    /// has told us.
+    client: Option<String>,
+    /// Where the other replicas reach it.
+    peer: String,
+    /// Its own view, if it was asked and answered.
     status: Option<pb::StatusResponse>,
+    /// Whether it was asked.
+    asked: bool,
+    /// It answered that its storage failed.
+    storage_failed: bool,
 }
 
 /// Asks `endpoint` for the cluster's members, then every member for its
-/// status, and renders a table. Returns the table and, if the cluster is not
-/// healthy (no leader, or fewer than a majority answering), why.
+/// status at its client address, and renders a table. Returns the table
+/// and, if the cluster is not healthy (no leader, or fewer than a majority
+/// answering), why.
+///
+/// A replica knows a peer's client address once that peer's Paxos stream
+/// to it has opened; an address the first replica does not know is looked
+/// for in the answers of the others.
 pub async fn cluster_status(
+    dialer: &Dialer,
     endpoint: &str,
     timeout: Duration,
 ) -> Result<(String, Option<String>), Status> {
-    let first = admin_status(endpoint, timeout).await?;
-    let mut rows = Vec::new();
-    let calls = first.peers.clone().into_iter().map(|p| async move {
-        let status = admin_status(&p.address, timeout).await.ok();
-        (p.id, p.address, status)
-    });
-    for (id, address, status) in futures_join_all(calls).await {
-        rows.push(Row {
-            id,
-            address,
-            status,
-        });
+    let first = admin_status(dialer, endpoint, timeout).await?;
+    let mut rows: BTreeMap<u32, Row> = first
+        .peers
+        .iter()
+        .map(|p| {
+            let row = Row {
+                id: p.id,
+                client: known(&p.client_address),
+                peer: p.peer_address.clone(),
+                status: None,
+                asked: false,
+                storage_failed: false,
+            };
+            (p.id, row)
+        })
+        .collect();
+    if let Some(row) = rows.get_mut(&first.id) {
+        row.status = Some(first.clone());
+        row.asked = true;
     }
+    loop {
+        let calls: Vec<_> = rows
+            .values_mut()
+            .filter(|r| !r.asked)
+            .filter_map(|r| {
+                let address = r.client.clone()?;
+                r.asked = true;
+                let id = r.id;
+                let dialer = dialer.clone();
+                Some(async move { (id, admin_status(&dialer, &address, timeout).await) })
+            })
+            .collect();
+        if calls.is_empty() {
+            break;
+        }
+        for (id, status) in futures_join_all(calls).await {
+            let status = match status {
+                Ok(status) => status,
+                Err(e) => {
+                    if let Some(row) = rows.get_mut(&id) {
+                        row.storage_failed =
+                            Unavailable::of(&e) == Some(Unavailable::StorageFailed);
+                    }
+                    continue;
+                }
+            };
+            for p in &status.peers {
+                if let Some(row) = rows.get_mut(&p.id)
+                    && row.client.is_none()
+                {
+                    row.client = known(&p.client_address);
+                }
+            }
+            if let Some(row) = rows.get_mut(&id) {
+                row.status = Some(status);
+            }
+        }
+    }
+    let rows: Vec<Row> = rows.into_values().collect();
     let leader = rows
         .iter()
         .filter_map(|r| r.status.as_ref())
@@ -168,9 +280,10 @@ pub async fn cluster_status(
         .max_by_key(|s| (s.ballot_round, s.ballot_node))
         .cloned();
     let mut out = format!(
-        "{:<4} {:<22} {:<10} {:<9} {:>10} {:>10} {:>10} {:>6} {:>13}\n",
+        "{:<4} {:<21} {:<21} {:<10} {:<9} {:>10} {:>10} {:>10} {:>6} {:>13}\n",
         "ID",
-        "ADDRESS",
+        "CLIENT",
+        "PEER",
         "ROLE",
         "BALLOT",
         "COMMITTED",
@@ -180,8 +293,19 @@ pub async fn cluster_status(
         "LAST CONTACT"
     );
     for row in &rows {
+        let client = row.client.as_deref().unwrap_or("-");
         let Some(s) = &row.status else {
-            out += &format!("{:<4} {:<22} {:<10}\n", row.id, row.address, "unreachable");
+            // Asked and silent, or never asked: no replica knew where its
+            // clients reach it.
+            let what = match (row.asked, row.storage_failed) {
+                (true, true) => "storage failed: restart it once its disk is fixed",
+                (true, false) => "unreachable",
+                (false, _) => "unknown",
+            };
+            out += &format!(
+                "{:<4} {:<21} {:<21} {:<10}\n",
+                row.id, client, row.peer, what
+            );
             continue;
         };
         let lag = leader.as_ref().map_or("-".to_string(), |l| {
@@ -197,9 +321,10 @@ pub async fn cluster_status(
             None => "-".to_string(),
         };
         out += &format!(
-            "{:<4} {:<22} {:<10} {:<9} {:>10} {:>10} {:>10} {:>6} {:>13}\n",
+            "{:<4} {:<21} {:<21} {:<10} {:<9} {:>10} {:>10} {:>10} {:>6} {:>13}\n",
             s.id,
-            row.address,
+            client,
+            row.peer,
             s.role,
             format!("{}.{}", s.ballot_round, s.ballot_node),
             s.committed,
@@ -224,11 +349,57 @@ pub async fn cluster_status(
     Ok((out, problem))
 }
 
-async fn admin_status(endpoint: &str, timeout: Duration) -> Result<pb::StatusResponse, Status> {
-    let response = AdminClient::new(connect(endpoint, timeout).await?)
+/// An address from a status answer: `None` when empty (not known there).
+fn known(address: &str) -> Option<String> {
+    (!address.is_empty()).then(|| address.to_string())
+}
+
+async fn admin_status(
+    dialer: &Dialer,
+    endpoint: &str,
+    timeout: Duration,
+) -> Result<pb::StatusResponse, Status> {
+    let response = AdminClient::new(connect(dialer, endpoint, timeout).await?)
         .status(with_deadline(pb::StatusRequest {}, timeout))
-        .await?;
+        .await
+        .map_err(|status| explained(dialer, status))?;
     Ok(response.into_inner())
+}
+
+/// One replica's acceptor, for people: its promise and its vote for
+/// `slot` (`paxoskv acceptor SLOT`).
+pub async fn acceptor(
+    dialer: &Dialer,
+    endpoint: &str,
+    slot: u64,
+    timeout: Duration,
+) -> Result<String, Status> {
+    let a = AdminClient::new(connect(dialer, endpoint, timeout).await?)
+        .acceptor(with_deadline(pb::AcceptorRequest { slot }, timeout))
+        .await?
+        .into_inner();
+    let mut out = format!(
+        "replica {}: promised {}.{}; votes up to slot {}; compacted through {}\n",
+        a.id, a.promised_round, a.promised_node, a.last_slot, a.compacted
+    );
+    out += &match a.vote.as_str() {
+        "voted" => format!(
+            "slot {}: voted in ballot {}.{} for\n{}",
+            a.slot,
+            a.vote_round,
+            a.vote_node,
+            a.commands
+                .iter()
+                .map(|c| format!("  {c}\n"))
+                .collect::<String>()
+        ),
+        "compacted" => format!(
+            "slot {}: compacted (chosen, and in the state machine's snapshot; its vote is gone)\n",
+            a.slot
+        ),
+        _ => format!("slot {}: no vote here\n", a.slot),
+    };
+    Ok(out)
 }
 
 /// Awaits every future concurrently, keeping their order.

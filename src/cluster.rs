@@ -1,5 +1,13 @@
 //! `paxoskv cluster`: a local cluster of real `paxoskv serve` processes on
 //! 127.0.0.1, for trying paxoskv out.
+//!
+//! Replica N serves clients on `base_port + N - 1` and the other replicas
+//! on `base_port + 100 + N - 1` (8081-8083 and 8181-8183 by default), so
+//! there are at most [`MAX_REPLICAS`].
+//!
+//! With `--tls`, it first makes a throwaway CA and certificates under
+//! `DATA_DIR/tls/` ([`crate::tls::generate`]): one per replica, and one for
+//! clients, which the grpcurl lines it prints use.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -12,15 +20,38 @@ use tokio::process::{Child, Command};
 pub struct ClusterOptions {
     /// How many replicas.
     pub replicas: u32,
-    /// Replica N listens on 127.0.0.1:(base_port + N - 1).
+    /// Replica N serves clients on 127.0.0.1:(base_port + N - 1) and its
+    /// peers on 127.0.0.1:(base_port + [`PEER_PORT_OFFSET`] + N - 1).
     pub base_port: u16,
     /// Replica N keeps its data in `data_dir/N`.
     pub data_dir: PathBuf,
     /// Replica N serves metrics on 127.0.0.1:(metrics_base_port + N); none if unset.
     pub metrics_base_port: Option<u16>,
+    /// Mutual TLS, with certificates made under `data_dir/tls`.
+    pub tls: bool,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How far above its client port a replica's peer port is.
+pub const PEER_PORT_OFFSET: u32 = 100;
+
+/// The most replicas a local cluster has: more would put client ports
+/// among the peer ports.
+pub const MAX_REPLICAS: u32 = PEER_PORT_OFFSET;
+
+/// Replica `id`'s client and peer addresses in a local cluster whose
+/// client ports start at `base_port`; an error if a port would pass 65535.
+pub fn addresses(base_port: u16, id: u32) -> Result<(String, String), String> {
+    let client = u32::from(base_port) + id - 1;
+    let peer = client + PEER_PORT_OFFSET;
+    if peer > u32::from(u16::MAX) {
+        return Err(format!(
+            "--base-port {base_port}: replica {id}'s peer port would be {peer}, above 65535"
+        ));
+    }
+    Ok((format!("127.0.0.1:{client}"), format!("127.0.0.1:{peer}")))
+}
 
 /// Starts the replicas, prints how to talk to them, and stops them all
 /// cleanly (SIGTERM, then wait) once `shutdown` resolves (in `paxoskv
@@ -29,15 +60,33 @@ pub async fn run(
     opts: ClusterOptions,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), BoxError> {
-    if opts.replicas == 0 {
-        return Err("--replicas must be at least 1".into());
+    if opts.replicas == 0 || opts.replicas > MAX_REPLICAS {
+        return Err(format!(
+            "--replicas must be from 1 to {MAX_REPLICAS} (peer ports are {PEER_PORT_OFFSET} above the client ports)"
+        )
+        .into());
     }
     let exe = std::env::current_exe()?;
-    let addr = |id: u32| format!("127.0.0.1:{}", u32::from(opts.base_port) + id - 1);
+    let addresses = (1..=opts.replicas)
+        .map(|id| addresses(opts.base_port, id))
+        .collect::<Result<Vec<_>, _>>()?;
+    let addr = |id: u32| addresses[id as usize - 1].0.clone();
+    let peer_addr = |id: u32| addresses[id as usize - 1].1.clone();
     let peers = (1..=opts.replicas)
-        .map(|id| format!("{id}={}", addr(id)))
+        .map(|id| format!("{id}={}", peer_addr(id)))
         .collect::<Vec<_>>()
         .join(",");
+    let ids: Vec<u32> = (1..=opts.replicas).collect();
+    let certificates = if opts.tls {
+        let dir = opts.data_dir.join("tls");
+        Some(crate::tls::generate(
+            &dir,
+            &ids,
+            &["127.0.0.1", "localhost"],
+        )?)
+    } else {
+        None
+    };
     let mut children: Vec<(u32, Child)> = Vec::new();
     for id in 1..=opts.replicas {
         let dir = opts.data_dir.join(id.to_string());
@@ -50,6 +99,8 @@ pub async fn run(
                 &id.to_string(),
                 "--listen",
                 &addr(id),
+                "--peer-listen",
+                &peer_addr(id),
                 "--peers",
                 &peers,
             ])
@@ -57,6 +108,14 @@ pub async fn run(
             .arg(&dir)
             .stdin(Stdio::null())
             .kill_on_drop(true);
+        if let Some(files) = certificates.as_ref().and_then(|c| c.replicas.get(&id)) {
+            cmd.arg("--tls-cert")
+                .arg(&files.cert)
+                .arg("--tls-key")
+                .arg(&files.key)
+                .arg("--tls-ca")
+                .arg(&files.ca);
+        }
         if let Some(base) = opts.metrics_base_port {
             cmd.args([
                 "--metrics-listen",
@@ -79,27 +138,56 @@ pub async fn run(
             .metrics_base_port
             .map(|b| format!(", metrics http://127.0.0.1:{}/metrics", u32::from(b) + id))
             .unwrap_or_default();
-        println!("  replica {id}: {}{metrics}", addr(id));
+        println!(
+            "  replica {id}: clients {}, peers {}{metrics}",
+            addr(id),
+            peer_addr(id)
+        );
     }
     let a = addr(1);
     let b = addr(opts.replicas.min(2));
     let c = addr(opts.replicas);
+    println!(
+        "\nClients use the first addresses; the peer ports carry only the replicas' own protocol."
+    );
+    // How grpcurl and the CLI reach a replica: plaintext, or with the
+    // client certificate.
+    let (grpcurl, cli) = match &certificates {
+        Some(made) => {
+            let c = &made.client;
+            println!(
+                "\nMutual TLS: CA {}, client certificate {} (key {}); replica N's certificate is replica-N.pem beside them.",
+                made.ca.display(),
+                c.cert.display(),
+                c.key.display()
+            );
+            (
+                format!(
+                    "grpcurl -cacert {} -cert {} -key {}",
+                    c.ca.display(),
+                    c.cert.display(),
+                    c.key.display()
+                ),
+                format!(
+                    " --tls-cert {} --tls-key {} --tls-ca {}",
+                    c.cert.display(),
+                    c.key.display(),
+                    c.ca.display()
+                ),
+            )
+        }
+        None => ("grpcurl -plaintext".to_string(), String::new()),
+    };
     println!("\nTry (any replica answers any call):");
-    println!("  grpcurl -plaintext {a} list");
-    println!("  grpcurl -plaintext {a} describe paxoskv.v1.KvStore");
-    println!(
-        "  grpcurl -plaintext -d '{{\"key\":\"apple\",\"value\":1}}' {a} paxoskv.v1.KvStore/Insert"
-    );
-    println!("  grpcurl -plaintext -d '{{\"key\":\"apple\"}}' {b} paxoskv.v1.KvStore/Get");
-    println!(
-        "  grpcurl -plaintext -d '{{\"key\":\"apple\",\"value\":2}}' {c} paxoskv.v1.KvStore/Update"
-    );
-    println!(
-        "  grpcurl -plaintext -d '{{\"key\":\"pear\",\"value\":7}}' {b} paxoskv.v1.KvStore/Upsert"
-    );
-    println!("  grpcurl -plaintext -d '{{\"key\":\"apple\"}}' {c} paxoskv.v1.KvStore/Remove");
-    println!("  grpcurl -plaintext {a} grpc.health.v1.Health/Check");
-    println!("\nOr with the CLI: paxoskv get apple --endpoint {b}");
+    println!("  {grpcurl} {a} list");
+    println!("  {grpcurl} {a} describe paxoskv.v1.KvStore");
+    println!("  {grpcurl} -d '{{\"key\":\"apple\",\"value\":1}}' {a} paxoskv.v1.KvStore/Insert");
+    println!("  {grpcurl} -d '{{\"key\":\"apple\"}}' {b} paxoskv.v1.KvStore/Get");
+    println!("  {grpcurl} -d '{{\"key\":\"apple\",\"value\":2}}' {c} paxoskv.v1.KvStore/Update");
+    println!("  {grpcurl} -d '{{\"key\":\"pear\",\"value\":7}}' {b} paxoskv.v1.KvStore/Upsert");
+    println!("  {grpcurl} -d '{{\"key\":\"apple\"}}' {c} paxoskv.v1.KvStore/Remove");
+    println!("  {grpcurl} {a} grpc.health.v1.Health/Check");
+    println!("\nOr with the CLI: paxoskv get apple --endpoint {b}{cli}");
     println!("Ctrl-C stops the cluster.\n");
 
     let outcome = tokio::select! {
@@ -150,4 +238,50 @@ async fn stop_all(children: &mut [(u32, Child)]) {
         }
     }
     println!("paxoskv: cluster stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_ports_are_a_hundred_above_the_client_ports() {
+        assert_eq!(
+            addresses(8081, 1),
+            Ok(("127.0.0.1:8081".into(), "127.0.0.1:8181".into()))
+        );
+        assert_eq!(
+            addresses(8081, 3),
+            Ok(("127.0.0.1:8083".into(), "127.0.0.1:8183".into()))
+        );
+        // The last replica allowed still has its client port below the
+        // first peer port.
+        let (last_client, _) = addresses(8081, MAX_REPLICAS).expect("in range");
+        assert_eq!(last_client, "127.0.0.1:8180");
+        let err = addresses(65_500, 1).expect_err("peer port above 65535");
+        assert!(
+            err.contains("--base-port 65500") && err.contains("65600"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn too_many_replicas_are_refused() {
+        for replicas in [0, MAX_REPLICAS + 1] {
+            let opts = ClusterOptions {
+                replicas,
+                base_port: 8081,
+                data_dir: PathBuf::from("unused"),
+                metrics_base_port: None,
+                tls: false,
+            };
+            let err = run(opts, std::future::pending())
+                .await
+                .expect_err("refused before anything starts");
+            assert!(
+                err.to_string().contains("--replicas must be from 1 to 100"),
+                "{err}"
+            );
+        }
+    }
 }

@@ -1,19 +1,22 @@
 //! The one way to dial a replica.
 //!
 //! Every channel to a replica — the transport's peer streams, a follower
-//! forwarding a call to the leader, the CLI, the tests — is made from
-//! [`endpoint`], so every address a user can write (`--peers`, `--endpoint`)
-//! means the same thing everywhere, and `main.rs` refuses at start, with the
-//! same function, what would fail later.
+//! forwarding a call to the leader, a snapshot fetch, the CLI, the tests —
+//! is made by a [`Dialer`], so every address a user can write (`--peers`,
+//! `--endpoint`) means the same thing everywhere, and `main.rs` refuses at
+//! start, with the same function, what would fail later.
 //!
+//! A dialer is plaintext ([`Dialer::plain`]) or TLS ([`Dialer::tls`]), as
+//! the process was started with or without `--tls-cert/--tls-key/--tls-ca`.
 //! Accepted forms:
 //!
 //! - `host:port`, e.g. `127.0.0.1:8081`, `paxoskv-0.paxoskv:8081`,
-//!   `[::1]:8081`;
-//! - `http://host:port`, with or without a trailing `/`.
+//!   `[::1]:8081`: plaintext or TLS, as the dialer is;
+//! - `http://host:port` (plaintext only) or `https://host:port` (TLS
+//!   only), with or without a trailing `/`.
 //!
-//! Refused, each with an error naming the address: `https://` (paxoskv
-//! speaks plaintext gRPC only; it has no TLS yet, and accepting the scheme
+//! Refused, each with an error naming the address: a scheme that does not
+//! match the dialer (`https://` without TLS, `http://` with it: either
 //! would only fail later with a less clear error), any other scheme, a
 //! missing or zero port, a path, query or user name, and anything else that
 //! is not a valid URI authority.
@@ -21,7 +24,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use tonic::transport::Endpoint;
+use tonic::transport::{ClientTlsConfig, Endpoint};
 
 /// How long a TCP connect may take, unless the caller sets its own.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -32,8 +35,10 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 pub enum DialError {
     /// The address is empty.
     Empty,
-    /// `https://`: TLS is not supported yet.
+    /// `https://` from a plaintext dialer (no `--tls-*` flags).
     Https(String),
+    /// `http://` from a TLS dialer.
+    PlainHttp(String),
     /// A scheme other than `http://`.
     Scheme(String),
     /// No port, or port 0.
@@ -50,7 +55,11 @@ impl fmt::Display for DialError {
             DialError::Empty => write!(f, "empty address; expected HOST:PORT"),
             DialError::Https(a) => write!(
                 f,
-                "{a:?}: https is not supported (paxoskv has no TLS yet); use HOST:PORT or http://HOST:PORT"
+                "{a:?}: https needs TLS: give --tls-cert, --tls-key and --tls-ca, or use HOST:PORT or http://HOST:PORT"
+            ),
+            DialError::PlainHttp(a) => write!(
+                f,
+                "{a:?}: http:// is plaintext, but TLS is on (--tls-cert, --tls-key, --tls-ca): use HOST:PORT or https://HOST:PORT"
             ),
             DialError::Scheme(a) => write!(
                 f,
@@ -68,9 +77,24 @@ impl fmt::Display for DialError {
 
 impl std::error::Error for DialError {}
 
-/// The canonical URI for `addr` (one of the forms the module describes):
-/// `http://host:port`.
+/// The canonical URI for `addr` (one of the forms the module describes) to
+/// a plaintext replica: `http://host:port`.
 pub fn normalize(addr: &str) -> Result<String, DialError> {
+    normalize_as(addr, false)
+}
+
+/// Whether `addr` is one of the forms the module describes, for either
+/// kind of dialer: for flags parsed before it is known whether TLS is on.
+pub fn check_form(addr: &str) -> Result<(), DialError> {
+    match normalize_as(addr, false) {
+        Err(DialError::Https(_)) => normalize_as(addr, true).map(drop),
+        other => other.map(drop),
+    }
+}
+
+/// The canonical URI for `addr`: `https://host:port` if `tls`, else
+/// `http://host:port`.
+pub fn normalize_as(addr: &str, tls: bool) -> Result<String, DialError> {
     let given = addr;
     let addr = addr.trim();
     if addr.is_empty() {
@@ -78,11 +102,14 @@ pub fn normalize(addr: &str) -> Result<String, DialError> {
     }
     let authority = match addr.split_once("://") {
         None => addr,
-        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => {
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case(if tls { "https" } else { "http" }) => {
             rest.strip_suffix('/').unwrap_or(rest)
         }
-        Some((scheme, _)) if scheme.eq_ignore_ascii_case("https") => {
+        Some((scheme, _)) if !tls && scheme.eq_ignore_ascii_case("https") => {
             return Err(DialError::Https(given.to_string()));
+        }
+        Some((scheme, _)) if tls && scheme.eq_ignore_ascii_case("http") => {
+            return Err(DialError::PlainHttp(given.to_string()));
         }
         Some(_) => return Err(DialError::Scheme(given.to_string())),
     };
@@ -125,22 +152,72 @@ pub fn normalize(addr: &str) -> Result<String, DialError> {
         Some(Ok(p)) if p != 0 => {}
         _ => return Err(DialError::Port(given.to_string())),
     }
-    let uri = format!("http://{authority}");
+    let uri = format!("{}://{authority}", if tls { "https" } else { "http" });
     // What is left (stray characters in the host, say) the URI parser judges.
     uri.parse::<tonic::codegen::http::Uri>()
         .map_err(|e| DialError::Invalid(given.to_string(), e.to_string()))?;
     Ok(uri)
 }
 
-/// An endpoint for the replica at `addr` (see [`normalize`] for the forms
-/// accepted), with the settings every caller shares: a connect timeout of
-/// [`CONNECT_TIMEOUT`] and `TCP_NODELAY`. A caller may add its own settings
-/// (keepalives, another connect timeout) to the endpoint it gets.
+/// A plaintext endpoint for the replica at `addr`: [`Dialer::endpoint`] of
+/// [`Dialer::plain`].
 pub fn endpoint(addr: &str) -> Result<Endpoint, DialError> {
-    let uri = normalize(addr)?;
-    let endpoint = Endpoint::from_shared(uri)
-        .map_err(|e| DialError::Invalid(addr.to_string(), e.to_string()))?;
-    Ok(endpoint.connect_timeout(CONNECT_TIMEOUT).tcp_nodelay(true))
+    Dialer::plain().endpoint(addr)
+}
+
+/// Makes channels to replicas: plaintext, or TLS with this process's
+/// certificate (see [`crate::tls`]).
+#[derive(Clone, Debug, Default)]
+pub struct Dialer {
+    tls: Option<ClientTlsConfig>,
+}
+
+impl Dialer {
+    /// A plaintext dialer.
+    pub fn plain() -> Dialer {
+        Dialer { tls: None }
+    }
+
+    /// A TLS dialer: presents the certificate in `config` and accepts only
+    /// a server certificate signed by its CA that names the host dialled.
+    pub fn tls(config: &crate::tls::TlsConfig) -> Dialer {
+        Dialer {
+            tls: Some(config.client()),
+        }
+    }
+
+    /// A dialer for `config`: TLS if there is one, else plaintext.
+    pub fn for_config(config: Option<&crate::tls::TlsConfig>) -> Dialer {
+        config.map_or_else(Dialer::plain, Dialer::tls)
+    }
+
+    /// Whether this dialer speaks TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// The canonical URI for `addr`, for this dialer (see
+    /// [`normalize_as`]).
+    pub fn normalize(&self, addr: &str) -> Result<String, DialError> {
+        normalize_as(addr, self.is_tls())
+    }
+
+    /// An endpoint for the replica at `addr` (see the module for the forms
+    /// accepted), with the settings every caller shares: TLS if this dialer
+    /// has it, a connect timeout of [`CONNECT_TIMEOUT`] and `TCP_NODELAY`.
+    /// A caller may add its own settings (keepalives, another connect
+    /// timeout) to the endpoint it gets.
+    pub fn endpoint(&self, addr: &str) -> Result<Endpoint, DialError> {
+        let uri = self.normalize(addr)?;
+        let mut endpoint = Endpoint::from_shared(uri)
+            .map_err(|e| DialError::Invalid(addr.to_string(), e.to_string()))?;
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint
+                .tls_config(tls.clone())
+                .map_err(|e| DialError::Invalid(addr.to_string(), format!("TLS: {e}")))?;
+        }
+        Ok(endpoint.connect_timeout(CONNECT_TIMEOUT).tcp_nodelay(true))
+    }
 }
 
 #[cfg(test)]
@@ -183,7 +260,7 @@ mod tests {
     #[test]
     fn bad_forms_are_refused_naming_the_address() {
         for (given, want) in [
-            ("https://127.0.0.1:8081", "https is not supported"),
+            ("https://127.0.0.1:8081", "https needs TLS"),
             ("ftp://127.0.0.1:8081", "unsupported scheme"),
             ("127.0.0.1", "port"),
             ("127.0.0.1:", "port"),
@@ -207,5 +284,33 @@ mod tests {
             assert_eq!(endpoint(given).err(), Some(err));
         }
         assert_eq!(normalize("  "), Err(DialError::Empty));
+    }
+
+    #[test]
+    fn with_tls_every_address_is_https_and_http_is_refused() {
+        for (given, want) in [
+            ("127.0.0.1:8081", "https://127.0.0.1:8081"),
+            ("https://127.0.0.1:8081/", "https://127.0.0.1:8081"),
+            ("HTTPS://[::1]:8081", "https://[::1]:8081"),
+            ("paxoskv-0.paxoskv:8181", "https://paxoskv-0.paxoskv:8181"),
+        ] {
+            assert_eq!(normalize_as(given, true).as_deref(), Ok(want), "{given:?}");
+            assert_eq!(check_form(given), Ok(()), "{given:?}");
+        }
+        let err = normalize_as("http://127.0.0.1:8081", true).expect_err("http with TLS");
+        assert!(
+            matches!(err, DialError::PlainHttp(_)) && err.to_string().contains("TLS is on"),
+            "{err}"
+        );
+        // Either scheme is a valid form; the dialer decides.
+        assert_eq!(check_form("http://127.0.0.1:8081"), Ok(()));
+        assert!(matches!(
+            check_form("ftp://127.0.0.1:8081"),
+            Err(DialError::Scheme(_))
+        ));
+        assert!(matches!(
+            check_form("https://127.0.0.1:8081/kv"),
+            Err(DialError::Path(_))
+        ));
     }
 }

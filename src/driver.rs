@@ -55,6 +55,22 @@ pub enum CallError {
     Stopped,
 }
 
+impl CallError {
+    /// Whether this answer proves the write it answers is not in the log
+    /// and never will be: it was refused before it was proposed
+    /// (`NotLeader`), or it never got a slot or its slot chose another
+    /// value (`Retry`). `Unknown` and `Stopped` prove nothing: the write
+    /// may have a slot. The service tells clients `NOT_PROPOSED` only when
+    /// every attempt of a call ended in such an answer; the simulator
+    /// checks that no write so answered is ever applied.
+    pub fn proves_not_in_log(&self) -> bool {
+        match self {
+            CallError::NotLeader(_) | CallError::Retry => true,
+            CallError::Unknown | CallError::Stopped => false,
+        }
+    }
+}
+
 /// An answer for one waiting caller.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Answer<W, R> {

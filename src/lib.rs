@@ -16,8 +16,15 @@
 //!   streams, one per peer, with reconnects;
 //! - [`transfer`]: state machine snapshots from one replica to another
 //!   (`Paxos/Snapshot`), for a replica behind the others' compacted logs;
+//! - [`handshake`]: who is calling on the peer port (metadata, and the
+//!   certificate with TLS), and whether to let them;
+//! - [`directory`]: every replica's peer address (`--peers`) and client
+//!   address (advertised when its Paxos stream opens), its cluster, and how
+//!   to dial them;
 //! - [`dial`]: the one way to make a channel to a replica, from any address
-//!   form `--peers` and `--endpoint` accept;
+//!   form `--peers` and `--endpoint` accept, plaintext or TLS;
+//! - [`tls`]: certificates (files, who they name) and throwaway ones for
+//!   `paxoskv cluster --tls`;
 //! - [`storage`]: the one place that touches the disk: the acceptor's
 //!   promise and votes in the Paxos log, each persist one group commit
 //!   with one fdatasync, and the state machine in sled, applied atomically
@@ -26,6 +33,9 @@
 //!   records, group commit with one fdatasync);
 //! - [`bench`]: `paxoskv bench`, closed-loop clients and a no-op server
 //!   for the ceiling;
+//! - [`check`]: `paxoskv check`, a Jepsen-style run against a local
+//!   cluster of its own (faults, concurrent clients, a linearizability
+//!   check); its checker is the simulator's too;
 //! - [`wire`]: the core's types in protobuf form, for the network and the disk;
 //! - [`kv`]: the state machine (the five operations and the dedup table);
 //! - [`paxos`]: the consensus core, sans-IO and deterministic;
@@ -33,17 +43,24 @@
 
 pub mod admin;
 pub mod bench;
+pub mod certainty;
+pub mod check;
 pub mod client;
 pub mod cluster;
+pub mod codec;
 pub mod dial;
+pub mod directory;
 pub mod driver;
+pub mod handshake;
 pub mod kv;
+pub mod listener;
 pub mod metrics;
 pub mod node;
 pub mod paxos;
 pub mod server;
 pub mod service;
 pub mod storage;
+pub mod tls;
 pub mod transfer;
 pub mod transport;
 pub mod wal;
@@ -57,4 +74,9 @@ pub mod pb {
     /// The encoded descriptor set of every paxoskv proto, for reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         tonic::include_file_descriptor_set!("paxoskv_descriptor");
+
+    /// The encoded descriptor set of the client-facing protos only
+    /// (`KvStore`, `Admin`), for the client port's reflection.
+    pub const CLIENT_FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("paxoskv_client_descriptor");
 }

@@ -13,9 +13,10 @@ use tracing_subscriber::EnvFilter;
 
 use paxoskv::client::{self, Call};
 use paxoskv::cluster::{self, ClusterOptions};
-use paxoskv::dial;
+use paxoskv::dial::{self, Dialer};
 use paxoskv::paxos::NodeId;
 use paxoskv::server::{self, ServeOptions};
+use paxoskv::tls::{TlsConfig, TlsFiles};
 
 /// A replicated key-value store kept consistent by Multi-Paxos.
 #[derive(Parser, Debug)]
@@ -47,11 +48,24 @@ enum Command {
         /// This replica's id (one of the ids in --peers).
         #[arg(long, env = "PAXOSKV_ID")]
         id: NodeId,
-        /// The gRPC address to serve on: client API, replica traffic, health, reflection.
+        /// Where to serve clients: KvStore, Admin, health and reflection
+        /// (no Paxos).
         #[arg(long, env = "PAXOSKV_LISTEN")]
         listen: SocketAddr,
-        /// Every replica's gRPC address, this one included: 1=HOST:PORT,2=HOST:PORT,...
-        /// (each HOST:PORT or http://HOST:PORT).
+        /// Where to serve the other replicas: paxoskv.v1.Paxos only (Paxos
+        /// streams, snapshots, forwarded calls). Must match this replica's
+        /// own --peers entry (its port, and its host unless this is 0.0.0.0
+        /// or [::]). Keep it reachable by the replicas alone.
+        #[arg(long, env = "PAXOSKV_PEER_LISTEN")]
+        peer_listen: SocketAddr,
+        /// Where clients reach this replica (HOST:PORT), as told to the
+        /// other replicas and shown by `paxoskv status`. Defaults to
+        /// --listen, which must then not be 0.0.0.0 or [::].
+        #[arg(long, env = "PAXOSKV_ADVERTISE_CLIENT", value_parser = parse_endpoint)]
+        advertise_client: Option<String>,
+        /// Every replica's PEER address (where it serves --peer-listen),
+        /// this one included: 1=HOST:PORT,2=HOST:PORT,... (each HOST:PORT
+        /// or http://HOST:PORT).
         #[arg(long, env = "PAXOSKV_PEERS", value_parser = parse_peers)]
         peers: BTreeMap<NodeId, String>,
         /// Where this replica keeps its data.
@@ -78,13 +92,30 @@ enum Command {
         /// Serve Prometheus metrics at http://ADDR/metrics.
         #[arg(long, env = "PAXOSKV_METRICS_LISTEN")]
         metrics_listen: Option<SocketAddr>,
+        /// The cluster's name, recorded in the data directory at first
+        /// start and checked at every start: a directory of another
+        /// cluster (or another replica) is refused. Letters, digits, '.',
+        /// '_', '-'; give each cluster its own.
+        #[arg(long, env = "PAXOSKV_CLUSTER_NAME", default_value = "paxoskv", value_parser = parse_cluster_name)]
+        cluster_name: String,
+        /// Tests only: after this many successful log syncs, every sync
+        /// fails as if the disk returned EIO.
+        #[arg(long, hide = true)]
+        fault_fail_syncs_after: Option<u64>,
+        /// Tests only: run a deliberate bug (forget-votes, ack-early,
+        /// local-reads), to prove `paxoskv check` catches it. NOT SAFE.
+        #[arg(long, hide = true, value_parser = paxoskv::node::TestBug::parse)]
+        unsafe_test_bug: Option<paxoskv::node::TestBug>,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// Runs a local cluster of `serve` processes on 127.0.0.1 until Ctrl-C.
     Cluster {
-        /// How many replicas.
+        /// How many replicas (at most 100).
         #[arg(long, env = "PAXOSKV_REPLICAS", default_value_t = 3)]
         replicas: u32,
-        /// Replica N listens on 127.0.0.1:(BASE_PORT + N - 1).
+        /// Replica N serves clients on 127.0.0.1:(BASE_PORT + N - 1) and
+        /// the other replicas on 127.0.0.1:(BASE_PORT + 100 + N - 1).
         #[arg(long, env = "PAXOSKV_BASE_PORT", default_value_t = 8081)]
         base_port: u16,
         /// Replica N keeps its data in DATA_DIR/N.
@@ -93,6 +124,10 @@ enum Command {
         /// Replica N serves metrics on 127.0.0.1:(METRICS_BASE_PORT + N); 0 turns them off.
         #[arg(long, env = "PAXOSKV_METRICS_BASE_PORT", default_value_t = 9090)]
         metrics_base_port: u16,
+        /// Mutual TLS: make a throwaway CA and certificates under
+        /// DATA_DIR/tls/ and start the replicas with them.
+        #[arg(long)]
+        tls: bool,
     },
     /// Closed-loop clients against the cluster for a while; prints calls/s
     /// and latency quantiles. With --ceiling, first the same clients
@@ -127,10 +162,26 @@ enum Command {
         /// Stop after this many calls in all (sooner than --seconds).
         #[arg(long)]
         max_calls: Option<u64>,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
+    /// A Jepsen-style check: starts a local cluster of its own, runs
+    /// concurrent clients while killing, pausing and partitioning its
+    /// replicas, heals, and checks the history for linearizability. Exits
+    /// 0 if VALID, 3 if NOT LINEARIZABLE, 4 if INCONCLUSIVE, 1 if it could
+    /// not run.
+    Check(paxoskv::check::CheckArgs),
     /// Prints every replica's role, ballot, indexes and lag; exits 6 if the
     /// cluster has no leader or no quorum.
     Status {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Shows one replica's acceptor, read-only: its promise and its vote
+    /// for a slot.
+    Acceptor {
+        /// The slot whose vote to show.
+        slot: u64,
         #[command(flatten)]
         target: Target,
     },
@@ -175,12 +226,55 @@ enum Command {
 /// Where a client call goes.
 #[derive(clap::Args, Debug)]
 struct Target {
-    /// Any replica's gRPC address: HOST:PORT or http://HOST:PORT.
+    /// Any replica's client address (its --listen, not its peer port):
+    /// HOST:PORT or http://HOST:PORT.
     #[arg(long, env = "PAXOSKV_ENDPOINT", default_value = "127.0.0.1:8081", value_parser = parse_endpoint)]
     endpoint: String,
     /// The call's deadline, in milliseconds.
     #[arg(long, env = "PAXOSKV_TIMEOUT_MS", default_value_t = 5000)]
     timeout_ms: u64,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+/// Mutual TLS: all three flags, or none for plaintext.
+#[derive(clap::Args, Debug, Clone)]
+struct TlsArgs {
+    /// This process's certificate (PEM), signed by --tls-ca. A replica's
+    /// must have the Common Name paxoskv-replica-ID. Turns TLS on, with
+    /// --tls-key and --tls-ca.
+    #[arg(long, env = "PAXOSKV_TLS_CERT", value_name = "PEM")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "PAXOSKV_TLS_KEY", value_name = "PEM")]
+    tls_key: Option<PathBuf>,
+    /// The CA that signs every certificate of the cluster, clients' too
+    /// (PEM).
+    #[arg(long, env = "PAXOSKV_TLS_CA", value_name = "PEM")]
+    tls_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The TLS configuration the flags give, loaded and checked; `None` for
+    /// plaintext. Errors name the flag and file.
+    fn load(&self) -> Result<Option<TlsConfig>, String> {
+        let files = TlsFiles::from_flags(
+            self.tls_cert.clone(),
+            self.tls_key.clone(),
+            self.tls_ca.clone(),
+        )?;
+        files.as_ref().map(TlsConfig::load).transpose()
+    }
+
+    /// The dialer the flags give, and `endpoints` checked against it (an
+    /// `https://` endpoint needs TLS, an `http://` one plaintext).
+    fn dialer(&self, endpoints: &[String]) -> Result<Dialer, String> {
+        let dialer = Dialer::for_config(self.load()?.as_ref());
+        for endpoint in endpoints {
+            dialer.normalize(endpoint).map_err(|e| e.to_string())?;
+        }
+        Ok(dialer)
+    }
 }
 
 fn parse_peers(s: &str) -> Result<BTreeMap<NodeId, String>, String> {
@@ -196,8 +290,10 @@ fn parse_peers(s: &str) -> Result<BTreeMap<NodeId, String>, String> {
         if addr.trim().is_empty() {
             return Err(format!("replica {id} has an empty address"));
         }
-        // Refused here, at start, rather than when the replica first dials.
-        dial::endpoint(addr).map_err(|e| format!("replica {id}: {e}"))?;
+        // Refused here, at start, rather than when the replica first dials
+        // (whether the scheme suits TLS or plaintext is checked once the
+        // --tls-* flags are known).
+        dial::check_form(addr).map_err(|e| format!("replica {id}: {e}"))?;
         if peers.insert(id, addr.trim().to_string()).is_some() {
             return Err(format!("replica {id} is listed twice"));
         }
@@ -208,10 +304,16 @@ fn parse_peers(s: &str) -> Result<BTreeMap<NodeId, String>, String> {
     Ok(peers)
 }
 
+fn parse_cluster_name(s: &str) -> Result<String, String> {
+    paxoskv::storage::identity::check_cluster_name(s)?;
+    Ok(s.to_string())
+}
+
 /// Checks `--endpoint` with the same rules every dial uses, so a bad
-/// address is refused before any call, by name.
+/// address is refused before any call, by name (its scheme against the
+/// --tls-* flags later).
 fn parse_endpoint(s: &str) -> Result<String, String> {
-    dial::endpoint(s).map_err(|e| e.to_string())?;
+    dial::check_form(s).map_err(|e| e.to_string())?;
     Ok(s.trim().to_string())
 }
 
@@ -243,6 +345,8 @@ async fn run(cli: Cli) -> ExitCode {
         Command::Serve {
             id,
             listen,
+            peer_listen,
+            advertise_client,
             peers,
             data_dir,
             tick_ms,
@@ -251,11 +355,25 @@ async fn run(cli: Cli) -> ExitCode {
             snapshot_every,
             log_keep,
             metrics_listen,
+            cluster_name,
+            fault_fail_syncs_after,
+            unsafe_test_bug,
+            tls,
         } => {
             init_logs(cli.log_format);
+            // Files that do not load are a usage error too: exit 2.
+            let tls = match tls.load() {
+                Ok(tls) => tls,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             let opts = ServeOptions {
                 id,
                 listen,
+                peer_listen,
+                advertise_client,
                 peers,
                 data_dir,
                 tick: Duration::from_millis(tick_ms.max(1)),
@@ -267,7 +385,17 @@ async fn run(cli: Cli) -> ExitCode {
                 },
                 drain: Duration::from_secs(5),
                 metrics_listen,
+                cluster_name,
+                fail_syncs_after: fault_fail_syncs_after,
+                test_bug: unsafe_test_bug,
+                tls,
             };
+            // A configuration that cannot work is a usage error, like a
+            // flag clap refuses: exit 2, naming it.
+            if let Err(e) = opts.check() {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
             let shutdown = match shutdown_signal() {
                 Ok(shutdown) => shutdown,
                 Err(e) => return report(Err(e)),
@@ -279,6 +407,7 @@ async fn run(cli: Cli) -> ExitCode {
             base_port,
             data_dir,
             metrics_base_port,
+            tls,
         } => {
             init_logs(cli.log_format);
             let opts = ClusterOptions {
@@ -286,6 +415,7 @@ async fn run(cli: Cli) -> ExitCode {
                 base_port,
                 data_dir,
                 metrics_base_port: (metrics_base_port != 0).then_some(metrics_base_port),
+                tls,
             };
             let shutdown = match shutdown_signal() {
                 Ok(shutdown) => shutdown,
@@ -302,7 +432,15 @@ async fn run(cli: Cli) -> ExitCode {
             ceiling,
             timeout_ms,
             max_calls,
+            tls,
         } => {
+            let dialer = match tls.dialer(&endpoints) {
+                Ok(dialer) => dialer,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             let mut opts = paxoskv::bench::BenchOptions {
                 endpoints,
                 clients,
@@ -311,6 +449,7 @@ async fn run(cli: Cli) -> ExitCode {
                 reads,
                 timeout: Duration::from_millis(timeout_ms),
                 max_calls,
+                dialer,
             };
             let what = if reads { "reads" } else { "writes" };
             let mut floor = None;
@@ -319,15 +458,23 @@ async fn run(cli: Cli) -> ExitCode {
                     Ok(addr) => addr,
                     Err(e) => return report(Err(e.into())),
                 };
+                // The no-op server is plaintext, TLS or not: the ceiling
+                // leaves out the cost of TLS.
                 let cluster = std::mem::replace(&mut opts.endpoints, vec![addr.to_string()]);
+                let dialer = std::mem::replace(&mut opts.dialer, Dialer::plain());
+                let plaintext = if dialer.is_tls() { " (plaintext)" } else { "" };
                 match paxoskv::bench::run(&opts).await {
                     Ok(r) => {
-                        println!("no-op server, {clients} clients, {what}: {}", r.line());
+                        println!(
+                            "no-op server{plaintext}, {clients} clients, {what}: {}",
+                            r.line()
+                        );
                         floor = Some(r);
                     }
                     Err(e) => return report(Err(e.into())),
                 }
                 opts.endpoints = cluster;
+                opts.dialer = dialer;
             }
             return match paxoskv::bench::run(&opts).await {
                 Ok(r) => {
@@ -347,9 +494,23 @@ async fn run(cli: Cli) -> ExitCode {
                 Err(e) => report(Err(e.into())),
             };
         }
+        Command::Check(args) => {
+            let interrupted = match shutdown_signal() {
+                Ok(signal) => signal,
+                Err(e) => return report(Err(e)),
+            };
+            return ExitCode::from(paxoskv::check::command(args, interrupted).await);
+        }
         Command::Status { target } => {
             let timeout = Duration::from_millis(target.timeout_ms);
-            return match client::cluster_status(&target.endpoint, timeout).await {
+            let dialer = match target.tls.dialer(std::slice::from_ref(&target.endpoint)) {
+                Ok(dialer) => dialer,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            return match client::cluster_status(&dialer, &target.endpoint, timeout).await {
                 Ok((table, None)) => {
                     print!("{table}");
                     ExitCode::SUCCESS
@@ -365,6 +526,26 @@ async fn run(cli: Cli) -> ExitCode {
                 }
             };
         }
+        Command::Acceptor { slot, target } => {
+            let timeout = Duration::from_millis(target.timeout_ms);
+            let dialer = match target.tls.dialer(std::slice::from_ref(&target.endpoint)) {
+                Ok(dialer) => dialer,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            return match client::acceptor(&dialer, &target.endpoint, slot, timeout).await {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(status) => {
+                    eprintln!("error: {:?}: {}", status.code(), status.message());
+                    ExitCode::from(client::exit_code(&status) as u8)
+                }
+            };
+        }
         Command::Get { key, target } => (Call::Get { key }, target),
         Command::Insert { key, value, target } => (Call::Insert { key, value }, target),
         Command::Update { key, value, target } => (Call::Update { key, value }, target),
@@ -372,7 +553,15 @@ async fn run(cli: Cli) -> ExitCode {
         Command::Remove { key, target } => (Call::Remove { key }, target),
     };
     let (call, target) = call;
+    let dialer = match target.tls.dialer(std::slice::from_ref(&target.endpoint)) {
+        Ok(dialer) => dialer,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     match client::run(
+        &dialer,
         &target.endpoint,
         Duration::from_millis(target.timeout_ms),
         call,

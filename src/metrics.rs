@@ -66,6 +66,9 @@ pub const FOLLOWER_SILENCE: &str = "paxoskv_follower_silence_seconds";
 pub const PEER_REACHABLE: &str = "paxoskv_peer_reachable";
 /// Messages to peers dropped (queue full, or peer down); Paxos re-sends.
 pub const PEER_MESSAGES_DROPPED: &str = "paxoskv_peer_messages_dropped_total";
+/// 1 once a write or sync to this replica's disk failed: it answers nothing
+/// until restarted.
+pub const STORAGE_FAILED: &str = "paxoskv_storage_failed";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -174,4 +177,9 @@ fn describe() {
         PEER_MESSAGES_DROPPED,
         "Messages to peers dropped; the protocol re-sends."
     );
+    describe_gauge!(
+        STORAGE_FAILED,
+        "1 once a disk write or sync failed here: the replica answers nothing until restarted."
+    );
+    metrics::gauge!(STORAGE_FAILED).set(0.0);
 }

@@ -28,10 +28,10 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use crate::driver::{Answer, Driver};
-use crate::kv::{self, Op, Reply};
+use crate::kv::{self, KvState, Op, Reply};
 use crate::metrics as m;
 use crate::paxos::{
-    Membership, Message, NodeId, Replica, Role, Slot, SnapshotFetch, Status, Value,
+    Ballot, Membership, Message, NodeId, Replica, Role, Slot, SnapshotFetch, Status, Value,
 };
 use crate::storage::Storage;
 use crate::storage::{Checkpoint, SnapshotInstall, SnapshotMeta, StorageError};
@@ -55,6 +55,26 @@ enum Request {
     Status {
         reply: oneshot::Sender<NodeStatus>,
     },
+    Acceptor {
+        slot: Slot,
+        reply: oneshot::Sender<AcceptorView>,
+    },
+}
+
+/// What this replica's acceptor holds for one slot, and its promise.
+#[derive(Clone, Debug)]
+pub struct AcceptorView {
+    /// The highest ballot promised.
+    pub promised: Ballot,
+    /// The slot asked about.
+    pub slot: Slot,
+    /// Its vote for the slot, if it has one.
+    pub vote: Option<(Ballot, Value)>,
+    /// Every slot up to here is compacted: chosen, in the snapshot, and
+    /// without a vote here.
+    pub compacted: Slot,
+    /// The highest slot with a vote here; 0 if none.
+    pub last_slot: Slot,
 }
 
 /// What a node reports about itself.
@@ -78,6 +98,7 @@ pub struct NodeHandle {
     id: NodeId,
     requests: mpsc::Sender<Request>,
     leader: watch::Receiver<Option<NodeId>>,
+    failure: watch::Receiver<Option<String>>,
 }
 
 impl NodeHandle {
@@ -89,6 +110,17 @@ impl NodeHandle {
     /// The leader this replica currently follows (itself when leading).
     pub fn leader(&self) -> Option<NodeId> {
         *self.leader.borrow()
+    }
+
+    /// Why this replica's storage failed, once it has: the node then
+    /// answers every call [`NodeError::Stopped`] until the process stops.
+    pub fn failure(&self) -> Option<String> {
+        self.failure.borrow().clone()
+    }
+
+    /// A receiver that sees the storage failure, for health reporting.
+    pub fn watch_failure(&self) -> watch::Receiver<Option<String>> {
+        self.failure.clone()
     }
 
     /// Waits until the known leader changes (or the node stops).
@@ -122,6 +154,12 @@ impl NodeHandle {
         self.call(Request::Read { key, reply }, rx).await?
     }
 
+    /// The acceptor's promise and its vote for `slot`, read-only.
+    pub async fn acceptor(&self, slot: Slot) -> Result<AcceptorView, NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.call(Request::Acceptor { slot, reply }, rx).await
+    }
+
     /// The core's view of the replica and, when leading, of its followers.
     pub async fn status(&self) -> Result<NodeStatus, NodeError> {
         let (reply, rx) = oneshot::channel();
@@ -148,6 +186,53 @@ impl std::fmt::Display for NodeFailure {
 }
 
 impl std::error::Error for NodeFailure {}
+
+/// A deliberate bug, for tests only: switched on by the hidden flag
+/// `paxoskv serve --unsafe-test-bug NAME`, which `paxoskv check --break
+/// NAME` passes to every replica it starts. Each exists only to prove that
+/// `paxoskv check` catches a real bug of its kind (see `tests/check.rs`); a
+/// replica running one is not safe, and says so at start. Each switch is a
+/// few lines in this file, marked `UNSAFE TEST BUG`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TestBug {
+    /// `forget-votes`: the acceptor answers `Accepted` but its votes (and
+    /// the chosen values it learns) are never written to the log; promises
+    /// still are. A restarted replica has forgotten what it voted: a sync
+    /// bug of the kind the log's group commit exists to prevent.
+    ForgetVotes,
+    /// `ack-early`: the leader answers a write as soon as it proposes it,
+    /// with the reply its state machine would give now, instead of the
+    /// reply the command gets once its slot is chosen and applied.
+    AckEarly,
+    /// `local-reads`: every replica serves `Get` from its own state machine,
+    /// without the leader or a ReadIndex round.
+    LocalReads,
+}
+
+impl TestBug {
+    /// Every bug, in the order `--help` texts list them.
+    pub const ALL: [TestBug; 3] = [TestBug::ForgetVotes, TestBug::AckEarly, TestBug::LocalReads];
+
+    /// The name the flags take.
+    pub fn name(self) -> &'static str {
+        match self {
+            TestBug::ForgetVotes => "forget-votes",
+            TestBug::AckEarly => "ack-early",
+            TestBug::LocalReads => "local-reads",
+        }
+    }
+
+    /// The bug called `name`; the error lists the names.
+    pub fn parse(name: &str) -> Result<TestBug, String> {
+        TestBug::ALL
+            .into_iter()
+            .find(|b| b.name() == name)
+            .ok_or_else(|| {
+                let names: Vec<_> = TestBug::ALL.iter().map(|b| b.name()).collect();
+                format!("unknown test bug {name:?}; one of: {}", names.join(", "))
+            })
+    }
+}
 
 /// When this replica snapshots its state machine and compacts its log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -189,6 +274,7 @@ pub struct Node {
     peer_rx: mpsc::Receiver<(NodeId, Message)>,
     requests: mpsc::Receiver<Request>,
     leader_tx: watch::Sender<Option<NodeId>>,
+    failure_tx: watch::Sender<Option<String>>,
     ticks: u64,
     last_role: Role,
     /// When a refused peer message was last logged, and how many since.
@@ -201,6 +287,8 @@ pub struct Node {
     fetching: bool,
     background_tx: mpsc::Sender<Background>,
     background_rx: mpsc::Receiver<Background>,
+    /// A deliberate bug, for `paxoskv check --break` only; see [`TestBug`].
+    test_bug: Option<TestBug>,
 }
 
 /// How many inputs one loop iteration takes before it syncs.
@@ -219,6 +307,7 @@ impl Node {
     ) -> (Node, NodeHandle) {
         let (tx, requests) = mpsc::channel(16 * 1024);
         let (leader_tx, leader) = watch::channel(None);
+        let (failure_tx, failure) = watch::channel(None);
         let id = replica.id();
         let applied = replica.committed();
         // Proposal ids need only be unique among this replica's waiters;
@@ -253,7 +342,9 @@ impl Node {
             peer_rx,
             requests,
             leader_tx,
+            failure_tx,
             ticks: 0,
+            test_bug: None,
         };
         (
             node,
@@ -261,23 +352,54 @@ impl Node {
                 id,
                 requests: tx,
                 leader,
+                failure,
             },
         )
     }
 
+    /// Switches on a deliberate bug (none if `None`): for `paxoskv check
+    /// --break` only, to prove that it catches real bugs. See [`TestBug`].
+    pub fn with_test_bug(mut self, bug: Option<TestBug>) -> Self {
+        if let Some(bug) = bug {
+            warn!(
+                replica = self.driver.replica().id(),
+                bug = bug.name(),
+                "UNSAFE: this replica runs a deliberate bug (--unsafe-test-bug), to test paxoskv check; it is NOT consistent; never use it for data"
+            );
+        }
+        self.test_bug = bug;
+        self
+    }
+
     /// Runs until `shutdown` turns true (or every handle is gone). Calls in
     /// flight are then failed with [`NodeError::Stopped`].
+    ///
+    /// If the storage fails (a write or sync to disk returns an error, the
+    /// disk is full), the replica may not answer anything that depends on
+    /// what it could not persist: it [halts](Node::halted) until `shutdown`,
+    /// and then returns the failure.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), NodeFailure> {
+        match self.serve(&mut shutdown).await {
+            Ok(()) => {
+                info!(replica = self.driver.replica().id(), "node stopping");
+                let answers = self.driver.stop();
+                self.answer(answers)
+            }
+            Err(failure) => self.halted(failure, shutdown).await,
+        }
+    }
+
+    async fn serve(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), NodeFailure> {
         let mut ticker = tokio::time::interval(self.tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
-                _ = shutdown.changed() => break,
+                _ = shutdown.changed() => return Ok(()),
                 Some((from, msg)) = self.peer_rx.recv() => self.step_peer(from, msg),
                 request = self.requests.recv() => match request {
                     Some(request) => self.on_request(request),
-                    None => break,
+                    None => return Ok(()),
                 },
                 _ = ticker.tick() => self.on_tick(),
                 Some(done) = self.background_rx.recv() => self.on_background(done).await?,
@@ -295,10 +417,56 @@ impl Node {
             self.process_ready().await?;
             self.publish_leader();
         }
-        info!(replica = self.driver.replica().id(), "node stopping");
+    }
+
+    /// After a storage failure: this replica's acceptor state on disk is not
+    /// what the core holds, so it sends nothing, answers no peer and serves
+    /// no call (each gets [`NodeError::Stopped`]; [`NodeHandle::failure`]
+    /// says why) until `shutdown`. It is not a panic: whatever is on disk
+    /// stays as it was, and a restart recovers from it (the log's scan
+    /// truncates a torn tail). Health and metrics report the failure.
+    async fn halted(
+        mut self,
+        failure: NodeFailure,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), NodeFailure> {
+        let id = self.driver.replica().id();
+        error!(
+            replica = id,
+            error = %failure,
+            "storage failed: this replica no longer votes or serves calls; fix the disk and restart it (it recovers from what is on disk)"
+        );
+        metrics::gauge!(m::STORAGE_FAILED).set(1.0);
+        metrics::gauge!(m::IS_LEADER).set(0.0);
+        // Published before the callers waiting are answered, so that each
+        // is told why.
+        self.failure_tx.send_replace(Some(failure.0.clone()));
+        self.leader_tx.send_replace(None);
         let answers = self.driver.stop();
-        self.answer(answers)?;
-        Ok(())
+        // `stop` answers with errors only: no read touches the storage.
+        let _ = self.answer(answers);
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => break,
+                // Read and dropped, so that the peers' streams do not stall.
+                Some(_) = self.peer_rx.recv() => {}
+                request = self.requests.recv() => match request {
+                    Some(Request::Write { reply, .. }) => {
+                        let _ = reply.send(Err(NodeError::Stopped));
+                    }
+                    Some(Request::Read { reply, .. }) => {
+                        let _ = reply.send(Err(NodeError::Stopped));
+                    }
+                    // Dropping the reply answers the caller `Stopped`.
+                    Some(Request::Status { .. } | Request::Acceptor { .. }) => {}
+                    None => break,
+                },
+                Some(_) = self.background_rx.recv() => {}
+            }
+        }
+        info!(replica = id, "node stopping");
+        Err(failure)
     }
 
     /// Hands a peer's message to the core. A refusal (which honest members
@@ -332,8 +500,40 @@ impl Node {
 
     fn on_request(&mut self, request: Request) {
         match request {
+            // UNSAFE TEST BUG (ack-early), see `TestBug::AckEarly`: the
+            // reply the state machine would give now, before any slot.
+            Request::Write { command, reply }
+                if self.test_bug == Some(TestBug::AckEarly)
+                    && command.op != Op::OpenSession
+                    && self.driver.replica().is_leader() =>
+            {
+                let mut now = kv::MemState::new();
+                if let Ok(Some(value)) = self.storage.get(&command.key) {
+                    now.put(&command.key, value);
+                }
+                let command_now = kv::Command {
+                    client_id: 0,
+                    ..command.clone()
+                };
+                let early = kv::apply_slot(
+                    &mut now,
+                    &kv::SessionLimits::DEFAULT,
+                    0,
+                    std::slice::from_ref(&command_now),
+                );
+                let _ = reply.send(Ok(early
+                    .into_iter()
+                    .next()
+                    .unwrap_or(Reply::SessionExpired)));
+                let (ignored, _) = oneshot::channel();
+                self.driver.write(command, (ignored, Instant::now()));
+            }
             Request::Write { command, reply } => {
                 self.driver.write(command, (reply, Instant::now()));
+            }
+            // UNSAFE TEST BUG (local-reads), see `TestBug::LocalReads`.
+            Request::Read { key, reply } if self.test_bug == Some(TestBug::LocalReads) => {
+                let _ = reply.send(self.storage.get(&key).map_err(|_| NodeError::Stopped));
             }
             Request::Read { key, reply } => self.driver.read(key, reply),
             Request::Status { reply } => {
@@ -349,6 +549,16 @@ impl Node {
                     snapshot: self.storage.snapshot_index(),
                     connected,
                     tick: self.tick,
+                });
+            }
+            Request::Acceptor { slot, reply } => {
+                let acceptor = self.driver.replica().acceptor();
+                let _ = reply.send(AcceptorView {
+                    promised: acceptor.promised(),
+                    slot,
+                    vote: acceptor.vote(slot).map(|(b, v)| (b, v.clone())),
+                    compacted: acceptor.compacted(),
+                    last_slot: acceptor.last_slot(),
                 });
             }
         }
@@ -383,7 +593,11 @@ impl Node {
             // 2. The sync: one for everything gathered this round.
             if !work.persist.is_empty() {
                 let storage = Arc::clone(&self.storage);
-                let persist = work.persist;
+                let mut persist = work.persist;
+                // UNSAFE TEST BUG (forget-votes), see `TestBug::ForgetVotes`.
+                if self.test_bug == Some(TestBug::ForgetVotes) {
+                    persist.entries.clear();
+                }
                 let (started, written) = (Instant::now(), self.storage.bytes_written());
                 blocking(move || storage.persist(&persist)).await?;
                 metrics::histogram!(m::SYNC_DURATION).record(started.elapsed().as_secs_f64());
@@ -438,7 +652,7 @@ impl Node {
             return;
         }
         let id = self.driver.replica().id();
-        let Some(endpoint) = self.transport.address(fetch.from).map(str::to_owned) else {
+        let Some(endpoint) = self.transport.snapshot_source(fetch.from) else {
             warn!(
                 replica = id,
                 from = fetch.from,
@@ -479,10 +693,7 @@ impl Node {
                 self.checkpointing = false;
                 // A failed checkpoint is a failed fsync or a poisoned log:
                 // nothing on disk can be trusted to be as we think.
-                let cp = result.map_err(|e| {
-                    error!(replica = id, error = %e, "checkpoint failed; stopping the replica");
-                    NodeFailure(format!("checkpoint: {e}"))
-                })?;
+                let cp = result.map_err(|e| NodeFailure(format!("checkpoint: {e}")))?;
                 let took = started.elapsed();
                 self.last_snapshot = self.last_snapshot.max(cp.snapshot);
                 self.driver.compact(cp.compacted.min(self.driver.applied()));
@@ -709,10 +920,7 @@ where
 {
     match tokio::task::spawn_blocking(f).await {
         Ok(Ok(value)) => Ok(value),
-        Ok(Err(e)) => {
-            error!(error = %e, "storage failed; stopping the replica");
-            Err(NodeFailure(format!("storage: {e}")))
-        }
+        Ok(Err(e)) => Err(NodeFailure(format!("storage: {e}"))),
         Err(e) => Err(NodeFailure(format!("storage task: {e}"))),
     }
 }

@@ -1,9 +1,21 @@
-//! One replica, assembled: storage, core, node, transport, and the gRPC
-//! server that carries the client API, the replica service, health and
-//! reflection on one address.
+//! One replica, assembled: storage, core, node, transport, and two gRPC
+//! servers, as etcd has its client and peer URLs:
+//!
+//! - the **client port** (`--listen`): the client API (`KvStore`), `Admin`,
+//!   health and reflection;
+//! - the **peer port** (`--peer-listen`): the replica protocol
+//!   (`paxoskv.v1.Paxos`: the Paxos streams, snapshots, forwarded calls)
+//!   and nothing else.
+//!
+//! Whoever can send Paxos messages to an acceptor can make it promise or
+//! accept anything, so the replica protocol is not served where clients
+//! connect; operators keep the peer port reachable by the replicas alone.
+//! With TLS ([`ServeOptions::tls`]) both ports require a client certificate
+//! from the cluster's CA, and the peer port takes calls only from the other
+//! replicas' certificates (see [`crate::handshake`]).
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,21 +25,33 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::admin::AdminService;
+use crate::dial::Dialer;
+use crate::directory::Directory;
+use crate::listener::{self, Limits};
 use crate::node::Node;
 use crate::paxos::{self, NodeId, Replica};
 use crate::pb;
 use crate::service::KvService;
 use crate::storage::Storage;
-use crate::transport::{PaxosService, Transport};
+use crate::storage::identity::{self, Identity};
+use crate::tls::{self, Holder, TlsConfig};
+use crate::transport::{Forwarded, NotOnThisPort, PaxosService, Transport};
 
 /// How to run a replica.
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
     /// This replica's id; must be a key of `peers`.
     pub id: NodeId,
-    /// Where to serve gRPC.
+    /// Where to serve clients: KvStore, Admin, health, reflection.
     pub listen: SocketAddr,
-    /// Every replica's gRPC address, this one included.
+    /// Where to serve the other replicas: `paxoskv.v1.Paxos` only. Must
+    /// match this replica's entry in `peers`.
+    pub peer_listen: SocketAddr,
+    /// Where clients reach this replica, as told to the other replicas and
+    /// shown in status; `listen` if unset (which must then be a specific
+    /// address, not 0.0.0.0 or [::]).
+    pub advertise_client: Option<String>,
+    /// Every replica's peer address, this one included.
     pub peers: BTreeMap<NodeId, String>,
     /// sled's directory.
     pub data_dir: PathBuf,
@@ -43,19 +67,216 @@ pub struct ServeOptions {
     pub drain: Duration,
     /// Where to serve Prometheus metrics (`/metrics`), if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// The cluster's name: the data directory must be this cluster's (see
+    /// [`crate::storage::identity`]).
+    pub cluster_name: String,
+    /// Fault injection, for tests: after this many log syncs, every sync
+    /// fails (see [`Storage::fail_syncs_after`]).
+    pub fail_syncs_after: Option<u64>,
+    /// A deliberate bug, for `paxoskv check --break` only (see
+    /// [`crate::node::TestBug`]); `None` in every real use.
+    pub test_bug: Option<crate::node::TestBug>,
+    /// Mutual TLS on both ports and between replicas, if set; this
+    /// replica's certificate must name it (`paxoskv-replica-ID`, see
+    /// [`crate::tls`]).
+    pub tls: Option<TlsConfig>,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The connections `listener` accepts, with `TCP_NODELAY` set on each.
-///
-/// `Server::tcp_nodelay` applies only to a listener tonic binds itself;
-/// without it, a small response waits in Nagle's algorithm for the ACK of
-/// the previous segment, which the client's delayed ACK holds back for up
-/// to 40 ms: the p99 spikes of 40–50 ms measured with one client.
-pub fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+impl ServeOptions {
+    /// Where clients reach this replica: `advertise_client`, or `listen`.
+    pub fn client_address(&self) -> String {
+        match &self.advertise_client {
+            Some(address) => address.trim().to_string(),
+            None => self.listen.to_string(),
+        }
+    }
+
+    /// How this replica dials its peers: with TLS if it has it.
+    pub fn dialer(&self) -> Dialer {
+        Dialer::for_config(self.tls.as_ref())
+    }
+
+    /// Refuses a configuration that cannot work, with a message that names
+    /// the flag and the value at fault: an address that does not parse (or
+    /// whose scheme is not the one TLS calls for), `--id` not in `--peers`,
+    /// two replicas with one peer address, the client and peer ports
+    /// overlapping, `--peer-listen` not matching this replica's own
+    /// `--peers` entry, no address clients can dial, or a `--tls-cert`
+    /// that does not name this replica.
+    pub fn check(&self) -> Result<(), String> {
+        let dialer = self.dialer();
+        let normalize = |addr: &str| dialer.normalize(addr);
+        for (id, addr) in &self.peers {
+            normalize(addr).map_err(|e| format!("--peers: replica {id}: {e}"))?;
+        }
+        let Some(own) = self.peers.get(&self.id) else {
+            return Err(format!(
+                "--id {} is not among --peers (replicas {})",
+                self.id,
+                self.peers
+                    .keys()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        };
+        let mut seen: BTreeMap<String, NodeId> = BTreeMap::new();
+        for (&id, addr) in &self.peers {
+            let key = normalize(addr)
+                .map_err(|e| format!("--peers: replica {id}: {e}"))?
+                .to_ascii_lowercase();
+            if let Some(other) = seen.insert(key, id) {
+                return Err(format!(
+                    "--peers: replicas {other} and {id} have the same peer address {}",
+                    addr.trim()
+                ));
+            }
+        }
+        if overlap(self.listen, self.peer_listen) {
+            return Err(format!(
+                "--listen {} and --peer-listen {} are the same address: clients and peers need a port each",
+                self.listen, self.peer_listen
+            ));
+        }
+        self.check_own_peer_entry(own)?;
+        match &self.advertise_client {
+            Some(address) => {
+                let uri = normalize(address).map_err(|e| format!("--advertise-client: {e}"))?;
+                let peer = self
+                    .peers
+                    .iter()
+                    .find(|(_, a)| normalize(a).is_ok_and(|a| a.eq_ignore_ascii_case(&uri)));
+                if let Some((id, _)) = peer {
+                    return Err(format!(
+                        "--advertise-client {} is replica {id}'s peer address in --peers: clients would be sent to a peer port",
+                        address.trim()
+                    ));
+                }
+            }
+            None if self.listen.ip().is_unspecified() => {
+                return Err(format!(
+                    "--listen {} is an unspecified address, which no client can dial: give --advertise-client HOST:PORT, where clients reach this replica",
+                    self.listen
+                ));
+            }
+            None => {}
+        }
+        if let Some(tls) = &self.tls {
+            // Peers know a replica by its certificate: one that names
+            // another replica (or a client) would be refused by all of
+            // them, so refuse it here, where the cause is plain.
+            let holder = tls.holder();
+            if *holder != Holder::Replica(self.id) {
+                return Err(format!(
+                    "--tls-cert {} names {holder}, but this is replica {}: a replica's certificate must have the Common Name {}",
+                    tls.files().cert.display(),
+                    self.id,
+                    tls::replica_common_name(self.id)
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `--peer-listen` must be where the others dial this replica: the same
+    /// port as its `--peers` entry and, unless it listens on every address
+    /// (0.0.0.0 or [::]), the same host. A host name in `--peers` is
+    /// resolved and must include the listening address; one that does not
+    /// resolve yet (DNS records of a starting pod, say) is let through, as
+    /// nothing can be checked.
+    fn check_own_peer_entry(&self, own: &str) -> Result<(), String> {
+        let mismatch = |why: String| {
+            Err(format!(
+                "--peer-listen {} does not match this replica's --peers entry {}={}: {why}",
+                self.peer_listen,
+                self.id,
+                own.trim()
+            ))
+        };
+        let (host, port) = host_and_port(&self.dialer(), own)
+            .map_err(|e| format!("--peers: replica {}: {e}", self.id))?;
+        if port != self.peer_listen.port() {
+            return mismatch(format!("port {} is not {port}", self.peer_listen.port()));
+        }
+        let ip = self.peer_listen.ip();
+        if ip.is_unspecified() {
+            return Ok(());
+        }
+        match host.parse::<IpAddr>() {
+            Ok(host_ip) if same_ip(host_ip, ip) => Ok(()),
+            Ok(host_ip) => mismatch(format!("host {ip} is not {host_ip}")),
+            Err(_) => match (host.as_str(), port).to_socket_addrs() {
+                Ok(resolved) => {
+                    let resolved: Vec<IpAddr> = resolved.map(|a| a.ip()).collect();
+                    if resolved.iter().any(|&r| same_ip(r, ip)) {
+                        Ok(())
+                    } else {
+                        mismatch(format!(
+                            "{host} resolves to {}, not {ip}",
+                            resolved
+                                .iter()
+                                .map(ToString::to_string)
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ))
+                    }
+                }
+                Err(_) => Ok(()),
+            },
+        }
+    }
 }
+
+/// Whether listening on `a` and on `b` would take the same port: the same
+/// port, on the same address or on every address.
+fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && (a.ip().is_unspecified() || b.ip().is_unspecified() || same_ip(a.ip(), b.ip()))
+}
+
+/// IP equality that takes an IPv4-mapped IPv6 address for its IPv4 one.
+fn same_ip(a: IpAddr, b: IpAddr) -> bool {
+    a.to_canonical() == b.to_canonical()
+}
+
+/// The host (without brackets) and port of an address `dialer` accepts.
+fn host_and_port(dialer: &Dialer, addr: &str) -> Result<(String, u16), String> {
+    let uri: tonic::codegen::http::Uri = dialer
+        .normalize(addr)
+        .map_err(|e| e.to_string())?
+        .parse()
+        .map_err(|e| format!("{addr:?}: {e}"))?;
+    let host = uri
+        .host()
+        .ok_or_else(|| format!("{addr:?}: no host"))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let port = uri.port_u16().ok_or_else(|| format!("{addr:?}: no port"))?;
+    Ok((host, port))
+}
+
+/// Client connections a replica holds, within what its file descriptors
+/// allow: [`Limits::CLIENTS`], less [`RESERVED_FDS`] below the descriptor
+/// limit, so that clients can never take what the log, the state machine
+/// and the peer streams need (peers have a listener, and a limit, of their
+/// own).
+fn client_limits(fd_limit: Option<u64>) -> Limits {
+    let mut limits = Limits::CLIENTS;
+    if let Some(fds) = fd_limit {
+        let room = fds.saturating_sub(RESERVED_FDS).max(16);
+        limits.max_connections = limits.max_connections.min(room as usize);
+    }
+    limits
+}
+
+/// File descriptors kept back from client connections.
+pub const RESERVED_FDS: u64 = 256;
+
+/// HTTP/2 streams (calls) at once on one client connection.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 
 /// Runs the replica until `shutdown` resolves (in `paxoskv serve`: SIGTERM
 /// or SIGINT), then stops taking calls, lets those in flight finish (up to
@@ -64,24 +285,50 @@ pub async fn serve(
     opts: ServeOptions,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), BoxError> {
-    if !opts.peers.contains_key(&opts.id) {
-        return Err(format!(
-            "--id {} is not among --peers {:?}",
-            opts.id,
-            opts.peers.keys().collect::<Vec<_>>()
-        )
-        .into());
+    // `main.rs` checks these before it starts; a server assembled another
+    // way fails here, at start, rather than when it first dials a peer.
+    opts.check()?;
+    // Both ports: TLS, and a client certificate from the CA required.
+    let server_builder = || -> Result<tonic::transport::Server, BoxError> {
+        let builder = tonic::transport::Server::builder();
+        Ok(match &opts.tls {
+            Some(tls) => builder
+                .tls_config(tls.server())
+                .map_err(|e| format!("TLS (--tls-cert, --tls-key, --tls-ca): {e}"))?,
+            None => builder,
+        })
+    };
+    let client_builder = server_builder()?;
+    let mut peer_builder = server_builder()?;
+    if let Some(tls) = &opts.tls {
+        info!(
+            replica = opts.id,
+            cert = %tls.files().cert.display(),
+            ca = %tls.files().ca.display(),
+            "mutual TLS on both ports and between replicas"
+        );
     }
-    // `main.rs` checks these when parsing; a server assembled another way
-    // fails here, at start, rather than when it first dials the peer.
-    for (id, addr) in &opts.peers {
-        crate::dial::endpoint(addr).map_err(|e| format!("--peers: replica {id}: {e}"))?;
-    }
+
     if let Some(addr) = opts.metrics_listen {
         crate::metrics::install(addr)?;
     }
+    let identity = Identity {
+        cluster: opts.cluster_name.clone(),
+        replica: opts.id,
+    };
+    if identity::check_or_record(&opts.data_dir, &identity)? == identity::Found::Recorded {
+        info!(replica = opts.id, cluster = %opts.cluster_name, data_dir = %opts.data_dir.display(), "recorded this replica's identity in its data directory");
+    }
     let (storage, durable) =
         Storage::open_with(&opts.data_dir, opts.cache_bytes, opts.log_segment_bytes)?;
+    if let Some(n) = opts.fail_syncs_after {
+        warn!(
+            replica = opts.id,
+            syncs = n,
+            "fault injection: every log sync after this many fails"
+        );
+        storage.fail_syncs_after(n);
+    }
     let storage = Arc::new(storage);
     info!(
         replica = opts.id,
@@ -131,18 +378,28 @@ pub async fn serve(
     };
     let replica = Replica::new(cfg, restore)?;
 
-    let listener = TcpListener::bind(opts.listen)
+    let fd_limit = listener::raise_fd_limit();
+    let clients = client_limits(fd_limit);
+    info!(
+        replica = opts.id,
+        fd_limit = ?fd_limit,
+        max_client_connections = clients.max_connections,
+        max_peer_connections = Limits::PEERS.max_connections,
+        "limits"
+    );
+    let client_listener = TcpListener::bind(opts.listen)
         .await
-        .map_err(|e| format!("cannot listen on {}: {e}", opts.listen))?;
-
+        .map_err(|e| format!("cannot listen on --listen {}: {e}", opts.listen))?;
+    let peer_listener = TcpListener::bind(opts.peer_listen)
+        .await
+        .map_err(|e| format!("cannot listen on --peer-listen {}: {e}", opts.peer_listen))?;
+    let directory = Arc::new(
+        Directory::new(opts.id, opts.peers.clone(), opts.client_address())
+            .with_cluster(opts.cluster_name.clone())
+            .with_dialer(opts.dialer()),
+    );
     let (peer_tx, peer_rx) = mpsc::channel(64 * 1024);
-    let others = opts
-        .peers
-        .iter()
-        .filter(|(id, _)| **id != opts.id)
-        .map(|(id, a)| (*id, a.clone()))
-        .collect();
-    let transport = Transport::start(opts.id, others);
+    let transport = Transport::for_directory(&directory);
     let (node, handle) = Node::new(
         replica,
         Arc::clone(&storage),
@@ -151,83 +408,387 @@ pub async fn serve(
         opts.tick,
         opts.snapshots,
     );
+    let node = node.with_test_bug(opts.test_bug);
     let (stop_node, node_stopped) = watch::channel(false);
     let mut node_task = tokio::spawn(node.run(node_stopped));
+    let kv = Arc::new(KvService::new(handle.clone(), Arc::clone(&directory)));
 
+    // The client port: no Paxos here, and its reflection describes none.
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<pb::kv_store_server::KvStoreServer<KvService>>()
         .await;
+    // A replica whose storage failed serves nothing: say so to health
+    // checks (the whole server, "", and the KV service).
+    let mut failure = handle.watch_failure();
+    let failed_health = health.clone();
+    tokio::spawn(async move {
+        if failure.wait_for(Option::is_some).await.is_ok() {
+            failed_health
+                .set_not_serving::<pb::kv_store_server::KvStoreServer<KvService>>()
+                .await;
+            failed_health
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+        }
+    });
     // Each reflection service describes itself; give each the other's
     // descriptor too, so both versions list every service.
     let reflection = |other_reflection_version| {
         tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(pb::CLIENT_FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(other_reflection_version)
     };
-    let (stop_server, server_stopped) = watch::channel(false);
-    let mut server_stopped_rx = server_stopped.clone();
-    let server = tonic::transport::Server::builder()
+    let (stop_clients, mut clients_stopped) = watch::channel(false);
+    let client_server = client_builder
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(health_service)
         .add_service(reflection(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET).build_v1()?)
         .add_service(reflection(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET).build_v1alpha()?)
-        .add_service(AdminService::new(handle.clone(), opts.peers.clone()).into_server())
-        .add_service(KvService::new(handle, opts.peers.clone()).into_server())
+        .add_service(AdminService::new(handle, Arc::clone(&directory)).into_server())
+        .add_service(KvService::server(Arc::clone(&kv)))
+        // Refuses, saying where to go instead; listed by no reflection.
+        .add_service(NotOnThisPort.into_server())
+        .serve_with_incoming_shutdown(
+            listener::incoming(client_listener, clients, "clients"),
+            async move {
+                let _ = clients_stopped.wait_for(|&stop| stop).await;
+            },
+        );
+    let mut client_task = tokio::spawn(client_server);
+
+    // The peer port: the replica protocol and nothing else.
+    let (stop_peers, peers_stopped) = watch::channel(false);
+    let mut peer_server_stopped = peers_stopped.clone();
+    let peer_server = peer_builder
         .add_service(
-            PaxosService::new(peer_tx)
-                .with_shutdown(server_stopped.clone())
+            PaxosService::new(peer_tx, Arc::clone(&directory))
+                .with_shutdown(peers_stopped)
                 .with_snapshots(Arc::clone(&storage))
+                .with_forwarding(Arc::clone(&kv) as Arc<dyn Forwarded>)
                 .into_server(),
         )
-        .serve_with_incoming_shutdown(incoming(listener), async move {
-            let _ = server_stopped_rx.changed().await;
-        });
-    let mut server_task = tokio::spawn(server);
-    info!(replica = opts.id, listen = %opts.listen, "serving");
+        .serve_with_incoming_shutdown(
+            listener::incoming(peer_listener, Limits::PEERS, "peers"),
+            async move {
+                let _ = peer_server_stopped.wait_for(|&stop| stop).await;
+            },
+        );
+    let mut peer_task = tokio::spawn(peer_server);
+    info!(
+        replica = opts.id,
+        listen = %opts.listen,
+        peer_listen = %opts.peer_listen,
+        client_address = %opts.client_address(),
+        "serving"
+    );
 
-    // Run until told to stop, or until the node or the server fails on its
+    let stop_all = || {
+        let _ = stop_clients.send(true);
+        let _ = stop_peers.send(true);
+        let _ = stop_node.send(true);
+    };
+    // Run until told to stop, or until the node or a server fails on its
     // own.
     tokio::select! {
         () = shutdown => info!(replica = opts.id, "shutting down"),
         result = &mut node_task => {
-            let _ = stop_server.send(true);
+            stop_all();
             return match result {
                 Ok(Ok(())) => Err("node stopped unexpectedly".into()),
                 Ok(Err(failure)) => Err(failure.into()),
                 Err(e) => Err(e.into()),
             };
         }
-        result = &mut server_task => {
-            let _ = stop_node.send(true);
-            return match result {
-                Ok(Ok(())) => Err("gRPC server stopped unexpectedly".into()),
-                Ok(Err(e)) => Err(e.into()),
-                Err(e) => Err(e.into()),
-            };
+        result = &mut client_task => {
+            stop_all();
+            return Err(server_ended("client", result));
+        }
+        result = &mut peer_task => {
+            stop_all();
+            return Err(server_ended("peer", result));
         }
     }
-    drop(server_stopped);
 
-    // Stop taking calls; calls in flight still have the node to finish on.
+    // Stop taking calls, and let those in flight finish, here and those
+    // forwarded here, while the peer port stays up: a call in flight needs
+    // the Paxos streams to reach a quorum. Only then close the peer port
+    // (its streams never end on their own, so that is bounded too).
+    let deadline = tokio::time::Instant::now() + opts.drain;
     health
         .set_not_serving::<pb::kv_store_server::KvStoreServer<KvService>>()
         .await;
-    let _ = stop_server.send(true);
-    // Peer streams never end on their own, so graceful shutdown is bounded.
-    if tokio::time::timeout(opts.drain, &mut server_task)
-        .await
-        .is_err()
-    {
-        server_task.abort();
+    let _ = stop_clients.send(true);
+    let drained = async {
+        let _ = (&mut client_task).await;
+        kv.drain_forwarded().await;
+    };
+    if tokio::time::timeout_at(deadline, drained).await.is_err() {
+        warn!(replica = opts.id, drain = ?opts.drain, "calls still in flight after the drain period; dropping them");
+    }
+    client_task.abort();
+    let _ = stop_peers.send(true);
+    let grace = deadline
+        .saturating_duration_since(tokio::time::Instant::now())
+        .max(Duration::from_millis(500));
+    if tokio::time::timeout(grace, &mut peer_task).await.is_err() {
+        peer_task.abort();
     }
     let _ = stop_node.send(true);
-    match node_task.await {
-        Ok(Ok(())) => {}
-        Ok(Err(failure)) => warn!(error = %failure, "node failed while stopping"),
-        Err(e) => warn!(error = %e, "node task failed while stopping"),
-    }
+    let node_result = match node_task.await {
+        Ok(result) => result.map_err(BoxError::from),
+        Err(e) => Err(format!("node task: {e}").into()),
+    };
+    // Even after a storage failure: the state machine holds only whole
+    // batches, and the next start's scan deals with the log.
     storage.flush()?;
     info!(replica = opts.id, "stopped");
-    Ok(())
+    node_result
+}
+
+/// The error for a gRPC server (`port`: "client" or "peer") whose task
+/// ended while the replica was meant to be running.
+fn server_ended(
+    port: &str,
+    result: Result<Result<(), tonic::transport::Error>, tokio::task::JoinError>,
+) -> BoxError {
+    match result {
+        Ok(Ok(())) => format!("the {port} gRPC server stopped unexpectedly").into(),
+        Ok(Err(e)) => format!("the {port} gRPC server failed: {e}").into(),
+        Err(e) => Box::new(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Replica 1 of three, every address on 127.0.0.1: clients on 808N,
+    /// peers on 818N.
+    fn opts() -> ServeOptions {
+        ServeOptions {
+            id: 1,
+            listen: "127.0.0.1:8081".parse().unwrap(),
+            peer_listen: "127.0.0.1:8181".parse().unwrap(),
+            advertise_client: None,
+            peers: (1..=3)
+                .map(|id| (id, format!("127.0.0.1:{}", 8180 + id)))
+                .collect(),
+            data_dir: PathBuf::from("unused"),
+            tick: Duration::from_millis(10),
+            cache_bytes: 1 << 20,
+            log_segment_bytes: 1 << 20,
+            snapshots: crate::node::SnapshotPolicy { every: 0, keep: 0 },
+            drain: Duration::from_secs(1),
+            metrics_listen: None,
+            cluster_name: "paxoskv".into(),
+            fail_syncs_after: None,
+            test_bug: None,
+            tls: None,
+        }
+    }
+
+    fn refused(opts: &ServeOptions, wanted: &[&str]) {
+        let err = opts.check().expect_err("should be refused");
+        for want in wanted {
+            assert!(err.contains(want), "{err:?} should say {want:?}");
+        }
+    }
+
+    #[test]
+    fn a_configuration_that_can_work_is_accepted() {
+        opts().check().expect("the default test options");
+        assert_eq!(opts().client_address(), "127.0.0.1:8081");
+
+        // Every address: peers must still give the port; clients need to
+        // be told where to go.
+        let mut o = opts();
+        o.listen = "0.0.0.0:8081".parse().unwrap();
+        o.peer_listen = "[::]:8181".parse().unwrap();
+        o.advertise_client = Some("paxoskv-0.paxoskv:8081".into());
+        o.check()
+            .expect("unspecified listen addresses with an advertised one");
+        assert_eq!(o.client_address(), "paxoskv-0.paxoskv:8081");
+
+        // Other spellings of this replica's own peer address.
+        for own in ["http://127.0.0.1:8181/", "localhost:8181"] {
+            let mut o = opts();
+            o.peers.insert(1, own.into());
+            o.check().unwrap_or_else(|e| panic!("{own}: {e}"));
+        }
+
+        // A client port on another interface than the peer port.
+        let mut o = opts();
+        o.listen = "127.0.0.2:8181".parse().unwrap();
+        o.check().expect("same port, other address");
+    }
+
+    #[test]
+    fn an_address_that_does_not_parse_is_named() {
+        let mut o = opts();
+        o.peers.insert(2, "127.0.0.1:http".into());
+        refused(&o, &["--peers: replica 2", "127.0.0.1:http"]);
+
+        let mut o = opts();
+        o.advertise_client = Some("https://db.example:8081".into());
+        refused(&o, &["--advertise-client", "https://db.example:8081"]);
+    }
+
+    #[test]
+    fn an_id_not_in_peers_is_refused() {
+        let mut o = opts();
+        o.id = 4;
+        refused(&o, &["--id 4 is not among --peers (replicas 1, 2, 3)"]);
+    }
+
+    #[test]
+    fn two_replicas_with_one_peer_address_are_refused() {
+        for spelling in [
+            "127.0.0.1:8182",
+            "http://127.0.0.1:8182",
+            "HTTP://127.0.0.1:8182/",
+        ] {
+            let mut o = opts();
+            o.peers.insert(3, spelling.into());
+            refused(
+                &o,
+                &[
+                    "--peers: replicas 2 and 3 have the same peer address",
+                    spelling,
+                ],
+            );
+        }
+    }
+
+    #[test]
+    fn the_client_and_peer_ports_must_differ() {
+        let mut o = opts();
+        o.listen = o.peer_listen;
+        refused(
+            &o,
+            &[
+                "--listen 127.0.0.1:8181 and --peer-listen 127.0.0.1:8181 are the same address",
+                "a port each",
+            ],
+        );
+        // Every address and one of them: the same port all the same.
+        let mut o = opts();
+        o.listen = "0.0.0.0:8181".parse().unwrap();
+        o.advertise_client = Some("127.0.0.1:8181".into());
+        refused(
+            &o,
+            &["--listen 0.0.0.0:8181 and --peer-listen 127.0.0.1:8181"],
+        );
+    }
+
+    #[test]
+    fn peer_listen_must_match_this_replicas_peers_entry() {
+        let mut o = opts();
+        o.peer_listen = "127.0.0.1:9181".parse().unwrap();
+        refused(
+            &o,
+            &[
+                "--peer-listen 127.0.0.1:9181 does not match this replica's --peers entry 1=127.0.0.1:8181",
+                "port 9181 is not 8181",
+            ],
+        );
+        // Even listening on every address, the port must be the one the
+        // others dial.
+        o.peer_listen = "0.0.0.0:9181".parse().unwrap();
+        refused(&o, &["port 9181 is not 8181"]);
+
+        let mut o = opts();
+        o.peer_listen = "127.0.0.2:8181".parse().unwrap();
+        refused(&o, &["host 127.0.0.2 is not 127.0.0.1"]);
+
+        // A name that resolves, to somewhere else.
+        let mut o = opts();
+        o.peers.insert(1, "localhost:8181".into());
+        o.peer_listen = "127.0.0.2:8181".parse().unwrap();
+        refused(
+            &o,
+            &["1=localhost:8181", "localhost resolves to", "not 127.0.0.2"],
+        );
+    }
+
+    #[test]
+    fn clients_must_be_told_a_dialable_address() {
+        for listen in ["0.0.0.0:8081", "[::]:8081"] {
+            let mut o = opts();
+            o.listen = listen.parse().unwrap();
+            refused(
+                &o,
+                &[
+                    &format!("--listen {listen} is an unspecified address"),
+                    "--advertise-client",
+                ],
+            );
+        }
+        let mut o = opts();
+        o.advertise_client = Some("http://127.0.0.1:8182".into());
+        refused(
+            &o,
+            &["--advertise-client http://127.0.0.1:8182 is replica 2's peer address"],
+        );
+    }
+
+    #[test]
+    fn with_tls_addresses_are_https_and_the_certificate_must_name_this_replica() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let made = tls::generate(dir.path(), &[1, 2], &["127.0.0.1"]).expect("made");
+        let load = |files| TlsConfig::load(files).expect("loads");
+
+        let mut o = opts();
+        o.tls = Some(load(&made.replicas[&1]));
+        o.check().expect("replica 1 with its own certificate");
+        for (id, form) in [(2, "https://127.0.0.1:8182"), (3, "127.0.0.1:8183")] {
+            o.peers.insert(id, form.into());
+        }
+        o.advertise_client = Some("https://127.0.0.1:8081".into());
+        o.check().expect("https:// and HOST:PORT with TLS");
+
+        // Plaintext spellings are refused with TLS, https without.
+        let mut plain_peer = o.clone();
+        plain_peer.peers.insert(2, "http://127.0.0.1:8182".into());
+        refused(&plain_peer, &["--peers: replica 2", "TLS is on"]);
+        let mut no_tls = o.clone();
+        no_tls.tls = None;
+        refused(&no_tls, &["--peers: replica 2", "https needs TLS"]);
+
+        // Another replica's certificate, or a client's.
+        let mut o = opts();
+        o.tls = Some(load(&made.replicas[&2]));
+        refused(
+            &o,
+            &[
+                "--tls-cert",
+                "names replica 2 (CN paxoskv-replica-2), but this is replica 1",
+                "Common Name paxoskv-replica-1",
+            ],
+        );
+        o.tls = Some(load(&made.client));
+        refused(&o, &["names CN \"paxoskv-client\", but this is replica 1"]);
+    }
+
+    #[test]
+    fn overlap_and_host_parsing() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(overlap(a("127.0.0.1:1"), a("127.0.0.1:1")));
+        assert!(overlap(a("[::]:1"), a("127.0.0.1:1")));
+        assert!(overlap(a("[::ffff:127.0.0.1]:1"), a("127.0.0.1:1")));
+        assert!(!overlap(a("127.0.0.1:1"), a("127.0.0.1:2")));
+        assert!(!overlap(a("127.0.0.1:1"), a("127.0.0.2:1")));
+        let plain = Dialer::plain();
+        assert_eq!(
+            host_and_port(&plain, "http://[::1]:8181"),
+            Ok(("::1".to_string(), 8181))
+        );
+        assert_eq!(
+            host_and_port(&plain, "node-1.example:8181"),
+            Ok(("node-1.example".to_string(), 8181))
+        );
+    }
 }

@@ -4,27 +4,40 @@
 //! node serves it if it leads; otherwise the call is forwarded to the leader
 //! it knows, or waits (up to the call's deadline) until one is known.
 //!
+//! Forwarding travels on the peer port, never the client port: the call is
+//! wrapped in a `paxoskv.v1.Paxos/Forward` to the leader's peer address,
+//! with the remaining deadline as its `grpc-timeout` and its hop count in
+//! [`FORWARDED`]; the leader unwraps it and serves it by the same path as a
+//! client's own call ([`KvService::serve`]), so its reply and status are
+//! exactly those its KvStore would give. The client port ignores a
+//! [`FORWARDED`] header: only replicas forward, and only over the peer port.
+//!
 //! Retries inside one call are only made where they cannot apply a write
 //! twice: when the command is known not to be in the log (not the leader;
 //! leadership lost before a slot), or when the write carries a request id,
 //! so the state machine deduplicates it.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
-use crate::dial;
+use crate::certainty::{Attempts, Certainty};
+use crate::directory::Directory;
 use crate::kv::{Op, Reply};
 use crate::metrics as m;
 use crate::node::{NodeError, NodeHandle};
 use crate::paxos::NodeId;
 use crate::pb;
-use crate::pb::kv_store_client::KvStoreClient;
+use crate::pb::forward_request::Call;
+use crate::pb::forward_response::Reply as Answer;
+use crate::pb::paxos_client::PaxosClient;
+use crate::transport::Forwarded;
 
 /// Longest key accepted, in bytes (the state machine's rule).
 pub const MAX_KEY_BYTES: usize = crate::kv::MAX_KEY_BYTES;
@@ -32,8 +45,13 @@ pub const MAX_KEY_BYTES: usize = crate::kv::MAX_KEY_BYTES;
 /// Deadline of a call that sets none.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(5);
 
-/// Header marking a call forwarded by a replica, with its hop count.
-const FORWARDED: &str = "x-paxoskv-forwarded";
+/// The largest client request decoded: a key is at most 1,024 bytes, so
+/// anything near this is not a request of this API.
+pub const MAX_REQUEST_BYTES: usize = 16 * 1024;
+
+/// Header of a `Paxos/Forward` call: how many times the client's call has
+/// been forwarded, this time included.
+pub const FORWARDED: &str = "x-paxoskv-forwarded";
 /// Metadata key on every UNAVAILABLE status a replica gives on purpose; its
 /// value is an [`Unavailable`] reason. An UNAVAILABLE without it came from
 /// the network: the replica could not be reached.
@@ -41,56 +59,112 @@ pub const REASON: &str = "x-paxoskv-reason";
 /// A call is forwarded at most this many times (leaders can change under it).
 const MAX_HOPS: u32 = 3;
 
-/// The KvStore service of one replica.
+/// The KvStore service of one replica, which also answers the calls other
+/// replicas forward to it (`Paxos/Forward`, on the peer port).
 pub struct KvService {
     node: NodeHandle,
-    peers: BTreeMap<NodeId, String>,
-    clients: Mutex<BTreeMap<NodeId, KvStoreClient<Channel>>>,
+    directory: Arc<Directory>,
+    /// A `Paxos` client per leader forwarded to, on its peer address.
+    clients: Mutex<BTreeMap<NodeId, PaxosClient<Channel>>>,
+    /// Forwarded calls being served here, and whether new ones are refused
+    /// because the replica is stopping.
+    forwarded_in: watch::Sender<Draining>,
+}
+
+/// See [`KvService::drain_forwarded`].
+#[derive(Clone, Copy, Debug, Default)]
+struct Draining {
+    in_flight: usize,
+    refusing: bool,
+}
+
+/// Marks one forwarded call in flight for as long as it lives, cancelled
+/// calls included.
+struct InFlight<'a>(&'a watch::Sender<Draining>);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|d| d.in_flight -= 1);
+    }
 }
 
 impl KvService {
-    /// Serves calls through `node`; `peers` maps every replica id to its
-    /// gRPC address, for forwarding.
-    pub fn new(node: NodeHandle, peers: BTreeMap<NodeId, String>) -> Self {
+    /// Serves calls through `node`; `directory` gives every replica's peer
+    /// address (where calls are forwarded) and client address (what a
+    /// status naming the leader tells the client).
+    pub fn new(node: NodeHandle, directory: Arc<Directory>) -> Self {
         KvService {
             node,
-            peers,
+            directory,
             clients: Mutex::new(BTreeMap::new()),
+            forwarded_in: watch::Sender::new(Draining::default()),
         }
     }
 
-    /// The tonic server for this service.
-    pub fn into_server(self) -> pb::kv_store_server::KvStoreServer<Self> {
-        pb::kv_store_server::KvStoreServer::new(self)
+    /// For a replica that is stopping: refuses every new forwarded call
+    /// (UNAVAILABLE, shutting down, so the forwarding replica looks for
+    /// another leader) and resolves once none is in flight.
+    pub async fn drain_forwarded(&self) {
+        self.forwarded_in.send_modify(|d| d.refusing = true);
+        let mut state = self.forwarded_in.subscribe();
+        let _ = state.wait_for(|d| d.in_flight == 0).await;
     }
 
-    fn client(&self, leader: NodeId) -> Result<KvStoreClient<Channel>, Status> {
+    /// Counts a forwarded call in, unless the replica is stopping.
+    fn enter_forwarded(&self) -> Result<InFlight<'_>, Status> {
+        let mut admitted = false;
+        self.forwarded_in.send_if_modified(|d| {
+            admitted = !d.refusing;
+            if admitted {
+                d.in_flight += 1;
+            }
+            admitted
+        });
+        if admitted {
+            Ok(InFlight(&self.forwarded_in))
+        } else {
+            // Refused before anything was proposed.
+            Err(Certainty::NotProposed
+                .mark(Unavailable::ShuttingDown.status("replica is shutting down")))
+        }
+    }
+
+    /// The tonic server for this service's client API, sharing `service`
+    /// with the peer port's `Forward`.
+    pub fn server(service: Arc<Self>) -> pb::kv_store_server::KvStoreServer<Self> {
+        pb::kv_store_server::KvStoreServer::from_arc(service)
+            .max_decoding_message_size(MAX_REQUEST_BYTES)
+    }
+
+    fn client(&self, leader: NodeId) -> Result<PaxosClient<Channel>, Status> {
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = clients.get(&leader) {
             return Ok(c.clone());
         }
         let addr = self
-            .peers
-            .get(&leader)
+            .directory
+            .peer_address(leader)
             .ok_or_else(|| Status::internal(format!("leader {leader} is not in the peer list")))?;
         // `paxoskv serve` refuses bad peer addresses at start; this is for
         // a server assembled some other way.
-        let channel = dial::endpoint(addr)
+        let channel = self
+            .directory
+            .dialer()
+            .endpoint(addr)
             .map_err(|e| Status::internal(format!("replica {leader}: {e}")))?
             .connect_lazy();
-        let client = KvStoreClient::new(channel);
+        let client = PaxosClient::new(channel);
         clients.insert(leader, client.clone());
         Ok(client)
     }
 
-    /// Checks, counts and serves one call of method `M`.
+    /// Checks, counts and serves one client's call of method `M`.
     async fn handle<M: Method>(
         &self,
         request: Request<M>,
     ) -> Result<Response<M::Response>, Status> {
-        let forwarded_in = request.metadata().contains_key(FORWARDED);
-        observed(M::NAME, forwarded_in, async {
-            let meta = CallMeta::of(&request);
+        observed(M::NAME, async {
+            let meta = CallMeta::of_client(&request);
             let call = request.into_inner();
             let action = call.check()?;
             self.serve(meta, call, action).await.map(Response::new)
@@ -98,13 +172,72 @@ impl KvService {
         .await
     }
 
+    /// Checks and serves one forwarded call of method `M`, not counted: it
+    /// was counted, end to end, where the client sent it, so the sum over
+    /// replicas is the clients' traffic. Checked again all the same: the
+    /// leader trusts no one to have done it.
+    async fn handle_forwarded<M: Method>(&self, meta: CallMeta, call: M) -> Result<Answer, Status> {
+        let action = call.check()?;
+        self.serve(meta, call, action).await.map(M::answer)
+    }
+
+    /// Sends `call` to `leader`'s peer port as a `Paxos/Forward`, with the
+    /// time `left` and its hop count, and returns what the leader answered.
+    ///
+    /// One call per forwarded client call: batching the calls a follower
+    /// forwards together is a later issue.
+    async fn forward<M: Method>(
+        &self,
+        leader: NodeId,
+        call: M,
+        left: Duration,
+        hops: u32,
+    ) -> Result<M::Response, Status> {
+        let mut request = forwarded(
+            pb::ForwardRequest {
+                call: Some(call.into_call()),
+            },
+            left,
+            hops,
+        );
+        // The leader's peer port admits only replicas of its cluster.
+        self.directory.introduce(request.metadata_mut());
+        let answer = self.client(leader)?.forward(request).await?.into_inner();
+        answer.reply.and_then(M::from_answer).ok_or_else(mismatch)
+    }
+
+    /// The status of a call that ran out of time, naming the leader (if
+    /// any) by its client address.
+    fn at_deadline(&self, leader: Option<NodeId>) -> Status {
+        unavailable_at_deadline(leader.map(|l| self.directory.describe(l)))
+    }
+
     /// Serves `call` here if this replica leads, else forwards it to the
-    /// leader, retrying where that is safe, until done or the deadline.
+    /// leader, retrying where that is safe, until done or the deadline. A
+    /// write that fails says whether it surely did not happen
+    /// ([`crate::certainty`]).
     async fn serve<M: Method>(
         &self,
         meta: CallMeta,
         call: M,
         action: Action,
+    ) -> Result<M::Response, Status> {
+        let mut attempts = Attempts::default();
+        let result = self.attempt(meta, call, action, &mut attempts).await;
+        match action {
+            Action::Write(_) => result.map_err(|status| attempts.mark(status)),
+            Action::Read => result,
+        }
+    }
+
+    /// The loop of [`KvService::serve`], recording in `attempts` what each
+    /// attempt of a write established.
+    async fn attempt<M: Method>(
+        &self,
+        meta: CallMeta,
+        call: M,
+        action: Action,
+        attempts: &mut Attempts,
     ) -> Result<M::Response, Status> {
         let mut node = self.node.clone();
         // A read may always be retried; a write only with a request id,
@@ -115,13 +248,15 @@ impl KvService {
             let left = meta.deadline.saturating_duration_since(Instant::now());
             let local = run_locally(&node, &call, action);
             let Ok(outcome) = tokio::time::timeout(left, local).await else {
-                return Err(unavailable_at_deadline(node.leader()));
+                attempts.cut_off();
+                return Err(self.at_deadline(node.leader()));
             };
+            if let Err(e) = &outcome {
+                attempts.answered(e);
+            }
             match outcome {
                 Ok(outcome) => return M::respond(call.key(), outcome),
-                Err(NodeError::Stopped) => {
-                    return Err(Unavailable::ShuttingDown.status("replica is shutting down"));
-                }
+                Err(NodeError::Stopped) => return Err(stopped(&node)),
                 Err(NodeError::Retry) => tokio::time::sleep(Duration::from_millis(10)).await,
                 // With a request id the state machine deduplicates: asking
                 // again is safe, and learns the outcome.
@@ -134,9 +269,14 @@ impl KvService {
                 {
                     let left = meta.deadline.saturating_duration_since(Instant::now());
                     metrics::counter!(m::FORWARDED, "leader_known" => "true").increment(1);
-                    let request = forwarded(call.clone(), left, meta.hops + 1);
-                    match M::forward(self.client(leader)?, request).await {
-                        Ok(response) => return Ok(response.into_inner()),
+                    let forwarded = self
+                        .forward(leader, call.clone(), left, meta.hops + 1)
+                        .await;
+                    if let Err(status) = &forwarded {
+                        attempts.forwarded(status);
+                    }
+                    match forwarded {
+                        Ok(response) => return Ok(response),
                         // The leader may have died; look again shortly.
                         Err(status) if retry_safe && leader_may_be_gone(&status) => {
                             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -156,7 +296,7 @@ impl KvService {
                 }
             }
             if Instant::now() >= meta.deadline {
-                return Err(unavailable_at_deadline(node.leader()));
+                return Err(self.at_deadline(node.leader()));
             }
         }
     }
@@ -196,8 +336,9 @@ async fn run_locally<M: Method>(
 }
 
 /// One KvStore method, by its request type: how the request is checked,
-/// how the node's outcome becomes the response, and how the call is
-/// forwarded. The flow around it (`KvService::serve`) is the same for all.
+/// how the node's outcome becomes the response, and how call and response
+/// travel in a `Paxos/Forward`. The flow around it (`KvService::serve`) is
+/// the same for all.
 trait Method: Clone + Send + Sync + 'static {
     type Response: Send;
     /// The gRPC method name, for metrics.
@@ -209,11 +350,32 @@ trait Method: Clone + Send + Sync + 'static {
     fn check(&self) -> Result<Action, Status>;
     /// The contract's response, or status, for what the node answered.
     fn respond(key: &str, outcome: Outcome) -> Result<Self::Response, Status>;
-    /// Sends the call to the leader.
-    fn forward(
-        client: KvStoreClient<Channel>,
-        request: Request<Self>,
-    ) -> impl Future<Output = Result<Response<Self::Response>, Status>> + Send;
+    /// The call as a `Paxos/Forward` carries it.
+    fn into_call(self) -> Call;
+    /// The response as a `Paxos/Forward` answers it.
+    fn answer(response: Self::Response) -> Answer;
+    /// The response in a `Paxos/Forward` answer, if of this method's kind.
+    fn from_answer(answer: Answer) -> Option<Self::Response>;
+}
+
+/// The `Forward`-related parts of [`Method`] for a request type, its
+/// response type and their variant in the `Forward` oneofs: the same three
+/// lines for every method.
+macro_rules! forwarded_as {
+    ($variant:ident) => {
+        fn into_call(self) -> Call {
+            Call::$variant(self)
+        }
+        fn answer(response: Self::Response) -> Answer {
+            Answer::$variant(response)
+        }
+        fn from_answer(answer: Answer) -> Option<Self::Response> {
+            match answer {
+                Answer::$variant(response) => Some(response),
+                _ => None,
+            }
+        }
+    };
 }
 
 impl Method for pb::GetRequest {
@@ -236,12 +398,7 @@ impl Method for pb::GetRequest {
             Outcome::Wrote(_) => Err(mismatch()),
         }
     }
-    async fn forward(
-        mut client: KvStoreClient<Channel>,
-        request: Request<Self>,
-    ) -> Result<Response<Self::Response>, Status> {
-        client.get(request).await
-    }
+    forwarded_as!(Get);
 }
 
 /// Checks what every write carries, and makes its action.
@@ -274,12 +431,7 @@ impl Method for pb::OpenSessionRequest {
             other => Err(reply_status(key, other)),
         }
     }
-    async fn forward(
-        mut client: KvStoreClient<Channel>,
-        request: Request<Self>,
-    ) -> Result<Response<Self::Response>, Status> {
-        client.open_session(request).await
-    }
+    forwarded_as!(OpenSession);
 }
 
 /// The state machine's reply to a write.
@@ -309,12 +461,7 @@ impl Method for pb::InsertRequest {
             other => Err(reply_status(key, other)),
         }
     }
-    async fn forward(
-        mut client: KvStoreClient<Channel>,
-        request: Request<Self>,
-    ) -> Result<Response<Self::Response>, Status> {
-        client.insert(request).await
-    }
+    forwarded_as!(Insert);
 }
 
 impl Method for pb::RemoveRequest {
@@ -335,12 +482,7 @@ impl Method for pb::RemoveRequest {
             other => Err(reply_status(key, other)),
         }
     }
-    async fn forward(
-        mut client: KvStoreClient<Channel>,
-        request: Request<Self>,
-    ) -> Result<Response<Self::Response>, Status> {
-        client.remove(request).await
-    }
+    forwarded_as!(Remove);
 }
 
 impl Method for pb::UpdateRequest {
@@ -362,12 +504,7 @@ impl Method for pb::UpdateRequest {
             other => Err(reply_status(key, other)),
         }
     }
-    async fn forward(
-        mut client: KvStoreClient<Channel>,
-        request: Request<Self>,
-    ) -> Result<Response<Self::Response>, Status> {
-        client.update(request).await
-    }
+    forwarded_as!(Update);
 }
 
 impl Method for pb::UpsertRequest {
@@ -390,39 +527,54 @@ impl Method for pb::UpsertRequest {
             other => Err(reply_status(key, other)),
         }
     }
-    async fn forward(
-        mut client: KvStoreClient<Channel>,
-        request: Request<Self>,
-    ) -> Result<Response<Self::Response>, Status> {
-        client.upsert(request).await
-    }
+    forwarded_as!(Upsert);
 }
 
 /// What a call carries besides its message.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 struct CallMeta {
     deadline: Instant,
+    /// Times the call has been forwarded to get here.
     hops: u32,
 }
 
 impl CallMeta {
-    fn of<T>(request: &Request<T>) -> Self {
-        let meta = request.metadata();
-        let timeout = meta
-            .get("grpc-timeout")
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_grpc_timeout)
-            .unwrap_or(DEFAULT_DEADLINE);
-        let hops = meta
+    /// A client's own call, on the client port: its deadline, and no hops
+    /// whatever headers it sent (a client cannot spend the hop budget).
+    fn of_client<T>(request: &Request<T>) -> Self {
+        CallMeta {
+            deadline: deadline_of(request),
+            hops: 0,
+        }
+    }
+
+    /// A call another replica forwarded (`Paxos/Forward`): its deadline and
+    /// its hop count, one if the header is missing or unreadable (it has
+    /// been forwarded at least once).
+    fn of_forwarded<T>(request: &Request<T>) -> Self {
+        let hops = request
+            .metadata()
             .get(FORWARDED)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
+            .unwrap_or(1);
         CallMeta {
-            deadline: Instant::now() + answer_within(timeout),
+            deadline: deadline_of(request),
             hops,
         }
     }
+}
+
+/// When a call must be answered here: its `grpc-timeout` (or
+/// [`DEFAULT_DEADLINE`]) less a margin.
+fn deadline_of<T>(request: &Request<T>) -> Instant {
+    let timeout = request
+        .metadata()
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout)
+        .unwrap_or(DEFAULT_DEADLINE);
+    Instant::now() + answer_within(timeout)
 }
 
 /// How long a call may take here: its deadline less a margin, so that a call
@@ -466,14 +618,18 @@ pub enum Unavailable {
     /// The leader changed while the write was in flight, and whether its
     /// slot chose it could not be learned in time.
     OutcomeUnknown,
+    /// A write or sync to the replica's disk failed: it serves nothing
+    /// until restarted (ask another replica).
+    StorageFailed,
 }
 
 impl Unavailable {
-    const ALL: [Unavailable; 4] = [
+    const ALL: [Unavailable; 5] = [
         Unavailable::NoLeader,
         Unavailable::NoQuorum,
         Unavailable::ShuttingDown,
         Unavailable::OutcomeUnknown,
+        Unavailable::StorageFailed,
     ];
 
     /// The value under [`REASON`].
@@ -483,6 +639,7 @@ impl Unavailable {
             Unavailable::NoQuorum => "no-quorum",
             Unavailable::ShuttingDown => "shutting-down",
             Unavailable::OutcomeUnknown => "outcome-unknown",
+            Unavailable::StorageFailed => "storage-failed",
         }
     }
 
@@ -506,25 +663,39 @@ impl Unavailable {
     }
 }
 
+/// Why a node answered [`NodeError::Stopped`]: it is shutting down, or its
+/// storage failed.
+pub fn stopped(node: &NodeHandle) -> Status {
+    match node.failure() {
+        Some(why) => Unavailable::StorageFailed.status(format!(
+            "replica {}'s storage failed ({why}); it serves nothing until restarted: ask another replica",
+            node.id()
+        )),
+        None => Unavailable::ShuttingDown.status("replica is shutting down"),
+    }
+}
+
 /// Whether a forwarded call's failure means the leader may be gone, so that
 /// looking for the leader again is worth it: it could not be reached (an
-/// UNAVAILABLE no replica marked), or it is shutting down. A leader that
+/// UNAVAILABLE no replica marked), or it is shutting down or failed. A leader that
 /// answered "no leader" or "no quorum" did so at the call's deadline; there
 /// is no time left to try again.
 fn leader_may_be_gone(status: &Status) -> bool {
     status.code() == Code::Unavailable
         && matches!(
             Unavailable::of(status),
-            None | Some(Unavailable::ShuttingDown)
+            None | Some(Unavailable::ShuttingDown | Unavailable::StorageFailed)
         )
 }
 
-fn unavailable_at_deadline(leader: Option<NodeId>) -> Status {
+/// The status of a call that ran out of time; `leader` describes the
+/// leader known, by its client address ([`Directory::describe`]).
+fn unavailable_at_deadline(leader: Option<String>) -> Status {
     match leader {
         None => Unavailable::NoLeader
             .status("no leader: no quorum elected one within the call's deadline"),
         Some(l) => Unavailable::NoQuorum.status(format!(
-            "no quorum confirmed the call within its deadline (leader is replica {l}); a write may or may not have taken effect, retry it with the same request_id"
+            "no quorum confirmed the call within its deadline (leader is {l}); a write may or may not have taken effect, retry it with the same request_id"
         )),
     }
 }
@@ -537,8 +708,8 @@ fn outcome_unknown() -> Status {
     )
 }
 
-/// Builds a forwarded request: same message, the remaining deadline, one
-/// more hop.
+/// Builds a `Paxos/Forward` request: the call, the remaining deadline, and
+/// the hop count.
 fn forwarded<T>(message: T, left: Duration, hops: u32) -> Request<T> {
     let mut request = Request::new(message);
     request.set_timeout(left);
@@ -608,18 +779,11 @@ fn mismatch() -> Status {
     Status::internal("internal error: answer does not match the call")
 }
 
-/// Counts a call by method and status code, and times it. A call another
-/// replica forwarded here (`forwarded_in`) is not counted again: it was
-/// counted, end to end, where the client sent it, so the sum over replicas
-/// is the clients' traffic.
+/// Counts a client's call by method and status code, and times it.
 async fn observed<T>(
     method: &'static str,
-    forwarded_in: bool,
     call: impl Future<Output = Result<T, Status>>,
 ) -> Result<T, Status> {
-    if forwarded_in {
-        return call.await;
-    }
     let started = Instant::now();
     let result = call.await;
     let code = match &result {
@@ -674,6 +838,31 @@ impl pb::kv_store_server::KvStore for KvService {
         request: Request<pb::OpenSessionRequest>,
     ) -> Result<Response<pb::OpenSessionResponse>, Status> {
         self.handle(request).await
+    }
+}
+
+#[tonic::async_trait]
+impl Forwarded for KvService {
+    async fn forwarded(
+        &self,
+        request: Request<pb::ForwardRequest>,
+    ) -> Result<Response<pb::ForwardResponse>, Status> {
+        let _in_flight = self.enter_forwarded()?;
+        let meta = CallMeta::of_forwarded(&request);
+        let answer = match request.into_inner().call {
+            Some(Call::Get(call)) => self.handle_forwarded(meta, call).await,
+            Some(Call::Insert(call)) => self.handle_forwarded(meta, call).await,
+            Some(Call::Remove(call)) => self.handle_forwarded(meta, call).await,
+            Some(Call::Update(call)) => self.handle_forwarded(meta, call).await,
+            Some(Call::Upsert(call)) => self.handle_forwarded(meta, call).await,
+            Some(Call::OpenSession(call)) => self.handle_forwarded(meta, call).await,
+            None => Err(Status::invalid_argument(
+                "call is required: one of get, insert, remove, update, upsert, open_session",
+            )),
+        }?;
+        Ok(Response::new(pb::ForwardResponse {
+            reply: Some(answer),
+        }))
     }
 }
 
@@ -741,7 +930,10 @@ mod tests {
     fn a_replicas_own_unavailable_is_marked_and_survives_the_wire() {
         for (status, want) in [
             (unavailable_at_deadline(None), Unavailable::NoLeader),
-            (unavailable_at_deadline(Some(2)), Unavailable::NoQuorum),
+            (
+                unavailable_at_deadline(Some("replica 2".into())),
+                Unavailable::NoQuorum,
+            ),
             (
                 Unavailable::ShuttingDown.status("replica is shutting down"),
                 Unavailable::ShuttingDown,
@@ -797,6 +989,49 @@ mod tests {
             .metadata_mut()
             .insert(REASON, MetadataValue::from_static("some-future-reason"));
         assert_eq!(Unavailable::of(&unknown), None);
+    }
+
+    #[test]
+    fn only_a_forwarded_call_counts_hops() {
+        let mut request = Request::new(pb::GetRequest { key: "k".into() });
+        request
+            .metadata_mut()
+            .insert(FORWARDED, MetadataValue::from_static("2"));
+        request.set_timeout(Duration::from_secs(2));
+        // A client cannot spend the hop budget by sending the header.
+        assert_eq!(CallMeta::of_client(&request).hops, 0);
+        assert_eq!(CallMeta::of_forwarded(&request).hops, 2);
+        // A forwarded call without (or with an unreadable) header has been
+        // forwarded once at least.
+        let bare = Request::new(pb::GetRequest { key: "k".into() });
+        assert_eq!(CallMeta::of_forwarded(&bare).hops, 1);
+        // The deadline travels either way.
+        let left = CallMeta::of_forwarded(&request)
+            .deadline
+            .saturating_duration_since(Instant::now());
+        assert!(left <= Duration::from_millis(1800) && left > Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn a_forward_carries_each_call_and_answer_of_its_own_kind() {
+        let insert = pb::InsertRequest {
+            key: "k".into(),
+            value: Some(3),
+            request_id: None,
+        };
+        assert!(matches!(insert.clone().into_call(), Call::Insert(c) if c == insert));
+        let answer = pb::InsertRequest::answer(pb::InsertResponse {});
+        assert_eq!(
+            pb::InsertRequest::from_answer(answer),
+            Some(pb::InsertResponse {})
+        );
+        // An answer of another kind is no answer: the caller reports a
+        // mismatch rather than a wrong reply.
+        assert_eq!(pb::UpsertRequest::from_answer(answer), None);
+        let got = pb::GetRequest::from_answer(pb::RemoveRequest::answer(pb::RemoveResponse {
+            previous: 1,
+        }));
+        assert_eq!(got, None);
     }
 
     #[test]

@@ -8,13 +8,16 @@
 //! moves chunks, and runs the storage's blocking calls off the async
 //! threads.
 
+use std::fmt;
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataMap;
+use tonic::transport::Endpoint;
 use tonic::{Request, Response, Status};
 
-use crate::dial;
+use crate::dial::DialError;
 use crate::paxos::{NodeId, Slot};
 use crate::pb;
 use crate::pb::paxos_client::PaxosClient;
@@ -85,26 +88,48 @@ pub async fn serve(
     Ok(Response::new(ReceiverStream::new(rx)))
 }
 
-/// Fetches a snapshot covering at least `min_index` from the replica at
-/// `endpoint`, into a new install in `storage`. Returns the install, ready
-/// for [`Storage::finish_install`], and what it must match.
+/// A replica to fetch a snapshot from: dialled and introduced as the
+/// transport's streams are (see [`crate::transport::Transport::snapshot_source`]).
+#[derive(Clone, Debug)]
+pub struct Source {
+    /// Its peer address, as configured (for messages).
+    pub address: String,
+    /// How to reach it (plaintext or TLS), or why it cannot be.
+    pub endpoint: Result<Endpoint, DialError>,
+    /// The metadata the call opens with: this replica's id and cluster.
+    pub hello: MetadataMap,
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.address)
+    }
+}
+
+/// Fetches a snapshot covering at least `min_index` from `endpoint`, into
+/// a new install in `storage`. Returns the install, ready for
+/// [`Storage::finish_install`], and what it must match.
 pub async fn fetch(
     storage: Arc<Storage>,
     me: NodeId,
-    endpoint: &str,
+    endpoint: &Source,
     min_index: Slot,
 ) -> Result<(SnapshotInstall, SnapshotMeta), String> {
-    let channel = dial::endpoint(endpoint)
+    let channel = endpoint
+        .endpoint
+        .clone()
         .map_err(|e| e.to_string())?
         .connect()
         .await
-        .map_err(|e| format!("connecting to {endpoint}: {e}"))?;
+        .map_err(|e| format!("connecting to {endpoint}: {}", error_chain(&e)))?;
     let mut client = PaxosClient::new(channel).max_decoding_message_size(MAX_CHUNK_MESSAGE);
+    let mut request = Request::new(pb::SnapshotRequest {
+        from: me,
+        min_index,
+    });
+    *request.metadata_mut() = endpoint.hello.clone();
     let mut chunks = client
-        .snapshot(pb::SnapshotRequest {
-            from: me,
-            min_index,
-        })
+        .snapshot(request)
         .await
         .map_err(|s| format!("asking {endpoint} for a snapshot: {}", s.message()))?
         .into_inner();
@@ -146,6 +171,22 @@ pub async fn fetch(
         next = chunks.message().await.map_err(received)?;
     }
     Ok((install, meta))
+}
+
+/// An error and its causes, as one line (a transport error alone says
+/// little more than "transport error").
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 async fn blocking<T: Send + 'static>(

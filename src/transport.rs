@@ -58,6 +58,19 @@
 //! [`STARTUP_GRACE`], so that a cluster whose replicas start a few seconds
 //! apart stays quiet.
 //!
+//! ## Saying who is calling
+//!
+//! The `Stream` call's request metadata names the dialling replica
+//! ([`REPLICA_ID`]), its cluster ([`CLUSTER`]) and, when it has one, the
+//! address where it serves clients ([`CLIENT_ADDRESS`]). The receiving
+//! [`PaxosService`] checks them (and, with TLS, the caller's certificate)
+//! with a [`Gate`] before it reads a message (see [`crate::handshake`]),
+//! and records the client address in its [`Directory`], so that every
+//! replica knows its peers' client addresses without being configured with
+//! them. Every message on the stream must then name that replica as its
+//! sender: one that does not is dropped. A refused stream is retried like
+//! an unreachable peer, and its status is the reason logged.
+//!
 //! ## Receiving, and shutting down
 //!
 //! [`PaxosService`] decodes each incoming message and awaits room in the
@@ -70,6 +83,13 @@
 //! them forever. Give the service a shutdown signal with
 //! [`PaxosService::with_shutdown`]: once it turns true, every open stream
 //! ends and the dialling peers go back to reconnecting.
+//!
+//! ## Forwarded client calls
+//!
+//! `Paxos/Forward` carries a client's call from a replica that does not
+//! lead to the leader. The transport only routes it: the client API, which
+//! lives above, answers it through the [`Forwarded`] it gives
+//! [`PaxosService::with_forwarding`].
 
 use std::collections::BTreeMap;
 use std::error::Error as StdError;
@@ -82,11 +102,16 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{self, Instant};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, error, info, warn};
 
-use crate::dial::{self, DialError};
+use crate::dial::{DialError, Dialer};
+use crate::directory::Directory;
+#[cfg(doc)]
+use crate::directory::{CLIENT_ADDRESS, CLUSTER, REPLICA_ID};
+use crate::handshake::{Caller, Gate, PeerCall};
 use crate::paxos::{Message, NodeId};
 use crate::pb;
 use crate::pb::paxos_client::PaxosClient;
@@ -142,6 +167,10 @@ pub struct Transport {
     /// Messages dropped: queue full, unknown peer, or trimmed while the peer
     /// was unreachable. Shared with the peer tasks.
     dropped: Arc<AtomicU64>,
+    /// How peers are dialled.
+    dialer: Dialer,
+    /// The metadata every call to a peer opens with.
+    hello: Arc<MetadataMap>,
 }
 
 /// What the [`Transport`] keeps of one peer.
@@ -158,15 +187,57 @@ struct PeerHandle {
 }
 
 impl Transport {
-    /// Starts a transport for replica `id`, with one task per peer dialling
-    /// `peers[peer]` (any form [`dial::endpoint`] accepts). An entry for `id`
-    /// itself is ignored, and so is a peer whose address is invalid (logged
-    /// at ERROR; `paxoskv serve` refuses such addresses at start).
+    /// Starts a transport for replica `id` of cluster
+    /// [`crate::directory::DEFAULT_CLUSTER`], dialling in plaintext, with
+    /// one task per peer dialling `peers[peer]` (any form
+    /// [`Dialer::endpoint`] accepts). An entry for `id` itself is
+    /// ignored, and so is a peer whose address is invalid (logged at ERROR;
+    /// `paxoskv serve` refuses such addresses at start).
     ///
     /// Must be called from within a tokio runtime. Returns at once; the
     /// connections are made in the background and messages sent before they
     /// are up wait in the queues.
     pub fn start(id: NodeId, peers: BTreeMap<NodeId, String>) -> Transport {
+        Transport::advertising(id, peers, None)
+    }
+
+    /// As [`Transport::start`], and every stream it opens tells the peer
+    /// that this replica serves clients at `client_address` (see the
+    /// module's "Saying who is calling").
+    pub fn advertising(
+        id: NodeId,
+        peers: BTreeMap<NodeId, String>,
+        client_address: Option<String>,
+    ) -> Transport {
+        let directory = Directory::new(id, BTreeMap::new(), String::new());
+        let hello = hello(&directory, client_address.as_deref());
+        Transport::build(id, peers, hello, Dialer::plain())
+    }
+
+    /// The transport of the replica `directory` describes: it dials every
+    /// other member at its peer address with the directory's dialer
+    /// (plaintext or TLS), and introduces itself with its id, its cluster
+    /// and its client address.
+    pub fn for_directory(directory: &Directory) -> Transport {
+        let id = directory.id();
+        let others = directory
+            .peers()
+            .iter()
+            .filter(|(peer, _)| **peer != id)
+            .map(|(peer, addr)| (*peer, addr.clone()))
+            .collect();
+        let hello = hello(directory, directory.client_address(id).as_deref());
+        Transport::build(id, others, hello, directory.dialer().clone())
+    }
+
+    fn build(
+        id: NodeId,
+        peers: BTreeMap<NodeId, String>,
+        hello: MetadataMap,
+        dialer: Dialer,
+    ) -> Transport {
+        // Made once: every (re)connection sends the same metadata.
+        let hello = Arc::new(hello);
         let dropped = Arc::new(AtomicU64::new(0));
         let mut handles = BTreeMap::new();
 
@@ -179,6 +250,8 @@ impl Transport {
             let task = PeerTask {
                 peer,
                 addr: addr.clone(),
+                dialer: dialer.clone(),
+                hello: Arc::clone(&hello),
                 queue: rx,
                 connected: connected.clone(),
                 dropped: dropped.clone(),
@@ -202,12 +275,25 @@ impl Transport {
             id,
             peers: handles,
             dropped,
+            dialer,
+            hello,
         }
     }
 
     /// The address of peer `id`, as configured.
     pub fn address(&self, id: NodeId) -> Option<&str> {
         self.peers.get(&id).map(|p| p.addr.as_str())
+    }
+
+    /// Where to fetch a snapshot from peer `id`, dialled and introduced as
+    /// this transport's streams are; `None` if `id` is not a peer.
+    pub fn snapshot_source(&self, id: NodeId) -> Option<crate::transfer::Source> {
+        let addr = self.address(id)?;
+        Some(crate::transfer::Source {
+            address: addr.to_string(),
+            endpoint: self.dialer.endpoint(addr),
+            hello: MetadataMap::clone(&self.hello),
+        })
     }
 
     /// Queues `msg` for peer `to`. Never blocks: if the peer's queue is full,
@@ -281,10 +367,35 @@ enum CallEnd {
     Lost(String),
 }
 
+/// The metadata every `Stream` call of the replica `directory` describes
+/// opens with: its id, its cluster, and its client address if it has one.
+/// An address that cannot be sent as metadata is left out (and logged):
+/// `paxoskv serve` refuses such addresses at start.
+fn hello(directory: &Directory, client_address: Option<&str>) -> MetadataMap {
+    let mut meta = MetadataMap::new();
+    directory.introduce(&mut meta);
+    if let Some(address) = client_address.filter(|a| !a.trim().is_empty()) {
+        match MetadataValue::try_from(address.trim()) {
+            Ok(value) => {
+                meta.insert(crate::directory::CLIENT_ADDRESS, value);
+            }
+            Err(_) => error!(
+                client_address = address,
+                "the client address cannot be sent as gRPC metadata; peers will not know it"
+            ),
+        }
+    }
+    meta
+}
+
 /// The task that keeps one peer's outbound stream up.
 struct PeerTask {
     peer: NodeId,
     addr: String,
+    /// Plaintext or TLS.
+    dialer: Dialer,
+    /// The metadata each `Stream` call opens with.
+    hello: Arc<MetadataMap>,
     /// The receiving end of the peer's queue.
     queue: mpsc::Receiver<pb::PeerMessage>,
     /// Mirrors `link` being `Up`, for [`Transport::peer_connected`].
@@ -335,7 +446,9 @@ impl PeerTask {
     /// The endpoint for the peer: the shared dial settings, and the
     /// keepalives above, which notice a peer gone without a word.
     fn endpoint(&self) -> Result<Endpoint, DialError> {
-        Ok(dial::endpoint(&self.addr)?
+        Ok(self
+            .dialer
+            .endpoint(&self.addr)?
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true))
@@ -355,7 +468,9 @@ impl PeerTask {
         let mut client = PaxosClient::new(channel).max_decoding_message_size(MAX_MESSAGE_SIZE);
 
         let (calls, outbound) = mpsc::channel(CALL_BUFFER);
-        let opened = time::timeout(OPEN_TIMEOUT, client.stream(ReceiverStream::new(outbound)))
+        let mut request = Request::new(ReceiverStream::new(outbound));
+        *request.metadata_mut() = MetadataMap::clone(&self.hello);
+        let opened = time::timeout(OPEN_TIMEOUT, client.stream(request))
             .await
             .map_err(|_| "open stream: timed out".to_string())?
             .map_err(|status| format!("open stream: {}", status_text(&status)))?;
@@ -443,27 +558,67 @@ impl PeerTask {
     }
 }
 
+/// Answers the client calls that other replicas forward to this one
+/// (`Paxos/Forward`). The client API implements it; the transport, below
+/// it, only routes the calls.
+#[tonic::async_trait]
+pub trait Forwarded: Send + Sync + 'static {
+    /// Serves one forwarded call, as the leader's KvStore would serve it.
+    async fn forwarded(
+        &self,
+        request: Request<pb::ForwardRequest>,
+    ) -> Result<Response<pb::ForwardResponse>, Status>;
+}
+
 /// The receiving side: the `paxoskv.v1.Paxos` gRPC service, which hands
-/// every message a peer streams to us to the local node's inbox.
-#[derive(Debug, Clone)]
+/// every message a peer streams to us to the local node's inbox, serves
+/// snapshots, and routes forwarded client calls, each only once its caller
+/// has passed the [`Gate`]. It belongs on the peer port only.
+#[derive(Clone)]
 pub struct PaxosService {
     /// Where decoded messages go, with the sender's id.
     inbox: mpsc::Sender<(NodeId, Message)>,
+    /// Who may call, checked on every call (see [`crate::handshake`]).
+    gate: Arc<Gate>,
     /// Once this turns true, every open stream ends.
     shutdown: Option<watch::Receiver<bool>>,
     /// Where `Snapshot` calls read from; without it they are refused.
     snapshots: Option<Arc<crate::storage::Storage>>,
+    /// Who answers `Forward` calls; without it they are refused.
+    forwarding: Option<Arc<dyn Forwarded>>,
+}
+
+impl std::fmt::Debug for PaxosService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PaxosService")
+            .field("gate", &self.gate)
+            .field("shutdown", &self.shutdown.is_some())
+            .field("snapshots", &self.snapshots.is_some())
+            .field("forwarding", &self.forwarding.is_some())
+            .finish()
+    }
 }
 
 impl PaxosService {
-    /// A service that pushes each `(from, message)` it receives into `inbox`,
-    /// waiting for room when it is full.
-    pub fn new(inbox: mpsc::Sender<(NodeId, Message)>) -> Self {
+    /// A service for the replica `directory` describes, which admits calls
+    /// from the other members of its cluster only (by their certificates
+    /// too, if the directory's dialer speaks TLS), records the client
+    /// addresses they advertise in `directory`, and pushes each `(from,
+    /// message)` it receives into `inbox`, waiting for room when it is full.
+    pub fn new(inbox: mpsc::Sender<(NodeId, Message)>, directory: Arc<Directory>) -> Self {
         PaxosService {
             inbox,
+            gate: Arc::new(Gate::new(directory)),
             shutdown: None,
             snapshots: None,
+            forwarding: None,
         }
+    }
+
+    /// Answers `Forward` calls with `forwarding`.
+    pub fn with_forwarding(mut self, forwarding: Arc<dyn Forwarded>) -> Self {
+        self.forwarding = Some(forwarding);
+        self
     }
 
     /// Serves `Snapshot` calls from `storage`'s state machine.
@@ -499,9 +654,31 @@ impl Paxos for PaxosService {
         &self,
         request: Request<pb::SnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
+        let caller = self.admit(PeerCall::Snapshot, &request)?;
+        // `from` is only logged; still, it must not contradict the caller.
+        if request.get_ref().from != caller.id {
+            return Err(Status::invalid_argument(format!(
+                "SnapshotRequest.from is {}, but the caller is replica {}",
+                request.get_ref().from,
+                caller.id
+            )));
+        }
         match &self.snapshots {
             Some(storage) => crate::transfer::serve(Arc::clone(storage), request).await,
             None => Err(Status::unimplemented("this server holds no state machine")),
+        }
+    }
+
+    async fn forward(
+        &self,
+        request: Request<pb::ForwardRequest>,
+    ) -> Result<Response<pb::ForwardResponse>, Status> {
+        self.admit(PeerCall::Forward, &request)?;
+        match &self.forwarding {
+            Some(forwarding) => forwarding.forwarded(request).await,
+            None => Err(Status::unimplemented(
+                "this server takes no forwarded client calls",
+            )),
         }
     }
 
@@ -509,9 +686,8 @@ impl Paxos for PaxosService {
         &self,
         request: Request<Streaming<pb::PeerMessage>>,
     ) -> Result<Response<Self::StreamStream>, Status> {
-        let remote = request
-            .remote_addr()
-            .map_or_else(|| "unknown".to_string(), |addr| addr.to_string());
+        let caller = self.admit(PeerCall::Stream, &request)?;
+        let remote = remote_of(&request);
         let inbound = request.into_inner();
 
         // The response stream stays open for as long as the reader task
@@ -519,10 +695,11 @@ impl Paxos for PaxosService {
         let (open, response) = mpsc::channel(1);
         let inbox = self.inbox.clone();
         let shutdown = self.shutdown.clone();
+        let gate = Arc::clone(&self.gate);
         tokio::spawn(async move {
-            debug!(%remote, "peer stream opened");
+            debug!(%remote, peer = caller.id, "peer stream opened");
             tokio::select! {
-                () = read_stream(inbound, inbox, &remote) => {}
+                () = read_stream(inbound, inbox, &gate, &caller, &remote) => {}
                 () = shutting_down(shutdown) => {
                     debug!(%remote, "closing peer stream: shutting down");
                 }
@@ -534,11 +711,81 @@ impl Paxos for PaxosService {
     }
 }
 
-/// Reads one peer's stream into the inbox until the stream ends or fails, or
-/// the inbox is closed.
+/// What the client port answers to every `paxoskv.v1.Paxos` call:
+/// `UNIMPLEMENTED`, with a message that says where the service is. Nothing
+/// a call carries is looked at. (Without it, the answer would be the same
+/// code with an empty message.)
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NotOnThisPort;
+
+impl NotOnThisPort {
+    /// The tonic server for this stand-in.
+    pub fn into_server(self) -> PaxosServer<Self> {
+        PaxosServer::new(self)
+    }
+
+    fn refuse() -> Status {
+        Status::unimplemented(
+            "paxoskv.v1.Paxos is not served on the client port; replicas speak it on their peer port (--peer-listen)",
+        )
+    }
+}
+
+#[tonic::async_trait]
+impl Paxos for NotOnThisPort {
+    type StreamStream = ReceiverStream<Result<pb::PeerMessage, Status>>;
+    type SnapshotStream = crate::transfer::ChunkStream;
+
+    async fn stream(
+        &self,
+        _: Request<Streaming<pb::PeerMessage>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        Err(Self::refuse())
+    }
+
+    async fn snapshot(
+        &self,
+        _: Request<pb::SnapshotRequest>,
+    ) -> Result<Response<Self::SnapshotStream>, Status> {
+        Err(Self::refuse())
+    }
+
+    async fn forward(
+        &self,
+        _: Request<pb::ForwardRequest>,
+    ) -> Result<Response<pb::ForwardResponse>, Status> {
+        Err(Self::refuse())
+    }
+}
+
+impl PaxosService {
+    /// The gate's verdict on `request` (see [`crate::handshake`]).
+    fn admit<T>(&self, call: PeerCall, request: &Request<T>) -> Result<Caller, Status> {
+        let certs = request.peer_certs();
+        self.gate.admit(
+            call,
+            request.metadata(),
+            certs.as_deref().map(Vec::as_slice),
+            &remote_of(request),
+        )
+    }
+}
+
+/// The caller's address, for logs.
+fn remote_of<T>(request: &Request<T>) -> String {
+    request
+        .remote_addr()
+        .map_or_else(|| "unknown".to_string(), |addr| addr.to_string())
+}
+
+/// Reads the stream `caller` opened into the inbox until the stream ends
+/// or fails, or the inbox is closed. A message that names a sender other
+/// than `caller` is dropped (see [`Gate::sent_by`]).
 async fn read_stream(
     mut inbound: Streaming<pb::PeerMessage>,
     inbox: mpsc::Sender<(NodeId, Message)>,
+    gate: &Gate,
+    caller: &Caller,
     remote: &str,
 ) {
     loop {
@@ -555,6 +802,7 @@ async fn read_stream(
         };
 
         match wire::message_from_pb(msg) {
+            Ok((from, _)) if !gate.sent_by(caller, from, remote) => {}
             Ok(decoded) => {
                 if inbox.send(decoded).await.is_err() {
                     debug!(%remote, "inbox closed; dropping peer stream");
@@ -616,7 +864,41 @@ mod tests {
     use tonic::transport::Server;
 
     use super::*;
+    use crate::directory::{CLIENT_ADDRESS, CLUSTER, DEFAULT_CLUSTER, REPLICA_ID};
     use crate::paxos::{Ballot, Value};
+
+    /// The directory of the replica the test servers play: replica 2 of
+    /// three, in the default cluster, plaintext.
+    fn server_directory() -> Arc<Directory> {
+        let peers = (1..=3).map(|id| (id, format!("127.0.0.1:{id}"))).collect();
+        Arc::new(Directory::new(2, peers, "127.0.0.1:9002".to_string()))
+    }
+
+    /// A plaintext channel to `addr`.
+    async fn connect(addr: SocketAddr) -> Channel {
+        Dialer::plain()
+            .endpoint(&addr.to_string())
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    /// A `Stream` request that introduces replica `id` of the default
+    /// cluster, carrying what `rx` yields.
+    fn stream_as(
+        id: &str,
+        rx: mpsc::Receiver<pb::PeerMessage>,
+    ) -> Request<ReceiverStream<pb::PeerMessage>> {
+        let mut request = Request::new(ReceiverStream::new(rx));
+        request
+            .metadata_mut()
+            .insert(REPLICA_ID, id.parse().expect("ascii"));
+        request
+            .metadata_mut()
+            .insert(CLUSTER, DEFAULT_CLUSTER.parse().expect("ascii"));
+        request
+    }
 
     /// Bound on every wait in these tests.
     const WAIT: Duration = Duration::from_secs(5);
@@ -662,9 +944,14 @@ mod tests {
     impl GracefulServer {
         async fn start(addr: SocketAddr, inbox: mpsc::Sender<(NodeId, Message)>) -> Self {
             let listener = bind(addr).await;
+            Self::serve(listener, PaxosService::new(inbox, server_directory()))
+        }
+
+        /// Serves `service` (given a shutdown signal here) on `listener`.
+        fn serve(listener: TcpListener, service: PaxosService) -> Self {
             let addr = listener.local_addr().expect("local addr");
             let (stop, stopped) = watch::channel(false);
-            let service = PaxosService::new(inbox).with_shutdown(stopped.clone());
+            let service = service.with_shutdown(stopped.clone());
             let mut signal = stopped;
             let task = tokio::spawn(
                 Server::builder()
@@ -711,7 +998,7 @@ mod tests {
                         .send(listener.local_addr().expect("local addr"))
                         .expect("report address");
                     let server = Server::builder()
-                        .add_service(PaxosService::new(inbox).into_server())
+                        .add_service(PaxosService::new(inbox, server_directory()).into_server())
                         .serve_with_incoming(TcpListenerStream::new(listener));
                     tokio::select! {
                         _ = server => {}
@@ -786,6 +1073,74 @@ mod tests {
         wait_connected(&transport, true).await;
         assert_eq!(transport.dropped(), 0);
 
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_dialling_replica_tells_its_client_address_and_bad_metadata_is_refused() {
+        let (inbox_tx, mut inbox) = mpsc::channel(1024);
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await;
+        let addr = listener.local_addr().expect("local addr");
+        let directory = Arc::new(Directory::new(2, peers(addr), "127.0.0.1:9002".to_string()));
+        let service = PaxosService::new(inbox_tx, Arc::clone(&directory));
+        let server = GracefulServer::serve(listener, service);
+
+        assert_eq!(directory.client_address(1), None);
+        let transport =
+            Transport::advertising(1, peers(addr), Some("http://127.0.0.1:9001".into()));
+        transport.send(2, &heartbeat(1));
+        assert_eq!(next(&mut inbox).await, (1, heartbeat(1)));
+        assert_eq!(
+            directory.client_address(1).as_deref(),
+            Some("http://127.0.0.1:9001")
+        );
+
+        // By hand: metadata a replica would never send.
+        let mut client = PaxosClient::new(connect(addr).await);
+        for (id, address, want) in [
+            (Some("1"), Some("https://127.0.0.1:9001"), "https"),
+            (Some("one"), Some("127.0.0.1:9001"), "is not a replica id"),
+            (
+                Some("7"),
+                Some("127.0.0.1:9001"),
+                "replica 7 is not a member",
+            ),
+            (Some("2"), Some("127.0.0.1:9001"), "is this replica"),
+            (None, Some("127.0.0.1:9001"), "without x-paxoskv-replica-id"),
+        ] {
+            let (_tx, rx) = mpsc::channel::<pb::PeerMessage>(1);
+            let mut request = Request::new(ReceiverStream::new(rx));
+            request
+                .metadata_mut()
+                .insert(CLUSTER, DEFAULT_CLUSTER.parse().expect("ascii"));
+            if let Some(id) = id {
+                request
+                    .metadata_mut()
+                    .insert(REPLICA_ID, id.parse().expect("ascii"));
+            }
+            if let Some(address) = address {
+                request
+                    .metadata_mut()
+                    .insert(CLIENT_ADDRESS, address.parse().expect("ascii"));
+            }
+            let status = client
+                .stream(request)
+                .await
+                .expect_err("malformed metadata is refused");
+            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+            assert!(status.message().contains(want), "{status:?}: {want}");
+        }
+        // Nothing a refused call said was recorded.
+        assert_eq!(
+            directory.client_address(1).as_deref(),
+            Some("http://127.0.0.1:9001")
+        );
+        assert_eq!(
+            directory.client_address(2).as_deref(),
+            Some("127.0.0.1:9002")
+        );
+
+        drop(transport);
         server.stop().await;
     }
 
@@ -878,14 +1233,9 @@ mod tests {
         let server = GracefulServer::start("127.0.0.1:0".parse().unwrap(), inbox_tx).await;
 
         // Dial by hand, to send a message with no kind.
-        let channel = dial::endpoint(&server.addr.to_string())
-            .expect("endpoint")
-            .connect()
-            .await
-            .expect("connect");
-        let mut client = PaxosClient::new(channel);
+        let mut client = PaxosClient::new(connect(server.addr).await);
         let (tx, rx) = mpsc::channel(8);
-        let call = client.stream(ReceiverStream::new(rx)).await.expect("open");
+        let call = client.stream(stream_as("1", rx)).await.expect("open");
 
         tx.send(pb::PeerMessage {
             from: 1,
@@ -902,6 +1252,80 @@ mod tests {
 
         drop(call);
         drop(tx);
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_message_naming_another_sender_never_reaches_the_node() {
+        let (inbox_tx, mut inbox) = mpsc::channel(1024);
+        let server = GracefulServer::start("127.0.0.1:0".parse().unwrap(), inbox_tx).await;
+        let mut client = PaxosClient::new(connect(server.addr).await);
+        let (tx, rx) = mpsc::channel(8);
+        let call = client.stream(stream_as("1", rx)).await.expect("open");
+
+        // Replica 1's stream, carrying messages that say they are replica
+        // 3's (a member) and the receiver's own, then one of its own.
+        for forged_from in [3, 2] {
+            tx.send(wire::message_to_pb(forged_from, &heartbeat(7)))
+                .await
+                .expect("send forged");
+        }
+        tx.send(wire::message_to_pb(1, &heartbeat(8)))
+            .await
+            .expect("send good");
+        let (from, msg) = next(&mut inbox).await;
+        assert_eq!(
+            (from, round_of(&msg)),
+            (1, 8),
+            "the forged ones are dropped"
+        );
+        assert!(inbox.try_recv().is_err(), "nothing else arrived");
+
+        // A stream that names no replica is refused: there would be no one
+        // to hold its messages to.
+        let (_tx, rx) = mpsc::channel::<pb::PeerMessage>(1);
+        let mut request = stream_as("1", rx);
+        request.metadata_mut().remove(REPLICA_ID);
+        let status = client.stream(request).await.expect_err("refused");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+
+        drop(call);
+        drop(tx);
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_replica_of_another_cluster_is_refused_naming_both_clusters() {
+        let (inbox_tx, mut inbox) = mpsc::channel(1024);
+        let server = GracefulServer::start("127.0.0.1:0".parse().unwrap(), inbox_tx).await;
+        let peers = peers(server.addr);
+        let directory =
+            Directory::new(1, peers.clone(), "127.0.0.1:9001".into()).with_cluster("staging");
+        let transport = Transport::for_directory(&directory);
+        transport.send(2, &heartbeat(1));
+        time::sleep(Duration::from_millis(500)).await;
+        assert!(!transport.peer_connected(2));
+        assert!(
+            inbox.try_recv().is_err(),
+            "nothing of another cluster arrives"
+        );
+
+        // The same refusal, by hand, to read its status.
+        let mut client = PaxosClient::new(connect(server.addr).await);
+        let (_tx, rx) = mpsc::channel::<pb::PeerMessage>(1);
+        let mut request = stream_as("1", rx);
+        request
+            .metadata_mut()
+            .insert(CLUSTER, "staging".parse().expect("ascii"));
+        let status = client.stream(request).await.expect_err("refused");
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+        assert!(
+            status
+                .message()
+                .contains("replica 1 belongs to cluster \"staging\", this is cluster \"paxoskv\""),
+            "{status:?}"
+        );
+        drop(transport);
         server.stop().await;
     }
 }

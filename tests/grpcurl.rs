@@ -8,29 +8,10 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::Cluster;
-
-fn grpcurl() -> PathBuf {
-    if let Some(path) = std::env::var_os("PAXOSKV_GRPCURL") {
-        return PathBuf::from(path);
-    }
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/tools/venv/bin/grpcurl");
-    if venv.exists() {
-        return venv;
-    }
-    let in_path = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|dir| dir.join("grpcurl"))
-        .find(|p| p.exists());
-    in_path.unwrap_or_else(|| {
-        panic!("grpcurl not found: run scripts/test.sh (it installs grpcurl into target/tools/venv) or set PAXOSKV_GRPCURL")
-    })
-}
+use common::{Cluster, grpcurl};
 
 /// What one grpcurl run printed.
 struct Out {
@@ -279,15 +260,13 @@ async fn bad_input_is_refused_by_name_and_never_reaches_the_log() {
     );
 
     // Only that last insert reached the log (one slot; heartbeats write
-    // nothing). Replica 2 may follow: it learns the commit with the
-    // leader's next heartbeat, so wait for the slot to be applied there.
-    let mut after = 0;
-    for _ in 0..50 {
+    // nothing). A follower applies it once it hears of its commit, a tick
+    // or so after the leader acknowledged it: wait for that.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut after = applied(&run(&["-plaintext", addr, "paxoskv.v1.Admin/Status"]));
+    while after < before + 1 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
         after = applied(&run(&["-plaintext", addr, "paxoskv.v1.Admin/Status"]));
-        if after > before {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(after, before + 1, "bad input reached the log");
     for k in ["novalue", "x"] {
@@ -346,4 +325,130 @@ async fn a_replica_cut_off_from_its_peers_answers_unavailable_within_the_deadlin
         out.stderr.contains("Code: Unavailable") && out.stderr.contains("no leader"),
         "{out:?}"
     );
+}
+
+/// grpcurl with the repository's .proto files, for the peer port, which
+/// serves no reflection.
+fn with_protos(args: &[&str]) -> Out {
+    let protos = concat!(env!("CARGO_MANIFEST_DIR"), "/proto");
+    let mut all = vec![
+        "-plaintext",
+        "-max-time",
+        "10",
+        "-import-path",
+        protos,
+        "-proto",
+        "paxoskv/v1/replica.proto",
+        "-proto",
+        "paxoskv/v1/kv.proto",
+    ];
+    all.extend_from_slice(args);
+    run(&all)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_port_serves_no_paxos_and_the_peer_port_nothing_else() {
+    let cluster = Cluster::start("ports", 3);
+    cluster.wait_ready(1, Duration::from_secs(15)).await;
+    assert_ok(
+        &kv(&cluster.addrs[&1], "Upsert", r#"{"key":"k","value":1}"#),
+        "inserted",
+    );
+
+    for id in 1..=3 {
+        let client = &cluster.addrs[&id];
+        let peer = &cluster.peer_addrs[&id];
+
+        // The client port: neither listed nor described nor served.
+        let list = run(&["-plaintext", client, "list"]);
+        assert!(
+            list.ok && list.stdout.contains("paxoskv.v1.KvStore"),
+            "replica {id}: {list:?}"
+        );
+        assert!(
+            !list.stdout.contains("paxoskv.v1.Paxos"),
+            "replica {id}'s client port lists the replica protocol: {list:?}"
+        );
+        let describe = run(&["-plaintext", client, "describe", "paxoskv.v1.Paxos"]);
+        assert!(!describe.ok, "replica {id}: {describe:?}");
+        for (method, body) in [
+            (
+                "Stream",
+                r#"{"from":2,"heartbeat":{"ballot":{"round":"9","node":2}}}"#,
+            ),
+            ("Snapshot", r#"{"from":2}"#),
+            ("Forward", r#"{"get":{"key":"k"}}"#),
+        ] {
+            let out = with_protos(&["-d", body, client, &format!("paxoskv.v1.Paxos/{method}")]);
+            assert_code(&out, "Unimplemented", "peer port");
+        }
+
+        // The peer port: the replica protocol, and nothing else (not even
+        // reflection).
+        let list = run(&["-plaintext", peer, "list"]);
+        assert!(
+            !list.ok,
+            "replica {id}'s peer port serves reflection: {list:?}"
+        );
+        let get = with_protos(&["-d", r#"{"key":"k"}"#, peer, "paxoskv.v1.KvStore/Get"]);
+        assert_code(&get, "Unimplemented", "");
+        // Every call there says which replica of which cluster makes it,
+        // as a replica's own calls do (without TLS, only a claim).
+        let other = if id == 1 { 2 } else { 1 };
+        let as_replica = format!("x-paxoskv-replica-id: {other}");
+        let headers = [
+            "-H",
+            as_replica.as_str(),
+            "-H",
+            "x-paxoskv-cluster: paxoskv",
+        ];
+        let with_headers = |args: &[&str]| {
+            let mut all = headers.to_vec();
+            all.extend_from_slice(args);
+            with_protos(&all)
+        };
+        let snapshot_body = format!(r#"{{"from":{other}}}"#);
+        let snapshot = with_headers(&["-d", &snapshot_body, peer, "paxoskv.v1.Paxos/Snapshot"]);
+        assert_ok(&snapshot, r#""key": "k""#);
+        let nameless = with_protos(&["-d", &snapshot_body, peer, "paxoskv.v1.Paxos/Snapshot"]);
+        assert_code(&nameless, "InvalidArgument", "without x-paxoskv-replica-id");
+        // A forwarded read is answered as the leader's KvStore would.
+        let forward = with_headers(&[
+            "-d",
+            r#"{"get":{"key":"k"}}"#,
+            peer,
+            "paxoskv.v1.Paxos/Forward",
+        ]);
+        assert_ok(&forward, r#""value": 1"#);
+        let missing = with_headers(&[
+            "-d",
+            r#"{"get":{"key":"absent"}}"#,
+            peer,
+            "paxoskv.v1.Paxos/Forward",
+        ]);
+        assert_code(&missing, "NotFound", "not found");
+        let bad = with_headers(&[
+            "-d",
+            r#"{"insert":{"key":""}}"#,
+            peer,
+            "paxoskv.v1.Paxos/Forward",
+        ]);
+        assert_code(&bad, "InvalidArgument", "key must not be empty");
+        // Not from a replica of this cluster: refused before it is served.
+        let stranger = with_protos(&[
+            "-H",
+            as_replica.as_str(),
+            "-H",
+            "x-paxoskv-cluster: staging",
+            "-d",
+            r#"{"get":{"key":"k"}}"#,
+            peer,
+            "paxoskv.v1.Paxos/Forward",
+        ]);
+        assert_code(
+            &stranger,
+            "FailedPrecondition",
+            &format!("replica {other} belongs to cluster \"staging\", this is cluster \"paxoskv\""),
+        );
+    }
 }

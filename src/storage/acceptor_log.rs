@@ -193,6 +193,11 @@ impl AcceptorLog {
         Ok(self.wal.purge_through(through)?)
     }
 
+    /// See [`Wal::fail_syncs_after`].
+    pub(super) fn fail_syncs_after(&mut self, n: u64) {
+        self.wal.fail_syncs_after(n);
+    }
+
     /// The last snapshot recorded.
     pub(super) fn snapshot(&self) -> Slot {
         self.snapshot

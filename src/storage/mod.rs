@@ -31,6 +31,7 @@
 //! sled's own `flush` is only a `sync_file_range`, see `state_machine.rs`).
 
 mod acceptor_log;
+pub mod identity;
 mod snapshot;
 mod state_machine;
 mod upgrade;
@@ -93,6 +94,9 @@ pub enum StorageError {
         /// What was found wrong, naming the file where it can.
         reason: String,
     },
+    /// The data directory belongs to another replica or cluster, or its
+    /// identity file does not parse (see [`identity`]).
+    Identity(String),
     /// A snapshot install was begun while another is in progress.
     InstallBusy,
     /// A snapshot is at or below the applied index; installing it would
@@ -123,6 +127,7 @@ impl fmt::Display for StorageError {
             ),
             StorageError::Io(what, e) => write!(f, "{what}: {e}"),
             StorageError::Corrupt(what) => write!(f, "corrupt storage: {what}"),
+            StorageError::Identity(what) => write!(f, "{what}"),
             StorageError::Log(e) => write!(f, "{e}"),
             StorageError::OutOfOrder { applied, slot } => write!(
                 f,
@@ -256,17 +261,7 @@ impl Storage {
         cache_bytes: u64,
         segment_bytes: u64,
     ) -> Result<(Storage, Durable), StorageError> {
-        let created = !dir.exists();
-        std::fs::create_dir_all(dir)
-            .map_err(|e| io_error(format!("creating data directory {}", dir.display()), e))?;
-        if created && let Some(parent) = dir.parent() {
-            let parent = if parent.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                parent
-            };
-            sync_dir(parent)?;
-        }
+        create_data_dir(dir)?;
         // Either error names the data directory, whichever part was locked.
         let in_use = |e| match e {
             StorageError::InUse(_) => StorageError::InUse(dir.to_path_buf()),
@@ -439,6 +434,13 @@ impl Storage {
         self.log().syncs()
     }
 
+    /// Fault injection, for tests of a failing disk: after `n` more
+    /// successful log syncs, every sync fails as if `fdatasync` returned
+    /// EIO (see [`crate::wal::Wal::fail_syncs_after`]).
+    pub fn fail_syncs_after(&self, n: u64) {
+        self.log().fail_syncs_after(n);
+    }
+
     /// Total payload bytes appended to the log by [`Storage::persist`].
     pub fn bytes_written(&self) -> u64 {
         self.log().bytes_written()
@@ -516,6 +518,21 @@ fn remove_dir_if_present(path: &Path) -> Result<(), StorageError> {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(io_error(format!("removing {}", path.display()), e)),
+    }
+}
+
+/// Creates the data directory `dir` if it does not exist, durably (its
+/// parent is synced).
+fn create_data_dir(dir: &Path) -> Result<(), StorageError> {
+    if dir.exists() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir)
+        .map_err(|e| io_error(format!("creating data directory {}", dir.display()), e))?;
+    match dir.parent() {
+        Some(parent) if parent.as_os_str().is_empty() => sync_dir(Path::new(".")),
+        Some(parent) => sync_dir(parent),
+        None => Ok(()),
     }
 }
 

@@ -341,6 +341,9 @@ pub struct Wal {
     /// Frames of the commit being written, reused between commits.
     buf: Vec<u8>,
     poisoned: bool,
+    /// Fault injection: syncs left before every sync fails (see
+    /// [`Wal::fail_syncs_after`]).
+    syncs_before_failing: Option<u64>,
 }
 
 /// What scanning one segment found.
@@ -551,6 +554,7 @@ impl Wal {
             active,
             buf: Vec::new(),
             poisoned: false,
+            syncs_before_failing: None,
         };
         wal.check_invariants();
         Ok((wal, records))
@@ -609,13 +613,26 @@ impl Wal {
             .file
             .write_all_at(&self.buf, active.offset)
             .map_err(io_err(|| format!("writing to {}", active.path.display())))?;
-        active
-            .file
-            .sync_data()
-            .map_err(io_err(|| format!("fdatasync of {}", active.path.display())))?;
+        let synced = match &mut self.syncs_before_failing {
+            Some(0) => Err(io::Error::other("injected fault: fdatasync failed (EIO)")),
+            Some(left) => {
+                *left -= 1;
+                active.file.sync_data()
+            }
+            None => active.file.sync_data(),
+        };
+        synced.map_err(io_err(|| format!("fdatasync of {}", active.path.display())))?;
         active.offset += self.buf.len() as u64;
         self.buf.clear();
         Ok(())
+    }
+
+    /// Fault injection, for tests of what a replica does when its disk
+    /// fails: after `n` more successful syncs, every sync of a commit fails
+    /// (its records were written, as when a real `fdatasync` reports EIO)
+    /// and poisons the log.
+    pub fn fail_syncs_after(&mut self, n: u64) {
+        self.syncs_before_failing = Some(n);
     }
 
     /// Seals the active segment (already synced) and starts the next.

@@ -509,3 +509,22 @@ fn fallocate_segments_round_trip() {
     let (_wal, got) = Wal::open(tmp.path(), options).expect("reopen");
     assert_eq!(got, records);
 }
+
+#[test]
+fn a_failed_sync_poisons_the_log_and_a_reopen_keeps_what_was_synced() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("log");
+    let (mut wal, _) = open(&dir);
+    wal.fail_syncs_after(2);
+    commit_each(&mut wal, &[rec(1, 10), rec(2, 10)]);
+    let e = wal.commit(&[rec(3, 10)]).expect_err("the third sync fails");
+    assert!(
+        matches!(&e, WalError::Io { what, .. } if what.contains("fdatasync")),
+        "{e}"
+    );
+    // Never again: a retried fsync could report success for lost pages.
+    assert!(matches!(wal.commit(&[rec(4, 10)]), Err(WalError::Poisoned)));
+    drop(wal);
+    let (_wal, records) = open(&dir);
+    assert_eq!(&records[..2], &[rec(1, 10), rec(2, 10)]);
+}

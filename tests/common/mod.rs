@@ -2,8 +2,14 @@
 //!
 //! Every process is killed when the [`Cluster`] is dropped, whatever the
 //! test's outcome; data lives in a fresh directory under the system temp
-//! dir, removed at the end. Every replica also serves Prometheus metrics on
-//! a port of its own ([`Cluster::metrics`]).
+//! dir, removed at the end. Every replica serves clients on one port
+//! ([`Cluster::addrs`]), the other replicas on another
+//! ([`Cluster::peer_addrs`]), and Prometheus metrics on a third
+//! ([`Cluster::metrics`]).
+//!
+//! A cluster started with [`Cluster::start_tls`] runs with mutual TLS: each
+//! replica gets its own certificate, and the harness's own calls present
+//! the client certificate.
 //!
 //! Next to it: [`load`], client traffic in the background, and
 //! [`prometheus`], a real Prometheus and promtool.
@@ -20,9 +26,11 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use paxoskv::dial::Dialer;
 use paxoskv::pb;
 use paxoskv::pb::admin_client::AdminClient;
 use paxoskv::pb::kv_store_client::KvStoreClient;
+use paxoskv::tls::{TlsConfig, TlsFiles};
 use tonic::transport::Channel;
 
 /// The `paxoskv` binary under test.
@@ -41,14 +49,16 @@ pub fn free_ports(n: usize) -> Vec<u16> {
         .collect()
 }
 
-/// How a cluster's `--peers` spells each replica's address: every form
-/// `--peers` accepts (README, "Running replicas yourself").
+/// How a cluster's `--peers` spells each replica's peer address: every
+/// form `--peers` accepts (README, "Running replicas yourself").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PeerForm {
     /// `127.0.0.1:PORT`
     Plain,
     /// `http://127.0.0.1:PORT`
     Http,
+    /// `https://127.0.0.1:PORT` (TLS clusters only)
+    Https,
 }
 
 impl PeerForm {
@@ -57,8 +67,47 @@ impl PeerForm {
         match self {
             PeerForm::Plain => addr.to_string(),
             PeerForm::Http => format!("http://{addr}"),
+            PeerForm::Https => format!("https://{addr}"),
         }
     }
+}
+
+/// The certificates of a TLS test cluster: each replica's, and the one
+/// the harness (a client) presents, all signed by one CA.
+#[derive(Clone, Debug)]
+pub struct ClusterTls {
+    /// Replica N's certificate, key and CA, by id.
+    pub replicas: BTreeMap<u32, TlsFiles>,
+    /// A client certificate, key and CA.
+    pub client: TlsFiles,
+}
+
+impl ClusterTls {
+    /// A dialer that presents the client certificate.
+    pub fn client_dialer(&self) -> Dialer {
+        Dialer::tls(&TlsConfig::load(&self.client).unwrap_or_else(|e| panic!("{e}")))
+    }
+}
+
+/// The grpcurl binary: `$PAXOSKV_GRPCURL`, else target/tools/venv (where
+/// scripts/test.sh installs it), else the PATH. Tests that need it fail
+/// without it; they do not skip.
+pub fn grpcurl() -> PathBuf {
+    if let Some(path) = std::env::var_os("PAXOSKV_GRPCURL") {
+        return PathBuf::from(path);
+    }
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/tools/venv/bin/grpcurl");
+    if venv.exists() {
+        return venv;
+    }
+    let in_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join("grpcurl"))
+        .find(|p| p.exists());
+    in_path.unwrap_or_else(|| {
+        panic!("grpcurl not found: run scripts/test.sh (it installs grpcurl into target/tools/venv) or set PAXOSKV_GRPCURL")
+    })
 }
 
 /// A channel to the replica at `addr`, made as paxoskv makes its own
@@ -72,14 +121,22 @@ pub fn channel(addr: &str) -> Channel {
 /// A running test cluster.
 pub struct Cluster {
     pub dir: PathBuf,
-    /// Each replica's gRPC address (`host:port`).
+    /// Each replica's client address (`host:port`): KvStore, Admin,
+    /// health, reflection.
     pub addrs: BTreeMap<u32, String>,
+    /// Each replica's peer address (`host:port`): `paxoskv.v1.Paxos`.
+    pub peer_addrs: BTreeMap<u32, String>,
     /// Each replica's metrics address: `http://ADDR/metrics`.
     pub metrics: BTreeMap<u32, String>,
     /// How `--peers` spells the addresses.
     pub peer_form: PeerForm,
     /// Flags added to every `paxoskv serve`.
     pub extra_args: Vec<String>,
+    /// Mutual TLS, if the cluster runs with it.
+    pub tls: Option<ClusterTls>,
+    /// How the harness dials the replicas: plaintext, or TLS with the
+    /// client certificate.
+    pub dialer: Dialer,
     procs: BTreeMap<u32, Child>,
 }
 
@@ -92,41 +149,68 @@ impl Cluster {
     /// Starts `n` replicas, with `--peers` addresses spelt as `peer_form`
     /// says.
     pub fn start_with(name: &str, n: u32, peer_form: PeerForm) -> Cluster {
-        Cluster::launch(name, n, peer_form, &[])
+        Cluster::launch(name, n, peer_form, &[], None)
     }
 
-    fn launch(name: &str, n: u32, peer_form: PeerForm, args: &[&str]) -> Cluster {
-        let ports = free_ports(2 * n as usize);
+    /// Starts `n` replicas with mutual TLS: replica N with `tls.replicas[N]`,
+    /// `--peers` spelt as `peer_form`, each given `args` as well.
+    pub fn start_tls(
+        name: &str,
+        n: u32,
+        peer_form: PeerForm,
+        tls: ClusterTls,
+        args: &[&str],
+    ) -> Cluster {
+        Cluster::launch(name, n, peer_form, args, Some(tls))
+    }
+
+    fn launch(
+        name: &str,
+        n: u32,
+        peer_form: PeerForm,
+        args: &[&str],
+        tls: Option<ClusterTls>,
+    ) -> Cluster {
         let dir = std::env::temp_dir().join(format!("paxoskv-test-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create test dir");
-        let addrs = (1..=n)
-            .map(|id| (id, format!("127.0.0.1:{}", ports[id as usize - 1])))
-            .collect();
-        let metrics = (1..=n)
-            .map(|id| (id, format!("127.0.0.1:{}", ports[(n + id) as usize - 1])))
-            .collect();
         let mut cluster = Cluster {
             dir,
-            addrs,
-            metrics,
+            addrs: BTreeMap::new(),
+            peer_addrs: BTreeMap::new(),
+            metrics: BTreeMap::new(),
             peer_form,
             extra_args: args.iter().map(|a| a.to_string()).collect(),
+            dialer: tls
+                .as_ref()
+                .map_or_else(Dialer::plain, ClusterTls::client_dialer),
+            tls,
             procs: BTreeMap::new(),
         };
+        cluster.resize(n);
         for id in 1..=n {
             cluster.spawn(id);
         }
         cluster
     }
 
-    /// Starts `n` replicas, each `paxoskv serve` given `args` as well.
-    pub fn start_args(name: &str, n: u32, args: &[&str]) -> Cluster {
-        Cluster::launch(name, n, PeerForm::Plain, args)
+    /// Chooses free ports for replicas 1 to `n`: clients, metrics, peers.
+    fn resize(&mut self, n: u32) {
+        let ports = free_ports(3 * n as usize);
+        let addr = |i: u32| format!("127.0.0.1:{}", ports[i as usize - 1]);
+        self.addrs = (1..=n).map(|id| (id, addr(id))).collect();
+        self.metrics = (1..=n).map(|id| (id, addr(n + id))).collect();
+        self.peer_addrs = (1..=n).map(|id| (id, addr(2 * n + id))).collect();
     }
 
-    fn peers_arg(&self) -> String {
-        self.addrs
+    /// Starts `n` replicas, each `paxoskv serve` given `args` as well.
+    pub fn start_args(name: &str, n: u32, args: &[&str]) -> Cluster {
+        Cluster::launch(name, n, PeerForm::Plain, args, None)
+    }
+
+    /// The `--peers` every replica is given: the peer addresses.
+    pub fn peers_arg(&self) -> String {
+        self.peer_addrs
             .iter()
             .map(|(id, a)| format!("{id}={}", self.peer_form.spell(a)))
             .collect::<Vec<_>>()
@@ -135,8 +219,25 @@ impl Cluster {
 
     /// Starts (or restarts) replica `id` on its address and data.
     pub fn spawn(&mut self, id: u32) {
+        self.spawn_with(id, &[]);
+    }
+
+    /// [`Cluster::spawn`], with `args` added to this start of replica `id`
+    /// only.
+    pub fn spawn_with(&mut self, id: u32, args: &[&str]) {
         let log =
             std::fs::File::create(self.dir.join(format!("replica-{id}.log"))).expect("log file");
+        let mut tls_args: Vec<&std::ffi::OsStr> = Vec::new();
+        if let Some(files) = self.tls.as_ref().and_then(|t| t.replicas.get(&id)) {
+            tls_args.extend([
+                "--tls-cert".as_ref(),
+                files.cert.as_os_str(),
+                "--tls-key".as_ref(),
+                files.key.as_os_str(),
+                "--tls-ca".as_ref(),
+                files.ca.as_os_str(),
+            ]);
+        }
         let child = Command::new(binary())
             .arg("serve")
             .args([
@@ -144,6 +245,8 @@ impl Cluster {
                 &id.to_string(),
                 "--listen",
                 &self.addrs[&id],
+                "--peer-listen",
+                &self.peer_addrs[&id],
                 "--peers",
                 &self.peers_arg(),
                 "--metrics-listen",
@@ -151,7 +254,9 @@ impl Cluster {
             ])
             .arg("--data-dir")
             .arg(self.dir.join(format!("data-{id}")))
+            .args(&tls_args)
             .args(&self.extra_args)
+            .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -159,6 +264,18 @@ impl Cluster {
             .spawn()
             .expect("start paxoskv serve");
         self.procs.insert(id, child);
+    }
+
+    /// Replica `id`'s process id, while it runs.
+    pub fn pid(&self, id: u32) -> Option<u32> {
+        self.procs.get(&id).map(Child::id)
+    }
+
+    /// Whether replica `id`'s process is still running.
+    pub fn running(&mut self, id: u32) -> bool {
+        self.procs
+            .get_mut(&id)
+            .is_some_and(|child| matches!(child.try_wait(), Ok(None)))
     }
 
     /// SIGKILL: no chance to flush or say goodbye.
@@ -193,14 +310,23 @@ impl Cluster {
         std::fs::read_to_string(self.dir.join(format!("replica-{id}.log"))).unwrap_or_default()
     }
 
+    /// A channel to `addr` as the harness dials (TLS with the client
+    /// certificate, in a TLS cluster), connecting on first use.
+    pub fn channel(&self, addr: &str) -> Channel {
+        self.dialer
+            .endpoint(addr)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .connect_lazy()
+    }
+
     /// A client for replica `id` (connecting on first use).
     pub async fn client(&self, id: u32) -> KvStoreClient<Channel> {
-        KvStoreClient::new(channel(&self.addrs[&id]))
+        KvStoreClient::new(self.channel(&self.addrs[&id]))
     }
 
     /// Replica `id`'s own view of itself (`paxoskv.v1.Admin/Status`).
     pub async fn status(&self, id: u32) -> Result<pb::StatusResponse, tonic::Status> {
-        let channel = channel(&self.addrs[&id]);
+        let channel = self.channel(&self.addrs[&id]);
         let mut req = tonic::Request::new(pb::StatusRequest {});
         req.set_timeout(Duration::from_secs(1));
         Ok(AdminClient::new(channel).status(req).await?.into_inner())

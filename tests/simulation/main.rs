@@ -1,7 +1,8 @@
-//! Deterministic simulation tests for the Multi-Paxos key-value store, with a
-//! linearizability checker for the client histories they record.
+//! Deterministic simulation tests for the Multi-Paxos key-value store. The
+//! client histories they record are checked for linearizability by the
+//! library's checker (`paxoskv::check::linearizability`), the one
+//! `paxoskv check` runs too.
 
-mod linearizability;
 mod world;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};

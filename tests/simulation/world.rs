@@ -72,7 +72,7 @@ use paxoskv::paxos::{
     Slot, SnapshotFetch, Value,
 };
 
-use crate::linearizability::{self, Input, Operation, Output};
+use paxoskv::check::linearizability::{self, Input, Operation, Output};
 
 /// What one seed runs: sizes and fault rates, all drawn from the seed.
 #[derive(Clone, Debug)]
@@ -1679,7 +1679,9 @@ impl World {
                             }
                         }
                         Err(e) => {
-                            if e == CallError::Retry
+                            // What the service tells a client NOT_PROPOSED
+                            // rests on this: such an answer proves absence.
+                            if e.proves_not_in_log()
                                 && let Some(p) = proposal
                             {
                                 if self.reference_replies.contains_key(&p) {

@@ -26,12 +26,13 @@
 //! # What these rules cannot catch
 //!
 //! Each rule checks a message against itself and against what this replica
-//! knows. Peers are not authenticated here, so a sender that can claim a
-//! member's id and tells *consistent* lies is not caught: an accept under
-//! the current leader's ballot with a false value, or a slot far ahead with
-//! a commit index just below it, looks exactly like the leader's own. Those
-//! need authenticated peers (mutual TLS, one certificate per replica id) in
-//! the transport. What the rules do guarantee is that no input, however
+//! knows. A sender that can claim a member's id and tells *consistent*
+//! lies is not caught here: an accept under the current leader's ballot
+//! with a false value, or a slot far ahead with a commit index just below
+//! it, looks exactly like the leader's own. Keeping such senders out is
+//! the transport's job: the peer port, mutual TLS with one certificate per
+//! replica id, and every message's `from` held to its stream's replica
+//! (`src/handshake.rs`). What the rules do guarantee is that no input, however
 //! malformed, panics the core, wraps an integer, or makes a replica promise,
 //! vote or learn something no honest member could have sent it.
 //!

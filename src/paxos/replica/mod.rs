@@ -314,6 +314,12 @@ impl Replica {
         self.core.committed
     }
 
+    /// The acceptor's state, to look at (`Admin/Acceptor`): its promise and
+    /// its votes.
+    pub fn acceptor(&self) -> &crate::paxos::acceptor::Acceptor {
+        &self.core.acceptor
+    }
+
     /// A snapshot of the replica's state.
     pub fn status(&self) -> Status {
         let (role, in_flight, queued, followers) = match &self.state {

@@ -1,5 +1,11 @@
 //! A linearizability checker for key-value histories.
 //!
+//! One checker, two users: the deterministic simulator
+//! (`tests/simulation`) checks the histories of its simulated clients, and
+//! `paxoskv check` ([`crate::check`]) those of real clients against real
+//! processes. Times are whatever the recorder uses (ticks in the
+//! simulator, microseconds since the start in `paxoskv check`).
+//!
 //! The algorithm is the one of Wing & Gong, improved by Lowe, as used by
 //! Porcupine and Knossos: a depth-first search for a sequential order of the
 //! operations (a *linearization*) that respects real time and that the
@@ -80,6 +86,21 @@ pub enum Output {
     AlreadyExists,
     /// Update or Remove of an absent key.
     NotFound,
+    /// Upsert of a present key, as the client API reports it (`inserted:
+    /// false`): the key held a value, which the reply does not name. It
+    /// agrees with the model's `Updated { previous }` for any `previous`.
+    Replaced,
+}
+
+impl Output {
+    /// Whether a client told `self` was told what the model says,
+    /// `model` (which is never [`Output::Replaced`]).
+    pub fn agrees(self, model: Output) -> bool {
+        match (self, model) {
+            (Output::Replaced, Output::Updated { .. }) => true,
+            (observed, model) => observed == model,
+        }
+    }
 }
 
 /// One client operation as observed by the client.
@@ -266,7 +287,10 @@ impl Search {
         let mut out: Vec<usize> = (first..nc)
             .take_while(|&c| self.op(c).call <= min_ret)
             .filter(|&c| !done.contains(c))
-            .filter(|&c| self.op(c).output == Some(step(state, self.op(c).input).0))
+            .filter(|&c| {
+                let model = step(state, self.op(c).input).0;
+                self.op(c).output.is_some_and(|o| o.agrees(model))
+            })
             .collect();
         // Unused pending ops with the same input are interchangeable (the
         // earliest called is eligible whenever a later one is, and stays
@@ -616,6 +640,25 @@ mod tests {
     }
 
     #[test]
+    fn an_upsert_that_replaced_agrees_with_any_previous_value_but_not_with_absence() {
+        let h = [
+            op(1, 0, 1, Input::Insert(1), Output::Inserted),
+            op(2, 2, 3, Input::Upsert(2), Output::Replaced),
+            op(1, 4, 5, Input::Get, get(Some(2))),
+        ];
+        assert_eq!(check(&h), Ok(()));
+        // Nothing was there to replace.
+        let h = [
+            op(1, 0, 1, Input::Get, get(None)),
+            op(2, 2, 3, Input::Upsert(2), Output::Replaced),
+        ];
+        assert!(check(&h).is_err());
+        assert!(Output::Replaced.agrees(Output::Updated { previous: 9 }));
+        assert!(!Output::Replaced.agrees(Output::Inserted));
+        assert!(!Output::Updated { previous: 1 }.agrees(Output::Updated { previous: 2 }));
+    }
+
+    #[test]
     fn keys_are_checked_independently() {
         // Each key alone is fine in "a"; "b" reads a value only "a" holds.
         let h = [
@@ -807,7 +850,7 @@ mod tests {
             }
             let before = model.get(&h[i].key).copied().flatten();
             let (output, next) = step(before, h[i].input);
-            if h[i].output.is_some_and(|o| o != output) {
+            if h[i].output.is_some_and(|o| !o.agrees(output)) {
                 continue;
             }
             linearized[i] = true;
@@ -845,10 +888,13 @@ mod tests {
                     }
                     3 => {
                         let previous = value(rng);
-                        (
-                            Input::Upsert(v),
-                            [Output::Inserted, Output::Updated { previous }],
-                        )
+                        // As the simulator sees it, or as a real client.
+                        let updated = if rng.range(0, 1) == 0 {
+                            Output::Updated { previous }
+                        } else {
+                            Output::Replaced
+                        };
+                        (Input::Upsert(v), [Output::Inserted, updated])
                     }
                     _ => {
                         let previous = value(rng);
