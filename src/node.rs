@@ -19,7 +19,7 @@
 //!   fetched and written into an install beside the live state, then the
 //!   loop switches it in (no apply runs meanwhile) and tells the core.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,7 +31,8 @@ use crate::driver::{Answer, Driver};
 use crate::kv::{self, KvState, Op, Reply};
 use crate::metrics as m;
 use crate::paxos::{
-    Ballot, Membership, Message, NodeId, Replica, Role, Slot, SnapshotFetch, Status, Value,
+    Ballot, Envelope, Membership, Message, NodeId, Persist, Replica, Role, Slot, SnapshotFetch,
+    Status, Value,
 };
 use crate::storage::Storage;
 use crate::storage::{Checkpoint, SnapshotInstall, SnapshotMeta, StorageError};
@@ -264,6 +265,68 @@ enum Background {
 /// A write's caller, and when it was proposed (for the commit latency).
 type WriteWaiter = (WriteReply, Instant);
 
+/// A sync for the log writer: what one round asked to persist, numbered in
+/// the order asked.
+struct SyncJob {
+    seq: u64,
+    persist: Persist,
+}
+
+/// The log writer's report: every job up to `through` is durable, or the
+/// sync failed (and the writer stopped).
+struct Synced {
+    through: u64,
+    result: Result<(), StorageError>,
+    took: Duration,
+    bytes: u64,
+}
+
+/// What a round leaves for after its sync and every earlier one: the
+/// replies that vouch for what was written, and the slots to apply.
+struct AfterSync {
+    /// The last sync this round waits for.
+    seq: u64,
+    persisted_messages: Vec<Envelope>,
+    chosen: Vec<(Slot, Value)>,
+}
+
+/// Starts the log writer, a thread of its own: it takes the jobs in order,
+/// writes every job waiting when it wakes in one group commit (one
+/// `fdatasync`), and reports each sync. So the node loop goes on taking
+/// messages and calls (and sending its accepts) while a sync runs, and
+/// what arrives meanwhile goes into the next one. It stops when the jobs'
+/// sender is dropped, or after a failed sync: the log is then poisoned.
+fn start_log_writer(
+    storage: Arc<Storage>,
+    mut jobs: mpsc::UnboundedReceiver<SyncJob>,
+    done: mpsc::UnboundedSender<Synced>,
+) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("paxoskv-log".into())
+        .spawn(move || {
+            while let Some(SyncJob { seq, mut persist }) = jobs.blocking_recv() {
+                let mut through = seq;
+                while let Ok(next) = jobs.try_recv() {
+                    through = next.seq;
+                    persist.absorb(next.persist);
+                }
+                let (started, written) = (std::time::Instant::now(), storage.bytes_written());
+                let result = storage.persist(&persist);
+                let failed = result.is_err();
+                let synced = Synced {
+                    through,
+                    result,
+                    took: started.elapsed(),
+                    bytes: storage.bytes_written() - written,
+                };
+                if done.send(synced).is_err() || failed {
+                    return;
+                }
+            }
+        })
+        .map(drop)
+}
+
 /// The async shell: owns the [`Driver`] (the core and its waiting calls)
 /// and the I/O it asks for.
 pub struct Node {
@@ -287,6 +350,14 @@ pub struct Node {
     fetching: bool,
     background_tx: mpsc::Sender<Background>,
     background_rx: mpsc::Receiver<Background>,
+    /// Jobs for the log writer ([`start_log_writer`]), and its reports.
+    sync_jobs: mpsc::UnboundedSender<SyncJob>,
+    synced_rx: mpsc::UnboundedReceiver<Synced>,
+    /// The last sync asked for, and the last known durable.
+    sync_asked: u64,
+    sync_durable: u64,
+    /// Rounds waiting for their sync, oldest first.
+    after_sync: VecDeque<AfterSync>,
     /// A deliberate bug, for `paxoskv check --break` only; see [`TestBug`].
     test_bug: Option<TestBug>,
 }
@@ -304,8 +375,11 @@ impl Node {
         peer_rx: mpsc::Receiver<(NodeId, Message)>,
         tick: Duration,
         policy: SnapshotPolicy,
-    ) -> (Node, NodeHandle) {
+    ) -> std::io::Result<(Node, NodeHandle)> {
         let (tx, requests) = mpsc::channel(16 * 1024);
+        let (sync_jobs, jobs) = mpsc::unbounded_channel();
+        let (synced_tx, synced_rx) = mpsc::unbounded_channel();
+        start_log_writer(Arc::clone(&storage), jobs, synced_tx)?;
         let (leader_tx, leader) = watch::channel(None);
         let (failure_tx, failure) = watch::channel(None);
         let id = replica.id();
@@ -333,6 +407,11 @@ impl Node {
             fetching: false,
             background_tx,
             background_rx,
+            sync_jobs,
+            synced_rx,
+            sync_asked: 0,
+            sync_durable: 0,
+            after_sync: VecDeque::new(),
             last_role: Role::Follower,
             refused_log: (None, 0),
             driver: Driver::new(replica, applied, first_proposal),
@@ -346,7 +425,7 @@ impl Node {
             ticks: 0,
             test_bug: None,
         };
-        (
+        Ok((
             node,
             NodeHandle {
                 id,
@@ -354,7 +433,7 @@ impl Node {
                 leader,
                 failure,
             },
-        )
+        ))
     }
 
     /// Switches on a deliberate bug (none if `None`): for `paxoskv check
@@ -396,6 +475,7 @@ impl Node {
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => return Ok(()),
+                Some(synced) = self.synced_rx.recv() => self.on_synced(synced).await?,
                 Some((from, msg)) = self.peer_rx.recv() => self.step_peer(from, msg),
                 request = self.requests.recv() => match request {
                     Some(request) => self.on_request(request),
@@ -564,7 +644,10 @@ impl Node {
         }
     }
 
-    /// Does what the driver asks until it asks nothing more.
+    /// Does what the driver asks until it asks nothing more. Each round's
+    /// messages go out at once; its persist goes to the log writer, and
+    /// what depends on it waits in `after_sync` for the writer's report
+    /// ([`Node::on_synced`]), in order (see [`crate::paxos::Ready`]).
     async fn process_ready(&mut self) -> Result<(), NodeFailure> {
         let id = self.driver.replica().id();
         loop {
@@ -573,7 +656,6 @@ impl Node {
                 return Ok(());
             }
             let mut to_self = Vec::new();
-            // 1. What depends on nothing unwritten goes out at once.
             for e in work.messages {
                 if let Message::CatchUpRequest {
                     ballot,
@@ -590,43 +672,88 @@ impl Node {
                     self.transport.send(e.to, &e.msg);
                 }
             }
-            // 2. The sync: one for everything gathered this round.
+            self.answer(work.answers)?;
+            if let Some(fetch) = work.fetch_snapshot {
+                self.start_fetch(fetch);
+            }
             if !work.persist.is_empty() {
-                let storage = Arc::clone(&self.storage);
                 let mut persist = work.persist;
                 // UNSAFE TEST BUG (forget-votes), see `TestBug::ForgetVotes`.
                 if self.test_bug == Some(TestBug::ForgetVotes) {
                     persist.entries.clear();
                 }
-                let (started, written) = (Instant::now(), self.storage.bytes_written());
-                blocking(move || storage.persist(&persist)).await?;
-                metrics::histogram!(m::SYNC_DURATION).record(started.elapsed().as_secs_f64());
-                metrics::counter!(m::WRITTEN_BYTES)
-                    .increment(self.storage.bytes_written() - written);
-                self.export_log_size();
+                self.sync_asked += 1;
+                let job = SyncJob {
+                    seq: self.sync_asked,
+                    persist,
+                };
+                self.sync_jobs
+                    .send(job)
+                    .map_err(|_| NodeFailure("the log writer stopped".into()))?;
             }
-            // 3. Replies that promise or accept what is now on disk.
-            for e in work.persisted_messages {
+            self.after_sync.push_back(AfterSync {
+                seq: self.sync_asked,
+                persisted_messages: work.persisted_messages,
+                chosen: work.chosen,
+            });
+            to_self.extend(self.run_synced().await?);
+            for msg in to_self {
+                self.driver.step_own(msg);
+            }
+        }
+    }
+
+    /// The log writer made syncs durable (or failed: the replica halts).
+    async fn on_synced(&mut self, synced: Synced) -> Result<(), NodeFailure> {
+        synced
+            .result
+            .map_err(|e| NodeFailure(format!("storage: {e}")))?;
+        metrics::histogram!(m::SYNC_DURATION).record(synced.took.as_secs_f64());
+        metrics::counter!(m::WRITTEN_BYTES).increment(synced.bytes);
+        self.export_log_size();
+        debug_assert!(synced.through > self.sync_durable && synced.through <= self.sync_asked);
+        self.sync_durable = synced.through;
+        for msg in self.run_synced().await? {
+            self.driver.step_own(msg);
+        }
+        Ok(())
+    }
+
+    /// Finishes, in order, the rounds whose syncs are durable: sends the
+    /// replies that vouch for what was written and applies what is chosen.
+    /// Returns the messages addressed to this replica, for the core.
+    async fn run_synced(&mut self) -> Result<Vec<Message>, NodeFailure> {
+        let id = self.driver.replica().id();
+        let mut to_self = Vec::new();
+        while self
+            .after_sync
+            .front()
+            .is_some_and(|round| round.seq <= self.sync_durable)
+        {
+            let Some(round) = self.after_sync.pop_front() else {
+                break;
+            };
+            for e in round.persisted_messages {
                 if e.to == id {
                     to_self.push(e.msg);
                 } else {
                     self.transport.send(e.to, &e.msg);
                 }
             }
-            // 4. Answers due now; then apply what is chosen, which answers
-            //    the writers (and readers) waiting for it.
-            self.answer(work.answers)?;
-            if !work.chosen.is_empty() {
-                self.apply(work.chosen).await?;
+            // Slots a snapshot installed meanwhile are in the state
+            // machine already.
+            let applied = self.driver.applied();
+            let chosen: Vec<_> = round
+                .chosen
+                .into_iter()
+                .filter(|(slot, _)| *slot > applied)
+                .collect();
+            if !chosen.is_empty() {
+                self.apply(chosen).await?;
                 self.maybe_checkpoint();
             }
-            if let Some(fetch) = work.fetch_snapshot {
-                self.start_fetch(fetch);
-            }
-            for msg in to_self {
-                self.driver.step_own(msg);
-            }
         }
+        Ok(to_self)
     }
 
     /// Starts a checkpoint if one is due and none is running.

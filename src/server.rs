@@ -407,7 +407,8 @@ pub async fn serve(
         peer_rx,
         opts.tick,
         opts.snapshots,
-    );
+    )
+    .map_err(|e| format!("cannot start the log writer thread: {e}"))?;
     let node = node.with_test_bug(opts.test_bug);
     let (stop_node, node_stopped) = watch::channel(false);
     let mut node_task = tokio::spawn(node.run(node_stopped));

@@ -30,7 +30,8 @@ async fn a_write_is_acknowledged_only_after_its_vote_is_synced() {
         peer_rx,
         Duration::from_millis(1),
         paxoskv::node::SnapshotPolicy { every: 0, keep: 0 },
-    );
+    )
+    .expect("start the node");
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(node.run(stopped));
 

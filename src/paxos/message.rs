@@ -249,6 +249,21 @@ impl Persist {
     pub fn is_empty(&self) -> bool {
         self.membership.is_none() && self.promised.is_none() && self.entries.is_empty()
     }
+
+    /// Adds `later`, a persist asked for after this one, so that one sync
+    /// writes both: its membership and promise replace ours (each only
+    /// moves forward), its entries follow ours (a later entry for a slot
+    /// replaces an earlier one).
+    pub fn absorb(&mut self, later: Persist) {
+        if later.membership.is_some() {
+            self.membership = later.membership;
+        }
+        if let Some(promised) = later.promised {
+            debug_assert!(self.promised.is_none_or(|p| p <= promised));
+            self.promised = Some(promised);
+        }
+        self.entries.extend(later.entries);
+    }
 }
 
 /// Everything the core asks the driver to do after a batch of inputs.
@@ -259,6 +274,14 @@ impl Persist {
 /// accepting what `persist` holds, and messages to this replica itself (feed
 /// those back into the core). `chosen` may be applied once `persist` is
 /// durable.
+///
+/// Syncs may be pipelined: the driver may take more inputs and more
+/// `Ready`s while a sync runs, and send their `messages` at once, as long
+/// as syncs complete in the order they were asked for and each `Ready`'s
+/// `persisted_messages` and `chosen` wait for its own sync *and every
+/// earlier one* (a reply may vouch for state an earlier `Ready` asked to
+/// write). `messages` never vouch for unwritten state, whichever `Ready`
+/// asked for it. The simulator drives the core this way.
 #[derive(Debug, Default)]
 pub struct Ready {
     /// Messages that may go out at once, before or while `persist` syncs.
@@ -311,5 +334,41 @@ impl Ready {
             && self.abandoned_through.is_none()
             && self.fetch_snapshot.is_none()
             && self.unknown_outcome.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vote(slot: Slot, round: u64) -> Accepted {
+        Accepted {
+            slot,
+            ballot: Ballot::new(round, 1),
+            value: Value::Noop,
+        }
+    }
+
+    #[test]
+    fn absorbing_a_later_persist_keeps_its_promise_and_appends_its_votes() {
+        let mut first = Persist {
+            membership: None,
+            promised: Some(Ballot::new(2, 1)),
+            entries: vec![vote(1, 2), vote(2, 2)],
+        };
+        first.absorb(Persist {
+            membership: Some(Membership::Voter),
+            promised: Some(Ballot::new(3, 2)),
+            entries: vec![vote(2, 3)],
+        });
+        assert_eq!(first.membership, Some(Membership::Voter));
+        assert_eq!(first.promised, Some(Ballot::new(3, 2)));
+        // The later vote for slot 2 comes last, so it is the one that stays.
+        assert_eq!(first.entries, vec![vote(1, 2), vote(2, 2), vote(2, 3)]);
+
+        // Nothing later keeps what was there.
+        let before = first.clone();
+        first.absorb(Persist::default());
+        assert_eq!(first, before);
     }
 }
