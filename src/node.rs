@@ -472,13 +472,18 @@ impl Node {
         let mut ticker = tokio::time::interval(self.tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // Whether this round took client calls and nothing else.
+            let mut only_calls = false;
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => return Ok(()),
                 Some(synced) = self.synced_rx.recv() => self.on_synced(synced).await?,
                 Some((from, msg)) = self.peer_rx.recv() => self.step_peer(from, msg),
                 request = self.requests.recv() => match request {
-                    Some(request) => self.on_request(request),
+                    Some(request) => {
+                        only_calls = true;
+                        self.on_request(request);
+                    }
                     None => return Ok(()),
                 },
                 _ = ticker.tick() => self.on_tick(),
@@ -487,12 +492,20 @@ impl Node {
             // Everything already waiting joins this round (and its sync).
             for _ in 0..MAX_INPUTS_PER_ROUND {
                 if let Ok((from, msg)) = self.peer_rx.try_recv() {
+                    only_calls = false;
                     self.step_peer(from, msg);
                 } else if let Ok(request) = self.requests.try_recv() {
                     self.on_request(request);
                 } else {
                     break;
                 }
+            }
+            // Calls that arrive while a sync runs wait for it to finish,
+            // then go into slots together: one slot per few calls would
+            // cost more messages and CPU per call than the sync they would
+            // not wait for. A call on an idle replica goes out at once.
+            if only_calls && self.sync_asked > self.sync_durable {
+                continue;
             }
             self.process_ready().await?;
             self.publish_leader();
