@@ -477,7 +477,12 @@ impl Node {
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => return Ok(()),
-                Some(synced) = self.synced_rx.recv() => self.on_synced(synced).await?,
+                synced = self.synced_rx.recv() => match synced {
+                    Some(synced) => self.on_synced(synced).await?,
+                    // It reports every sync, a failed one included, and
+                    // stops on its own only after a failure: it panicked.
+                    None => return Err(NodeFailure("the log writer thread stopped".into())),
+                },
                 Some((from, msg)) = self.peer_rx.recv() => self.step_peer(from, msg),
                 request = self.requests.recv() => match request {
                     Some(request) => {

@@ -643,7 +643,9 @@ async fn a_replica_of_another_cluster_is_refused_by_its_peers() {
     .expect("keep the first log apart");
     cluster.spawn_with(3, &["--cluster-name", "staging"]);
 
-    // Replicas 1 and 2 are a quorum, and take writes.
+    // Replicas 1 and 2 are a quorum, and take writes (once one of them
+    // leads: replica 3 may have been the leader).
+    cluster.wait_ready(2, Duration::from_secs(20)).await;
     let mut client = cluster.client(2).await;
     client
         .upsert(pb::UpsertRequest {
