@@ -186,8 +186,13 @@ pub async fn run(
     println!("  {grpcurl} -d '{{\"key\":\"apple\",\"value\":2}}' {c} paxoskv.v1.KvStore/Update");
     println!("  {grpcurl} -d '{{\"key\":\"pear\",\"value\":7}}' {b} paxoskv.v1.KvStore/Upsert");
     println!("  {grpcurl} -d '{{\"key\":\"apple\"}}' {c} paxoskv.v1.KvStore/Remove");
+    println!("  {grpcurl} -d '{{}}' {a} paxoskv.v1.KvStore/OpenSession");
     println!("  {grpcurl} {a} grpc.health.v1.Health/Check");
-    println!("\nOr with the CLI: paxoskv get apple --endpoint {b}{cli}");
+    println!(
+        "\nA write retried with the clientId OpenSession issued, in \
+         \"request_id\": {{\"client_id\": ID, \"sequence\": N}}, is applied once (README: Safe retries)."
+    );
+    println!("Or with the CLI: paxoskv get apple --endpoint {b}{cli}");
     println!("Ctrl-C stops the cluster.\n");
 
     let outcome = tokio::select! {
