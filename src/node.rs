@@ -478,7 +478,7 @@ impl Node {
                 biased;
                 _ = shutdown.changed() => return Ok(()),
                 synced = self.synced_rx.recv() => match synced {
-                    Some(synced) => self.on_synced(synced).await?,
+                    Some(synced) => self.on_synced(synced)?,
                     // It reports every sync, a failed one included, and
                     // stops on its own only after a failure: it panicked.
                     None => return Err(NodeFailure("the log writer thread stopped".into())),
@@ -512,7 +512,7 @@ impl Node {
             if only_calls && self.sync_asked > self.sync_durable {
                 continue;
             }
-            self.process_ready().await?;
+            self.process_ready()?;
             self.publish_leader();
         }
     }
@@ -666,7 +666,7 @@ impl Node {
     /// messages go out at once; its persist goes to the log writer, and
     /// what depends on it waits in `after_sync` for the writer's report
     /// ([`Node::on_synced`]), in order (see [`crate::paxos::Ready`]).
-    async fn process_ready(&mut self) -> Result<(), NodeFailure> {
+    fn process_ready(&mut self) -> Result<(), NodeFailure> {
         let id = self.driver.replica().id();
         loop {
             let work = self.driver.take_ready();
@@ -714,7 +714,7 @@ impl Node {
                 persisted_messages: work.persisted_messages,
                 chosen: work.chosen,
             });
-            to_self.extend(self.run_synced().await?);
+            to_self.extend(self.run_synced()?);
             for msg in to_self {
                 self.driver.step_own(msg);
             }
@@ -722,7 +722,7 @@ impl Node {
     }
 
     /// The log writer made syncs durable (or failed: the replica halts).
-    async fn on_synced(&mut self, synced: Synced) -> Result<(), NodeFailure> {
+    fn on_synced(&mut self, synced: Synced) -> Result<(), NodeFailure> {
         synced
             .result
             .map_err(|e| NodeFailure(format!("storage: {e}")))?;
@@ -731,7 +731,7 @@ impl Node {
         self.export_log_size();
         debug_assert!(synced.through > self.sync_durable && synced.through <= self.sync_asked);
         self.sync_durable = synced.through;
-        for msg in self.run_synced().await? {
+        for msg in self.run_synced()? {
             self.driver.step_own(msg);
         }
         Ok(())
@@ -740,7 +740,7 @@ impl Node {
     /// Finishes, in order, the rounds whose syncs are durable: sends the
     /// replies that vouch for what was written and applies what is chosen.
     /// Returns the messages addressed to this replica, for the core.
-    async fn run_synced(&mut self) -> Result<Vec<Message>, NodeFailure> {
+    fn run_synced(&mut self) -> Result<Vec<Message>, NodeFailure> {
         let id = self.driver.replica().id();
         let mut to_self = Vec::new();
         while self
@@ -767,7 +767,7 @@ impl Node {
                 .filter(|(slot, _)| *slot > applied)
                 .collect();
             if !chosen.is_empty() {
-                self.apply(chosen).await?;
+                self.apply(chosen)?;
                 self.maybe_checkpoint();
             }
         }
@@ -899,7 +899,7 @@ impl Node {
                         metrics::gauge!(m::SNAPSHOT_INDEX).set(meta.applied as f64);
                         metrics::gauge!(m::SNAPSHOT_ENTRIES).set(meta.digest.entries as f64);
                         self.export_log_size();
-                        self.process_ready().await?;
+                        self.process_ready()?;
                     }
                     // The core asks again, rate-limited, while it still needs one.
                     Err(e) => warn!(replica = id, from, error = %e, "snapshot fetch failed"),
@@ -915,7 +915,7 @@ impl Node {
         metrics::gauge!(m::LOG_BYTES).set(bytes as f64);
     }
 
-    async fn apply(&mut self, chosen: Vec<(Slot, Value)>) -> Result<(), NodeFailure> {
+    fn apply(&mut self, chosen: Vec<(Slot, Value)>) -> Result<(), NodeFailure> {
         let last = chosen
             .last()
             .map_or(self.driver.applied(), |(slot, _)| *slot);
@@ -925,8 +925,13 @@ impl Node {
                 metrics::histogram!(m::BATCH_SIZE).record(commands.len() as f64);
             }
         }
-        let storage = Arc::clone(&self.storage);
-        let replies = blocking(move || storage.apply(&chosen)).await?;
+        // On the loop itself, as reads are served: one sled transaction
+        // with no flush takes microseconds, less than handing it to another
+        // thread and back.
+        let replies = self
+            .storage
+            .apply(&chosen)
+            .map_err(|e| NodeFailure(format!("storage: {e}")))?;
         let answers = self.driver.applied_through(last, replies);
         self.answer(answers)
     }
@@ -1054,18 +1059,5 @@ impl Node {
             metrics::gauge!(m::FOLLOWER_LAG, "peer" => label.clone()).set(lag as f64);
             metrics::gauge!(m::FOLLOWER_SILENCE, "peer" => label).set(silence);
         }
-    }
-}
-
-/// Runs blocking storage work off the async threads.
-async fn blocking<T, E>(f: impl FnOnce() -> Result<T, E> + Send + 'static) -> Result<T, NodeFailure>
-where
-    T: Send + 'static,
-    E: std::fmt::Display + Send + 'static,
-{
-    match tokio::task::spawn_blocking(f).await {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(e)) => Err(NodeFailure(format!("storage: {e}"))),
-        Err(e) => Err(NodeFailure(format!("storage task: {e}"))),
     }
 }
