@@ -300,7 +300,9 @@ fn start_log_writer(
     storage: Arc<Storage>,
     mut jobs: mpsc::UnboundedReceiver<SyncJob>,
     done: mpsc::UnboundedSender<Synced>,
-) -> std::io::Result<()> {
+) -> std::io::Result<std::sync::mpsc::Receiver<()>> {
+    // Disconnected once the thread has let go of the storage.
+    let (exiting, exited) = std::sync::mpsc::channel::<()>();
     std::thread::Builder::new()
         .name("paxoskv-log".into())
         .spawn(move || {
@@ -320,11 +322,13 @@ fn start_log_writer(
                     bytes: storage.bytes_written() - written,
                 };
                 if done.send(synced).is_err() || failed {
-                    return;
+                    break;
                 }
             }
-        })
-        .map(drop)
+            drop(storage);
+            drop(exiting);
+        })?;
+    Ok(exited)
 }
 
 /// The async shell: owns the [`Driver`] (the core and its waiting calls)
@@ -358,6 +362,9 @@ pub struct Node {
     sync_durable: u64,
     /// Rounds waiting for their sync, oldest first.
     after_sync: VecDeque<AfterSync>,
+    /// Disconnected once the log writer has stopped and let go of the
+    /// storage (see `Drop`).
+    log_writer_exited: std::sync::mpsc::Receiver<()>,
     /// A deliberate bug, for `paxoskv check --break` only; see [`TestBug`].
     test_bug: Option<TestBug>,
 }
@@ -379,7 +386,7 @@ impl Node {
         let (tx, requests) = mpsc::channel(16 * 1024);
         let (sync_jobs, jobs) = mpsc::unbounded_channel();
         let (synced_tx, synced_rx) = mpsc::unbounded_channel();
-        start_log_writer(Arc::clone(&storage), jobs, synced_tx)?;
+        let log_writer_exited = start_log_writer(Arc::clone(&storage), jobs, synced_tx)?;
         let (leader_tx, leader) = watch::channel(None);
         let (failure_tx, failure) = watch::channel(None);
         let id = replica.id();
@@ -412,6 +419,7 @@ impl Node {
             sync_asked: 0,
             sync_durable: 0,
             after_sync: VecDeque::new(),
+            log_writer_exited,
             last_role: Role::Follower,
             refused_log: (None, 0),
             driver: Driver::new(replica, applied, first_proposal),
@@ -1059,5 +1067,16 @@ impl Node {
             metrics::gauge!(m::FOLLOWER_LAG, "peer" => label.clone()).set(lag as f64);
             metrics::gauge!(m::FOLLOWER_SILENCE, "peer" => label).set(silence);
         }
+    }
+}
+
+impl Drop for Node {
+    /// Stops the log writer and waits (a few seconds at most, in case a sync
+    /// hangs on a dead disk) until it has let go of the storage, so that
+    /// whoever opens the data directory next finds it free.
+    fn drop(&mut self) {
+        let (closed, _) = mpsc::unbounded_channel();
+        drop(std::mem::replace(&mut self.sync_jobs, closed));
+        let _ = self.log_writer_exited.recv_timeout(Duration::from_secs(5));
     }
 }
