@@ -73,6 +73,7 @@ impl Cluster {
                     keep: 5_000,
                 },
                 drain: Duration::from_secs(1),
+                limits: paxoskv::driver::Limits::DEFAULT,
                 metrics_listen: None,
                 cluster_name: "paxoskv".into(),
                 fail_syncs_after: None,

@@ -83,6 +83,14 @@ BUGS = [
          what="the driver never answers the writes a deposed leader had given slots",
          old="            w.doubt.get_or_insert(doubt);",
          new="            let _ = (&w, doubt);"),
+    dict(name="withdraw-leaves-queued", file="src/paxos/replica/mod.rs",
+         what="a withdrawn command is reported taken back but stays queued for a slot",
+         old="                taken.push(command.clone());\n            }\n            !take",
+         new="                taken.push(command.clone());\n            }\n            true"),
+    dict(name="driver-expires-slotted", file=D,
+         what="the driver answers a write Expired when its deadline passes, slot or not",
+         old="        for id in self.withdraw(&late) {",
+         new="        let _ = self.withdraw(&late);\n        for id in late {"),
 ]
 
 

@@ -105,10 +105,13 @@ impl Attempts {
 
     /// A write's failure `status`, marked with what the attempts establish
     /// if it is one whose outcome a client could wonder about
-    /// (`UNAVAILABLE`, `DEADLINE_EXCEEDED`); other statuses are answers.
+    /// (`UNAVAILABLE`, `DEADLINE_EXCEEDED`, `RESOURCE_EXHAUSTED`); other
+    /// statuses are answers.
     pub fn mark(&self, status: Status) -> Status {
         match status.code() {
-            Code::Unavailable | Code::DeadlineExceeded => self.certainty().mark(status),
+            Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted => {
+                self.certainty().mark(status)
+            }
             _ => status,
         }
     }

@@ -21,6 +21,11 @@
 //!   leadership proposed without finding it, and with
 //!   [`CallError::Unknown`] if that is not learned within
 //!   [`Driver::doubt_ticks`] ticks;
+//! - past [`Limits`] (writes or reads already waiting), a call is refused
+//!   at once with [`CallError::Busy`], before anything is proposed;
+//! - a write whose deadline passes while its command still waits for a slot
+//!   is taken back from the core and answered [`CallError::Expired`]: it
+//!   never costs a slot (one that already has a slot runs its course);
 //! - a snapshot install skips slots without applying them one by one here:
 //!   a write whose slot it may have covered is answered
 //!   [`CallError::Unknown`] (never `Retry`: it may be in the snapshot).
@@ -53,6 +58,17 @@ pub enum CallError {
     Unknown,
     /// The replica is shutting down.
     Stopped,
+    /// Refused before it was proposed: `waiting` calls of its kind already
+    /// wait here, the most [`Limits`] allows.
+    Busy {
+        /// What is full.
+        what: &'static str,
+        /// Its bound.
+        limit: usize,
+    },
+    /// The call's deadline passed before its command got a slot; it was
+    /// taken back and never proposed.
+    Expired,
 }
 
 impl CallError {
@@ -65,7 +81,10 @@ impl CallError {
     /// checks that no write so answered is ever applied.
     pub fn proves_not_in_log(&self) -> bool {
         match self {
-            CallError::NotLeader(_) | CallError::Retry => true,
+            CallError::NotLeader(_)
+            | CallError::Retry
+            | CallError::Busy { .. }
+            | CallError::Expired => true,
             CallError::Unknown | CallError::Stopped => false,
         }
     }
@@ -125,12 +144,35 @@ impl<W, R> Work<W, R> {
     }
 }
 
+/// How many calls may wait on one replica at once. Past these, a call is
+/// refused at once ([`CallError::Busy`]) rather than queued: a queue longer
+/// than the replica can serve within a call's deadline only turns calls
+/// into timeouts after they have cost their slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Writes proposed and not yet answered, queued or with a slot.
+    pub max_writes: usize,
+    /// Reads not yet answered.
+    pub max_reads: usize,
+}
+
+impl Limits {
+    /// 4,096 writes (a quarter of a second of the most this replica
+    /// commits on a 2-core machine, see the README) and as many reads.
+    pub const DEFAULT: Limits = Limits {
+        max_writes: 4096,
+        max_reads: 4096,
+    };
+}
+
 /// A write waiting for its command's slot to be applied.
 #[derive(Debug)]
 struct PendingWrite<W> {
     caller: W,
     /// Set when the leader that gave the command a slot stepped down.
     doubt: Option<Doubt>,
+    /// The tick at which its caller stops waiting, if it said.
+    deadline: Option<u64>,
 }
 
 /// A write whose leader stepped down after giving it a slot.
@@ -159,6 +201,7 @@ pub struct Driver<W, R> {
     /// Reads whose barrier passed, by the index they wait for.
     reads_at: BTreeMap<Slot, Vec<ReadId>>,
     answers: Vec<Answer<W, R>>,
+    limits: Limits,
 }
 
 impl<W, R> Driver<W, R> {
@@ -183,7 +226,28 @@ impl<W, R> Driver<W, R> {
             reads: HashMap::new(),
             reads_at: BTreeMap::new(),
             answers: Vec::new(),
+            limits: Limits::DEFAULT,
         }
+    }
+
+    /// The same driver with `limits` on the calls waiting.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.set_limits(limits);
+        self
+    }
+
+    /// Sets the limits on the calls waiting, from the next call on.
+    pub fn set_limits(&mut self, limits: Limits) {
+        assert!(
+            limits.max_writes > 0 && limits.max_reads > 0,
+            "limits {limits:?} would refuse every call"
+        );
+        self.limits = limits;
+    }
+
+    /// The clock, in ticks: what a call's deadline is counted in.
+    pub fn now(&self) -> u64 {
+        self.now
     }
 
     /// The core, to look at.
@@ -251,20 +315,43 @@ impl<W, R> Driver<W, R> {
         self.serve_reads();
     }
 
-    /// Advances the clock: the core's timers, and writes in doubt too long.
+    /// Advances the clock: the core's timers, writes in doubt too long, and
+    /// writes whose deadline passed before they got a slot.
     pub fn tick(&mut self) {
         self.now += 1;
         self.replica.tick();
         let now = self.now;
-        let expired: Vec<u64> = self
-            .writes
-            .iter()
-            .filter(|(_, w)| w.doubt.is_some_and(|d| now >= d.give_up_at))
-            .map(|(&id, _)| id)
-            .collect();
-        for id in expired {
+        let mut gave_up = Vec::new();
+        let mut late = std::collections::HashSet::new();
+        for (&id, w) in &self.writes {
+            if w.doubt.is_some_and(|d| now >= d.give_up_at) {
+                gave_up.push(id);
+            } else if w.deadline.is_some_and(|d| now >= d) {
+                late.insert(id);
+            }
+        }
+        for id in gave_up {
             self.answer_write(id, Err(CallError::Unknown));
         }
+        // Those still queued are taken back; those with a slot stay.
+        for id in self.withdraw(&late) {
+            self.answer_write(id, Err(CallError::Expired));
+        }
+    }
+
+    /// Takes back from the core the queued commands of the writes in `ids`
+    /// (see [`Replica::withdraw`]), and returns their proposal ids.
+    fn withdraw(&mut self, ids: &std::collections::HashSet<u64>) -> Vec<u64> {
+        if ids.is_empty() {
+            return Vec::new();
+        }
+        // Our own encoding: a command that does not decode has no waiter.
+        let proposal = |c: &[u8]| Command::decode(c).ok().map(|c| c.proposal_id);
+        self.replica
+            .withdraw(|c| proposal(c).is_some_and(|id| ids.contains(&id)))
+            .iter()
+            .filter_map(|c| proposal(c))
+            .collect()
     }
 
     /// A message from peer `from`; refused (with no effect) when it is not
@@ -279,10 +366,29 @@ impl<W, R> Driver<W, R> {
         self.replica.step_own(msg);
     }
 
-    /// Proposes a write for `caller`. `command.proposal_id` is assigned here;
-    /// the id is returned when the core took the command (else `caller` is
-    /// answered with [`CallError::NotLeader`]).
-    pub fn write(&mut self, mut command: Command, caller: W) -> Option<u64> {
+    /// Proposes a write for `caller`, who waits until tick `deadline` (if
+    /// given). `command.proposal_id` is assigned here; the id is returned
+    /// when the core took the command (else `caller` is answered with
+    /// [`CallError::NotLeader`], [`CallError::Busy`] or
+    /// [`CallError::Expired`], and nothing was proposed).
+    pub fn write(&mut self, mut command: Command, caller: W, deadline: Option<u64>) -> Option<u64> {
+        let refused = if self.writes.len() >= self.limits.max_writes {
+            Some(CallError::Busy {
+                what: "writes waiting",
+                limit: self.limits.max_writes,
+            })
+        } else if deadline.is_some_and(|d| self.now >= d) {
+            Some(CallError::Expired)
+        } else {
+            None
+        };
+        if let Some(error) = refused {
+            self.answers.push(Answer::Write {
+                caller,
+                result: Err(error),
+            });
+            return None;
+        }
         self.next_proposal = self.next_proposal.wrapping_add(1);
         command.proposal_id = self.next_proposal;
         match self.replica.propose(command.encode()) {
@@ -290,6 +396,7 @@ impl<W, R> Driver<W, R> {
                 let pending = PendingWrite {
                     caller,
                     doubt: None,
+                    deadline,
                 };
                 let old = self.writes.insert(command.proposal_id, pending);
                 assert!(old.is_none(), "proposal id {} reused", command.proposal_id);
@@ -307,6 +414,16 @@ impl<W, R> Driver<W, R> {
 
     /// A linearizable read of `key` for `caller`.
     pub fn read(&mut self, key: String, caller: R) {
+        if self.reads.len() >= self.limits.max_reads {
+            self.answers.push(Answer::Read {
+                caller,
+                result: Err(CallError::Busy {
+                    what: "reads waiting",
+                    limit: self.limits.max_reads,
+                }),
+            });
+            return;
+        }
         let id = self.next_read;
         self.next_read += 1;
         match self.replica.read(id) {
@@ -392,14 +509,23 @@ impl<W, R> Driver<W, R> {
         std::mem::take(&mut self.answers)
     }
 
-    /// Forgets callers that went away (their deadline passed), keeping those
-    /// for which `keep_write` / `keep_read` say true.
+    /// Forgets callers that went away, keeping those for which `keep_write`
+    /// / `keep_read` say true. The commands of writes forgotten that still
+    /// wait for a slot are taken back: nobody waits for them.
     pub fn retain_callers(
         &mut self,
         keep_write: impl Fn(&W) -> bool,
         keep_read: impl Fn(&R) -> bool,
     ) {
-        self.writes.retain(|_, w| keep_write(&w.caller));
+        let mut gone = std::collections::HashSet::new();
+        self.writes.retain(|&id, w| {
+            let keep = keep_write(&w.caller);
+            if !keep {
+                gone.insert(id);
+            }
+            keep
+        });
+        self.withdraw(&gone);
         self.reads.retain(|_, (_, r)| keep_read(r));
     }
 
@@ -523,6 +649,11 @@ mod tests {
 
     impl Cluster {
         fn new(n: u32) -> Self {
+            Cluster::with(n, 64, Limits::DEFAULT)
+        }
+
+        /// `n` replicas with pipeline `window` and call `limits`.
+        fn with(n: u32, window: usize, limits: Limits) -> Self {
             let members: Vec<NodeId> = (1..=n).collect();
             let drivers = members
                 .iter()
@@ -530,8 +661,10 @@ mod tests {
                     let mut cfg = Config::new(id, members.clone());
                     cfg.heartbeat_ticks = 2;
                     cfg.election_ticks = 10;
+                    cfg.window = window;
                     let replica = Replica::new(cfg, Restore::default()).unwrap();
-                    (id, Driver::new(replica, 0, u64::from(id) << 32))
+                    let driver = Driver::new(replica, 0, u64::from(id) << 32);
+                    (id, driver.with_limits(limits))
                 })
                 .collect();
             Cluster {
@@ -640,6 +773,18 @@ mod tests {
         }
 
         fn write(&mut self, id: NodeId, key: &str, op: Op, caller: &'static str) -> Option<u64> {
+            self.write_until(id, key, op, caller, None)
+        }
+
+        /// A write whose caller waits until tick `deadline`.
+        fn write_until(
+            &mut self,
+            id: NodeId,
+            key: &str,
+            op: Op,
+            caller: &'static str,
+            deadline: Option<u64>,
+        ) -> Option<u64> {
             let command = Command {
                 proposal_id: 0,
                 client_id: 0,
@@ -647,12 +792,111 @@ mod tests {
                 key: key.into(),
                 op,
             };
-            self.d(id).write(command, caller)
+            self.d(id).write(command, caller, deadline)
+        }
+
+        /// Ticks every replica `n` times, delivering what each tick sends.
+        fn tick_all(&mut self, n: usize) {
+            for _ in 0..n {
+                let ids: Vec<NodeId> = self.drivers.keys().copied().collect();
+                for id in ids {
+                    self.d(id).tick();
+                }
+                self.run();
+            }
         }
 
         fn written(&self, id: NodeId) -> &[WriteAnswer] {
             self.writes.get(&id).map_or(&[], Vec::as_slice)
         }
+    }
+
+    #[test]
+    fn past_its_limits_a_replica_refuses_calls_at_once_and_proposes_nothing() {
+        let limits = Limits {
+            max_writes: 2,
+            max_reads: 1,
+        };
+        let mut c = Cluster::with(3, 64, limits);
+        let l = c.elect(&[1, 2, 3]);
+        // The followers are cut off: nothing commits, so calls pile up.
+        c.isolated
+            .extend([1, 2, 3].into_iter().filter(|&id| id != l));
+        assert!(c.write(l, "a", Op::Insert(1), "a").is_some());
+        assert!(c.write(l, "b", Op::Insert(2), "b").is_some());
+        assert_eq!(c.write(l, "c", Op::Insert(3), "c"), None);
+        c.d(l).read("a".into(), "r1");
+        c.d(l).read("a".into(), "r2");
+        c.run();
+        let busy = |what, limit| CallError::Busy { what, limit };
+        assert_eq!(c.written(l), [("c", Err(busy("writes waiting", 2)))]);
+        assert_eq!(c.answers[&l], [("r2", Err(busy("reads waiting", 1)))]);
+        assert!(busy("writes waiting", 2).proves_not_in_log());
+        // Healed: what was taken commits; what was refused never does.
+        c.isolated.clear();
+        c.tick_all(100);
+        assert_eq!(c.machines[&l].get("a"), Some(1));
+        assert_eq!(c.machines[&l].get("b"), Some(2));
+        assert_eq!(c.machines[&l].get("c"), None);
+        assert_eq!(c.d(l).waiting(), (0, 0));
+    }
+
+    #[test]
+    fn a_write_whose_deadline_passes_before_it_gets_a_slot_is_taken_back_and_never_applied() {
+        // A window of one slot: while slot 1 waits for the cut-off
+        // followers, later writes wait in the queue.
+        let mut c = Cluster::with(3, 1, Limits::DEFAULT);
+        let l = c.elect(&[1, 2, 3]);
+        c.isolated
+            .extend([1, 2, 3].into_iter().filter(|&id| id != l));
+        let now = c.d(l).now();
+        c.write_until(l, "slotted", Op::Insert(1), "slotted", Some(now + 2));
+        c.run();
+        c.write_until(l, "queued", Op::Insert(2), "queued", Some(now + 2));
+        c.write_until(l, "patient", Op::Insert(3), "patient", None);
+        // Already late when it arrives: refused at once.
+        assert_eq!(
+            c.write_until(l, "late", Op::Insert(4), "late", Some(now)),
+            None
+        );
+        c.run();
+        assert_eq!(c.written(l), [("late", Err(CallError::Expired))]);
+        c.tick_all(2);
+        // "queued" is taken back; "slotted" has a slot and runs its course.
+        assert_eq!(
+            c.written(l),
+            [
+                ("late", Err(CallError::Expired)),
+                ("queued", Err(CallError::Expired))
+            ]
+        );
+        c.isolated.clear();
+        c.tick_all(100);
+        assert_eq!(c.machines[&l].get("slotted"), Some(1));
+        assert_eq!(c.machines[&l].get("patient"), Some(3));
+        assert_eq!(c.machines[&l].get("queued"), None);
+        assert_eq!(c.machines[&l].get("late"), None);
+    }
+
+    #[test]
+    fn a_write_whose_caller_went_away_before_it_got_a_slot_is_taken_back() {
+        let mut c = Cluster::with(3, 1, Limits::DEFAULT);
+        let l = c.elect(&[1, 2, 3]);
+        c.isolated
+            .extend([1, 2, 3].into_iter().filter(|&id| id != l));
+        c.write(l, "slotted", Op::Insert(1), "slotted");
+        c.run();
+        c.write(l, "gone", Op::Insert(2), "gone");
+        c.write(l, "waiting", Op::Insert(3), "waiting");
+        c.run();
+        c.d(l)
+            .retain_callers(|&w| w != "gone" && w != "slotted", |_| true);
+        c.isolated.clear();
+        c.tick_all(100);
+        assert_eq!(c.machines[&l].get("slotted"), Some(1));
+        assert_eq!(c.machines[&l].get("waiting"), Some(3));
+        assert_eq!(c.machines[&l].get("gone"), None);
+        assert_eq!(c.written(l), [("waiting", Ok(Reply::Inserted))]);
     }
 
     #[test]

@@ -89,6 +89,14 @@ enum Command {
         /// little behind catches up from the log rather than by snapshot.
         #[arg(long, env = "PAXOSKV_LOG_KEEP", default_value_t = 5_000)]
         log_keep: u64,
+        /// Writes that may wait on this replica (as leader: proposed and not
+        /// yet answered); past it, RESOURCE_EXHAUSTED at once.
+        #[arg(long, env = "PAXOSKV_MAX_WAITING_WRITES", default_value_t = paxoskv::driver::Limits::DEFAULT.max_writes as u64, value_parser = clap::value_parser!(u64).range(1..))]
+        max_waiting_writes: u64,
+        /// Linearizable reads that may wait on this replica; past it,
+        /// RESOURCE_EXHAUSTED at once.
+        #[arg(long, env = "PAXOSKV_MAX_WAITING_READS", default_value_t = paxoskv::driver::Limits::DEFAULT.max_reads as u64, value_parser = clap::value_parser!(u64).range(1..))]
+        max_waiting_reads: u64,
         /// Serve Prometheus metrics at http://ADDR/metrics.
         #[arg(long, env = "PAXOSKV_METRICS_LISTEN")]
         metrics_listen: Option<SocketAddr>,
@@ -354,6 +362,8 @@ async fn run(cli: Cli) -> ExitCode {
             log_segment_bytes,
             snapshot_every,
             log_keep,
+            max_waiting_writes,
+            max_waiting_reads,
             metrics_listen,
             cluster_name,
             fault_fail_syncs_after,
@@ -384,6 +394,10 @@ async fn run(cli: Cli) -> ExitCode {
                     keep: log_keep,
                 },
                 drain: Duration::from_secs(5),
+                limits: paxoskv::driver::Limits {
+                    max_writes: usize::try_from(max_waiting_writes).unwrap_or(usize::MAX),
+                    max_reads: usize::try_from(max_waiting_reads).unwrap_or(usize::MAX),
+                },
                 metrics_listen,
                 cluster_name,
                 fail_syncs_after: fault_fail_syncs_after,

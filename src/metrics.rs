@@ -18,6 +18,9 @@ pub const REQUEST_DURATION: &str = "paxoskv_request_duration_seconds";
 /// Calls this replica could not serve itself, by `leader_known`: forwarded
 /// to the leader (`true`), or waited for a leader (`false`).
 pub const FORWARDED: &str = "paxoskv_forwarded_requests_total";
+/// Calls refused at once because the replica was full, by `what` was full
+/// (`writes waiting`, `reads waiting`, `calls queued for the replica's loop`).
+pub const REFUSED_BUSY: &str = "paxoskv_refused_busy_total";
 /// Client commands in slots applied here.
 pub const COMMANDS_COMMITTED: &str = "paxoskv_commands_committed_total";
 /// Time from proposing a command to applying it, on the replica that proposed it.
@@ -100,6 +103,10 @@ fn describe() {
     describe_counter!(
         FORWARDED,
         "Calls forwarded to the leader (leader_known=true) or that waited for one (false)."
+    );
+    describe_counter!(
+        REFUSED_BUSY,
+        "Calls refused with RESOURCE_EXHAUSTED because the replica was full, by what was full."
     );
     describe_counter!(COMMANDS_COMMITTED, "Client commands in slots applied here.");
     describe_histogram!(

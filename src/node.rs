@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
-use crate::driver::{Answer, Driver};
+use crate::driver::{Answer, Driver, Limits};
 use crate::kv::{self, KvState, Op, Reply};
 use crate::metrics as m;
 use crate::paxos::{
@@ -48,6 +48,8 @@ enum Request {
     Write {
         command: kv::Command,
         reply: WriteReply,
+        /// When the caller stops waiting, if it said.
+        deadline: Option<Instant>,
     },
     Read {
         key: String,
@@ -130,13 +132,15 @@ impl NodeHandle {
     }
 
     /// Proposes a write and waits until it is applied here; returns the
-    /// state machine's reply.
+    /// state machine's reply. A write still waiting for a slot at
+    /// `deadline` is taken back and answered [`NodeError::Expired`].
     pub async fn write(
         &self,
         key: String,
         op: Op,
         client_id: u64,
         sequence: u64,
+        deadline: Option<Instant>,
     ) -> Result<Reply, NodeError> {
         let command = kv::Command {
             proposal_id: 0, // assigned by the driver, which knows which ids are free
@@ -146,7 +150,12 @@ impl NodeHandle {
             op,
         };
         let (reply, rx) = oneshot::channel();
-        self.call(Request::Write { command, reply }, rx).await?
+        let request = Request::Write {
+            command,
+            reply,
+            deadline,
+        };
+        self.call(request, rx).await?
     }
 
     /// A linearizable read of `key`.
@@ -167,11 +176,17 @@ impl NodeHandle {
         self.call(Request::Status { reply }, rx).await
     }
 
+    /// Hands `request` to the node and waits for its answer. A full queue
+    /// refuses at once: waiting for room would only hold the call past its
+    /// deadline.
     async fn call<T>(&self, request: Request, rx: oneshot::Receiver<T>) -> Result<T, NodeError> {
-        self.requests
-            .send(request)
-            .await
-            .map_err(|_| NodeError::Stopped)?;
+        self.requests.try_send(request).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => NodeError::Busy {
+                what: "calls queued for the replica's loop",
+                limit: REQUEST_QUEUE,
+            },
+            mpsc::error::TrySendError::Closed(_) => NodeError::Stopped,
+        })?;
         rx.await.map_err(|_| NodeError::Stopped)
     }
 }
@@ -372,6 +387,11 @@ pub struct Node {
 /// How many inputs one loop iteration takes before it syncs.
 const MAX_INPUTS_PER_ROUND: usize = 4096;
 
+/// Calls handed to the node loop and not yet taken in; past this a call is
+/// refused ([`NodeError::Busy`]). The loop takes calls in far faster than
+/// the log commits them, so this fills only when the loop stalls.
+const REQUEST_QUEUE: usize = 16 * 1024;
+
 impl Node {
     /// A node over `replica` (already restored from `storage`); messages from
     /// peers arrive on `peer_rx`. Returns the node to run and a handle to it.
@@ -383,7 +403,7 @@ impl Node {
         tick: Duration,
         policy: SnapshotPolicy,
     ) -> std::io::Result<(Node, NodeHandle)> {
-        let (tx, requests) = mpsc::channel(16 * 1024);
+        let (tx, requests) = mpsc::channel(REQUEST_QUEUE);
         let (sync_jobs, jobs) = mpsc::unbounded_channel();
         let (synced_tx, synced_rx) = mpsc::unbounded_channel();
         let log_writer_exited = start_log_writer(Arc::clone(&storage), jobs, synced_tx)?;
@@ -442,6 +462,12 @@ impl Node {
                 failure,
             },
         ))
+    }
+
+    /// Bounds the calls waiting on this replica (see [`Limits`]).
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.driver.set_limits(limits);
+        self
     }
 
     /// Switches on a deliberate bug (none if `None`): for `paxoskv check
@@ -608,7 +634,11 @@ impl Node {
         match request {
             // UNSAFE TEST BUG (ack-early), see `TestBug::AckEarly`: the
             // reply the state machine would give now, before any slot.
-            Request::Write { command, reply }
+            // Its caller has gone (cancelled, or its deadline passed while
+            // the call waited in the queue): not worth a slot.
+            Request::Write { reply, .. } if reply.is_closed() => {}
+            Request::Read { reply, .. } if reply.is_closed() => {}
+            Request::Write { command, reply, .. }
                 if self.test_bug == Some(TestBug::AckEarly)
                     && command.op != Op::OpenSession
                     && self.driver.replica().is_leader() =>
@@ -632,10 +662,16 @@ impl Node {
                     .next()
                     .unwrap_or(Reply::SessionExpired)));
                 let (ignored, _) = oneshot::channel();
-                self.driver.write(command, (ignored, Instant::now()));
+                self.driver.write(command, (ignored, Instant::now()), None);
             }
-            Request::Write { command, reply } => {
-                self.driver.write(command, (reply, Instant::now()));
+            Request::Write {
+                command,
+                reply,
+                deadline,
+            } => {
+                let deadline = deadline.map(|d| self.deadline_tick(d));
+                self.driver
+                    .write(command, (reply, Instant::now()), deadline);
             }
             // UNSAFE TEST BUG (local-reads), see `TestBug::LocalReads`.
             Request::Read { key, reply } if self.test_bug == Some(TestBug::LocalReads) => {
@@ -668,6 +704,15 @@ impl Node {
                 });
             }
         }
+    }
+
+    /// The driver's tick by which `deadline` has passed.
+    fn deadline_tick(&self, deadline: Instant) -> u64 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ticks = left.as_nanos().div_ceil(self.tick.as_nanos().max(1));
+        self.driver
+            .now()
+            .saturating_add(u64::try_from(ticks).unwrap_or(u64::MAX))
     }
 
     /// Does what the driver asks until it asks nothing more. Each round's

@@ -65,6 +65,9 @@ pub struct ServeOptions {
     pub snapshots: crate::node::SnapshotPolicy,
     /// How long in-flight calls get to finish after SIGTERM.
     pub drain: Duration,
+    /// How many calls may wait on this replica before it refuses more
+    /// (`RESOURCE_EXHAUSTED`).
+    pub limits: crate::driver::Limits,
     /// Where to serve Prometheus metrics (`/metrics`), if anywhere.
     pub metrics_listen: Option<SocketAddr>,
     /// The cluster's name: the data directory must be this cluster's (see
@@ -409,7 +412,7 @@ pub async fn serve(
         opts.snapshots,
     )
     .map_err(|e| format!("cannot start the log writer thread: {e}"))?;
-    let node = node.with_test_bug(opts.test_bug);
+    let node = node.with_test_bug(opts.test_bug).with_limits(opts.limits);
     let (stop_node, node_stopped) = watch::channel(false);
     let mut node_task = tokio::spawn(node.run(node_stopped));
     let kv = Arc::new(KvService::new(handle.clone(), Arc::clone(&directory)));
@@ -584,6 +587,7 @@ mod tests {
             log_segment_bytes: 1 << 20,
             snapshots: crate::node::SnapshotPolicy { every: 0, keep: 0 },
             drain: Duration::from_secs(1),
+            limits: crate::driver::Limits::DEFAULT,
             metrics_listen: None,
             cluster_name: "paxoskv".into(),
             fail_syncs_after: None,

@@ -246,7 +246,7 @@ impl KvService {
         let mut counted_wait = false;
         loop {
             let left = meta.deadline.saturating_duration_since(Instant::now());
-            let local = run_locally(&node, &call, action);
+            let local = run_locally(&node, &call, action, meta.deadline);
             let Ok(outcome) = tokio::time::timeout(left, local).await else {
                 attempts.cut_off();
                 return Err(self.at_deadline(node.leader()));
@@ -264,6 +264,22 @@ impl KvService {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
                 Err(NodeError::Unknown) => return Err(outcome_unknown()),
+                // Overloaded: failing now lets the client back off; waiting
+                // would hold the call (and its memory) past its deadline.
+                Err(NodeError::Busy { what, limit }) => {
+                    metrics::counter!(m::REFUSED_BUSY, "what" => what).increment(1);
+                    return Err(Status::resource_exhausted(format!(
+                        "replica {} is overloaded: {limit} {what}, the most it takes; \
+                         nothing was proposed, retry after a backoff",
+                        node.id()
+                    )));
+                }
+                Err(NodeError::Expired) => {
+                    return Err(Status::deadline_exceeded(
+                        "the call's deadline passed before its write got a slot: \
+                         it was taken back, not proposed",
+                    ));
+                }
                 Err(NodeError::NotLeader(Some(leader)))
                     if leader != node.id() && meta.hops < MAX_HOPS =>
                 {
@@ -320,6 +336,7 @@ async fn run_locally<M: Method>(
     node: &NodeHandle,
     call: &M,
     action: Action,
+    deadline: Instant,
 ) -> Result<Outcome, NodeError> {
     let key = call.key().to_string();
     match action {
@@ -328,7 +345,7 @@ async fn run_locally<M: Method>(
             let (client_id, sequence) = call
                 .request_id()
                 .map_or((0, 0), |r| (r.client_id, r.sequence));
-            node.write(key, op, client_id, sequence)
+            node.write(key, op, client_id, sequence, Some(deadline))
                 .await
                 .map(Outcome::Wrote)
         }

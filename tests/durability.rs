@@ -38,7 +38,9 @@ async fn a_write_is_acknowledged_only_after_its_vote_is_synced() {
     let mut reply = Err(paxoskv::node::NodeError::Retry);
     for _ in 0..500 {
         let syncs_before = storage.syncs();
-        reply = handle.write("durable".into(), Op::Insert(7), 0, 0).await;
+        reply = handle
+            .write("durable".into(), Op::Insert(7), 0, 0, None)
+            .await;
         if reply.is_ok() {
             // The reply came back: by then the vote carrying the command has
             // been through at least one sync (the election's promise is an

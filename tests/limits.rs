@@ -35,7 +35,10 @@ async fn a_flood_of_idle_connections_on_few_descriptors_is_survived() {
     let addr = cluster.addrs[&victim].clone();
     let mut idle = Vec::new();
     for _ in 0..2000 {
-        match tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(&addr)).await {
+        // A connect that hangs this long means the accept backlog is full;
+        // long enough that a busy machine's slow connect is not taken
+        // for that (seen on CI at 1 s: 362 connections).
+        match tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(&addr)).await {
             Ok(Ok(stream)) => idle.push(stream),
             // The backlog is full: the flood has done what it can.
             _ => break,

@@ -64,7 +64,7 @@ use std::cell::Cell;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 
-use paxoskv::driver::{Answer, CallError, Driver, Work};
+use paxoskv::driver::{Answer, CallError, Driver, Limits, Work};
 use paxoskv::kv::{Command, KvState, MemState, Op, Reply, Session, SessionLimits, SlotApplier};
 use paxoskv::paxos::rng::Rng;
 use paxoskv::paxos::{
@@ -128,6 +128,13 @@ pub struct Params {
     /// When the state machines forget client sessions: small, so that they
     /// expire and are evicted while clients still use them.
     pub sessions: SessionLimits,
+    /// How many calls may wait on a replica: small, so that calls are
+    /// refused `Busy` while others are in flight.
+    pub limits: Limits,
+    /// Probability that a write carries a deadline, and the most ticks it
+    /// gives: short, so that some pass while the write waits for a slot.
+    pub deadline: f64,
+    pub max_deadline: u64,
 }
 
 impl Params {
@@ -167,6 +174,9 @@ impl Params {
             stale_transfer: rng.range(0, 20) as f64 / 100.0,
             bootstrap: rng.range(0, 3) == 0,
             sessions: SessionLimits::DEFAULT,
+            limits: Limits::DEFAULT,
+            deadline: 0.0,
+            max_deadline: 1,
         };
         // Room for about every client's session, so that eviction strikes
         // now and then (a retried open, or a client that lost its session,
@@ -179,6 +189,14 @@ impl Params {
             max_sessions: rng.range(clients, clients + 4),
             idle_slots: rng.range(30, 150),
         };
+        if rng.range(0, 3) == 0 {
+            p.limits = Limits {
+                max_writes: rng.range(1, clients + 1) as usize,
+                max_reads: rng.range(1, clients + 1) as usize,
+            };
+        }
+        p.deadline = rng.range(0, 50) as f64 / 100.0;
+        p.max_deadline = rng.range(1, 4 * p.max_delay + p.max_sync + 3);
         p
     }
 }
@@ -221,6 +239,10 @@ pub struct Stats {
     pub sessions_opened: u64,
     pub expired_writes: u64,
     pub expired_after_applied: u64,
+    /// Calls refused for a full replica; writes taken back because their
+    /// deadline passed before they got a slot.
+    pub busy: u64,
+    pub withdrawn: u64,
 }
 
 impl Stats {
@@ -252,6 +274,8 @@ impl Stats {
             sessions_opened,
             expired_writes,
             expired_after_applied,
+            busy,
+            withdrawn,
         } = s;
         self.ops_completed += ops_completed;
         self.ops_unanswered += ops_unanswered;
@@ -278,6 +302,8 @@ impl Stats {
         self.sessions_opened += sessions_opened;
         self.expired_writes += expired_writes;
         self.expired_after_applied += expired_after_applied;
+        self.busy += busy;
+        self.withdrawn += withdrawn;
     }
 }
 
@@ -636,7 +662,8 @@ impl World {
         node.incarnation += 1;
         // Proposal ids unique across replicas and incarnations.
         let first_proposal = (u64::from(id) << 56) | (node.incarnation << 40);
-        node.driver = Some(Driver::new(replica, applied, first_proposal));
+        node.driver =
+            Some(Driver::new(replica, applied, first_proposal).with_limits(self.p.limits));
     }
 
     /// A crash of a random replica; maybe one that also wipes its disk and
@@ -1679,6 +1706,11 @@ impl World {
                             }
                         }
                         Err(e) => {
+                            match e {
+                                CallError::Busy { .. } => self.stats.busy += 1,
+                                CallError::Expired => self.stats.withdrawn += 1,
+                                _ => {}
+                            }
                             // What the service tells a client NOT_PROPOSED
                             // rests on this: such an answer proves absence.
                             if e.proves_not_in_log()
@@ -1697,6 +1729,9 @@ impl World {
                     (caller, resp)
                 }
                 Answer::Read { caller, result } => {
+                    if matches!(result, Err(CallError::Busy { .. })) {
+                        self.stats.busy += 1;
+                    }
                     let resp = match result {
                         Ok(key) => {
                             if self.deposed_reads.contains(&caller.id) {
@@ -1823,7 +1858,12 @@ impl World {
         let floor = (self.applied_log.len() as Slot).max(index);
         self.read_floor.insert(call.id, floor);
         self.outstanding.entry(to).or_default().insert(call.id);
+        // Some writes say how long their caller waits.
+        let deadline = self
+            .chance(self.p.deadline)
+            .then(|| self.rng.range(0, self.p.max_deadline + 1));
         let d = self.driver(to);
+        let deadline = deadline.map(|ticks| d.now() + ticks);
         match req {
             Request::Read { key } => d.read(key, call),
             Request::OpenSession => {
@@ -1834,7 +1874,7 @@ impl World {
                     key: String::new(),
                     op: Op::OpenSession,
                 };
-                if let Some(proposal) = d.write(command, call) {
+                if let Some(proposal) = d.write(command, call, deadline) {
                     self.call_proposal.insert(call.id, proposal);
                 }
             }
@@ -1851,7 +1891,7 @@ impl World {
                     key,
                     op,
                 };
-                if let Some(proposal) = d.write(command, call) {
+                if let Some(proposal) = d.write(command, call, deadline) {
                     self.call_proposal.insert(call.id, proposal);
                 }
             }
@@ -2129,7 +2169,11 @@ fn retry(e: CallError) -> Response {
     match e {
         CallError::NotLeader(hint) => Response::Retry(hint),
         // The client retries with the same request id, which is safe.
-        CallError::Retry | CallError::Unknown | CallError::Stopped => Response::Retry(None),
+        CallError::Retry
+        | CallError::Unknown
+        | CallError::Stopped
+        | CallError::Busy { .. }
+        | CallError::Expired => Response::Retry(None),
     }
 }
 

@@ -694,6 +694,29 @@ mod tests {
         );
     }
 
+    #[test]
+    fn only_a_command_still_queued_can_be_withdrawn_and_it_never_gets_a_slot() {
+        let mut net = Net::new(3);
+        net.elect(1);
+        let leader = net.node(1);
+        leader.core.cfg.window = 1;
+        leader.core.cfg.max_batch = 2;
+        for c in ["a", "b", "c", "d"] {
+            leader.propose(cmd(c)).unwrap();
+        }
+        // "a" and "b" take slot 1, which fills the window; "c", "d" wait.
+        leader.take_ready();
+        let withdrawn = leader.withdraw(|c| c == &cmd("a") || c == &cmd("c"));
+        assert_eq!(withdrawn, vec![cmd("c")], "a has a slot: out of reach");
+        assert_eq!(leader.status().queued, 1);
+        net.run();
+        for _ in 0..5 {
+            net.tick_all();
+        }
+        let chosen: Vec<&Value> = net.chosen[&1].iter().map(|(_, v)| v).collect();
+        assert_eq!(chosen, vec![&batch(&["a", "b"]), &batch(&["d"])]);
+    }
+
     /// Replica 2's votes: `slots` under an older ballot of replica 3.
     fn old_votes(slots: impl IntoIterator<Item = Slot>) -> Vec<crate::paxos::Accepted> {
         slots

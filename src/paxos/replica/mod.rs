@@ -357,6 +357,27 @@ impl Replica {
         Ok(())
     }
 
+    /// Takes back the queued commands `withdrawn` picks, and returns them:
+    /// the callers they were for have gone, or their deadline passed.
+    ///
+    /// Rule: only a command still queued can be withdrawn. It never had a
+    /// slot, so no acceptor holds it and it can never be chosen; a command
+    /// already proposed is out of reach (its slot may be chosen), and stays.
+    pub fn withdraw(&mut self, mut withdrawn: impl FnMut(&Bytes) -> bool) -> Vec<Bytes> {
+        let Some((l, _)) = self.leading() else {
+            return Vec::new();
+        };
+        let mut taken = Vec::new();
+        l.queued.retain(|command| {
+            let take = withdrawn(command);
+            if take {
+                taken.push(command.clone());
+            }
+            !take
+        });
+        taken
+    }
+
     /// Orders a linearizable read (ReadIndex). Once a majority has confirmed
     /// this replica is still leader after the read arrived, `Ready::reads`
     /// yields `(id, index)`: answer the read from the state machine once it
