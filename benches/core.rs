@@ -201,7 +201,7 @@ impl Cluster {
             };
             self.member(LEADER)
                 .driver
-                .write(command, ())
+                .write(command, (), None)
                 .expect("the leader takes writes");
             self.outstanding += 1;
         }
