@@ -418,7 +418,10 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, String> {
         ));
     }
     let channels = (0..opts.connection_count())
-        .map(|i| channel(&opts.dialer, &opts.endpoints[i % opts.endpoints.len()]))
+        .map(|i| {
+            let endpoint = &opts.endpoints[i % opts.endpoints.len()];
+            channel(&opts.dialer, endpoint, opts.timeout)
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let clients = set_up(opts, &channels).await?;
 
@@ -524,22 +527,27 @@ async fn set_up(opts: &BenchOptions, channels: &[Channel]) -> Result<Vec<Client>
         let channel = channels[c as usize % channels.len()].clone();
         let opts = opts.clone();
         setups.spawn(async move {
-            let mut stub = match opts.target {
+            let stub = match opts.target {
                 Target::Paxoskv => Stub::Paxoskv(KvStoreClient::new(channel)),
                 Target::Etcd => Stub::Etcd(EtcdKvClient::new(channel)),
             };
             let writes = opts.op != Op::Read;
-            let client_id = match &mut stub {
-                Stub::Paxoskv(kv) if writes => open_session(kv, opts.timeout)
-                    .await
-                    .map_err(|e| format!("opening a session: {e}"))?,
+            let client_id = match &stub {
+                Stub::Paxoskv(kv) if writes => {
+                    retry(|| open_session(kv.clone(), opts.timeout))
+                        .await
+                        .map_err(|e| format!("opening a session: {e}"))?
+                }
                 _ => 0,
             };
             if opts.op != Op::Write {
                 // Reads of keys that exist.
                 for key in (c * keys / n)..((c + 1) * keys / n) {
-                    put(&mut stub, key as u32, key as i32, None, opts.timeout)
-                        .await
+                    retry(|| {
+                        let mut stub = stub.clone();
+                        async move { put(&mut stub, key as u32, key as i32, None, opts.timeout).await }
+                    })
+                    .await
                         .map_err(|e| format!("writing the keys to read: {e}"))?;
                 }
             }
@@ -675,15 +683,38 @@ pub async fn serve_noop(
     Ok((addr, server))
 }
 
-fn channel(dialer: &Dialer, endpoint: &str) -> Result<Channel, String> {
+/// A channel to `endpoint` that connects on first use. Its connect timeout
+/// is the calls' deadline: hundreds of clients connecting at once on a busy
+/// machine can take longer than the dialer's usual second.
+fn channel(dialer: &Dialer, endpoint: &str, timeout: Duration) -> Result<Channel, String> {
     Ok(dialer
         .endpoint(endpoint)
         .map_err(|e| e.to_string())?
+        .connect_timeout(timeout)
         .connect_lazy())
 }
 
+/// Retries a set-up call (not timed) while it fails with UNAVAILABLE, up to
+/// five tries: a cluster just started may still be electing a leader.
+async fn retry<T, F, Fut>(mut call: F) -> Result<T, Status>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Status>>,
+{
+    let mut tries = 1;
+    loop {
+        match call().await {
+            Err(s) if s.code() == Code::Unavailable && tries < 5 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            result => return result,
+        }
+    }
+}
+
 async fn open_session(
-    client: &mut KvStoreClient<Channel>,
+    mut client: KvStoreClient<Channel>,
     timeout: Duration,
 ) -> Result<u64, Status> {
     let mut request = Request::new(pb::OpenSessionRequest {});
