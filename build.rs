@@ -36,5 +36,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .build_client(true)
         .compile_fds(fds)?;
+
+    // etcd v3's KV/Put and KV/Range, for `paxoskv bench --target etcd`:
+    // client stubs only, with tonic-prost's own codec (the decode-error
+    // mapping of crate::codec is for servers), and no descriptor set.
+    let etcd_protos = [
+        "proto/etcd/etcdserverpb/rpc.proto",
+        "proto/etcd/mvccpb/kv.proto",
+    ];
+    for proto in &etcd_protos {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+    tonic_prost_build::configure()
+        .build_server(false)
+        .build_client(true)
+        .compile_fds(protox::compile(etcd_protos, ["proto"])?)?;
     Ok(())
 }

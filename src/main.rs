@@ -137,41 +137,19 @@ enum Command {
         #[arg(long)]
         tls: bool,
     },
-    /// Closed-loop clients against the cluster for a while; prints calls/s
-    /// and latency quantiles. With --ceiling, first the same clients
-    /// against a gRPC server that does nothing, for comparison.
-    Bench {
-        /// Replicas to spread the clients over: HOST:PORT,HOST:PORT,...
-        #[arg(
-            long,
-            env = "PAXOSKV_ENDPOINTS",
-            value_delimiter = ',',
-            default_value = "127.0.0.1:8081,127.0.0.1:8082,127.0.0.1:8083"
-        )]
-        endpoints: Vec<String>,
-        /// Concurrent clients, each one call at a time.
-        #[arg(long, default_value_t = 1)]
-        clients: usize,
-        /// Seconds to run.
-        #[arg(long, default_value_t = 10)]
-        seconds: u64,
-        /// Distinct keys written (or read).
-        #[arg(long, default_value_t = 1000)]
-        keys: u32,
-        /// Gets instead of upserts.
-        #[arg(long)]
-        reads: bool,
-        /// Measure a do-nothing gRPC server with the same clients first.
-        #[arg(long)]
-        ceiling: bool,
-        /// Each call's deadline, in milliseconds.
-        #[arg(long, default_value_t = 5000)]
-        timeout_ms: u64,
-        /// Stop after this many calls in all (sooner than --seconds).
-        #[arg(long)]
-        max_calls: Option<u64>,
-        #[command(flatten)]
-        tls: TlsArgs,
+    /// A load generator (in the style of etcd's `benchmark`): clients
+    /// write, read or both, in a closed loop or at a fixed rate, against
+    /// paxoskv or etcd; prints ops/s, errors by gRPC code and latency
+    /// quantiles. With --ceiling, first the same clients against a gRPC
+    /// server that does nothing, for comparison.
+    Bench(BenchArgs),
+    /// Serves a paxoskv.v1.KvStore that answers every call at once and does
+    /// nothing, until SIGTERM or Ctrl-C: the ceiling of `paxoskv bench`,
+    /// as a process of its own.
+    BenchServer {
+        /// Where to serve (port 0 for any; the address bound is printed).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
     },
     /// A Jepsen-style check: starts a local cluster of its own, runs
     /// concurrent clients while killing, pausing and partitioning its
@@ -229,6 +207,80 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+}
+
+/// `paxoskv bench`'s flags.
+#[derive(clap::Args, Debug)]
+struct BenchArgs {
+    /// Servers to spread the connections over: HOST:PORT,HOST:PORT,...
+    #[arg(
+        long,
+        env = "PAXOSKV_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:8081,127.0.0.1:8082,127.0.0.1:8083"
+    )]
+    endpoints: Vec<String>,
+    /// Concurrent clients, each with at most one call in flight.
+    #[arg(long, default_value_t = 1)]
+    clients: usize,
+    /// gRPC connections the clients share, round-robin (the connections
+    /// take the endpoints in turn). Default: one per client.
+    #[arg(long)]
+    connections: Option<usize>,
+    /// How long to run: 10, 10s, 500ms, 2m (whichever of this and --total
+    /// comes first). Default 10s, unless --total is given.
+    #[arg(long, visible_alias = "seconds", value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// How many calls to make in all.
+    #[arg(long, visible_alias = "max-calls")]
+    total: Option<u64>,
+    /// What the calls do: write (upserts; etcd: Put), read (linearizable
+    /// Gets of keys written first; etcd: Range, not serializable) or mixed
+    /// (the two in turn).
+    #[arg(long, value_enum, default_value = "write")]
+    op: BenchOp,
+    /// Same as --op read.
+    #[arg(long, hide = true, conflicts_with = "op")]
+    reads: bool,
+    /// Distinct keys written (or read): bench-0, bench-1, ...
+    #[arg(long, visible_alias = "keys", default_value_t = 1000)]
+    key_space: u32,
+    /// Open loop: send this many calls a second on a fixed schedule,
+    /// whatever the answers do, and measure each call's latency from when
+    /// it was due. Calls due while every client is busy queue (up to
+    /// --clients of them); past that they are not sent and count as
+    /// UNSENT errors.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Which API to call: paxoskv.v1.KvStore, or etcd v3's KV (Put and
+    /// Range).
+    #[arg(long, value_enum, default_value = "paxoskv")]
+    target: BenchTarget,
+    /// Measure a do-nothing gRPC server (in this process) with the same
+    /// clients first.
+    #[arg(long)]
+    ceiling: bool,
+    /// Each call's deadline, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    timeout_ms: u64,
+    /// Print one JSON object (no progress bar), for scripts.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum BenchOp {
+    Write,
+    Read,
+    Mixed,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum BenchTarget {
+    Paxoskv,
+    Etcd,
 }
 
 /// Where a client call goes.
@@ -310,6 +362,26 @@ fn parse_peers(s: &str) -> Result<BTreeMap<NodeId, String>, String> {
         return Err("no peers given".into());
     }
     Ok(peers)
+}
+
+/// A duration: seconds (`10`, `0.5`), or a number with `ms`, `s` or `m`.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (number, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let number: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (10, 10s, 500ms, 2m)"))?;
+    let seconds = match unit {
+        "ms" => number / 1000.0,
+        "s" => number,
+        "m" => number * 60.0,
+        _ => return Err(format!("{s:?}: the unit must be ms, s or m")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| format!("{s:?}: {e}"))
 }
 
 fn parse_cluster_name(s: &str) -> Result<String, String> {
@@ -437,76 +509,21 @@ async fn run(cli: Cli) -> ExitCode {
             };
             return report(cluster::run(opts, shutdown).await);
         }
-        Command::Bench {
-            endpoints,
-            clients,
-            seconds,
-            keys,
-            reads,
-            ceiling,
-            timeout_ms,
-            max_calls,
-            tls,
-        } => {
-            let dialer = match tls.dialer(&endpoints) {
-                Ok(dialer) => dialer,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(2);
-                }
+        Command::Bench(args) => return bench(args).await,
+        Command::BenchServer { listen } => {
+            init_logs(cli.log_format);
+            let shutdown = match shutdown_signal() {
+                Ok(shutdown) => shutdown,
+                Err(e) => return report(Err(e)),
             };
-            let mut opts = paxoskv::bench::BenchOptions {
-                endpoints,
-                clients,
-                duration: Duration::from_secs(seconds),
-                keys,
-                reads,
-                timeout: Duration::from_millis(timeout_ms),
-                max_calls,
-                dialer,
+            let (addr, server) = match paxoskv::bench::serve_noop(listen).await {
+                Ok(served) => served,
+                Err(e) => return report(Err(e.into())),
             };
-            let what = if reads { "reads" } else { "writes" };
-            let mut floor = None;
-            if ceiling {
-                let addr = match paxoskv::bench::serve_noop().await {
-                    Ok(addr) => addr,
-                    Err(e) => return report(Err(e.into())),
-                };
-                // The no-op server is plaintext, TLS or not: the ceiling
-                // leaves out the cost of TLS.
-                let cluster = std::mem::replace(&mut opts.endpoints, vec![addr.to_string()]);
-                let dialer = std::mem::replace(&mut opts.dialer, Dialer::plain());
-                let plaintext = if dialer.is_tls() { " (plaintext)" } else { "" };
-                match paxoskv::bench::run(&opts).await {
-                    Ok(r) => {
-                        println!(
-                            "no-op server{plaintext}, {clients} clients, {what}: {}",
-                            r.line()
-                        );
-                        floor = Some(r);
-                    }
-                    Err(e) => return report(Err(e.into())),
-                }
-                opts.endpoints = cluster;
-                opts.dialer = dialer;
-            }
-            return match paxoskv::bench::run(&opts).await {
-                Ok(r) => {
-                    println!("paxoskv,      {clients} clients, {what}: {}", r.line());
-                    if let Some(e) = &r.first_error {
-                        println!("first error: {e}");
-                    }
-                    if let Some(f) = floor {
-                        println!(
-                            "ratio to the no-op server: p50 {:.2}x, throughput {:.2}x",
-                            r.quantile(0.5).as_secs_f64() / f.quantile(0.5).as_secs_f64().max(1e-9),
-                            r.rate() / f.rate().max(1e-9)
-                        );
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => report(Err(e.into())),
-            };
+            println!("no-op KvStore listening on {addr}");
+            shutdown.await;
+            server.abort();
+            return ExitCode::SUCCESS;
         }
         Command::Check(args) => {
             let interrupted = match shutdown_signal() {
@@ -591,6 +608,112 @@ async fn run(cli: Cli) -> ExitCode {
             ExitCode::from(client::exit_code(&status) as u8)
         }
     }
+}
+
+/// `paxoskv bench`: runs the workload (after the ceiling, with
+/// --ceiling) and prints the report, or one JSON object with --json.
+async fn bench(args: BenchArgs) -> ExitCode {
+    use paxoskv::bench::{self, BenchOptions, Op, Target};
+    let dialer = match args.tls.dialer(&args.endpoints) {
+        Ok(dialer) => dialer,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let op = match (args.reads, args.op) {
+        (true, _) | (false, BenchOp::Read) => Op::Read,
+        (false, BenchOp::Write) => Op::Write,
+        (false, BenchOp::Mixed) => Op::Mixed,
+    };
+    let target = match args.target {
+        BenchTarget::Paxoskv => Target::Paxoskv,
+        BenchTarget::Etcd => Target::Etcd,
+    };
+    if args.ceiling && target == Target::Etcd {
+        eprintln!("error: --ceiling measures a no-op paxoskv server; leave out --target etcd");
+        return ExitCode::from(2);
+    }
+    let mut opts = BenchOptions {
+        endpoints: args.endpoints,
+        clients: args.clients,
+        connections: args.connections.unwrap_or(0),
+        duration: args.duration,
+        total: args.total,
+        op,
+        key_space: args.key_space,
+        rate: args.rate,
+        timeout: Duration::from_millis(args.timeout_ms),
+        target,
+        dialer,
+        progress: !args.json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let what = format!(
+        "{} clients on {} connections, {}{}",
+        opts.clients,
+        opts.connection_count(),
+        op.name(),
+        opts.rate
+            .map_or(String::new(), |r| format!(", open loop at {r}/s"))
+    );
+    let mut floor = None;
+    if args.ceiling {
+        let (addr, server) = match bench::serve_noop(([127, 0, 0, 1], 0).into()).await {
+            Ok(served) => served,
+            Err(e) => return report(Err(e.into())),
+        };
+        // The no-op server is plaintext, TLS or not: the ceiling leaves out
+        // the cost of TLS.
+        let cluster = std::mem::replace(&mut opts.endpoints, vec![addr.to_string()]);
+        let dialer = std::mem::replace(&mut opts.dialer, Dialer::plain());
+        let plaintext = if dialer.is_tls() { " (plaintext)" } else { "" };
+        let result = bench::run(&opts).await;
+        server.abort();
+        match result {
+            Ok(r) => {
+                if !args.json {
+                    print_report(&format!("no-op server{plaintext}, {what}"), &r);
+                }
+                floor = Some((r.clone(), r.to_json(&opts)));
+            }
+            Err(e) => return report(Err(e.into())),
+        }
+        opts.endpoints = cluster;
+        opts.dialer = dialer;
+    }
+    let r = match bench::run(&opts).await {
+        Ok(r) => r,
+        Err(e) => return report(Err(e.into())),
+    };
+    if args.json {
+        let mut json = r.to_json(&opts);
+        if let (Some((_, ceiling)), Some(object)) = (floor, json.as_object_mut()) {
+            object.insert("ceiling".into(), ceiling);
+        }
+        println!("{json}");
+        return ExitCode::SUCCESS;
+    }
+    print_report(&format!("{}, {what}", target.name()), &r);
+    if let Some((f, _)) = floor {
+        println!(
+            "ratio to the no-op server: p50 {:.2}x, throughput {:.2}x",
+            r.quantile(0.5).as_secs_f64() / f.quantile(0.5).as_secs_f64().max(1e-9),
+            r.rate() / f.rate().max(1e-9)
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+/// A bench report for people: the errors by code and the first error, if
+/// any, then one line of figures (last, so `| tail -1` picks it).
+fn print_report(label: &str, r: &paxoskv::bench::Report) {
+    if let Some(errors) = r.errors_line() {
+        println!("errors by code: {errors}");
+    }
+    if let Some(e) = &r.first_error {
+        println!("first error: {e}");
+    }
+    println!("{label}: {}", r.line());
 }
 
 /// The one place `serve` and `cluster` learn they must stop: a future that
