@@ -517,6 +517,13 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, String> {
     Ok(report)
 }
 
+/// The deadline of a set-up call: at least 5 s, whatever the run's own
+/// (set-up is not measured, and a run with short deadlines must still get
+/// its sessions open).
+fn setup_timeout(opts: &BenchOptions) -> Duration {
+    opts.timeout.max(Duration::from_secs(5))
+}
+
 /// Opens every client's session (paxoskv, when it writes) and writes the
 /// keys the run reads (each client its share), concurrently. Not timed.
 async fn set_up(opts: &BenchOptions, channels: &[Channel]) -> Result<Vec<Client>, String> {
@@ -534,7 +541,7 @@ async fn set_up(opts: &BenchOptions, channels: &[Channel]) -> Result<Vec<Client>
             let writes = opts.op != Op::Read;
             let client_id = match &stub {
                 Stub::Paxoskv(kv) if writes => {
-                    retry(|| open_session(kv.clone(), opts.timeout))
+                    retry(|| open_session(kv.clone(), setup_timeout(&opts)))
                         .await
                         .map_err(|e| format!("opening a session: {e}"))?
                 }
@@ -545,10 +552,11 @@ async fn set_up(opts: &BenchOptions, channels: &[Channel]) -> Result<Vec<Client>
                 for key in (c * keys / n)..((c + 1) * keys / n) {
                     retry(|| {
                         let mut stub = stub.clone();
-                        async move { put(&mut stub, key as u32, key as i32, None, opts.timeout).await }
+                        let timeout = setup_timeout(&opts);
+                        async move { put(&mut stub, key as u32, key as i32, None, timeout).await }
                     })
                     .await
-                        .map_err(|e| format!("writing the keys to read: {e}"))?;
+                    .map_err(|e| format!("writing the keys to read: {e}"))?;
                 }
             }
             Ok::<_, String>(Client {
@@ -694,17 +702,26 @@ fn channel(dialer: &Dialer, endpoint: &str, timeout: Duration) -> Result<Channel
         .connect_lazy())
 }
 
-/// Retries a set-up call (not timed) while it fails with UNAVAILABLE, up to
-/// five tries: a cluster just started may still be electing a leader.
+/// Retries a set-up call (not timed) while it fails for want of a leader or
+/// of capacity (UNAVAILABLE, RESOURCE_EXHAUSTED, a deadline or a connect
+/// timeout), up to twenty tries: a cluster just started may still be
+/// electing a leader, and a thousand clients setting up at once can
+/// overload it, which is what some runs are for.
 async fn retry<T, F, Fut>(mut call: F) -> Result<T, Status>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, Status>>,
 {
+    let transient = |code| {
+        matches!(
+            code,
+            Code::Unavailable | Code::ResourceExhausted | Code::DeadlineExceeded | Code::Cancelled
+        )
+    };
     let mut tries = 1;
     loop {
         match call().await {
-            Err(s) if s.code() == Code::Unavailable && tries < 5 => {
+            Err(s) if transient(s.code()) && tries < 20 => {
                 tries += 1;
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
