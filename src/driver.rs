@@ -37,7 +37,7 @@
 //! [`Answer`]. Callers are opaque tokens (`W` for writes, `R` for reads): a
 //! oneshot sender in the shell, a ticket in the simulator.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::kv::{Command, Reply};
 use crate::paxos::{
@@ -58,8 +58,8 @@ pub enum CallError {
     Unknown,
     /// The replica is shutting down.
     Stopped,
-    /// Refused before it was proposed: `waiting` calls of its kind already
-    /// wait here, the most [`Limits`] allows.
+    /// Refused before it was proposed: `limit` calls of its kind (`what`)
+    /// already wait here, the most [`Limits`] allows.
     Busy {
         /// What is full.
         what: &'static str,
@@ -157,8 +157,9 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// 4,096 writes (a quarter of a second of the most this replica
-    /// commits on a 2-core machine, see the README) and as many reads.
+    /// 4,096 writes (a quarter to half a second of what a 3-replica
+    /// cluster commits on a 2-core machine, see the README) and as many
+    /// reads.
     pub const DEFAULT: Limits = Limits {
         max_writes: 4096,
         max_reads: 4096,
@@ -322,7 +323,7 @@ impl<W, R> Driver<W, R> {
         self.replica.tick();
         let now = self.now;
         let mut gave_up = Vec::new();
-        let mut late = std::collections::HashSet::new();
+        let mut late = HashSet::new();
         for (&id, w) in &self.writes {
             if w.doubt.is_some_and(|d| now >= d.give_up_at) {
                 gave_up.push(id);
@@ -341,7 +342,7 @@ impl<W, R> Driver<W, R> {
 
     /// Takes back from the core the queued commands of the writes in `ids`
     /// (see [`Replica::withdraw`]), and returns their proposal ids.
-    fn withdraw(&mut self, ids: &std::collections::HashSet<u64>) -> Vec<u64> {
+    fn withdraw(&mut self, ids: &HashSet<u64>) -> Vec<u64> {
         if ids.is_empty() {
             return Vec::new();
         }
@@ -517,7 +518,7 @@ impl<W, R> Driver<W, R> {
         keep_write: impl Fn(&W) -> bool,
         keep_read: impl Fn(&R) -> bool,
     ) {
-        let mut gone = std::collections::HashSet::new();
+        let mut gone = HashSet::new();
         self.writes.retain(|&id, w| {
             let keep = keep_write(&w.caller);
             if !keep {
