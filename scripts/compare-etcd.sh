@@ -18,20 +18,27 @@
 #
 #   paxoskv/etcd write throughput at 256 clients: R; of ceiling: C
 #
-# Usage: scripts/compare-etcd.sh [--seconds N]   (each run's length; 10)
+# Usage: scripts/compare-etcd.sh [--seconds N] [--binary PATH]
+#   --seconds N     each run's length (10)
+#   --binary PATH   measure this paxoskv binary instead of building and using
+#                   the release one (CI passes the one `cargo test` built, to
+#                   save a second full build: its figures are a smoke run's)
 #
 # Installs etcd-server and etcd-client from Debian if etcd is missing.
-# Builds and uses the release binary. Everything it starts, it stops.
+# Everything it starts, it stops.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 RUN_SECONDS=10
+BIN=
 while [ $# -gt 0 ]; do
   case "$1" in
     --seconds) RUN_SECONDS=${2:?--seconds needs a number}; shift 2 ;;
     --seconds=*) RUN_SECONDS=${1#--seconds=}; shift ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
-    *) echo "error: unknown argument $1 (usage: $0 [--seconds N])" >&2; exit 2 ;;
+    --binary) BIN=${2:?--binary needs a path}; shift 2 ;;
+    --binary=*) BIN=${1#--binary=}; shift ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    *) echo "error: unknown argument $1 (usage: $0 [--seconds N] [--binary PATH])" >&2; exit 2 ;;
   esac
 done
 case "$RUN_SECONDS" in
@@ -63,9 +70,14 @@ if ! command -v etcd >/dev/null 2>&1 || ! command -v etcdctl >/dev/null 2>&1; th
   fi
 fi
 
-say "cargo build --release"
-cargo build --release --quiet
-BIN="${CARGO_TARGET_DIR:-target}/release/paxoskv"
+if [ -z "$BIN" ]; then
+  say "cargo build --release"
+  cargo build --release --quiet
+  BIN="${CARGO_TARGET_DIR:-target}/release/paxoskv"
+elif [ ! -x "$BIN" ]; then
+  echo "error: --binary $BIN is not an executable file" >&2
+  exit 2
+fi
 BIN="$(cd "$(dirname "$BIN")" && pwd)/$(basename "$BIN")"
 
 DIR=$(mktemp -d /tmp/compare-etcd.XXXXXX)
