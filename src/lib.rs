@@ -7,11 +7,16 @@
 //!   one replica, a local cluster of them, a client call;
 //! - [`service`], [`admin`]: the client API (`paxoskv.v1.KvStore`) and the
 //!   operator's view (`paxoskv.v1.Admin`) over gRPC;
+//! - [`forwarder`]: client calls a follower forwards to the leader, in
+//!   batches on one stream per leader (`Paxos/Forward`), both ends;
 //! - [`metrics`]: every metric's name, and the Prometheus exporter;
 //! - [`node`]: the async shell that owns the driver, the storage and the
 //!   transport, and does the I/O the driver asks for;
 //! - [`driver`]: the core plus the bookkeeping of client calls, sans I/O:
 //!   which caller gets which answer (the simulator runs it too);
+//! - [`forwarding`]: a follower's forwarding link, sans I/O: batches, and
+//!   what each caller is told when the stream breaks (the simulator runs
+//!   it too);
 //! - [`transport`]: Paxos messages between replicas over long-lived gRPC
 //!   streams, one per peer, with reconnects;
 //! - [`transfer`]: state machine snapshots from one replica to another
@@ -51,6 +56,8 @@ pub mod codec;
 pub mod dial;
 pub mod directory;
 pub mod driver;
+pub mod forwarder;
+pub mod forwarding;
 pub mod handshake;
 pub mod kv;
 pub mod listener;

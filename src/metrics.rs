@@ -18,6 +18,13 @@ pub const REQUEST_DURATION: &str = "paxoskv_request_duration_seconds";
 /// Calls this replica could not serve itself, by `leader_known`: forwarded
 /// to the leader (`true`), or waited for a leader (`false`).
 pub const FORWARDED: &str = "paxoskv_forwarded_requests_total";
+/// Client calls per batch a follower sends the leader on its forwarding
+/// stream.
+pub const FORWARD_BATCH: &str = "paxoskv_forward_batch_calls";
+/// Forwarding streams to the leader that broke, by `lost`: calls still
+/// waiting when it broke that had been sent (`in_flight`), and that had not
+/// (`unsent`), each counted.
+pub const FORWARD_LOST: &str = "paxoskv_forward_lost_calls_total";
 /// Calls refused at once because the replica was full, by `what` was full
 /// (`writes waiting`, `reads waiting`, `calls queued for the replica's loop`).
 pub const REFUSED_BUSY: &str = "paxoskv_refused_busy_total";
@@ -87,6 +94,7 @@ pub fn install(addr: SocketAddr) -> Result<(), String> {
         .with_http_listener(addr)
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
         .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), BATCH_BUCKETS))
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(FORWARD_BATCH.into()), BATCH_BUCKETS))
         .and_then(|b| b.install())
         .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?;
     describe();
@@ -103,6 +111,15 @@ fn describe() {
     describe_counter!(
         FORWARDED,
         "Calls forwarded to the leader (leader_known=true) or that waited for one (false)."
+    );
+    describe_histogram!(
+        FORWARD_BATCH,
+        Unit::Count,
+        "Client calls per batch sent to the leader on a forwarding stream."
+    );
+    describe_counter!(
+        FORWARD_LOST,
+        "Forwarded calls whose stream to the leader broke, by whether they had been sent (lost=in_flight) or not (unsent)."
     );
     describe_counter!(
         REFUSED_BUSY,

@@ -4,31 +4,30 @@
 //! node serves it if it leads; otherwise the call is forwarded to the leader
 //! it knows, or waits (up to the call's deadline) until one is known.
 //!
-//! Forwarding travels on the peer port, never the client port: the call is
-//! wrapped in a `paxoskv.v1.Paxos/Forward` to the leader's peer address,
-//! with the remaining deadline as its `grpc-timeout` and its hop count in
-//! [`FORWARDED`]; the leader unwraps it and serves it by the same path as a
-//! client's own call ([`KvService::serve`]), so its reply and status are
-//! exactly those its KvStore would give. The client port ignores a
-//! [`FORWARDED`] header: only replicas forward, and only over the peer port.
+//! Forwarding travels on the peer port, never the client port: the call
+//! joins the next batch on this replica's `paxoskv.v1.Paxos/Forward` stream
+//! to the leader ([`crate::forwarder`]), with its remaining deadline and
+//! hop count; the leader serves it by the same path as a client's own call
+//! ([`KvService::serve`]), so its reply and status are exactly those its
+//! KvStore would give. A client's own call has no hops: only replicas
+//! forward, and only over the peer port.
 //!
 //! Retries inside one call are only made where they cannot apply a write
 //! twice: when the command is known not to be in the log (not the leader;
 //! leadership lost before a slot), or when the write carries a request id,
 //! so the state machine deduplicates it.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tonic::metadata::MetadataValue;
-use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
 use crate::certainty::{Attempts, Certainty};
 use crate::directory::Directory;
+use crate::forwarder::{self, Links};
 use crate::kv::{Op, Reply};
 use crate::metrics as m;
 use crate::node::{NodeError, NodeHandle};
@@ -36,8 +35,7 @@ use crate::paxos::NodeId;
 use crate::pb;
 use crate::pb::forward_request::Call;
 use crate::pb::forward_response::Reply as Answer;
-use crate::pb::paxos_client::PaxosClient;
-use crate::transport::Forwarded;
+use crate::transport::{ForwardAnswerStream, Forwarded};
 
 /// Longest key accepted, in bytes (the state machine's rule).
 pub const MAX_KEY_BYTES: usize = crate::kv::MAX_KEY_BYTES;
@@ -49,9 +47,6 @@ pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(5);
 /// anything near this is not a request of this API.
 pub const MAX_REQUEST_BYTES: usize = 16 * 1024;
 
-/// Header of a `Paxos/Forward` call: how many times the client's call has
-/// been forwarded, this time included.
-pub const FORWARDED: &str = "x-paxoskv-forwarded";
 /// Metadata key on every UNAVAILABLE status a replica gives on purpose; its
 /// value is an [`Unavailable`] reason. An UNAVAILABLE without it came from
 /// the network: the replica could not be reached.
@@ -64,8 +59,8 @@ const MAX_HOPS: u32 = 3;
 pub struct KvService {
     node: NodeHandle,
     directory: Arc<Directory>,
-    /// A `Paxos` client per leader forwarded to, on its peer address.
-    clients: Mutex<BTreeMap<NodeId, PaxosClient<Channel>>>,
+    /// A forwarding stream per leader forwarded to, on its peer address.
+    links: Links,
     /// Forwarded calls being served here, and whether new ones are refused
     /// because the replica is stopping.
     forwarded_in: watch::Sender<Draining>,
@@ -95,8 +90,8 @@ impl KvService {
     pub fn new(node: NodeHandle, directory: Arc<Directory>) -> Self {
         KvService {
             node,
+            links: Links::new(Arc::clone(&directory)),
             directory,
-            clients: Mutex::new(BTreeMap::new()),
             forwarded_in: watch::Sender::new(Draining::default()),
         }
     }
@@ -136,28 +131,6 @@ impl KvService {
             .max_decoding_message_size(MAX_REQUEST_BYTES)
     }
 
-    fn client(&self, leader: NodeId) -> Result<PaxosClient<Channel>, Status> {
-        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = clients.get(&leader) {
-            return Ok(c.clone());
-        }
-        let addr = self
-            .directory
-            .peer_address(leader)
-            .ok_or_else(|| Status::internal(format!("leader {leader} is not in the peer list")))?;
-        // `paxoskv serve` refuses bad peer addresses at start; this is for
-        // a server assembled some other way.
-        let channel = self
-            .directory
-            .dialer()
-            .endpoint(addr)
-            .map_err(|e| Status::internal(format!("replica {leader}: {e}")))?
-            .connect_lazy();
-        let client = PaxosClient::new(channel);
-        clients.insert(leader, client.clone());
-        Ok(client)
-    }
-
     /// Checks, counts and serves one client's call of method `M`.
     async fn handle<M: Method>(
         &self,
@@ -181,11 +154,9 @@ impl KvService {
         self.serve(meta, call, action).await.map(M::answer)
     }
 
-    /// Sends `call` to `leader`'s peer port as a `Paxos/Forward`, with the
-    /// time `left` and its hop count, and returns what the leader answered.
-    ///
-    /// One call per forwarded client call: batching the calls a follower
-    /// forwards together is a later issue.
+    /// Sends `call` to `leader` on this replica's forwarding stream, with
+    /// the time `left` and its hop count, and returns what the leader
+    /// answered.
     async fn forward<M: Method>(
         &self,
         leader: NodeId,
@@ -193,17 +164,36 @@ impl KvService {
         left: Duration,
         hops: u32,
     ) -> Result<M::Response, Status> {
-        let mut request = forwarded(
-            pb::ForwardRequest {
-                call: Some(call.into_call()),
-            },
-            left,
-            hops,
-        );
-        // The leader's peer port admits only replicas of its cluster.
-        self.directory.introduce(request.metadata_mut());
-        let answer = self.client(leader)?.forward(request).await?.into_inner();
+        let request = pb::ForwardRequest {
+            call: Some(call.into_call()),
+        };
+        let answer = self.links.call(leader, request, left, hops).await?;
         answer.reply.and_then(M::from_answer).ok_or_else(mismatch)
+    }
+
+    /// Serves one call of a forwarding stream, as the leader's KvStore
+    /// would: counted in as in flight (refused once the replica is
+    /// stopping), with the deadline and hop count it carries.
+    async fn serve_forwarded(
+        &self,
+        call: pb::ForwardedCall,
+    ) -> Result<pb::ForwardResponse, Status> {
+        let _in_flight = self.enter_forwarded()?;
+        let meta = CallMeta::of_forwarded(&call);
+        let answer = match call.call.and_then(|c| c.call) {
+            Some(Call::Get(call)) => self.handle_forwarded(meta, call).await,
+            Some(Call::Insert(call)) => self.handle_forwarded(meta, call).await,
+            Some(Call::Remove(call)) => self.handle_forwarded(meta, call).await,
+            Some(Call::Update(call)) => self.handle_forwarded(meta, call).await,
+            Some(Call::Upsert(call)) => self.handle_forwarded(meta, call).await,
+            Some(Call::OpenSession(call)) => self.handle_forwarded(meta, call).await,
+            None => Err(Status::invalid_argument(
+                "call is required: one of get, insert, remove, update, upsert, open_session",
+            )),
+        }?;
+        Ok(pb::ForwardResponse {
+            reply: Some(answer),
+        })
     }
 
     /// The status of a call that ran out of time, naming the leader (if
@@ -565,19 +555,12 @@ impl CallMeta {
         }
     }
 
-    /// A call another replica forwarded (`Paxos/Forward`): its deadline and
-    /// its hop count, one if the header is missing or unreadable (it has
-    /// been forwarded at least once).
-    fn of_forwarded<T>(request: &Request<T>) -> Self {
-        let hops = request
-            .metadata()
-            .get(FORWARDED)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(1);
+    /// A call another replica forwarded (`Paxos/Forward`): its deadline,
+    /// and its hop count, at least one (it has been forwarded).
+    fn of_forwarded(call: &pb::ForwardedCall) -> Self {
         CallMeta {
-            deadline: deadline_of(request),
-            hops,
+            deadline: Instant::now() + answer_within(Duration::from_micros(call.timeout_micros)),
+            hops: call.hops.max(1),
         }
     }
 }
@@ -725,17 +708,6 @@ fn outcome_unknown() -> Status {
     )
 }
 
-/// Builds a `Paxos/Forward` request: the call, the remaining deadline, and
-/// the hop count.
-fn forwarded<T>(message: T, left: Duration, hops: u32) -> Request<T> {
-    let mut request = Request::new(message);
-    request.set_timeout(left);
-    if let Ok(v) = MetadataValue::try_from(hops.to_string()) {
-        request.metadata_mut().insert(FORWARDED, v);
-    }
-    request
-}
-
 // ----- validation -----------------------------------------------------------
 
 /// Checks a key against the contract; the error names the field.
@@ -858,28 +830,17 @@ impl pb::kv_store_server::KvStore for KvService {
     }
 }
 
-#[tonic::async_trait]
 impl Forwarded for KvService {
-    async fn forwarded(
-        &self,
-        request: Request<pb::ForwardRequest>,
-    ) -> Result<Response<pb::ForwardResponse>, Status> {
-        let _in_flight = self.enter_forwarded()?;
-        let meta = CallMeta::of_forwarded(&request);
-        let answer = match request.into_inner().call {
-            Some(Call::Get(call)) => self.handle_forwarded(meta, call).await,
-            Some(Call::Insert(call)) => self.handle_forwarded(meta, call).await,
-            Some(Call::Remove(call)) => self.handle_forwarded(meta, call).await,
-            Some(Call::Update(call)) => self.handle_forwarded(meta, call).await,
-            Some(Call::Upsert(call)) => self.handle_forwarded(meta, call).await,
-            Some(Call::OpenSession(call)) => self.handle_forwarded(meta, call).await,
-            None => Err(Status::invalid_argument(
-                "call is required: one of get, insert, remove, update, upsert, open_session",
-            )),
-        }?;
-        Ok(Response::new(pb::ForwardResponse {
-            reply: Some(answer),
-        }))
+    fn forwarded(
+        self: Arc<Self>,
+        from: NodeId,
+        calls: tonic::Streaming<pb::ForwardBatch>,
+        shutdown: Option<watch::Receiver<bool>>,
+    ) -> ForwardAnswerStream {
+        forwarder::serve_stream(from, calls, shutdown, move |call| {
+            let service = Arc::clone(&self);
+            async move { service.serve_forwarded(call).await }
+        })
     }
 }
 
@@ -1011,19 +972,24 @@ mod tests {
     #[test]
     fn only_a_forwarded_call_counts_hops() {
         let mut request = Request::new(pb::GetRequest { key: "k".into() });
-        request
-            .metadata_mut()
-            .insert(FORWARDED, MetadataValue::from_static("2"));
         request.set_timeout(Duration::from_secs(2));
-        // A client cannot spend the hop budget by sending the header.
+        // A client's own call has spent no hops, whatever it sends.
         assert_eq!(CallMeta::of_client(&request).hops, 0);
-        assert_eq!(CallMeta::of_forwarded(&request).hops, 2);
-        // A forwarded call without (or with an unreadable) header has been
-        // forwarded once at least.
-        let bare = Request::new(pb::GetRequest { key: "k".into() });
+        let call = pb::ForwardedCall {
+            id: 1,
+            call: None,
+            timeout_micros: 2_000_000,
+            hops: 2,
+        };
+        assert_eq!(CallMeta::of_forwarded(&call).hops, 2);
+        // A forwarded call has been forwarded once at least.
+        let bare = pb::ForwardedCall {
+            hops: 0,
+            ..call.clone()
+        };
         assert_eq!(CallMeta::of_forwarded(&bare).hops, 1);
-        // The deadline travels either way.
-        let left = CallMeta::of_forwarded(&request)
+        // The deadline travels, less the margin.
+        let left = CallMeta::of_forwarded(&call)
             .deadline
             .saturating_duration_since(Instant::now());
         assert!(left <= Duration::from_millis(1800) && left > Duration::from_millis(1500));

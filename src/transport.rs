@@ -86,10 +86,10 @@
 //!
 //! ## Forwarded client calls
 //!
-//! `Paxos/Forward` carries a client's call from a replica that does not
-//! lead to the leader. The transport only routes it: the client API, which
-//! lives above, answers it through the [`Forwarded`] it gives
-//! [`PaxosService::with_forwarding`].
+//! `Paxos/Forward` is a stream on which a replica that does not lead sends
+//! the leader its clients' calls, in batches, and gets their answers. The
+//! transport only routes it: the client API, which lives above, serves it
+//! through the [`Forwarded`] it gives [`PaxosService::with_forwarding`].
 
 use std::collections::BTreeMap;
 use std::error::Error as StdError;
@@ -558,16 +558,21 @@ impl PeerTask {
     }
 }
 
-/// Answers the client calls that other replicas forward to this one
+/// The answers of a `Paxos/Forward` stream, as the server sends them.
+pub type ForwardAnswerStream = ReceiverStream<Result<pb::ForwardAnswers, Status>>;
+
+/// Serves the client calls that other replicas forward to this one
 /// (`Paxos/Forward`). The client API implements it; the transport, below
-/// it, only routes the calls.
-#[tonic::async_trait]
+/// it, only routes the streams.
 pub trait Forwarded: Send + Sync + 'static {
-    /// Serves one forwarded call, as the leader's KvStore would serve it.
-    async fn forwarded(
-        &self,
-        request: Request<pb::ForwardRequest>,
-    ) -> Result<Response<pb::ForwardResponse>, Status>;
+    /// Serves the calls replica `from` sends on `calls`, answering on the
+    /// stream returned, until `calls` ends or `shutdown` turns true.
+    fn forwarded(
+        self: Arc<Self>,
+        from: NodeId,
+        calls: Streaming<pb::ForwardBatch>,
+        shutdown: Option<watch::Receiver<bool>>,
+    ) -> ForwardAnswerStream;
 }
 
 /// The receiving side: the `paxoskv.v1.Paxos` gRPC service, which hands
@@ -584,7 +589,7 @@ pub struct PaxosService {
     shutdown: Option<watch::Receiver<bool>>,
     /// Where `Snapshot` calls read from; without it they are refused.
     snapshots: Option<Arc<crate::storage::Storage>>,
-    /// Who answers `Forward` calls; without it they are refused.
+    /// Who serves `Forward` streams; without it they are refused.
     forwarding: Option<Arc<dyn Forwarded>>,
 }
 
@@ -615,7 +620,7 @@ impl PaxosService {
         }
     }
 
-    /// Answers `Forward` calls with `forwarding`.
+    /// Serves `Forward` streams with `forwarding`.
     pub fn with_forwarding(mut self, forwarding: Arc<dyn Forwarded>) -> Self {
         self.forwarding = Some(forwarding);
         self
@@ -649,6 +654,7 @@ impl Paxos for PaxosService {
     /// Never yields a message; ends when the call is over.
     type StreamStream = ReceiverStream<Result<pb::PeerMessage, Status>>;
     type SnapshotStream = crate::transfer::ChunkStream;
+    type ForwardStream = ForwardAnswerStream;
 
     async fn snapshot(
         &self,
@@ -671,11 +677,15 @@ impl Paxos for PaxosService {
 
     async fn forward(
         &self,
-        request: Request<pb::ForwardRequest>,
-    ) -> Result<Response<pb::ForwardResponse>, Status> {
-        self.admit(PeerCall::Forward, &request)?;
+        request: Request<Streaming<pb::ForwardBatch>>,
+    ) -> Result<Response<Self::ForwardStream>, Status> {
+        let caller = self.admit(PeerCall::Forward, &request)?;
         match &self.forwarding {
-            Some(forwarding) => forwarding.forwarded(request).await,
+            Some(forwarding) => Ok(Response::new(Arc::clone(forwarding).forwarded(
+                caller.id,
+                request.into_inner(),
+                self.shutdown.clone(),
+            ))),
             None => Err(Status::unimplemented(
                 "this server takes no forwarded client calls",
             )),
@@ -735,6 +745,7 @@ impl NotOnThisPort {
 impl Paxos for NotOnThisPort {
     type StreamStream = ReceiverStream<Result<pb::PeerMessage, Status>>;
     type SnapshotStream = crate::transfer::ChunkStream;
+    type ForwardStream = ForwardAnswerStream;
 
     async fn stream(
         &self,
@@ -752,8 +763,8 @@ impl Paxos for NotOnThisPort {
 
     async fn forward(
         &self,
-        _: Request<pb::ForwardRequest>,
-    ) -> Result<Response<pb::ForwardResponse>, Status> {
+        _: Request<Streaming<pb::ForwardBatch>>,
+    ) -> Result<Response<Self::ForwardStream>, Status> {
         Err(Self::refuse())
     }
 }
@@ -818,7 +829,7 @@ async fn read_stream(
 
 /// Completes once `shutdown` holds true; never, without a signal or once its
 /// sender is gone.
-async fn shutting_down(shutdown: Option<watch::Receiver<bool>>) {
+pub(crate) async fn shutting_down(shutdown: Option<watch::Receiver<bool>>) {
     if let Some(mut shutdown) = shutdown
         && shutdown.wait_for(|&stop| stop).await.is_ok()
     {

@@ -169,14 +169,23 @@ async fn a_stranger_on_the_client_port_cannot_speak_paxos() {
         .await
         .expect_err("a snapshot from the client port");
     assert_eq!(snapshot.code(), Code::Unimplemented, "{snapshot:?}");
+    let smuggled = pb::ForwardBatch {
+        calls: vec![pb::ForwardedCall {
+            id: 1,
+            call: Some(pb::ForwardRequest {
+                call: Some(pb::forward_request::Call::Upsert(pb::UpsertRequest {
+                    key: "smuggled".into(),
+                    value: Some(1),
+                    request_id: None,
+                })),
+            }),
+            timeout_micros: 1_000_000,
+            hops: 1,
+        }],
+        cancelled: vec![],
+    };
     let forward = paxos
-        .forward(pb::ForwardRequest {
-            call: Some(pb::forward_request::Call::Upsert(pb::UpsertRequest {
-                key: "smuggled".into(),
-                value: Some(1),
-                request_id: None,
-            })),
-        })
+        .forward(tokio_stream::iter([smuggled]))
         .await
         .expect_err("a forwarded call on the client port");
     assert_eq!(forward.code(), Code::Unimplemented, "{forward:?}");

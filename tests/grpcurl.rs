@@ -377,7 +377,10 @@ async fn the_client_port_serves_no_paxos_and_the_peer_port_nothing_else() {
                 r#"{"from":2,"heartbeat":{"ballot":{"round":"9","node":2}}}"#,
             ),
             ("Snapshot", r#"{"from":2}"#),
-            ("Forward", r#"{"get":{"key":"k"}}"#),
+            (
+                "Forward",
+                r#"{"calls":[{"id":1,"call":{"get":{"key":"k"}}}]}"#,
+            ),
         ] {
             let out = with_protos(&["-d", body, client, &format!("paxoskv.v1.Paxos/{method}")]);
             assert_code(&out, "Unimplemented", "peer port");
@@ -412,28 +415,32 @@ async fn the_client_port_serves_no_paxos_and_the_peer_port_nothing_else() {
         assert_ok(&snapshot, r#""key": "k""#);
         let nameless = with_protos(&["-d", &snapshot_body, peer, "paxoskv.v1.Paxos/Snapshot"]);
         assert_code(&nameless, "InvalidArgument", "without x-paxoskv-replica-id");
-        // A forwarded read is answered as the leader's KvStore would.
+        // Forwarded calls, in one batch, are each answered as the leader's
+        // KvStore would: a reply, or its status (NOT_FOUND is 5,
+        // INVALID_ARGUMENT 3), matched by id.
         let forward = with_headers(&[
             "-d",
-            r#"{"get":{"key":"k"}}"#,
+            r#"{"calls":[
+                {"id":7,"timeout_micros":5000000,"hops":1,"call":{"get":{"key":"k"}}},
+                {"id":8,"timeout_micros":5000000,"hops":1,"call":{"get":{"key":"absent"}}},
+                {"id":9,"timeout_micros":5000000,"hops":1,"call":{"insert":{"key":""}}}
+            ]}"#,
             peer,
             "paxoskv.v1.Paxos/Forward",
         ]);
-        assert_ok(&forward, r#""value": 1"#);
-        let missing = with_headers(&[
-            "-d",
-            r#"{"get":{"key":"absent"}}"#,
-            peer,
-            "paxoskv.v1.Paxos/Forward",
-        ]);
-        assert_code(&missing, "NotFound", "not found");
-        let bad = with_headers(&[
-            "-d",
-            r#"{"insert":{"key":""}}"#,
-            peer,
-            "paxoskv.v1.Paxos/Forward",
-        ]);
-        assert_code(&bad, "InvalidArgument", "key must not be empty");
+        assert!(forward.ok, "{forward:?}");
+        let answers: String = forward.stdout.split_whitespace().collect();
+        for (id, want) in [
+            (7, r#""reply":{"get":{"value":1}}"#),
+            (8, r#""status":{"code":5,"message":"key\"absent\"notfound""#),
+            (9, r#""status":{"code":3,"message":"keymustnotbeempty""#),
+        ] {
+            let needle = format!(r#"{{"id":"{id}",{want}"#);
+            assert!(
+                answers.contains(&needle),
+                "answer {id}: wanted {needle} in {answers}"
+            );
+        }
         // Not from a replica of this cluster: refused before it is served.
         let stranger = with_protos(&[
             "-H",
@@ -441,7 +448,7 @@ async fn the_client_port_serves_no_paxos_and_the_peer_port_nothing_else() {
             "-H",
             "x-paxoskv-cluster: staging",
             "-d",
-            r#"{"get":{"key":"k"}}"#,
+            r#"{"calls":[{"id":1,"call":{"get":{"key":"k"}}}]}"#,
             peer,
             "paxoskv.v1.Paxos/Forward",
         ]);
