@@ -5,6 +5,8 @@
 //!
 //! - [`server`], [`cluster`], [`client`]: what the `paxoskv` command runs —
 //!   one replica, a local cluster of them, a client call;
+//! - [`http`]: the client API as HTTP/JSON (`--http-listen`), each request
+//!   made through the gRPC service's own methods;
 //! - [`service`], [`admin`]: the client API (`paxoskv.v1.KvStore`) and the
 //!   operator's view (`paxoskv.v1.Admin`) over gRPC;
 //! - [`metrics`]: every metric's name, and the Prometheus exporter;
@@ -52,6 +54,7 @@ pub mod dial;
 pub mod directory;
 pub mod driver;
 pub mod handshake;
+pub mod http;
 pub mod kv;
 pub mod listener;
 pub mod metrics;
