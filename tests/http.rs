@@ -9,27 +9,11 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Cluster, ClusterTls, grpcurl};
+use common::{Cluster, ClusterTls, curl, grpcurl};
 use serde_json::{Value, json};
-
-/// The curl binary: `$PAXOSKV_CURL`, else the PATH.
-fn curl() -> PathBuf {
-    if let Some(path) = std::env::var_os("PAXOSKV_CURL") {
-        return PathBuf::from(path);
-    }
-    std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|dir| dir.join("curl"))
-        .find(|p| p.exists())
-        .unwrap_or_else(|| {
-            panic!("curl not found: run scripts/test.sh (it installs curl with apt-get) or set PAXOSKV_CURL")
-        })
-}
 
 /// What one curl run got: the final response's status, headers and JSON
 /// body, or curl's failure.

@@ -111,6 +111,23 @@ pub fn grpcurl() -> PathBuf {
     })
 }
 
+/// The curl binary: `$PAXOSKV_CURL`, else the PATH (scripts/test.sh
+/// installs curl with apt-get when it is missing). Tests that need it fail
+/// without it; they do not skip.
+pub fn curl() -> PathBuf {
+    if let Some(path) = std::env::var_os("PAXOSKV_CURL") {
+        return PathBuf::from(path);
+    }
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join("curl"))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| {
+            panic!("curl not found: run scripts/test.sh (it installs curl with apt-get) or set PAXOSKV_CURL")
+        })
+}
+
 /// A channel to the replica at `addr`, made as paxoskv makes its own
 /// ([`paxoskv::dial::endpoint`]), connecting on first use.
 pub fn channel(addr: &str) -> Channel {
