@@ -420,6 +420,7 @@ pub async fn serve(
         fd_limit = ?fd_limit,
         max_client_connections = clients.max_connections,
         max_peer_connections = Limits::PEERS.max_connections,
+        max_http_connections = opts.http_listen.map(|_| http_limits(fd_limit).max_connections),
         "limits"
     );
     let client_listener = TcpListener::bind(opts.listen)
