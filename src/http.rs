@@ -1170,6 +1170,48 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn on_stop_the_server_closes_idle_connections_and_returns() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = watch::channel(false);
+        let server = tokio::spawn(serve(
+            listener,
+            Limits::HTTP,
+            Arc::new(Fake::default()),
+            None,
+            stopped,
+        ));
+        let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        conn.write_all(b"GET /v1/kv/k HTTP/1.1\r\nHost: test\r\n\r\n")
+            .await
+            .expect("send");
+        let mut buf = vec![0u8; 4096];
+        let n = conn.read(&mut buf).await.expect("a response");
+        let response = String::from_utf8_lossy(&buf[..n]).to_string();
+        assert!(
+            response.starts_with("HTTP/1.1 200 OK")
+                && response.contains(r#"{"key":"k","value":5}"#),
+            "{response}"
+        );
+        // The connection is kept alive, idle, until the stop.
+        let _ = stop.send(true);
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("the server returns once stopped")
+            .expect("no panic");
+        let closed = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
+            .await
+            .expect("the idle connection is closed");
+        assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+        assert!(
+            tokio::net::TcpStream::connect(addr).await.is_err(),
+            "still accepting after the stop"
+        );
+    }
+
     #[test]
     fn a_failed_call_says_its_code_message_certainty_and_reason() {
         let status = Certainty::NotProposed
