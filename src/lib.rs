@@ -5,6 +5,8 @@
 //!
 //! - [`server`], [`cluster`], [`client`]: what the `paxoskv` command runs —
 //!   one replica, a local cluster of them, a client call;
+//! - [`http`]: the client API as HTTP/JSON (`--http-listen`), each request
+//!   made through the gRPC service's own methods;
 //! - [`service`], [`admin`]: the client API (`paxoskv.v1.KvStore`) and the
 //!   operator's view (`paxoskv.v1.Admin`) over gRPC;
 //! - [`forwarder`]: client calls a follower forwards to the leader, in
@@ -59,6 +61,7 @@ pub mod driver;
 pub mod forwarder;
 pub mod forwarding;
 pub mod handshake;
+pub mod http;
 pub mod kv;
 pub mod listener;
 pub mod metrics;

@@ -65,6 +65,16 @@ impl Limits {
         idle_timeout: Duration::from_secs(300),
     };
 
+    /// For the HTTP/JSON port (`--http-listen`): curl, scripts and probes.
+    /// HTTP/1.1 carries one call at a time per connection, so this also
+    /// bounds its calls in flight; an idle keep-alive connection goes after
+    /// a minute (nginx keeps one 75 s).
+    pub const HTTP: Limits = Limits {
+        max_connections: 1024,
+        handshake_timeout: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(60),
+    };
+
     /// For peers: a few connections each, busy (heartbeats every tick, and
     /// HTTP/2 keepalive pings every second).
     pub const PEERS: Limits = Limits {

@@ -100,6 +100,11 @@ enum Command {
         /// Serve Prometheus metrics at http://ADDR/metrics.
         #[arg(long, env = "PAXOSKV_METRICS_LISTEN")]
         metrics_listen: Option<SocketAddr>,
+        /// Serve the client API as HTTP/JSON on ADDR, for curl: GET, POST,
+        /// PUT, PATCH and DELETE /v1/kv/KEY, POST /v1/sessions. HTTPS with
+        /// the client port's mutual TLS when the --tls-* flags are given.
+        #[arg(long, env = "PAXOSKV_HTTP_LISTEN", value_name = "ADDR")]
+        http_listen: Option<SocketAddr>,
         /// The cluster's name, recorded in the data directory at first
         /// start and checked at every start: a directory of another
         /// cluster (or another replica) is refused. Letters, digits, '.',
@@ -122,8 +127,9 @@ enum Command {
         /// How many replicas (at most 100).
         #[arg(long, env = "PAXOSKV_REPLICAS", default_value_t = 3)]
         replicas: u32,
-        /// Replica N serves clients on 127.0.0.1:(BASE_PORT + N - 1) and
-        /// the other replicas on 127.0.0.1:(BASE_PORT + 100 + N - 1).
+        /// Replica N serves clients on 127.0.0.1:(BASE_PORT + N - 1), the
+        /// other replicas on 127.0.0.1:(BASE_PORT + 100 + N - 1), and
+        /// HTTP/JSON on 127.0.0.1:(BASE_PORT + 200 + N - 1).
         #[arg(long, env = "PAXOSKV_BASE_PORT", default_value_t = 8081)]
         base_port: u16,
         /// Replica N keeps its data in DATA_DIR/N.
@@ -437,6 +443,7 @@ async fn run(cli: Cli) -> ExitCode {
             max_waiting_writes,
             max_waiting_reads,
             metrics_listen,
+            http_listen,
             cluster_name,
             fault_fail_syncs_after,
             unsafe_test_bug,
@@ -471,6 +478,7 @@ async fn run(cli: Cli) -> ExitCode {
                     max_reads: usize::try_from(max_waiting_reads).unwrap_or(usize::MAX),
                 },
                 metrics_listen,
+                http_listen,
                 cluster_name,
                 fail_syncs_after: fault_fail_syncs_after,
                 test_bug: unsafe_test_bug,

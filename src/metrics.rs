@@ -13,6 +13,11 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 
 /// Client calls answered, by `method` and gRPC `code` (e.g. `OK`, `NotFound`).
 pub const REQUESTS: &str = "paxoskv_requests_total";
+/// Requests to the HTTP/JSON port (`--http-listen`), by HTTP `method`
+/// (`GET`, ..., or `other`), `route` (`/v1/kv/{key}`, `/v1/sessions`, or
+/// `other`) and HTTP `status` (`200`, `404`, ...). The gRPC calls they make
+/// count in [`REQUESTS`] too.
+pub const HTTP_REQUESTS: &str = "paxoskv_http_requests_total";
 /// Client call latency, by `method`.
 pub const REQUEST_DURATION: &str = "paxoskv_request_duration_seconds";
 /// Calls this replica could not serve itself, by `leader_known`: forwarded
@@ -103,6 +108,10 @@ pub fn install(addr: SocketAddr) -> Result<(), String> {
 
 fn describe() {
     describe_counter!(REQUESTS, "Client calls answered, by method and gRPC code.");
+    describe_counter!(
+        HTTP_REQUESTS,
+        "Requests to the HTTP/JSON port, by HTTP method, route and status."
+    );
     describe_histogram!(
         REQUEST_DURATION,
         Unit::Seconds,

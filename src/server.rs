@@ -5,7 +5,10 @@
 //!   health and reflection;
 //! - the **peer port** (`--peer-listen`): the replica protocol
 //!   (`paxoskv.v1.Paxos`: the Paxos streams, snapshots, forwarded calls)
-//!   and nothing else.
+//!   and nothing else;
+//! - if asked for (`--http-listen`), the **HTTP port**: the client API as
+//!   HTTP/JSON ([`crate::http`]), made through the client port's own
+//!   `KvService`.
 //!
 //! Whoever can send Paxos messages to an acceptor can make it promise or
 //! accept anything, so the replica protocol is not served where clients
@@ -70,6 +73,10 @@ pub struct ServeOptions {
     pub limits: crate::driver::Limits,
     /// Where to serve Prometheus metrics (`/metrics`), if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// Where to serve the client API as HTTP/JSON ([`crate::http`]), if
+    /// anywhere; HTTPS with the same mutual TLS as the client port when
+    /// `tls` is set.
+    pub http_listen: Option<SocketAddr>,
     /// The cluster's name: the data directory must be this cluster's (see
     /// [`crate::storage::identity`]).
     pub cluster_name: String,
@@ -141,6 +148,21 @@ impl ServeOptions {
             return Err(format!(
                 "--listen {} and --peer-listen {} are the same address: clients and peers need a port each",
                 self.listen, self.peer_listen
+            ));
+        }
+        // Each listener needs a port of its own.
+        let others = [
+            ("--listen", Some(self.listen)),
+            ("--peer-listen", Some(self.peer_listen)),
+            ("--metrics-listen", self.metrics_listen),
+        ];
+        if let Some(http) = self.http_listen
+            && let Some((flag, addr)) = others
+                .iter()
+                .find_map(|&(flag, a)| a.filter(|&a| overlap(a, http)).map(|a| (flag, a)))
+        {
+            return Err(format!(
+                "--http-listen {http} and {flag} {addr} are the same address: each needs a port of its own"
             ));
         }
         self.check_own_peer_entry(own)?;
@@ -275,6 +297,16 @@ fn client_limits(fd_limit: Option<u64>) -> Limits {
     limits
 }
 
+/// Connections the HTTP port holds: [`Limits::HTTP`], and, like the client
+/// port's, never more than the descriptors leave room for.
+fn http_limits(fd_limit: Option<u64>) -> Limits {
+    let mut limits = Limits::HTTP;
+    limits.max_connections = limits
+        .max_connections
+        .min(client_limits(fd_limit).max_connections);
+    limits
+}
+
 /// File descriptors kept back from client connections.
 pub const RESERVED_FDS: u64 = 256;
 
@@ -388,6 +420,7 @@ pub async fn serve(
         fd_limit = ?fd_limit,
         max_client_connections = clients.max_connections,
         max_peer_connections = Limits::PEERS.max_connections,
+        max_http_connections = opts.http_listen.map(|_| http_limits(fd_limit).max_connections),
         "limits"
     );
     let client_listener = TcpListener::bind(opts.listen)
@@ -396,6 +429,23 @@ pub async fn serve(
     let peer_listener = TcpListener::bind(opts.peer_listen)
         .await
         .map_err(|e| format!("cannot listen on --peer-listen {}: {e}", opts.peer_listen))?;
+    // The HTTP port: HTTPS with the client port's mutual TLS, never
+    // plaintext when TLS is configured.
+    let http_listener = match opts.http_listen {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot listen on --http-listen {addr}: {e}"))?;
+            let tls = match &opts.tls {
+                Some(tls) => Some(tls.https_server().map_err(|e| {
+                    format!("TLS for --http-listen (--tls-cert, --tls-key, --tls-ca): {e}")
+                })?),
+                None => None,
+            };
+            Some((listener, tls))
+        }
+        None => None,
+    };
     let directory = Arc::new(
         Directory::new(opts.id, opts.peers.clone(), opts.client_address())
             .with_cluster(opts.cluster_name.clone())
@@ -482,16 +532,30 @@ pub async fn serve(
             },
         );
     let mut peer_task = tokio::spawn(peer_server);
+
+    // The HTTP port: the same KvService, so the same calls.
+    let (stop_http, http_stopped) = watch::channel(false);
+    let mut http_task = http_listener.map(|(listener, tls)| {
+        tokio::spawn(crate::http::serve(
+            listener,
+            http_limits(fd_limit),
+            Arc::clone(&kv),
+            tls,
+            http_stopped,
+        ))
+    });
     info!(
         replica = opts.id,
         listen = %opts.listen,
         peer_listen = %opts.peer_listen,
+        http_listen = ?opts.http_listen,
         client_address = %opts.client_address(),
         "serving"
     );
 
     let stop_all = || {
         let _ = stop_clients.send(true);
+        let _ = stop_http.send(true);
         let _ = stop_peers.send(true);
         let _ = stop_node.send(true);
     };
@@ -515,6 +579,18 @@ pub async fn serve(
             stop_all();
             return Err(server_ended("peer", result));
         }
+        result = async {
+            match &mut http_task {
+                Some(task) => task.await,
+                None => std::future::pending().await,
+            }
+        } => {
+            stop_all();
+            return Err(match result {
+                Ok(()) => "the HTTP server stopped unexpectedly".into(),
+                Err(e) => Box::new(e),
+            });
+        }
     }
 
     // Stop taking calls, and let those in flight finish, here and those
@@ -526,14 +602,21 @@ pub async fn serve(
         .set_not_serving::<pb::kv_store_server::KvStoreServer<KvService>>()
         .await;
     let _ = stop_clients.send(true);
+    let _ = stop_http.send(true);
     let drained = async {
         let _ = (&mut client_task).await;
+        if let Some(task) = &mut http_task {
+            let _ = task.await;
+        }
         kv.drain_forwarded().await;
     };
     if tokio::time::timeout_at(deadline, drained).await.is_err() {
         warn!(replica = opts.id, drain = ?opts.drain, "calls still in flight after the drain period; dropping them");
     }
     client_task.abort();
+    if let Some(task) = &http_task {
+        task.abort();
+    }
     let _ = stop_peers.send(true);
     let grace = deadline
         .saturating_duration_since(tokio::time::Instant::now())
@@ -589,6 +672,7 @@ mod tests {
             drain: Duration::from_secs(1),
             limits: crate::driver::Limits::DEFAULT,
             metrics_listen: None,
+            http_listen: None,
             cluster_name: "paxoskv".into(),
             fail_syncs_after: None,
             test_bug: None,
@@ -717,6 +801,28 @@ mod tests {
             &o,
             &["1=localhost:8181", "localhost resolves to", "not 127.0.0.2"],
         );
+    }
+
+    #[test]
+    fn the_http_port_needs_a_port_of_its_own() {
+        let mut o = opts();
+        o.http_listen = Some("127.0.0.1:8281".parse().unwrap());
+        o.metrics_listen = Some("127.0.0.1:9091".parse().unwrap());
+        o.check().expect("an HTTP port of its own");
+        for (taken, flag) in [
+            ("127.0.0.1:8081", "--listen 127.0.0.1:8081"),
+            ("0.0.0.0:8181", "--peer-listen 127.0.0.1:8181"),
+            ("127.0.0.1:9091", "--metrics-listen 127.0.0.1:9091"),
+        ] {
+            let mut o = o.clone();
+            o.http_listen = Some(taken.parse().unwrap());
+            refused(
+                &o,
+                &[&format!(
+                    "--http-listen {taken} and {flag} are the same address"
+                )],
+            );
+        }
     }
 
     #[test]

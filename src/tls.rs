@@ -284,6 +284,39 @@ impl TlsConfig {
             .timeout(HANDSHAKE_TIMEOUT)
     }
 
+    /// For the HTTPS port (`--http-listen`), which hyper serves rather
+    /// than tonic: what [`TlsConfig::server`] gives tonic, as a rustls
+    /// configuration: this certificate, and a client certificate from the
+    /// CA required of every connection. It speaks HTTP/1.1 (ALPN).
+    pub fn https_server(&self) -> Result<Arc<rustls::ServerConfig>, String> {
+        let files = &self.files;
+        let chain = CertificateDer::pem_slice_iter(&self.cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("--tls-cert {}: {e}", files.cert.display()))?;
+        let key = PrivateKeyDer::from_pem_slice(&self.key_pem)
+            .map_err(|e| format!("--tls-key {}: {e}", files.key.display()))?;
+        let mut roots = RootCertStore::empty();
+        for ca in CertificateDer::pem_slice_iter(&self.ca_pem) {
+            let ca = ca.map_err(|e| format!("--tls-ca {}: {e}", files.ca.display()))?;
+            roots
+                .add(ca)
+                .map_err(|e| format!("--tls-ca {}: {e}", files.ca.display()))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
+                .build()
+                .map_err(|e| format!("--tls-ca {}: {e}", files.ca.display()))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS: {e}"))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .map_err(|e| format!("--tls-cert {}: {e}", files.cert.display()))?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+
     /// For a client (a replica dialling a peer, or the CLI): present this
     /// certificate, and accept only a server certificate from the CA that
     /// names the host dialled.

@@ -794,7 +794,7 @@ fn tls_flags_that_cannot_work_are_refused_at_start_by_name() {
 /// free right now.
 fn cluster_ports_free(base: u16) -> bool {
     (0..3).all(|i| {
-        [base + i, base + 100 + i]
+        [base + i, base + 100 + i, base + 200 + i]
             .iter()
             .all(|&p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
     })
@@ -880,6 +880,28 @@ fn paxoskv_cluster_tls_prints_grpcurl_lines_that_work() {
         std::thread::sleep(Duration::from_millis(300));
     };
     assert!(out.stderr.contains("Code: NotFound"), "{get}: {out:?}");
+
+    // So is its curl GET line: HTTPS with the client certificate, and a
+    // JSON NOT_FOUND from the replica.
+    let curl_get = banner
+        .iter()
+        .find(|l| l.trim_start().starts_with("curl ") && l.trim_end().ends_with("/v1/kv/apple"))
+        .unwrap_or_else(|| panic!("no curl GET line in {banner:#?}"))
+        .clone();
+    for want in ["--cacert", "--cert", "--key", "https://"] {
+        assert!(curl_get.contains(want), "{curl_get} should use {want}");
+    }
+    let words = shell_words(&curl_get);
+    let out = Command::new(common::curl())
+        .args(&words[1..])
+        .output()
+        .expect("run curl");
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && body.contains(r#""code":"NOT_FOUND""#),
+        "{curl_get}: {body} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Stops `paxoskv cluster` (SIGTERM: it stops its replicas) however the

@@ -4,8 +4,9 @@
 //! test's outcome; data lives in a fresh directory under the system temp
 //! dir, removed at the end. Every replica serves clients on one port
 //! ([`Cluster::addrs`]), the other replicas on another
-//! ([`Cluster::peer_addrs`]), and Prometheus metrics on a third
-//! ([`Cluster::metrics`]).
+//! ([`Cluster::peer_addrs`]), Prometheus metrics on a third
+//! ([`Cluster::metrics`]), and the HTTP/JSON API on a fourth
+//! ([`Cluster::http`]).
 //!
 //! A cluster started with [`Cluster::start_tls`] runs with mutual TLS: each
 //! replica gets its own certificate, and the harness's own calls present
@@ -110,6 +111,23 @@ pub fn grpcurl() -> PathBuf {
     })
 }
 
+/// The curl binary: `$PAXOSKV_CURL`, else the PATH (scripts/test.sh
+/// installs curl with apt-get when it is missing). Tests that need it fail
+/// without it; they do not skip.
+pub fn curl() -> PathBuf {
+    if let Some(path) = std::env::var_os("PAXOSKV_CURL") {
+        return PathBuf::from(path);
+    }
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join("curl"))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| {
+            panic!("curl not found: run scripts/test.sh (it installs curl with apt-get) or set PAXOSKV_CURL")
+        })
+}
+
 /// A channel to the replica at `addr`, made as paxoskv makes its own
 /// ([`paxoskv::dial::endpoint`]), connecting on first use.
 pub fn channel(addr: &str) -> Channel {
@@ -128,6 +146,9 @@ pub struct Cluster {
     pub peer_addrs: BTreeMap<u32, String>,
     /// Each replica's metrics address: `http://ADDR/metrics`.
     pub metrics: BTreeMap<u32, String>,
+    /// Each replica's HTTP/JSON address (`--http-listen`; HTTPS in a TLS
+    /// cluster).
+    pub http: BTreeMap<u32, String>,
     /// How `--peers` spells the addresses.
     pub peer_form: PeerForm,
     /// Flags added to every `paxoskv serve`.
@@ -179,6 +200,7 @@ impl Cluster {
             addrs: BTreeMap::new(),
             peer_addrs: BTreeMap::new(),
             metrics: BTreeMap::new(),
+            http: BTreeMap::new(),
             peer_form,
             extra_args: args.iter().map(|a| a.to_string()).collect(),
             dialer: tls
@@ -194,13 +216,15 @@ impl Cluster {
         cluster
     }
 
-    /// Chooses free ports for replicas 1 to `n`: clients, metrics, peers.
+    /// Chooses free ports for replicas 1 to `n`: clients, metrics, peers,
+    /// HTTP.
     fn resize(&mut self, n: u32) {
-        let ports = free_ports(3 * n as usize);
+        let ports = free_ports(4 * n as usize);
         let addr = |i: u32| format!("127.0.0.1:{}", ports[i as usize - 1]);
         self.addrs = (1..=n).map(|id| (id, addr(id))).collect();
         self.metrics = (1..=n).map(|id| (id, addr(n + id))).collect();
         self.peer_addrs = (1..=n).map(|id| (id, addr(2 * n + id))).collect();
+        self.http = (1..=n).map(|id| (id, addr(3 * n + id))).collect();
     }
 
     /// Starts `n` replicas, each `paxoskv serve` given `args` as well.
@@ -251,6 +275,8 @@ impl Cluster {
                 &self.peers_arg(),
                 "--metrics-listen",
                 &self.metrics[&id],
+                "--http-listen",
+                &self.http[&id],
             ])
             .arg("--data-dir")
             .arg(self.dir.join(format!("data-{id}")))
