@@ -366,7 +366,7 @@ async fn a_mutual_tls_cluster_serves_certified_clients_and_replicas_only() {
         "-H",
         "x-paxoskv-cluster: paxoskv",
         "-d",
-        r#"{"get":{"key":"via-3"}}"#,
+        r#"{"calls":[{"id":1,"timeout_micros":5000000,"call":{"get":{"key":"via-3"}}}]}"#,
     ];
     for id in 1..=3 {
         let client_port = cluster.addrs[&id].as_str();
@@ -386,7 +386,7 @@ async fn a_mutual_tls_cluster_serves_certified_clients_and_replicas_only() {
     // client's certificate names no replica.
     for method in ["Forward", "Snapshot"] {
         let body = if method == "Forward" {
-            r#"{"get":{"key":"via-1"}}"#
+            r#"{"calls":[{"id":1,"call":{"get":{"key":"via-1"}}}]}"#
         } else {
             r#"{"from":2}"#
         };
