@@ -75,6 +75,7 @@ impl Cluster {
                 drain: Duration::from_secs(1),
                 limits: paxoskv::driver::Limits::DEFAULT,
                 metrics_listen: None,
+                health_listen: None,
                 cluster_name: "paxoskv".into(),
                 fail_syncs_after: None,
                 test_bug: None,

@@ -5,6 +5,10 @@
 //!
 //! - [`server`], [`cluster`], [`client`]: what the `paxoskv` command runs —
 //!   one replica, a local cluster of them, a client call;
+//! - [`pod`]: `--id`, `--peers` and the client address derived from a
+//!   Kubernetes pod's name (`--peers-from-dns`), sans-IO;
+//! - [`readiness`]: when a replica is ready to serve KV calls (a leader, and
+//!   caught up within a bound), as the health service tells Kubernetes;
 //! - [`service`], [`admin`]: the client API (`paxoskv.v1.KvStore`) and the
 //!   operator's view (`paxoskv.v1.Admin`) over gRPC;
 //! - [`metrics`]: every metric's name, and the Prometheus exporter;
@@ -57,6 +61,8 @@ pub mod listener;
 pub mod metrics;
 pub mod node;
 pub mod paxos;
+pub mod pod;
+pub mod readiness;
 pub mod server;
 pub mod service;
 pub mod storage;

@@ -45,9 +45,11 @@ enum LogFormat {
 enum Command {
     /// Runs one replica.
     Serve {
-        /// This replica's id (one of the ids in --peers).
-        #[arg(long, env = "PAXOSKV_ID")]
-        id: NodeId,
+        /// This replica's id (one of the ids in --peers). With
+        /// --peers-from-dns it comes from the pod's name, and if given must
+        /// agree with it.
+        #[arg(long, env = "PAXOSKV_ID", required_unless_present = "peers_from_dns")]
+        id: Option<NodeId>,
         /// Where to serve clients: KvStore, Admin, health and reflection
         /// (no Paxos).
         #[arg(long, env = "PAXOSKV_LISTEN")]
@@ -66,8 +68,24 @@ enum Command {
         /// Every replica's PEER address (where it serves --peer-listen),
         /// this one included: 1=HOST:PORT,2=HOST:PORT,... (each HOST:PORT
         /// or http://HOST:PORT).
-        #[arg(long, env = "PAXOSKV_PEERS", value_parser = parse_peers)]
-        peers: BTreeMap<NodeId, String>,
+        #[arg(long, env = "PAXOSKV_PEERS", value_parser = parse_peers, required_unless_present = "peers_from_dns", conflicts_with = "peers_from_dns")]
+        peers: Option<BTreeMap<NodeId, String>>,
+        /// Kubernetes: derive --id, --peers and --advertise-client from the
+        /// pod's name, as a StatefulSet gives it: pod NAME-K is replica K+1,
+        /// and replica J+1's peer address is NAME-J.DOMAIN:PORT (PORT
+        /// defaults to --peer-listen's). DOMAIN is the headless Service's,
+        /// SERVICE.NAMESPACE.svc.cluster.local. Names are resolved when
+        /// dialled, and retried until they resolve.
+        #[arg(long, env = "PAXOSKV_PEERS_FROM_DNS", value_name = "DOMAIN[:PORT]", value_parser = paxoskv::pod::PeerDomain::parse)]
+        peers_from_dns: Option<paxoskv::pod::PeerDomain>,
+        /// With --peers-from-dns: this pod's name (default: $HOSTNAME,
+        /// which Kubernetes sets to it).
+        #[arg(long, env = "PAXOSKV_POD_NAME", requires = "peers_from_dns")]
+        pod_name: Option<String>,
+        /// With --peers-from-dns: how many replicas the cluster has (the
+        /// StatefulSet's replicas: 3 or 5), fixed when it is created.
+        #[arg(long, env = "PAXOSKV_REPLICAS", requires = "peers_from_dns")]
+        replicas: Option<u32>,
         /// Where this replica keeps its data.
         #[arg(long, env = "PAXOSKV_DATA_DIR")]
         data_dir: PathBuf,
@@ -100,6 +118,12 @@ enum Command {
         /// Serve Prometheus metrics at http://ADDR/metrics.
         #[arg(long, env = "PAXOSKV_METRICS_LISTEN")]
         metrics_listen: Option<SocketAddr>,
+        /// Serve the standard health service alone at ADDR, in plaintext
+        /// even with TLS (for Kubernetes' gRPC probes, which present no
+        /// certificate): "" is SERVING while the process serves,
+        /// paxoskv.v1.KvStore while it is ready (a leader known, caught up).
+        #[arg(long, env = "PAXOSKV_HEALTH_LISTEN")]
+        health_listen: Option<SocketAddr>,
         /// The cluster's name, recorded in the data directory at first
         /// start and checked at every start: a directory of another
         /// cluster (or another replica) is refused. Letters, digits, '.',
@@ -337,6 +361,60 @@ impl TlsArgs {
     }
 }
 
+/// Where a replica stands in its cluster, as the flags say it: `--id`,
+/// `--peers` and `--advertise-client`, or `--peers-from-dns` and the pod's
+/// name (see [`paxoskv::pod`]).
+struct Placement {
+    id: Option<NodeId>,
+    peers: Option<BTreeMap<NodeId, String>>,
+    peers_from_dns: Option<paxoskv::pod::PeerDomain>,
+    pod_name: Option<String>,
+    replicas: Option<u32>,
+    advertise_client: Option<String>,
+}
+
+impl Placement {
+    /// The id, `--peers` and `--advertise-client` to run with. Errors name
+    /// the flag (clap has already refused `--peers` with
+    /// `--peers-from-dns`, and either of them missing).
+    fn resolve(
+        self,
+        listen: SocketAddr,
+        peer_listen: SocketAddr,
+    ) -> Result<(NodeId, BTreeMap<NodeId, String>, Option<String>), String> {
+        use paxoskv::pod::{self, PodName};
+        let Some(dns) = self.peers_from_dns else {
+            let id = self.id.ok_or("--id is required")?;
+            let peers = self.peers.ok_or("--peers is required")?;
+            return Ok((id, peers, self.advertise_client));
+        };
+        let name = self
+            .pod_name
+            .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
+            .ok_or(
+                "--peers-from-dns needs the pod's name: --pod-name or PAXOSKV_POD_NAME (or HOSTNAME, which Kubernetes sets)",
+            )?;
+        let replicas = self.replicas.ok_or(
+            "--peers-from-dns needs --replicas N (PAXOSKV_REPLICAS): the StatefulSet's replicas",
+        )?;
+        let pod = PodName::parse(&name)?;
+        let derived = pod::derive(&pod, replicas, &dns, peer_listen.port(), listen.port())?;
+        pod::check_id(self.id, &derived, &pod)?;
+        info!(
+            pod = %name,
+            replica = derived.id,
+            peers = %derived.peers.iter().map(|(id, a)| format!("{id}={a}")).collect::<Vec<_>>().join(","),
+            client_address = %self.advertise_client.as_deref().unwrap_or(&derived.client_address),
+            "configuration from the pod's name (--peers-from-dns)"
+        );
+        Ok((
+            derived.id,
+            derived.peers,
+            Some(self.advertise_client.unwrap_or(derived.client_address)),
+        ))
+    }
+}
+
 fn parse_peers(s: &str) -> Result<BTreeMap<NodeId, String>, String> {
     let mut peers = BTreeMap::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -428,6 +506,9 @@ async fn run(cli: Cli) -> ExitCode {
             peer_listen,
             advertise_client,
             peers,
+            peers_from_dns,
+            pod_name,
+            replicas,
             data_dir,
             tick_ms,
             cache_mb,
@@ -437,12 +518,28 @@ async fn run(cli: Cli) -> ExitCode {
             max_waiting_writes,
             max_waiting_reads,
             metrics_listen,
+            health_listen,
             cluster_name,
             fault_fail_syncs_after,
             unsafe_test_bug,
             tls,
         } => {
             init_logs(cli.log_format);
+            let placement = Placement {
+                id,
+                peers,
+                peers_from_dns,
+                pod_name,
+                replicas,
+                advertise_client,
+            };
+            let (id, peers, advertise_client) = match placement.resolve(listen, peer_listen) {
+                Ok(resolved) => resolved,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             // Files that do not load are a usage error too: exit 2.
             let tls = match tls.load() {
                 Ok(tls) => tls,
@@ -471,6 +568,7 @@ async fn run(cli: Cli) -> ExitCode {
                     max_reads: usize::try_from(max_waiting_reads).unwrap_or(usize::MAX),
                 },
                 metrics_listen,
+                health_listen,
                 cluster_name,
                 fail_syncs_after: fault_fail_syncs_after,
                 test_bug: unsafe_test_bug,

@@ -13,6 +13,11 @@
 //! With TLS ([`ServeOptions::tls`]) both ports require a client certificate
 //! from the cluster's CA, and the peer port takes calls only from the other
 //! replicas' certificates (see [`crate::handshake`]).
+//!
+//! Optionally a third, the **health port** (`--health-listen`): the
+//! standard health service alone, always in plaintext, as the metrics port
+//! is, for probes that present no certificate (Kubernetes' gRPC probes).
+//! What health says is [`crate::readiness`]'s.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
@@ -70,6 +75,9 @@ pub struct ServeOptions {
     pub limits: crate::driver::Limits,
     /// Where to serve Prometheus metrics (`/metrics`), if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// Where to serve the health service alone, in plaintext even with
+    /// TLS, if anywhere (for Kubernetes' gRPC probes).
+    pub health_listen: Option<SocketAddr>,
     /// The cluster's name: the data directory must be this cluster's (see
     /// [`crate::storage::identity`]).
     pub cluster_name: String,
@@ -142,6 +150,21 @@ impl ServeOptions {
                 "--listen {} and --peer-listen {} are the same address: clients and peers need a port each",
                 self.listen, self.peer_listen
             ));
+        }
+        if let Some(health) = self.health_listen {
+            for (flag, other) in [
+                ("--listen", Some(self.listen)),
+                ("--peer-listen", Some(self.peer_listen)),
+                ("--metrics-listen", self.metrics_listen),
+            ] {
+                if let Some(other) = other
+                    && overlap(health, other)
+                {
+                    return Err(format!(
+                        "--health-listen {health} and {flag} {other} are the same address: health probes need a port of their own"
+                    ));
+                }
+            }
         }
         self.check_own_peer_entry(own)?;
         match &self.advertise_client {
@@ -396,6 +419,14 @@ pub async fn serve(
     let peer_listener = TcpListener::bind(opts.peer_listen)
         .await
         .map_err(|e| format!("cannot listen on --peer-listen {}: {e}", opts.peer_listen))?;
+    let health_listener = match opts.health_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot listen on --health-listen {addr}: {e}"))?,
+        ),
+        None => None,
+    };
     let directory = Arc::new(
         Directory::new(opts.id, opts.peers.clone(), opts.client_address())
             .with_cluster(opts.cluster_name.clone())
@@ -418,24 +449,19 @@ pub async fn serve(
     let kv = Arc::new(KvService::new(handle.clone(), Arc::clone(&directory)));
 
     // The client port: no Paxos here, and its reflection describes none.
+    // Not ready until the readiness task says so.
     let (health, health_service) = tonic_health::server::health_reporter();
     health
-        .set_serving::<pb::kv_store_server::KvStoreServer<KvService>>()
+        .set_not_serving::<pb::kv_store_server::KvStoreServer<KvService>>()
         .await;
-    // A replica whose storage failed serves nothing: say so to health
-    // checks (the whole server, "", and the KV service).
-    let mut failure = handle.watch_failure();
-    let failed_health = health.clone();
-    tokio::spawn(async move {
-        if failure.wait_for(Option::is_some).await.is_ok() {
-            failed_health
-                .set_not_serving::<pb::kv_store_server::KvStoreServer<KvService>>()
-                .await;
-            failed_health
-                .set_service_status("", tonic_health::ServingStatus::NotServing)
-                .await;
-        }
-    });
+    // Live ("") while the process serves; ready (KvStore) while it has a
+    // leader and is caught up; neither once its storage failed.
+    let (stop_readiness, readiness_stopped) = watch::channel(false);
+    let mut readiness_task = tokio::spawn(crate::readiness::run(
+        handle.clone(),
+        health.clone(),
+        readiness_stopped,
+    ));
     // Each reflection service describes itself; give each the other's
     // descriptor too, so both versions list every service.
     let reflection = |other_reflection_version| {
@@ -449,7 +475,7 @@ pub async fn serve(
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .add_service(health_service)
+        .add_service(health_service.clone())
         .add_service(reflection(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET).build_v1()?)
         .add_service(reflection(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET).build_v1alpha()?)
         .add_service(AdminService::new(handle, Arc::clone(&directory)).into_server())
@@ -482,15 +508,34 @@ pub async fn serve(
             },
         );
     let mut peer_task = tokio::spawn(peer_server);
+
+    // The health port, if asked for: health alone, plaintext.
+    let (stop_probes, mut probes_stopped) = watch::channel(false);
+    let health_task = match health_listener {
+        Some(health_listener) => Some(tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(health_service)
+                .serve_with_incoming_shutdown(
+                    listener::incoming(health_listener, Limits::PROBES, "health probes"),
+                    async move {
+                        let _ = probes_stopped.wait_for(|&stop| stop).await;
+                    },
+                ),
+        )),
+        None => None,
+    };
     info!(
         replica = opts.id,
         listen = %opts.listen,
         peer_listen = %opts.peer_listen,
+        health_listen = ?opts.health_listen,
         client_address = %opts.client_address(),
         "serving"
     );
 
     let stop_all = || {
+        let _ = stop_readiness.send(true);
+        let _ = stop_probes.send(true);
         let _ = stop_clients.send(true);
         let _ = stop_peers.send(true);
         let _ = stop_node.send(true);
@@ -522,6 +567,9 @@ pub async fn serve(
     // the Paxos streams to reach a quorum. Only then close the peer port
     // (its streams never end on their own, so that is bounded too).
     let deadline = tokio::time::Instant::now() + opts.drain;
+    // Readiness stops first, so that nothing says SERVING again.
+    let _ = stop_readiness.send(true);
+    let _ = (&mut readiness_task).await;
     health
         .set_not_serving::<pb::kv_store_server::KvStoreServer<KvService>>()
         .await;
@@ -540,6 +588,10 @@ pub async fn serve(
         .max(Duration::from_millis(500));
     if tokio::time::timeout(grace, &mut peer_task).await.is_err() {
         peer_task.abort();
+    }
+    let _ = stop_probes.send(true);
+    if let Some(health_task) = health_task {
+        health_task.abort();
     }
     let _ = stop_node.send(true);
     let node_result = match node_task.await {
@@ -589,6 +641,7 @@ mod tests {
             drain: Duration::from_secs(1),
             limits: crate::driver::Limits::DEFAULT,
             metrics_listen: None,
+            health_listen: None,
             cluster_name: "paxoskv".into(),
             fail_syncs_after: None,
             test_bug: None,
