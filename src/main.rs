@@ -161,6 +161,28 @@ enum Command {
         #[arg(long)]
         tls: bool,
     },
+    /// Makes a CA and, signed by it, a certificate and key for each
+    /// replica (Common Name paxoskv-replica-N, server and client use) and
+    /// one client certificate, valid for the given host names: ca.pem,
+    /// replica-N.pem, replica-N-key.pem, client.pem, client-key.pem. The
+    /// CA's key is not kept.
+    Certs {
+        /// Where to write the files (created if needed).
+        #[arg(long)]
+        out: PathBuf,
+        /// How many replicas: ids 1 to N.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+        replicas: u32,
+        /// The names and IP addresses the certificates are valid for
+        /// (subject alternative names), comma-separated or repeated; a DNS
+        /// name may be a wildcard (*.paxoskv.default.svc.cluster.local).
+        #[arg(
+            long = "host",
+            value_delimiter = ',',
+            default_value = "127.0.0.1,localhost"
+        )]
+        hosts: Vec<String>,
+    },
     /// A load generator (in the style of etcd's `benchmark`): clients
     /// write, read or both, in a closed loop or at a fixed rate, against
     /// paxoskv or etcd; prints ops/s, errors by gRPC code and latency
@@ -606,6 +628,29 @@ async fn run(cli: Cli) -> ExitCode {
                 Err(e) => return report(Err(e)),
             };
             return report(cluster::run(opts, shutdown).await);
+        }
+        Command::Certs {
+            out,
+            replicas,
+            hosts,
+        } => {
+            let ids: Vec<NodeId> = (1..=replicas).collect();
+            let hosts: Vec<&str> = hosts.iter().map(|h| h.trim()).collect();
+            return match paxoskv::tls::generate(&out, &ids, &hosts) {
+                Ok(made) => {
+                    println!(
+                        "wrote {} (CA), replica-1..{replicas}.pem with their keys, client.pem and client-key.pem under {}, for {}",
+                        made.ca.display(),
+                        out.display(),
+                        hosts.join(", ")
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            };
         }
         Command::Bench(args) => return bench(args).await,
         Command::BenchServer { listen } => {

@@ -511,8 +511,8 @@ pub async fn serve(
 
     // The health port, if asked for: health alone, plaintext.
     let (stop_probes, mut probes_stopped) = watch::channel(false);
-    let health_task = match health_listener {
-        Some(health_listener) => Some(tokio::spawn(
+    let health_task = health_listener.map(|health_listener| {
+        tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(health_service)
                 .serve_with_incoming_shutdown(
@@ -521,9 +521,8 @@ pub async fn serve(
                         let _ = probes_stopped.wait_for(|&stop| stop).await;
                     },
                 ),
-        )),
-        None => None,
-    };
+        )
+    });
     info!(
         replica = opts.id,
         listen = %opts.listen,
