@@ -15,7 +15,8 @@
 //! replicas' certificates (see [`crate::handshake`]).
 //!
 //! Optionally a third, the **health port** (`--health-listen`): the
-//! standard health service alone, always in plaintext, as the metrics port
+//! standard health service alone (and reflection describing only it),
+//! always in plaintext, as the metrics port
 //! is, for probes that present no certificate (Kubernetes' gRPC probes).
 //! What health says is [`crate::readiness`]'s.
 
@@ -511,10 +512,22 @@ pub async fn serve(
 
     // The health port, if asked for: health alone, plaintext.
     let (stop_probes, mut probes_stopped) = watch::channel(false);
+    // Reflection there describes health alone, so that grpcurl works too.
+    let probe_reflection = |other_reflection_version| {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(other_reflection_version)
+    };
+    let probe_reflection_v1 =
+        probe_reflection(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET).build_v1()?;
+    let probe_reflection_v1alpha =
+        probe_reflection(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET).build_v1alpha()?;
     let health_task = health_listener.map(|health_listener| {
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(health_service)
+                .add_service(probe_reflection_v1)
+                .add_service(probe_reflection_v1alpha)
                 .serve_with_incoming_shutdown(
                     listener::incoming(health_listener, Limits::PROBES, "health probes"),
                     async move {

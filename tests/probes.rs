@@ -75,6 +75,7 @@ fn a_lone_replica_whose_peers_do_not_resolve_is_live_not_ready_and_keeps_trying(
         .env("PAXOSKV_REPLICAS", "3")
         .env("PAXOSKV_DATA_DIR", dir.path().join("data"))
         .env("RUST_LOG", "info,paxoskv::transport=debug")
+        .env("PAXOSKV_LOG_FORMAT", "json")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).expect("log"))
@@ -101,7 +102,7 @@ fn a_lone_replica_whose_peers_do_not_resolve_is_live_not_ready_and_keeps_trying(
     let text = read_log();
     for want in [
         "configuration from the pod's name",
-        "replica=2",
+        "\"replica\":2",
         "paxoskv-0.nonexistent.invalid",
         "paxoskv-2.nonexistent.invalid",
         "not ready",
