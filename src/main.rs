@@ -41,6 +41,8 @@ enum LogFormat {
     Json,
 }
 
+// Parsed once, at start: the size of `Serve` costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Runs one replica.
@@ -395,15 +397,14 @@ struct Placement {
     advertise_client: Option<String>,
 }
 
+/// `--id`, `--peers` and `--advertise-client`, as resolved.
+type Placed = (NodeId, BTreeMap<NodeId, String>, Option<String>);
+
 impl Placement {
     /// The id, `--peers` and `--advertise-client` to run with. Errors name
     /// the flag (clap has already refused `--peers` with
     /// `--peers-from-dns`, and either of them missing).
-    fn resolve(
-        self,
-        listen: SocketAddr,
-        peer_listen: SocketAddr,
-    ) -> Result<(NodeId, BTreeMap<NodeId, String>, Option<String>), String> {
+    fn resolve(self, listen: SocketAddr, peer_listen: SocketAddr) -> Result<Placed, String> {
         use paxoskv::pod::{self, PodName};
         let Some(dns) = self.peers_from_dns else {
             let id = self.id.ok_or("--id is required")?;
