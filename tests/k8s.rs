@@ -27,6 +27,8 @@ use std::process::Command;
 
 use serde_json::{Value, json};
 
+mod common;
+
 use paxoskv::pod::{PeerDomain, PodName, REPLICA_COUNTS};
 use paxoskv::readiness::{LIVE_SERVICE, READY_SERVICE};
 
@@ -986,4 +988,121 @@ fn the_secret_gives_each_pod_the_certificate_of_the_replica_it_runs() {
             pod.id()
         );
     }
+}
+
+/// The README's `paxoskv certs` line for Kubernetes makes certificates
+/// that a TLS client accepts for each pod's stable name and the client
+/// Service's (the wildcard), and not for another name: a replica started
+/// with one is reached over TLS under those names (dialled on 127.0.0.1,
+/// the name checked being the one given).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_readme_certificates_are_valid_for_each_pods_stable_name() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let readme = std::fs::read_to_string(root().join("README.md")).expect("README");
+    let hosts = readme
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("--host \"*.paxoskv.$NS."))
+        .and_then(|l| l.split('"').nth(1))
+        .expect("the README's --host line for Kubernetes")
+        .replace("$NS", "default");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let tls = dir.path().join("tls");
+    let out = Command::new(env!("CARGO_BIN_EXE_paxoskv"))
+        .args(["certs", "--replicas", "3", "--out"])
+        .arg(&tls)
+        .args(["--host", &hosts])
+        .output()
+        .expect("paxoskv certs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let ports = common::free_ports(4);
+    let client_addr = format!("127.0.0.1:{}", ports[0]);
+    let peers = format!(
+        "1=127.0.0.1:{},2=127.0.0.1:{},3=127.0.0.1:{}",
+        ports[2], ports[1], ports[3]
+    );
+    let log = dir.path().join("replica.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_paxoskv"))
+        .args(["serve", "--id", "2", "--listen", &client_addr])
+        .args(["--peer-listen", &format!("127.0.0.1:{}", ports[1])])
+        .args(["--peers", &peers])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--tls-cert")
+        .arg(tls.join("replica-2.pem"))
+        .arg("--tls-key")
+        .arg(tls.join("replica-2-key.pem"))
+        .arg("--tls-ca")
+        .arg(tls.join("ca.pem"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("start paxoskv serve");
+    let client = paxoskv::tls::TlsConfig::load(&paxoskv::tls::TlsFiles {
+        cert: tls.join("client.pem"),
+        key: tls.join("client-key.pem"),
+        ca: tls.join("ca.pem"),
+    })
+    .expect("client certificate");
+    let check = |name: &str| {
+        let config = client.client().domain_name(name);
+        let uri = format!("https://{client_addr}");
+        async move {
+            let channel = tonic::transport::Endpoint::from_shared(uri)
+                .expect("uri")
+                .tls_config(config)
+                .expect("tls")
+                .connect_timeout(std::time::Duration::from_secs(2))
+                .connect()
+                .await
+                .map_err(|e| format!("{e:?}"))?;
+            HealthClient::new(channel)
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .map(|r| r.into_inner().status)
+                .map_err(|e| format!("{e:?}"))
+        }
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let first = "paxoskv-1.paxoskv.default.svc.cluster.local";
+    while let Err(e) = check(first).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no TLS health check as {first}: {e}\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    for name in [
+        "paxoskv-0.paxoskv.default.svc.cluster.local",
+        "paxoskv-2.paxoskv.default.svc",
+        "paxoskv-client.default.svc.cluster.local",
+        "paxoskv-client",
+        "localhost",
+    ] {
+        check(name)
+            .await
+            .unwrap_or_else(|e| panic!("{name} refused: {e}"));
+    }
+    for name in [
+        "paxoskv-0.other.default.svc.cluster.local",
+        "paxoskv-0.paxoskv.staging.svc.cluster.local",
+    ] {
+        assert!(
+            check(name).await.is_err(),
+            "the certificate was accepted for {name}"
+        );
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
