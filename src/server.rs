@@ -16,9 +16,9 @@
 //!
 //! Optionally a third, the **health port** (`--health-listen`): the
 //! standard health service alone (and reflection describing only it),
-//! always in plaintext, as the metrics port
-//! is, for probes that present no certificate (Kubernetes' gRPC probes).
-//! What health says is [`crate::readiness`]'s.
+//! always in plaintext, as the metrics port is, for probes that present no
+//! certificate (Kubernetes' gRPC probes). What health says is
+//! [`crate::readiness`]'s.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
@@ -581,7 +581,12 @@ pub async fn serve(
     let deadline = tokio::time::Instant::now() + opts.drain;
     // Readiness stops first, so that nothing says SERVING again.
     let _ = stop_readiness.send(true);
-    let _ = (&mut readiness_task).await;
+    if tokio::time::timeout(Duration::from_secs(1), &mut readiness_task)
+        .await
+        .is_err()
+    {
+        readiness_task.abort();
+    }
     health
         .set_not_serving::<pb::kv_store_server::KvStoreServer<KvService>>()
         .await;
@@ -752,6 +757,27 @@ mod tests {
             &o,
             &["--listen 0.0.0.0:8181 and --peer-listen 127.0.0.1:8181"],
         );
+    }
+
+    #[test]
+    fn the_health_port_is_a_port_of_its_own() {
+        let mut o = opts();
+        o.health_listen = Some("0.0.0.0:8281".parse().unwrap());
+        o.metrics_listen = Some("127.0.0.1:9091".parse().unwrap());
+        o.check().expect("a port of its own");
+        for (taken, flag) in [
+            ("127.0.0.1:8081", "--listen 127.0.0.1:8081"),
+            ("0.0.0.0:8181", "--peer-listen 127.0.0.1:8181"),
+            ("127.0.0.1:9091", "--metrics-listen 127.0.0.1:9091"),
+        ] {
+            o.health_listen = Some(taken.parse().unwrap());
+            refused(
+                &o,
+                &[&format!(
+                    "--health-listen {taken} and {flag} are the same address"
+                )],
+            );
+        }
     }
 
     #[test]
