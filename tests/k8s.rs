@@ -17,6 +17,10 @@
 //!   --bin paxoskv`, binary `target/release/paxoskv`).
 //! - The Secret that kustomization.yaml makes maps each pod's name to the
 //!   certificate `paxoskv certs` makes for the replica that pod runs.
+//! - The README's `paxoskv certs` line makes certificates valid for every
+//!   pod's stable name (a TLS handshake checks it).
+//! - `paxoskv serve` with the StatefulSet's environment, as the kubelet
+//!   expands it, starts as the pod's replica.
 //!
 //! The tools are installed by scripts/test.sh; without them these tests
 //! fail, they do not skip (`PAXOSKV_VENV` names another venv).
@@ -336,6 +340,20 @@ fn disagreements(m: &Manifests, dockerfile: &str, binary: &Binary) -> Vec<String
                     p.push(format!("env {var}={v} does not listen on {host}"));
                 }
             }
+        }
+    }
+    for (var, field) in [
+        ("PAXOSKV_POD_NAME", "metadata.name"),
+        ("POD_NAMESPACE", "metadata.namespace"),
+    ] {
+        let given = c["env"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["name"] == var)
+            .map(|e| e["valueFrom"]["fieldRef"]["fieldPath"].clone());
+        if given != Some(json!(field)) {
+            p.push(format!("env {var} is not the pod's {field}"));
         }
     }
     for banned in ["PAXOSKV_ID", "PAXOSKV_PEERS", "PAXOSKV_ADVERTISE_CLIENT"] {
@@ -768,6 +786,17 @@ fn a_change_in_one_place_only_is_caught() {
             Box::new(|_, d| *d = d.replace("USER 10001:10001", "USER 10002:10002")),
         ),
         (
+            "the pod name's source",
+            "env PAXOSKV_POD_NAME is not the pod's metadata.name",
+            Box::new(|m, _| {
+                for e in container(m)["env"].as_array_mut().unwrap() {
+                    if e["name"] == "PAXOSKV_POD_NAME" {
+                        e["valueFrom"]["fieldRef"]["fieldPath"] = json!("spec.nodeName");
+                    }
+                }
+            }),
+        ),
+        (
             "the certificate's file name",
             "env PAXOSKV_TLS_CERT",
             Box::new(|m, _| set_env(m, "PAXOSKV_TLS_CERT", "/etc/paxoskv/tls/replica.pem")),
@@ -1102,6 +1131,146 @@ async fn the_readme_certificates_are_valid_for_each_pods_stable_name() {
             check(name).await.is_err(),
             "the certificate was accepted for {name}"
         );
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// `paxoskv serve` started with the StatefulSet's environment as the
+/// kubelet would expand it for pod paxoskv-0 (the ports moved to free
+/// ones, the data directory and the Secret's mount to a temp directory,
+/// its files those kustomization.yaml maps from `paxoskv certs`) starts:
+/// it is replica 1, serves TLS, and its health port answers live and not
+/// ready (the other pods' names do not resolve here).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_statefulsets_environment_starts_a_replica() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let m = Manifests::load();
+    let sts = m.one("StatefulSet");
+    let name = sts["metadata"]["name"].as_str().expect("name");
+    let pod = format!("{name}-0");
+    let c = &sts["spec"]["template"]["spec"]["containers"][0];
+    let mut problems = Vec::new();
+    let env = env(c, &mut problems);
+    assert!(problems.is_empty(), "{problems:?}");
+    let tls_mount = c["volumeMounts"]
+        .as_array()
+        .expect("mounts")
+        .iter()
+        .find(|vm| vm["name"] == "tls")
+        .and_then(|vm| vm["mountPath"].as_str())
+        .expect("the tls mount")
+        .to_string();
+    let data_mount = env
+        .iter()
+        .find(|(k, _)| k == "PAXOSKV_DATA_DIR")
+        .map(|(_, v)| v.clone())
+        .expect("PAXOSKV_DATA_DIR");
+
+    // The Secret as mounted: its keys, from `paxoskv certs`' files.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let made = dir.path().join("made");
+    let out = Command::new(env!("CARGO_BIN_EXE_paxoskv"))
+        .args(["certs", "--replicas", "3", "--out"])
+        .arg(&made)
+        .output()
+        .expect("paxoskv certs");
+    assert!(out.status.success());
+    let secret = dir.path().join("secret");
+    std::fs::create_dir_all(&secret).expect("mkdir");
+    for f in strings(&m.kustomization["secretGenerator"][0]["files"]) {
+        let (key, file) = f.split_once('=').expect("KEY=FILE");
+        let from = made.join(file.strip_prefix("tls/").expect("under tls/"));
+        std::fs::copy(&from, secret.join(key)).expect("copy");
+    }
+
+    let ports = common::free_ports(4);
+    let mut moved: BTreeMap<u16, u16> = BTreeMap::new();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_paxoskv"));
+    cmd.args(strings(&c["args"])).env_remove("HOSTNAME");
+    let mut health_addr = String::new();
+    for (var, value) in &env {
+        // The values Kubernetes gives from the pod's fields.
+        let value = match var.as_str() {
+            "POD_NAMESPACE" => "ns",
+            "PAXOSKV_POD_NAME" => pod.as_str(),
+            _ => value.as_str(),
+        };
+        let mut v = expand(value, &env, &pod)
+            .replace(&tls_mount, &secret.display().to_string())
+            .replace(&data_mount, &dir.path().join("data").display().to_string());
+        if var.ends_with("_LISTEN") || var == "PAXOSKV_ENDPOINT" {
+            let old = port_of(&v).expect("a port");
+            let n = moved.len();
+            let new = *moved.entry(old).or_insert_with(|| ports[n]);
+            v = v.replace(&format!(":{old}"), &format!(":{new}"));
+            if var == "PAXOSKV_HEALTH_LISTEN" {
+                health_addr = v.replace("0.0.0.0", "127.0.0.1");
+            }
+        }
+        cmd.env(var, v);
+    }
+    let log = dir.path().join("replica.log");
+    let mut child = cmd
+        .env("PAXOSKV_LOG_FORMAT", "json")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("start paxoskv serve");
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let status = |service: &'static str| {
+        let addr = format!("http://{health_addr}");
+        async move {
+            let channel = tonic::transport::Endpoint::from_shared(addr)
+                .expect("uri")
+                .connect()
+                .await
+                .map_err(|e| format!("{e:?}"))?;
+            HealthClient::new(channel)
+                .check(HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await
+                .map(|r| r.into_inner().status)
+                .map_err(|e| format!("{e:?}"))
+        }
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        match status("").await {
+            Ok(s) if s == ServingStatus::Serving as i32 => break,
+            other => {
+                assert!(
+                    child.try_wait().expect("wait").is_none(),
+                    "the replica exited: {other:?}\n{}",
+                    read_log()
+                );
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "not live: {other:?}\n{}",
+                    read_log()
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
+    }
+    assert_eq!(
+        status("paxoskv.v1.KvStore").await,
+        Ok(ServingStatus::NotServing as i32),
+        "alone, it cannot be ready"
+    );
+    let text = read_log();
+    for want in [
+        "configuration from the pod's name",
+        "\"replica\":1",
+        "paxoskv-2.paxoskv.ns.svc.cluster.local",
+        "mutual TLS on both ports",
+    ] {
+        assert!(text.contains(want), "log lacks {want:?}:\n{text}");
     }
     let _ = child.kill();
     let _ = child.wait();
