@@ -17,7 +17,9 @@
 //!   caught up before it restarts the next.
 //!
 //! The rule ([`judge`]) is a pure function of the core's status; [`run`]
-//! polls the node every [`POLL`] and tells the health reporter.
+//! polls the node every [`POLL`] and tells the health reporter. A poll the
+//! node refuses because its queue is full changes nothing: a loaded
+//! replica is not an unready one.
 
 use std::time::Duration;
 
@@ -26,7 +28,7 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tracing::info;
 
-use crate::node::NodeHandle;
+use crate::node::{NodeError, NodeHandle};
 use crate::paxos::{Slot, Status};
 
 /// The health service name that means "ready to serve KV calls": the
@@ -87,10 +89,16 @@ pub async fn run(handle: NodeHandle, health: HealthReporter, mut stop: watch::Re
             return;
         }
         let verdict = match handle.status().await {
-            Ok(status) => judge(&status.core, status.applied),
-            Err(e) => Err(format!("the node does not answer: {e:?}")),
+            Ok(status) => Some(judge(&status.core, status.applied)),
+            // A full queue means a busy replica, not an unready one: keep
+            // the last verdict (turning a loaded replica unready would send
+            // its load to the others).
+            Err(NodeError::Busy { .. }) => None,
+            Err(e) => Some(Err(format!("the node does not answer: {e:?}"))),
         };
-        if last.as_ref() != Some(&verdict) {
+        if let Some(verdict) = verdict
+            && last.as_ref() != Some(&verdict)
+        {
             match &verdict {
                 Ok(()) => info!(replica = handle.id(), "ready: serving KV calls"),
                 Err(why) => info!(replica = handle.id(), reason = %why, "not ready"),
