@@ -81,12 +81,14 @@ enum Command {
         #[arg(long, env = "PAXOSKV_PEERS_FROM_DNS", value_name = "DOMAIN[:PORT]", value_parser = paxoskv::pod::PeerDomain::parse)]
         peers_from_dns: Option<paxoskv::pod::PeerDomain>,
         /// With --peers-from-dns: this pod's name (default: $HOSTNAME,
-        /// which Kubernetes sets to it).
-        #[arg(long, env = "PAXOSKV_POD_NAME", requires = "peers_from_dns")]
+        /// which Kubernetes sets to it). Ignored without it.
+        #[arg(long, env = "PAXOSKV_POD_NAME")]
         pod_name: Option<String>,
         /// With --peers-from-dns: how many replicas the cluster has (the
         /// StatefulSet's replicas: 3 or 5), fixed when it is created.
-        #[arg(long, env = "PAXOSKV_REPLICAS", requires = "peers_from_dns")]
+        /// Ignored without it (`paxoskv cluster`, whose children inherit
+        /// its environment, reads the same variable).
+        #[arg(long, env = "PAXOSKV_REPLICAS")]
         replicas: Option<u32>,
         /// Where this replica keeps its data.
         #[arg(long, env = "PAXOSKV_DATA_DIR")]

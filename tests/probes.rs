@@ -209,5 +209,29 @@ fn flags_that_cannot_work_with_peers_from_dns_are_refused_at_start() {
         assert_eq!(code, Some(2), "{all:?} {pod:?}: {stderr}");
         assert!(stderr.contains(want), "{all:?} {pod:?}: {stderr}");
     }
+    // Without --peers-from-dns, PAXOSKV_REPLICAS and PAXOSKV_POD_NAME (in
+    // the environment `paxoskv cluster` gives its children, say) are
+    // ignored: this start gets as far as the check of --id against --peers.
+    let out = Command::new(binary())
+        .args(["serve", "--listen", "127.0.0.1:18081", "--peer-listen"])
+        .args([
+            "127.0.0.1:18181",
+            "--id",
+            "4",
+            "--peers",
+            "1=127.0.0.1:18181",
+        ])
+        .arg("--data-dir")
+        .arg(&data)
+        .env("PAXOSKV_REPLICAS", "5")
+        .env("PAXOSKV_POD_NAME", "paxoskv")
+        .output()
+        .expect("run paxoskv serve");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--id 4 is not among --peers (replicas 1)"),
+        "{stderr}"
+    );
     assert!(!data.exists(), "a refused start touched the data directory");
 }
