@@ -1058,23 +1058,25 @@ async fn the_readme_certificates_are_valid_for_each_pods_stable_name() {
         ports[2], ports[1], ports[3]
     );
     let log = dir.path().join("replica.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_paxoskv"))
-        .args(["serve", "--id", "2", "--listen", &client_addr])
-        .args(["--peer-listen", &format!("127.0.0.1:{}", ports[1])])
-        .args(["--peers", &peers])
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .arg("--tls-cert")
-        .arg(tls.join("replica-2.pem"))
-        .arg("--tls-key")
-        .arg(tls.join("replica-2-key.pem"))
-        .arg("--tls-ca")
-        .arg(tls.join("ca.pem"))
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log"))
-        .spawn()
-        .expect("start paxoskv serve");
+    let child = Killed(
+        Command::new(env!("CARGO_BIN_EXE_paxoskv"))
+            .args(["serve", "--id", "2", "--listen", &client_addr])
+            .args(["--peer-listen", &format!("127.0.0.1:{}", ports[1])])
+            .args(["--peers", &peers])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--tls-cert")
+            .arg(tls.join("replica-2.pem"))
+            .arg("--tls-key")
+            .arg(tls.join("replica-2-key.pem"))
+            .arg("--tls-ca")
+            .arg(tls.join("ca.pem"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("start paxoskv serve"),
+    );
     let client = paxoskv::tls::TlsConfig::load(&paxoskv::tls::TlsFiles {
         cert: tls.join("client.pem"),
         key: tls.join("client-key.pem"),
@@ -1132,8 +1134,7 @@ async fn the_readme_certificates_are_valid_for_each_pods_stable_name() {
             "the certificate was accepted for {name}"
         );
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
 }
 
 /// `paxoskv serve` started with the StatefulSet's environment as the
@@ -1214,13 +1215,14 @@ async fn the_statefulsets_environment_starts_a_replica() {
         cmd.env(var, v);
     }
     let log = dir.path().join("replica.log");
-    let mut child = cmd
-        .env("PAXOSKV_LOG_FORMAT", "json")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log"))
-        .spawn()
-        .expect("start paxoskv serve");
+    let mut child = Killed(
+        cmd.env("PAXOSKV_LOG_FORMAT", "json")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("start paxoskv serve"),
+    );
     let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
     let status = |service: &'static str| {
         let addr = format!("http://{health_addr}");
@@ -1245,7 +1247,7 @@ async fn the_statefulsets_environment_starts_a_replica() {
             Ok(s) if s == ServingStatus::Serving as i32 => break,
             other => {
                 assert!(
-                    child.try_wait().expect("wait").is_none(),
+                    child.0.try_wait().expect("wait").is_none(),
                     "the replica exited: {other:?}\n{}",
                     read_log()
                 );
@@ -1272,6 +1274,15 @@ async fn the_statefulsets_environment_starts_a_replica() {
     ] {
         assert!(text.contains(want), "log lacks {want:?}:\n{text}");
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
+}
+
+/// A child process killed when dropped, whatever the test's outcome.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

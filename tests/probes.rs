@@ -65,29 +65,31 @@ fn a_lone_replica_whose_peers_do_not_resolve_is_live_not_ready_and_keeps_trying(
         format!("127.0.0.1:{}", ports[2]),
     );
     let log = dir.path().join("replica.log");
-    let mut child = Command::new(binary())
-        .args(["serve", "--listen", &client, "--peer-listen", &peer])
-        .args(["--health-listen", &probes, "--advertise-client", &client])
-        // Pod paxoskv-1 of 3 under a domain that never resolves: its peers
-        // are paxoskv-0.nonexistent.invalid:PORT, ...
-        .env("PAXOSKV_PEERS_FROM_DNS", "nonexistent.invalid")
-        .env("PAXOSKV_POD_NAME", "paxoskv-1")
-        .env("PAXOSKV_REPLICAS", "3")
-        .env("PAXOSKV_DATA_DIR", dir.path().join("data"))
-        .env("RUST_LOG", "info,paxoskv::transport=debug")
-        .env("PAXOSKV_LOG_FORMAT", "json")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log"))
-        .spawn()
-        .expect("start paxoskv serve");
+    let mut child = Killed(
+        Command::new(binary())
+            .args(["serve", "--listen", &client, "--peer-listen", &peer])
+            .args(["--health-listen", &probes, "--advertise-client", &client])
+            // Pod paxoskv-1 of 3 under a domain that never resolves: its peers
+            // are paxoskv-0.nonexistent.invalid:PORT, ...
+            .env("PAXOSKV_PEERS_FROM_DNS", "nonexistent.invalid")
+            .env("PAXOSKV_POD_NAME", "paxoskv-1")
+            .env("PAXOSKV_REPLICAS", "3")
+            .env("PAXOSKV_DATA_DIR", dir.path().join("data"))
+            .env("RUST_LOG", "info,paxoskv::transport=debug")
+            .env("PAXOSKV_LOG_FORMAT", "json")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("start paxoskv serve"),
+    );
     let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
 
     wait_health(&probes, "", "SERVING", Duration::from_secs(10));
     // Long enough for several rounds of dialling (backoff from 50 ms).
     std::thread::sleep(Duration::from_secs(3));
     assert!(
-        child.try_wait().expect("wait").is_none(),
+        child.0.try_wait().expect("wait").is_none(),
         "the replica exited:\n{}",
         read_log()
     );
@@ -115,7 +117,7 @@ fn a_lone_replica_whose_peers_do_not_resolve_is_live_not_ready_and_keeps_trying(
     std::thread::sleep(Duration::from_secs(3));
     let after = attempts(&read_log());
     assert!(
-        child.try_wait().expect("wait").is_none(),
+        child.0.try_wait().expect("wait").is_none(),
         "the replica exited:\n{}",
         read_log()
     );
@@ -124,8 +126,7 @@ fn a_lone_replica_whose_peers_do_not_resolve_is_live_not_ready_and_keeps_trying(
         "no new attempt to reach the peers in 3 s ({before} mentions, then {after}):\n{}",
         read_log()
     );
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -234,4 +235,14 @@ fn flags_that_cannot_work_with_peers_from_dns_are_refused_at_start() {
         "{stderr}"
     );
     assert!(!data.exists(), "a refused start touched the data directory");
+}
+
+/// A child process killed when dropped, whatever the test's outcome.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
