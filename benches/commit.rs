@@ -76,6 +76,7 @@ impl Cluster {
                 limits: paxoskv::driver::Limits::DEFAULT,
                 metrics_listen: None,
                 http_listen: None,
+                health_listen: None,
                 cluster_name: "paxoskv".into(),
                 fail_syncs_after: None,
                 test_bug: None,

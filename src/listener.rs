@@ -82,6 +82,14 @@ impl Limits {
         handshake_timeout: Duration::from_secs(10),
         idle_timeout: Duration::from_secs(60),
     };
+
+    /// For health probes (`--health-listen`): the kubelet opens a
+    /// connection per probe and closes it.
+    pub const PROBES: Limits = Limits {
+        max_connections: 64,
+        handshake_timeout: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(60),
+    };
 }
 
 /// Raises the soft limit on open file descriptors to the hard limit, and

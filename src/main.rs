@@ -41,13 +41,17 @@ enum LogFormat {
     Json,
 }
 
+// Parsed once, at start: the size of `Serve` costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Runs one replica.
     Serve {
-        /// This replica's id (one of the ids in --peers).
-        #[arg(long, env = "PAXOSKV_ID")]
-        id: NodeId,
+        /// This replica's id (one of the ids in --peers). With
+        /// --peers-from-dns it comes from the pod's name, and if given must
+        /// agree with it.
+        #[arg(long, env = "PAXOSKV_ID", required_unless_present = "peers_from_dns")]
+        id: Option<NodeId>,
         /// Where to serve clients: KvStore, Admin, health and reflection
         /// (no Paxos).
         #[arg(long, env = "PAXOSKV_LISTEN")]
@@ -66,8 +70,26 @@ enum Command {
         /// Every replica's PEER address (where it serves --peer-listen),
         /// this one included: 1=HOST:PORT,2=HOST:PORT,... (each HOST:PORT
         /// or http://HOST:PORT).
-        #[arg(long, env = "PAXOSKV_PEERS", value_parser = parse_peers)]
-        peers: BTreeMap<NodeId, String>,
+        #[arg(long, env = "PAXOSKV_PEERS", value_parser = parse_peers, required_unless_present = "peers_from_dns", conflicts_with = "peers_from_dns")]
+        peers: Option<BTreeMap<NodeId, String>>,
+        /// Kubernetes: derive --id, --peers and --advertise-client from the
+        /// pod's name, as a StatefulSet gives it: pod NAME-K is replica K+1,
+        /// and replica J+1's peer address is NAME-J.DOMAIN:PORT (PORT
+        /// defaults to --peer-listen's). DOMAIN is the headless Service's,
+        /// SERVICE.NAMESPACE.svc.cluster.local. Names are resolved when
+        /// dialled, and retried until they resolve.
+        #[arg(long, env = "PAXOSKV_PEERS_FROM_DNS", value_name = "DOMAIN[:PORT]", value_parser = paxoskv::pod::PeerDomain::parse)]
+        peers_from_dns: Option<paxoskv::pod::PeerDomain>,
+        /// With --peers-from-dns: this pod's name (default: $HOSTNAME,
+        /// which Kubernetes sets to it). Ignored without it.
+        #[arg(long, env = "PAXOSKV_POD_NAME")]
+        pod_name: Option<String>,
+        /// With --peers-from-dns: how many replicas the cluster has (the
+        /// StatefulSet's replicas: 3 or 5), fixed when it is created.
+        /// Ignored without it (`paxoskv cluster`, whose children inherit
+        /// its environment, reads the same variable).
+        #[arg(long, env = "PAXOSKV_REPLICAS")]
+        replicas: Option<u32>,
         /// Where this replica keeps its data.
         #[arg(long, env = "PAXOSKV_DATA_DIR")]
         data_dir: PathBuf,
@@ -105,6 +127,12 @@ enum Command {
         /// the client port's mutual TLS when the --tls-* flags are given.
         #[arg(long, env = "PAXOSKV_HTTP_LISTEN", value_name = "ADDR")]
         http_listen: Option<SocketAddr>,
+        /// Serve the standard health service alone at ADDR, in plaintext
+        /// even with TLS (for Kubernetes' gRPC probes, which present no
+        /// certificate): "" is SERVING while the process serves,
+        /// paxoskv.v1.KvStore while it is ready (a leader known, caught up).
+        #[arg(long, env = "PAXOSKV_HEALTH_LISTEN")]
+        health_listen: Option<SocketAddr>,
         /// The cluster's name, recorded in the data directory at first
         /// start and checked at every start: a directory of another
         /// cluster (or another replica) is refused. Letters, digits, '.',
@@ -142,6 +170,28 @@ enum Command {
         /// DATA_DIR/tls/ and start the replicas with them.
         #[arg(long)]
         tls: bool,
+    },
+    /// Makes a CA and, signed by it, a certificate and key for each
+    /// replica (Common Name paxoskv-replica-N, server and client use) and
+    /// one client certificate, valid for the given host names: ca.pem,
+    /// replica-N.pem, replica-N-key.pem, client.pem, client-key.pem. The
+    /// CA's key is not kept.
+    Certs {
+        /// Where to write the files (created if needed).
+        #[arg(long)]
+        out: PathBuf,
+        /// How many replicas: ids 1 to N.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+        replicas: u32,
+        /// The names and IP addresses the certificates are valid for
+        /// (subject alternative names), comma-separated or repeated; a DNS
+        /// name may be a wildcard (*.paxoskv.default.svc.cluster.local).
+        #[arg(
+            long = "host",
+            value_delimiter = ',',
+            default_value = "127.0.0.1,localhost"
+        )]
+        hosts: Vec<String>,
     },
     /// A load generator (in the style of etcd's `benchmark`): clients
     /// write, read or both, in a closed loop or at a fixed rate, against
@@ -343,6 +393,59 @@ impl TlsArgs {
     }
 }
 
+/// Where a replica stands in its cluster, as the flags say it: `--id`,
+/// `--peers` and `--advertise-client`, or `--peers-from-dns` and the pod's
+/// name (see [`paxoskv::pod`]).
+struct Placement {
+    id: Option<NodeId>,
+    peers: Option<BTreeMap<NodeId, String>>,
+    peers_from_dns: Option<paxoskv::pod::PeerDomain>,
+    pod_name: Option<String>,
+    replicas: Option<u32>,
+    advertise_client: Option<String>,
+}
+
+/// `--id`, `--peers` and `--advertise-client`, as resolved.
+type Placed = (NodeId, BTreeMap<NodeId, String>, Option<String>);
+
+impl Placement {
+    /// The id, `--peers` and `--advertise-client` to run with. Errors name
+    /// the flag (clap has already refused `--peers` with
+    /// `--peers-from-dns`, and either of them missing).
+    fn resolve(self, listen: SocketAddr, peer_listen: SocketAddr) -> Result<Placed, String> {
+        use paxoskv::pod::{self, PodName};
+        let Some(dns) = self.peers_from_dns else {
+            let id = self.id.ok_or("--id is required")?;
+            let peers = self.peers.ok_or("--peers is required")?;
+            return Ok((id, peers, self.advertise_client));
+        };
+        let name = self
+            .pod_name
+            .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
+            .ok_or(
+                "--peers-from-dns needs the pod's name: --pod-name or PAXOSKV_POD_NAME (or HOSTNAME, which Kubernetes sets)",
+            )?;
+        let replicas = self.replicas.ok_or(
+            "--peers-from-dns needs --replicas N (PAXOSKV_REPLICAS): the StatefulSet's replicas",
+        )?;
+        let pod = PodName::parse(&name)?;
+        let derived = pod::derive(&pod, replicas, &dns, peer_listen.port(), listen.port())?;
+        pod::check_id(self.id, &derived, &pod)?;
+        info!(
+            pod = %name,
+            replica = derived.id,
+            peers = %derived.peers.iter().map(|(id, a)| format!("{id}={a}")).collect::<Vec<_>>().join(","),
+            client_address = %self.advertise_client.as_deref().unwrap_or(&derived.client_address),
+            "configuration from the pod's name (--peers-from-dns)"
+        );
+        Ok((
+            derived.id,
+            derived.peers,
+            Some(self.advertise_client.unwrap_or(derived.client_address)),
+        ))
+    }
+}
+
 fn parse_peers(s: &str) -> Result<BTreeMap<NodeId, String>, String> {
     let mut peers = BTreeMap::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -434,6 +537,9 @@ async fn run(cli: Cli) -> ExitCode {
             peer_listen,
             advertise_client,
             peers,
+            peers_from_dns,
+            pod_name,
+            replicas,
             data_dir,
             tick_ms,
             cache_mb,
@@ -444,12 +550,28 @@ async fn run(cli: Cli) -> ExitCode {
             max_waiting_reads,
             metrics_listen,
             http_listen,
+            health_listen,
             cluster_name,
             fault_fail_syncs_after,
             unsafe_test_bug,
             tls,
         } => {
             init_logs(cli.log_format);
+            let placement = Placement {
+                id,
+                peers,
+                peers_from_dns,
+                pod_name,
+                replicas,
+                advertise_client,
+            };
+            let (id, peers, advertise_client) = match placement.resolve(listen, peer_listen) {
+                Ok(resolved) => resolved,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             // Files that do not load are a usage error too: exit 2.
             let tls = match tls.load() {
                 Ok(tls) => tls,
@@ -479,6 +601,7 @@ async fn run(cli: Cli) -> ExitCode {
                 },
                 metrics_listen,
                 http_listen,
+                health_listen,
                 cluster_name,
                 fail_syncs_after: fault_fail_syncs_after,
                 test_bug: unsafe_test_bug,
@@ -516,6 +639,29 @@ async fn run(cli: Cli) -> ExitCode {
                 Err(e) => return report(Err(e)),
             };
             return report(cluster::run(opts, shutdown).await);
+        }
+        Command::Certs {
+            out,
+            replicas,
+            hosts,
+        } => {
+            let ids: Vec<NodeId> = (1..=replicas).collect();
+            let hosts: Vec<&str> = hosts.iter().map(|h| h.trim()).collect();
+            return match paxoskv::tls::generate(&out, &ids, &hosts) {
+                Ok(made) => {
+                    println!(
+                        "wrote {} (CA), replica-1..{replicas}.pem with their keys, client.pem and client-key.pem under {}, for {}",
+                        made.ca.display(),
+                        out.display(),
+                        hosts.join(", ")
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            };
         }
         Command::Bench(args) => return bench(args).await,
         Command::BenchServer { listen } => {

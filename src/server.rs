@@ -16,6 +16,12 @@
 //! With TLS ([`ServeOptions::tls`]) both ports require a client certificate
 //! from the cluster's CA, and the peer port takes calls only from the other
 //! replicas' certificates (see [`crate::handshake`]).
+//!
+//! Optionally a third, the **health port** (`--health-listen`): the
+//! standard health service alone (and reflection describing only it),
+//! always in plaintext, as the metrics port is, for probes that present no
+//! certificate (Kubernetes' gRPC probes). What health says is
+//! [`crate::readiness`]'s.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
@@ -77,6 +83,9 @@ pub struct ServeOptions {
     /// anywhere; HTTPS with the same mutual TLS as the client port when
     /// `tls` is set.
     pub http_listen: Option<SocketAddr>,
+    /// Where to serve the health service alone, in plaintext even with
+    /// TLS, if anywhere (for Kubernetes' gRPC probes).
+    pub health_listen: Option<SocketAddr>,
     /// The cluster's name: the data directory must be this cluster's (see
     /// [`crate::storage::identity`]).
     pub cluster_name: String,
@@ -151,18 +160,38 @@ impl ServeOptions {
             ));
         }
         // Each listener needs a port of its own.
-        let others = [
+        let fixed = [
             ("--listen", Some(self.listen)),
             ("--peer-listen", Some(self.peer_listen)),
             ("--metrics-listen", self.metrics_listen),
         ];
-        if let Some(http) = self.http_listen
-            && let Some((flag, addr)) = others
+        for (flag, addr, why) in [
+            (
+                "--http-listen",
+                self.http_listen,
+                "each needs a port of its own",
+            ),
+            (
+                "--health-listen",
+                self.health_listen,
+                "health probes need a port of their own",
+            ),
+        ] {
+            let Some(addr) = addr else { continue };
+            if let Some((other_flag, other)) = fixed
                 .iter()
-                .find_map(|&(flag, a)| a.filter(|&a| overlap(a, http)).map(|a| (flag, a)))
+                .find_map(|&(f, a)| a.filter(|&a| overlap(a, addr)).map(|a| (f, a)))
+            {
+                return Err(format!(
+                    "{flag} {addr} and {other_flag} {other} are the same address: {why}"
+                ));
+            }
+        }
+        if let (Some(http), Some(health)) = (self.http_listen, self.health_listen)
+            && overlap(http, health)
         {
             return Err(format!(
-                "--http-listen {http} and {flag} {addr} are the same address: each needs a port of its own"
+                "--http-listen {http} and --health-listen {health} are the same address: each needs a port of its own"
             ));
         }
         self.check_own_peer_entry(own)?;
@@ -446,6 +475,14 @@ pub async fn serve(
         }
         None => None,
     };
+    let health_listener = match opts.health_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot listen on --health-listen {addr}: {e}"))?,
+        ),
+        None => None,
+    };
     let directory = Arc::new(
         Directory::new(opts.id, opts.peers.clone(), opts.client_address())
             .with_cluster(opts.cluster_name.clone())
@@ -468,24 +505,19 @@ pub async fn serve(
     let kv = Arc::new(KvService::new(handle.clone(), Arc::clone(&directory)));
 
     // The client port: no Paxos here, and its reflection describes none.
+    // Not ready until the readiness task says so.
     let (health, health_service) = tonic_health::server::health_reporter();
     health
-        .set_serving::<pb::kv_store_server::KvStoreServer<KvService>>()
+        .set_not_serving::<pb::kv_store_server::KvStoreServer<KvService>>()
         .await;
-    // A replica whose storage failed serves nothing: say so to health
-    // checks (the whole server, "", and the KV service).
-    let mut failure = handle.watch_failure();
-    let failed_health = health.clone();
-    tokio::spawn(async move {
-        if failure.wait_for(Option::is_some).await.is_ok() {
-            failed_health
-                .set_not_serving::<pb::kv_store_server::KvStoreServer<KvService>>()
-                .await;
-            failed_health
-                .set_service_status("", tonic_health::ServingStatus::NotServing)
-                .await;
-        }
-    });
+    // Live ("") while the process serves; ready (KvStore) while it has a
+    // leader and is caught up; neither once its storage failed.
+    let (stop_readiness, readiness_stopped) = watch::channel(false);
+    let mut readiness_task = tokio::spawn(crate::readiness::run(
+        handle.clone(),
+        health.clone(),
+        readiness_stopped,
+    ));
     // Each reflection service describes itself; give each the other's
     // descriptor too, so both versions list every service.
     let reflection = |other_reflection_version| {
@@ -499,7 +531,7 @@ pub async fn serve(
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .add_service(health_service)
+        .add_service(health_service.clone())
         .add_service(reflection(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET).build_v1()?)
         .add_service(reflection(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET).build_v1alpha()?)
         .add_service(AdminService::new(handle, Arc::clone(&directory)).into_server())
@@ -544,16 +576,45 @@ pub async fn serve(
             http_stopped,
         ))
     });
+    // The health port, if asked for: health alone, plaintext.
+    let (stop_probes, mut probes_stopped) = watch::channel(false);
+    // Reflection there describes health alone, so that grpcurl works too.
+    let probe_reflection = |other_reflection_version| {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(other_reflection_version)
+    };
+    let probe_reflection_v1 =
+        probe_reflection(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET).build_v1()?;
+    let probe_reflection_v1alpha =
+        probe_reflection(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET).build_v1alpha()?;
+    let health_task = health_listener.map(|health_listener| {
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(health_service)
+                .add_service(probe_reflection_v1)
+                .add_service(probe_reflection_v1alpha)
+                .serve_with_incoming_shutdown(
+                    listener::incoming(health_listener, Limits::PROBES, "health probes"),
+                    async move {
+                        let _ = probes_stopped.wait_for(|&stop| stop).await;
+                    },
+                ),
+        )
+    });
     info!(
         replica = opts.id,
         listen = %opts.listen,
         peer_listen = %opts.peer_listen,
         http_listen = ?opts.http_listen,
+        health_listen = ?opts.health_listen,
         client_address = %opts.client_address(),
         "serving"
     );
 
     let stop_all = || {
+        let _ = stop_readiness.send(true);
+        let _ = stop_probes.send(true);
         let _ = stop_clients.send(true);
         let _ = stop_http.send(true);
         let _ = stop_peers.send(true);
@@ -598,6 +659,14 @@ pub async fn serve(
     // the Paxos streams to reach a quorum. Only then close the peer port
     // (its streams never end on their own, so that is bounded too).
     let deadline = tokio::time::Instant::now() + opts.drain;
+    // Readiness stops first, so that nothing says SERVING again.
+    let _ = stop_readiness.send(true);
+    if tokio::time::timeout(Duration::from_secs(1), &mut readiness_task)
+        .await
+        .is_err()
+    {
+        readiness_task.abort();
+    }
     health
         .set_not_serving::<pb::kv_store_server::KvStoreServer<KvService>>()
         .await;
@@ -623,6 +692,10 @@ pub async fn serve(
         .max(Duration::from_millis(500));
     if tokio::time::timeout(grace, &mut peer_task).await.is_err() {
         peer_task.abort();
+    }
+    let _ = stop_probes.send(true);
+    if let Some(health_task) = health_task {
+        health_task.abort();
     }
     let _ = stop_node.send(true);
     let node_result = match node_task.await {
@@ -673,6 +746,7 @@ mod tests {
             limits: crate::driver::Limits::DEFAULT,
             metrics_listen: None,
             http_listen: None,
+            health_listen: None,
             cluster_name: "paxoskv".into(),
             fail_syncs_after: None,
             test_bug: None,
@@ -771,6 +845,27 @@ mod tests {
             &o,
             &["--listen 0.0.0.0:8181 and --peer-listen 127.0.0.1:8181"],
         );
+    }
+
+    #[test]
+    fn the_health_port_is_a_port_of_its_own() {
+        let mut o = opts();
+        o.health_listen = Some("0.0.0.0:8281".parse().unwrap());
+        o.metrics_listen = Some("127.0.0.1:9091".parse().unwrap());
+        o.check().expect("a port of its own");
+        for (taken, flag) in [
+            ("127.0.0.1:8081", "--listen 127.0.0.1:8081"),
+            ("0.0.0.0:8181", "--peer-listen 127.0.0.1:8181"),
+            ("127.0.0.1:9091", "--metrics-listen 127.0.0.1:9091"),
+        ] {
+            o.health_listen = Some(taken.parse().unwrap());
+            refused(
+                &o,
+                &[&format!(
+                    "--health-listen {taken} and {flag} are the same address"
+                )],
+            );
+        }
     }
 
     #[test]

@@ -100,6 +100,9 @@ pub struct Status {
     pub leader: Option<NodeId>,
     /// Every slot up to this one is known chosen here.
     pub committed: Slot,
+    /// The commit index of the leader it follows, as the leader last said
+    /// (at least `committed`); `committed` when leading or following none.
+    pub leader_commit: Slot,
     /// Every slot up to this one is compacted: in the state machine's
     /// snapshot, its votes gone.
     pub compacted: Slot,
@@ -338,6 +341,10 @@ impl Replica {
             promised: self.core.acceptor.promised(),
             leader: self.leader(),
             committed: self.core.committed,
+            leader_commit: self
+                .core
+                .leadership
+                .map_or(self.core.committed, |l| l.commit.max(self.core.committed)),
             compacted: self.core.acceptor.compacted(),
             in_flight,
             queued,
