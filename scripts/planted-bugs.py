@@ -6,7 +6,8 @@ and runs the simulator on each to show that it catches it.
     scripts/planted-bugs.py --seeds 2000    # more seeds
     scripts/planted-bugs.py own-older-ballot reads-no-quorum   # some bugs
 
-Each bug is a small text edit of one file under src/paxos/. The edit is made
+Each bug is a small text edit of one file under src/paxos/ (or of the driver or
+the forwarding link, which the simulator runs too). The edit is made
 in place, the simulator is run (`cargo test --test simulation
 simulated_clusters`, the same test CI runs), and the file is restored from git
 whatever happens. The script refuses to run while src/paxos/ has uncommitted
@@ -91,6 +92,10 @@ BUGS = [
          what="the driver answers a write Expired when its deadline passes, slot or not",
          old="        for id in self.withdraw(&late) {",
          new="        let _ = self.withdraw(&late);\n        for id in late {"),
+    dict(name="link-lost-as-unsent", file="src/forwarding.rs",
+         what="a broken forwarding link reports its sent calls as never sent (NOT_PROPOSED)",
+         old="                let how = if call.sent {",
+         new="                let how = if call.sent && false {"),
 ]
 
 
@@ -119,8 +124,8 @@ def main():
     unknown = [n for n in args.bugs if n not in names]
     if unknown:
         sys.exit(f"unknown bug(s) {unknown}; known: {sorted(names)}")
-    if run(["git", "diff", "--quiet", "--", "src/paxos", "src/driver.rs"]).returncode != 0:
-        sys.exit("src/paxos/ or src/driver.rs has uncommitted changes; commit or stash them first")
+    if run(["git", "diff", "--quiet", "--", "src/paxos", "src/driver.rs", "src/forwarding.rs"]).returncode != 0:
+        sys.exit("src/paxos/, src/driver.rs or src/forwarding.rs has uncommitted changes; commit or stash them first")
 
     env = dict(os.environ, PAXOSKV_SIM_SEEDS=str(args.seeds))
     results = []

@@ -53,7 +53,7 @@ pub struct Full<C> {
 }
 
 /// What goes to the leader in one message.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Batch<R> {
     /// New calls, by id, in the order they were submitted.
     pub calls: Vec<(u64, R)>,

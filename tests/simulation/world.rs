@@ -65,6 +65,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 
 use paxoskv::driver::{Answer, CallError, Driver, Limits, Work};
+use paxoskv::forwarding::{Batch, Link, Lost};
 use paxoskv::kv::{Command, KvState, MemState, Op, Reply, Session, SessionLimits, SlotApplier};
 use paxoskv::paxos::rng::Rng;
 use paxoskv::paxos::{
@@ -135,6 +136,14 @@ pub struct Params {
     /// gives: short, so that some pass while the write waits for a slot.
     pub deadline: f64,
     pub max_deadline: u64,
+    /// A replica that does not lead forwards a client's call to the leader
+    /// it knows on its forwarding link (the shipping
+    /// `paxoskv::forwarding::Link`), as the service does, rather than
+    /// telling the client to go there. One hop: the leader's answer, even
+    /// "not the leader", goes back to the client.
+    pub forward: bool,
+    /// Calls a forwarding link holds before it refuses more.
+    pub forward_limit: usize,
 }
 
 impl Params {
@@ -177,6 +186,8 @@ impl Params {
             limits: Limits::DEFAULT,
             deadline: 0.0,
             max_deadline: 1,
+            forward: false,
+            forward_limit: 1,
         };
         // Room for about every client's session, so that eviction strikes
         // now and then (a retried open, or a client that lost its session,
@@ -197,6 +208,12 @@ impl Params {
         }
         p.deadline = rng.range(0, 50) as f64 / 100.0;
         p.max_deadline = rng.range(1, 4 * p.max_delay + p.max_sync + 3);
+        p.forward = rng.range(0, 4) != 0;
+        p.forward_limit = if rng.range(0, 3) == 0 {
+            rng.range(1, clients + 1) as usize
+        } else {
+            paxoskv::forwarding::DEFAULT_LIMIT
+        };
         p
     }
 }
@@ -243,6 +260,16 @@ pub struct Stats {
     /// deadline passed before they got a slot.
     pub busy: u64,
     pub withdrawn: u64,
+    /// Calls forwarded to the leader; batches they went in, and the largest;
+    /// calls lost with a broken link, sent and unsent; sent calls cancelled
+    /// because their client moved on; calls refused for a full link.
+    pub forwarded: u64,
+    pub forward_batches: u64,
+    pub forward_batch_max: u64,
+    pub forward_lost_in_flight: u64,
+    pub forward_lost_unsent: u64,
+    pub forward_cancelled: u64,
+    pub forward_full: u64,
 }
 
 impl Stats {
@@ -276,6 +303,13 @@ impl Stats {
             expired_after_applied,
             busy,
             withdrawn,
+            forwarded,
+            forward_batches,
+            forward_batch_max,
+            forward_lost_in_flight,
+            forward_lost_unsent,
+            forward_cancelled,
+            forward_full,
         } = s;
         self.ops_completed += ops_completed;
         self.ops_unanswered += ops_unanswered;
@@ -304,6 +338,13 @@ impl Stats {
         self.expired_after_applied += expired_after_applied;
         self.busy += busy;
         self.withdrawn += withdrawn;
+        self.forwarded += forwarded;
+        self.forward_batches += forward_batches;
+        self.forward_batch_max = self.forward_batch_max.max(*forward_batch_max);
+        self.forward_lost_in_flight += forward_lost_in_flight;
+        self.forward_lost_unsent += forward_lost_unsent;
+        self.forward_cancelled += forward_cancelled;
+        self.forward_full += forward_full;
     }
 }
 
@@ -355,6 +396,22 @@ enum Event {
     Restart {
         node: NodeId,
     },
+    /// A batch on the forwarding stream from `from` to the leader `to`,
+    /// opened while they had these incarnations. A stream delivers in
+    /// order, never twice; it breaks rather than lose a message.
+    ForwardBatch {
+        from: NodeId,
+        to: NodeId,
+        stream: Stream,
+        batch: Batch<Forwarded>,
+    },
+    /// The leader `from`'s answers on that stream, by call id.
+    ForwardAnswers {
+        from: NodeId,
+        to: NodeId,
+        stream: Stream,
+        answers: Vec<(u64, Response)>,
+    },
     SyncDone {
         node: NodeId,
         incarnation: u64,
@@ -374,6 +431,25 @@ enum Event {
         min_index: Slot,
     },
 }
+
+/// A forwarding stream, by the incarnations of its two ends when it opened:
+/// it dies with either.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Stream {
+    follower: u64,
+    leader: u64,
+}
+
+/// A follower's link to one leader, and the stream it runs over (`None`:
+/// none open).
+struct ForwardLink {
+    link: Link<(Ticket, u64), Forwarded>,
+    stream: Option<Stream>,
+}
+
+/// A forwarded call as its stream carries it: a tag unique in the world
+/// (for the oracles), the client's ticket, and its request.
+type Forwarded = (u64, Ticket, Request);
 
 /// Which attempt of which operation of which client a message is about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -439,6 +515,9 @@ struct Machine {
 struct Call {
     id: u64,
     ticket: Ticket,
+    /// A forwarded call: the replica that forwarded it, the stream, and the
+    /// call's id on it, where its answer goes instead of to the client.
+    via: Option<(NodeId, Stream, u64)>,
 }
 
 struct Node {
@@ -458,6 +537,8 @@ struct Node {
     fetching: Option<u64>,
     /// Wiped, and not yet a voter again.
     wiped: bool,
+    /// Forwarding links, by leader; lost in a crash.
+    links: BTreeMap<NodeId, ForwardLink>,
 }
 
 /// `Pending::op` of a client opening a session (not an operation of the
@@ -519,6 +600,15 @@ pub struct World {
     refused_expired: BTreeSet<(u64, u64)>,
     /// Proposals answered as certainly not in the log.
     not_in_log: BTreeSet<u64>,
+    /// Forwarded calls their link reported lost unsent (so their clients
+    /// may be told NOT_PROPOSED): (follower, stream, id). None may ever
+    /// reach a leader.
+    lost_unsent: BTreeSet<u64>,
+    /// Forwarded calls that reached a leader, by tag.
+    arrived: BTreeSet<u64>,
+    next_tag: u64,
+    /// The request of each client call a replica took, for forwarding it.
+    call_requests: BTreeMap<u64, Request>,
     next_call: u64,
     /// Calls each replica took and has not answered; a crash ends them.
     outstanding: BTreeMap<NodeId, BTreeSet<u64>>,
@@ -573,6 +663,7 @@ impl World {
                     paused_until: 0,
                     fetching: None,
                     wiped: false,
+                    links: BTreeMap::new(),
                 };
                 (id, node)
             })
@@ -611,6 +702,10 @@ impl World {
             executed: BTreeMap::new(),
             refused_expired: BTreeSet::new(),
             not_in_log: BTreeSet::new(),
+            lost_unsent: BTreeSet::new(),
+            arrived: BTreeSet::new(),
+            next_tag: 1,
+            call_requests: BTreeMap::new(),
             next_call: 1,
             outstanding: BTreeMap::new(),
             call_proposal: BTreeMap::new(),
@@ -703,6 +798,8 @@ impl World {
             node.unapplied.clear();
             // A fetch running dies with the process.
             node.fetching = None;
+            // So do its forwarding links, and their callers' calls.
+            node.links.clear();
             // Its calls die with it; their clients time out and retry.
             self.outstanding.remove(&id);
             self.stats.crashes += 1;
@@ -780,7 +877,12 @@ impl World {
                 settled_at = None;
                 continue;
             }
-            if self.outstanding.values().all(BTreeSet::is_empty) {
+            if self.outstanding.values().all(BTreeSet::is_empty)
+                && self
+                    .nodes
+                    .values()
+                    .all(|n| n.links.values().all(|l| l.link.is_empty()))
+            {
                 break;
             }
             // Healed, quiet and converged: every call still open must be
@@ -829,6 +931,7 @@ impl World {
                 d.tick();
             }
             self.drain(id)?;
+            self.flush_links(id)?;
         }
         self.clients_act();
         self.deliver_due()?;
@@ -1041,7 +1144,10 @@ impl World {
     fn deliver(&mut self, event: Event) -> Check {
         // A frozen replica finds what arrived meanwhile queued, in order.
         let target = match &event {
-            Event::Peer { to, .. } | Event::ToReplica { to, .. } => Some(*to),
+            Event::Peer { to, .. }
+            | Event::ToReplica { to, .. }
+            | Event::ForwardBatch { to, .. }
+            | Event::ForwardAnswers { to, .. } => Some(*to),
             Event::SyncDone { node, .. }
             | Event::ApplyDue { node, .. }
             | Event::TransferDone { node, .. } => Some(*node),
@@ -1111,10 +1217,22 @@ impl World {
                 self.drain(to)
             }
             Event::ToReplica { ticket, to, req } => {
-                self.on_request(ticket, to, req);
+                self.on_request(ticket, to, req, None);
                 self.drain(to)
             }
             Event::ToClient { ticket, from, resp } => self.on_response(ticket, from, resp),
+            Event::ForwardBatch {
+                from,
+                to,
+                stream,
+                batch,
+            } => self.on_forward_batch(from, to, stream, batch),
+            Event::ForwardAnswers {
+                from,
+                to,
+                stream,
+                answers,
+            } => self.on_forward_answers(from, to, stream, answers),
         }
     }
 
@@ -1668,6 +1786,7 @@ impl World {
     /// call is answered once, a write with the reply its command really got
     /// in the chosen log, a read never by a leader deposed when it arrived.
     fn answer(&mut self, id: NodeId, answers: Vec<Answer<Call, Call>>) -> Check {
+        let mut forwarded: BTreeMap<(NodeId, Stream), Vec<(u64, Response)>> = BTreeMap::new();
         for answer in answers {
             let (call, resp) = match answer {
                 Answer::Write { caller, result } => {
@@ -1761,10 +1880,255 @@ impl World {
                     "replica {id} answered {call:?} twice, or a call it never took"
                 ));
             }
-            if let Some(resp) = resp {
-                self.transmit(Event::ToClient {
+            let request = self.call_requests.remove(&call.id);
+            match (resp, call.via, request) {
+                (None, _, _) => {}
+                // A forwarded call: the answer goes back on its stream.
+                (Some(resp), Some((follower, stream, id_there)), _) => forwarded
+                    .entry((follower, stream))
+                    .or_default()
+                    .push((id_there, resp)),
+                // Not the leader, and it knows who is: forward the call
+                // there, as the service does.
+                (Some(Response::Retry(Some(leader))), None, Some(req)) if leader != id => {
+                    self.forward(id, leader, call.ticket, req);
+                }
+                (Some(resp), None, _) => self.transmit(Event::ToClient {
                     ticket: call.ticket,
                     from: id,
+                    resp,
+                }),
+            }
+        }
+        for ((follower, stream), answers) in forwarded {
+            let delay = self.rng.range(1, self.p.max_delay + 1);
+            self.schedule(
+                delay,
+                Event::ForwardAnswers {
+                    from: id,
+                    to: follower,
+                    stream,
+                    answers,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    // ----- forwarding: the shipping link, over simulated streams -----------
+
+    /// Replica `from` forwards a client's call to `leader` on its link.
+    fn forward(&mut self, from: NodeId, leader: NodeId, ticket: Ticket, req: Request) {
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        let limit = self.p.forward_limit;
+        let link = &mut self
+            .nodes
+            .get_mut(&from)
+            .expect("node")
+            .links
+            .entry(leader)
+            .or_insert_with(|| ForwardLink {
+                link: Link::new(limit),
+                stream: None,
+            })
+            .link;
+        match link.submit((ticket, tag), (tag, ticket, req)) {
+            Ok(_) => self.stats.forwarded += 1,
+            // Refused before it was sent: the client tries again.
+            Err(full) => {
+                self.stats.forward_full += 1;
+                self.transmit(Event::ToClient {
+                    ticket: full.caller.0,
+                    from,
+                    resp: Response::Retry(None),
+                });
+            }
+        }
+    }
+
+    /// Replica `id`'s links, once a tick: calls whose clients moved on are
+    /// cancelled; a stream whose leader crashed, restarted or is cut off
+    /// breaks; what is ready goes out, one batch per link.
+    fn flush_links(&mut self, id: NodeId) -> Check {
+        if !self.alive(id) {
+            return Ok(());
+        }
+        let own = self.nodes[&id].incarnation;
+        let leaders: Vec<NodeId> = self.nodes[&id].links.keys().copied().collect();
+        for leader in leaders {
+            let up = self.alive(leader) && self.connected(id, leader);
+            let theirs = self.nodes[&leader].incarnation;
+            let clients = &self.clients;
+            let fl = self
+                .nodes
+                .get_mut(&id)
+                .and_then(|n| n.links.get_mut(&leader))
+                .expect("a link");
+            fl.link.retain(|(t, _)| {
+                clients[t.client]
+                    .pending
+                    .as_ref()
+                    .is_some_and(|p| p.op == t.op && p.attempt == t.attempt)
+            });
+            let broken = fl.stream.is_some_and(|s| !up || s.leader != theirs);
+            if broken || (!up && fl.link.has_batch()) {
+                self.break_link(id, leader)?;
+                continue;
+            }
+            let Some(batch) = fl.link.take_batch() else {
+                continue;
+            };
+            let stream = *fl.stream.get_or_insert(Stream {
+                follower: own,
+                leader: theirs,
+            });
+            self.stats.forward_batches += 1;
+            self.stats.forward_batch_max =
+                self.stats.forward_batch_max.max(batch.calls.len() as u64);
+            self.stats.forward_cancelled += batch.cancelled.len() as u64;
+            let delay = self.rng.range(1, self.p.max_delay + 1);
+            self.schedule(
+                delay,
+                Event::ForwardBatch {
+                    from: id,
+                    to: leader,
+                    stream,
+                    batch,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// The stream from `follower` to `leader` broke: the link ends every
+    /// open call, saying which were sent. Oracle: a call it says was not
+    /// sent (for which the service tells the client NOT_PROPOSED) has not
+    /// reached the leader, and never will.
+    fn break_link(&mut self, follower: NodeId, leader: NodeId) -> Check {
+        let Some(fl) = self
+            .nodes
+            .get_mut(&follower)
+            .and_then(|n| n.links.get_mut(&leader))
+        else {
+            return Ok(());
+        };
+        fl.stream = None;
+        for ((ticket, tag), how) in fl.link.broken() {
+            match how {
+                Lost::Unsent => {
+                    self.stats.forward_lost_unsent += 1;
+                    if self.arrived.contains(&tag) {
+                        return Err(format!(
+                            "replica {follower}'s link to {leader} reported call {tag} ({ticket:?}) lost unsent, but it had reached the leader"
+                        ));
+                    }
+                    self.lost_unsent.insert(tag);
+                }
+                Lost::InFlight => self.stats.forward_lost_in_flight += 1,
+            }
+            // Either way the client tries again (with the same request id).
+            self.transmit(Event::ToClient {
+                ticket,
+                from: follower,
+                resp: Response::Retry(None),
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether the stream still joins the incarnations it was opened
+    /// between, across a network that connects them.
+    fn stream_up(&self, follower: NodeId, leader: NodeId, stream: Stream) -> bool {
+        self.alive(follower)
+            && self.alive(leader)
+            && self.nodes[&follower].incarnation == stream.follower
+            && self.nodes[&leader].incarnation == stream.leader
+            && self.connected(follower, leader)
+    }
+
+    /// Whether `follower` still runs `stream` to `leader`.
+    fn runs_stream(&self, follower: NodeId, leader: NodeId, stream: Stream) -> bool {
+        self.alive(follower)
+            && self.nodes[&follower].incarnation == stream.follower
+            && self.nodes[&follower]
+                .links
+                .get(&leader)
+                .is_some_and(|fl| fl.stream == Some(stream))
+    }
+
+    /// A batch reaches the leader: cancelled calls are forgotten, new ones
+    /// served like a client's own, their answers kept for the stream.
+    fn on_forward_batch(
+        &mut self,
+        follower: NodeId,
+        leader: NodeId,
+        stream: Stream,
+        batch: Batch<Forwarded>,
+    ) -> Check {
+        if !self.stream_up(follower, leader, stream) {
+            // It broke under the batch; the follower finds out.
+            if self.runs_stream(follower, leader, stream) {
+                self.break_link(follower, leader)?;
+            }
+            return Ok(());
+        }
+        if !batch.cancelled.is_empty() {
+            let gone = |c: &Call| matches!(c.via, Some((f, s, id)) if f == follower && s == stream && batch.cancelled.contains(&id));
+            let dropped = std::cell::RefCell::new(Vec::new());
+            if let Some(d) = self.nodes.get_mut(&leader).and_then(|n| n.driver.as_mut()) {
+                let keep = |c: &Call| {
+                    let keep = !gone(c);
+                    if !keep {
+                        dropped.borrow_mut().push(c.id);
+                    }
+                    keep
+                };
+                d.retain_callers(keep, keep);
+            }
+            let outstanding = self.outstanding.entry(leader).or_default();
+            for id in dropped.into_inner() {
+                outstanding.remove(&id);
+            }
+        }
+        for (id_there, (tag, ticket, req)) in batch.calls {
+            if self.lost_unsent.contains(&tag) {
+                return Err(format!(
+                    "call {tag} ({ticket:?}) reached leader {leader} from {follower}, after its link reported it lost unsent"
+                ));
+            }
+            self.arrived.insert(tag);
+            self.on_request(ticket, leader, req, Some((follower, stream, id_there)));
+        }
+        self.drain(leader)
+    }
+
+    /// The leader's answers reach the follower, which hands each to the
+    /// client whose call it still holds.
+    fn on_forward_answers(
+        &mut self,
+        leader: NodeId,
+        follower: NodeId,
+        stream: Stream,
+        answers: Vec<(u64, Response)>,
+    ) -> Check {
+        if !self.runs_stream(follower, leader, stream) {
+            return Ok(());
+        }
+        if !self.stream_up(follower, leader, stream) {
+            return self.break_link(follower, leader);
+        }
+        for (id_there, resp) in answers {
+            let link = &mut self
+                .nodes
+                .get_mut(&follower)
+                .and_then(|n| n.links.get_mut(&leader))
+                .expect("a link")
+                .link;
+            if let Some((ticket, _)) = link.answered(id_there) {
+                self.transmit(Event::ToClient {
+                    ticket,
+                    from: follower,
                     resp,
                 });
             }
@@ -1824,15 +2188,25 @@ impl World {
 
     // ----- the server around the core, and the clients ---------------------
 
-    fn on_request(&mut self, ticket: Ticket, to: NodeId, req: Request) {
+    fn on_request(
+        &mut self,
+        ticket: Ticket,
+        to: NodeId,
+        req: Request,
+        via: Option<(NodeId, Stream, u64)>,
+    ) {
         let Some(replica) = self.nodes[&to].driver.as_ref().map(Driver::replica) else {
             return;
         };
         let call = Call {
             id: self.next_call,
             ticket,
+            via,
         };
         self.next_call += 1;
+        if self.p.forward && via.is_none() {
+            self.call_requests.insert(call.id, req.clone());
+        }
         // For the reads oracle: was this leader already deposed, durably,
         // by a majority when the read arrived? Then it must never serve it.
         let deposed = replica.is_leader() && {
@@ -2503,6 +2877,7 @@ mod oracles_can_fail {
                 op: 0,
                 attempt: 0,
             },
+            via: None,
         };
         w.next_call += 1;
         w.outstanding.entry(node).or_default().insert(call.id);
