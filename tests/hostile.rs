@@ -280,6 +280,7 @@ impl MsgSpec {
             MsgSpec::Prepare(x, from) => Message::Prepare {
                 ballot: x.at(b),
                 from_slot: s(from),
+                handed_off_by: None,
             },
             MsgSpec::Promise {
                 ballot,

@@ -87,6 +87,27 @@ pub struct NotLeader {
     pub leader: Option<NodeId>,
 }
 
+/// Why [`Replica::hand_off`] could not start a hand-off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HandOffError {
+    /// This replica does not lead: there is nothing to hand off.
+    NotLeader,
+    /// No follower was heard within an election timeout (or there is none:
+    /// a cluster of one): nobody to hand off to.
+    NoTarget,
+}
+
+impl std::fmt::Display for HandOffError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HandOffError::NotLeader => f.write_str("not the leader"),
+            HandOffError::NoTarget => {
+                f.write_str("no follower heard within an election timeout to hand off to")
+            }
+        }
+    }
+}
+
 /// A snapshot of the replica's state, for metrics and status displays.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Status {
@@ -114,6 +135,8 @@ pub struct Status {
     /// Whether it votes; `None` while it probes its peers after starting
     /// with an empty data directory (see `replica/membership.rs`).
     pub membership: Option<Membership>,
+    /// As leader: the follower it is handing leadership off to, if it is.
+    pub handing_off: Option<NodeId>,
 }
 
 /// The leader's view of one follower.
@@ -322,14 +345,15 @@ impl Replica {
 
     /// A snapshot of the replica's state.
     pub fn status(&self) -> Status {
-        let (role, in_flight, queued, followers) = match &self.state {
-            State::Follower | State::PreCandidate(_) => (Role::Follower, 0, 0, Vec::new()),
-            State::Candidate(_) => (Role::Candidate, 0, 0, Vec::new()),
+        let (role, in_flight, queued, followers, handing_off) = match &self.state {
+            State::Follower | State::PreCandidate(_) => (Role::Follower, 0, 0, Vec::new(), None),
+            State::Candidate(_) => (Role::Candidate, 0, 0, Vec::new(), None),
             State::Leader(l) => (
                 Role::Leader,
                 l.in_flight.len(),
                 l.queued.len(),
                 l.followers(self.core.now),
+                l.hand_off.map(|h| h.target),
             ),
         };
         Status {
@@ -344,6 +368,7 @@ impl Replica {
             followers,
             elections: self.core.elections,
             membership: self.core.standing.membership(),
+            handing_off,
         }
     }
 
@@ -353,8 +378,27 @@ impl Replica {
     pub fn propose(&mut self, command: Bytes) -> Result<(), NotLeader> {
         let not_leader = self.core.not_leader();
         let (l, _) = self.leading().ok_or(not_leader)?;
+        // Handing off: wait for the next leader.
+        if l.hand_off.is_some() {
+            return Err(NotLeader { leader: None });
+        }
         l.queued.push_back(command);
         Ok(())
+    }
+
+    /// Hands leadership off, before this replica stops: picks the most
+    /// caught-up follower, tells it to start phase 1 at once
+    /// (`TimeoutNow`), hands back the commands not yet given a slot
+    /// (`Ready::dropped`), and takes no new command or read until the
+    /// hand-off ends, for at most a few election timeouts (see `leader.rs`
+    /// for the rules, and for what happens when the target never takes
+    /// over). Returns the target. Calling it again while handing off picks
+    /// and tells a target again.
+    pub fn hand_off(&mut self) -> Result<NodeId, HandOffError> {
+        let (l, core) = self.leading().ok_or(HandOffError::NotLeader)?;
+        let target = l.hand_off(core)?;
+        self.check_invariants();
+        Ok(target)
     }
 
     /// Takes back the queued commands `withdrawn` picks, and returns them:
@@ -386,6 +430,9 @@ impl Replica {
     pub fn read(&mut self, id: ReadId) -> Result<(), NotLeader> {
         let not_leader = self.core.not_leader();
         let (l, core) = self.leading().ok_or(not_leader)?;
+        if l.hand_off.is_some() {
+            return Err(NotLeader { leader: None });
+        }
         l.read(core, id);
         Ok(())
     }
@@ -490,7 +537,12 @@ impl Replica {
             Message::PreVoteReply { ballot, granted } => {
                 self.on_pre_vote_reply(from, ballot, granted)
             }
-            Message::Prepare { ballot, from_slot } => self.on_prepare(from, ballot, from_slot),
+            Message::Prepare {
+                ballot,
+                from_slot,
+                handed_off_by,
+            } => self.on_prepare(from, ballot, from_slot, handed_off_by),
+            Message::TimeoutNow { ballot } => self.on_timeout_now(from, ballot),
             Message::Promise {
                 ballot,
                 from_slot,
