@@ -26,6 +26,11 @@
 //! - a write whose deadline passes while its command still waits for a slot
 //!   is taken back from the core and answered [`CallError::Expired`]: it
 //!   never costs a slot (one that already has a slot runs its course);
+//! - a leader asked to [hand off](Driver::hand_off) hands back the writes
+//!   queued without a slot (answered [`CallError::Retry`]: certainly not in
+//!   the log) and refuses new calls with `NotLeader(None)` (wait for the
+//!   next leader) until the hand-off ends; writes that have a slot run
+//!   their course (answered, or in doubt once it steps down, as above);
 //! - a snapshot install skips slots without applying them one by one here:
 //!   a write whose slot it may have covered is answered
 //!   [`CallError::Unknown`] (never `Retry`: it may be in the snapshot).
@@ -41,7 +46,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::kv::{Command, Reply};
 use crate::paxos::{
-    Envelope, Message, NodeId, Persist, ReadId, Ready, Refused, Replica, Slot, SnapshotFetch, Value,
+    Envelope, HandOffError, Message, NodeId, Persist, ReadId, Ready, Refused, Replica, Slot,
+    SnapshotFetch, Value,
 };
 
 /// Why a call could not be served here.
@@ -359,6 +365,15 @@ impl<W, R> Driver<W, R> {
     /// one an honest member could send.
     pub fn step(&mut self, from: NodeId, msg: Message) -> Result<(), Refused> {
         self.replica.step(from, msg)
+    }
+
+    /// Hands leadership off before stopping ([`Replica::hand_off`]): the
+    /// most caught-up follower is told to campaign at once; the writes
+    /// queued here without a slot are answered [`CallError::Retry`] in the
+    /// next [`Work`]; new calls are refused `NotLeader(None)` until the
+    /// hand-off ends. Returns the follower picked.
+    pub fn hand_off(&mut self) -> Result<NodeId, HandOffError> {
+        self.replica.hand_off()
     }
 
     /// A message this replica's core addressed to itself, delivered once the

@@ -187,6 +187,7 @@ impl Replica {
         {
             return;
         }
+        self.core.handoff_elections += 1;
         self.start_election(Some(ballot));
     }
 

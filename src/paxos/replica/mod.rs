@@ -24,6 +24,11 @@
 //!    rides on every accept and heartbeat.
 //! 4. It steps down the moment it sees a higher ballot, or when it has not
 //!    heard from a majority for two election timeouts.
+//! 5. Before it stops (SIGTERM), it may hand leadership off
+//!    ([`Replica::hand_off`]): it stops giving slots and tells its most
+//!    caught-up follower (`TimeoutNow`) to run step 1's phase 1 at once,
+//!    without waiting for its timer or asking for pre-votes; see
+//!    `leader.rs` and `election.rs`.
 //!
 //! One file per part:
 //!
@@ -132,6 +137,8 @@ pub struct Status {
     pub followers: Vec<FollowerStatus>,
     /// Elections this replica has started since it was created.
     pub elections: u64,
+    /// Of those, the ones started because a leader handed off to it.
+    pub handoff_elections: u64,
     /// Whether it votes; `None` while it probes its peers after starting
     /// with an empty data directory (see `replica/membership.rs`).
     pub membership: Option<Membership>,
@@ -245,6 +252,8 @@ struct Core {
     standing: Standing,
     nonce: u64,
     elections: u64,
+    /// Elections started on a `TimeoutNow` (a leader handed off to us).
+    handoff_elections: u64,
     /// Whether a client command may be voted on or learned (see
     /// [`Replica::check_commands_with`]).
     command_check: fn(&[u8]) -> bool,
@@ -291,6 +300,7 @@ impl Replica {
                 standing: Standing::restore(membership),
                 nonce,
                 elections: 0,
+                handoff_elections: 0,
                 command_check: |_| true,
                 ready: Ready::default(),
             },
@@ -367,6 +377,7 @@ impl Replica {
             queued,
             followers,
             elections: self.core.elections,
+            handoff_elections: self.core.handoff_elections,
             membership: self.core.standing.membership(),
             handing_off,
         }
