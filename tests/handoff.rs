@@ -27,12 +27,14 @@ enum Stop {
 const GRACE: Duration = Duration::from_secs(30);
 
 /// The largest interval between consecutive acknowledgements that ends
-/// after `from`: the writes' outage around the stop at `from`.
-fn largest_gap(acked: &Acked, from: Instant) -> Duration {
+/// after `from` and starts before `to`: the writes' outage around the stop
+/// at `from`, before the restart at `to` (which has pauses of its own: the
+/// client tries the replica while it starts).
+fn largest_gap(acked: &Acked, from: Instant, to: Instant) -> Duration {
     let mut acks: Vec<Instant> = acked.times.iter().map(|&(_, ack)| ack).collect();
     acks.sort();
     acks.windows(2)
-        .filter(|w| w[1] > from)
+        .filter(|w| w[1] > from && w[0] < to)
         .map(|w| w[1] - w[0])
         .max()
         .unwrap_or_default()
@@ -96,11 +98,12 @@ async fn stop_the_leader_under_load(name: &str, stop: Stop) -> Duration {
     }
 
     // The stopped replica comes back and catches up.
+    let restarted_at = Instant::now();
     cluster.spawn(old);
     load.aim(vec![1, 2, 3]);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let acked = load.finish().await;
-    let gap = largest_gap(&acked, stopped_at);
+    let gap = largest_gap(&acked, stopped_at, restarted_at);
     wait_caught_up(&cluster, &[1, 2, 3], Duration::from_secs(20)).await;
     println!(
         "{stop:?} of leader {old} (new leader {new}): {} writes acknowledged; largest gap with no acknowledged write: {gap:?}",
