@@ -571,6 +571,10 @@ pub struct World {
     last_leader: Option<(NodeId, Ballot)>,
     /// The hand-off under way: (leader, its ballot, target, tick started).
     hand_off: Option<(NodeId, Ballot, NodeId, u64)>,
+    /// A hand-off's target cut off until this tick (then the network is
+    /// whole again: on seeds with no partitions drawn, nothing else would
+    /// end the cut).
+    cut_until: Option<u64>,
     pub stats: Stats,
 }
 
@@ -657,6 +661,7 @@ impl World {
             bait: None,
             last_leader: None,
             hand_off: None,
+            cut_until: None,
             stats: Stats::default(),
         };
         for id in 1..=world.p.replicas {
@@ -1030,6 +1035,13 @@ impl World {
     }
 
     fn inject_faults(&mut self) {
+        if self.cut_until.is_some_and(|t| self.now >= t) {
+            self.cut_until = None;
+            for node in self.nodes.values_mut() {
+                node.group = 0;
+            }
+            self.release_held();
+        }
         if self.chance(self.p.hand_off) {
             self.hand_off_now();
         }
@@ -1104,6 +1116,7 @@ impl World {
                         self.nodes.get_mut(&id).expect("node").group = u32::from(id == target);
                     }
                     self.release_held();
+                    self.cut_until = Some(self.now + self.rng.range(ELECTION, 10 * ELECTION));
                 }
                 _ => {
                     self.stats.pauses += 1;
