@@ -828,6 +828,39 @@ mod tests {
     }
 
     #[test]
+    fn a_leader_handing_off_answers_its_queued_writes_retry_refuses_new_calls_and_lets_slotted_ones_finish()
+     {
+        // A window of one slot: while slot 1 is in flight, the next write
+        // waits in the queue.
+        let mut c = Cluster::with(3, 1, Limits::DEFAULT);
+        let l = c.elect(&[1, 2, 3]);
+        c.write(l, "slotted", Op::Insert(1), "slotted");
+        c.flush(l);
+        c.write(l, "queued", Op::Insert(2), "queued");
+        let target = c.d(l).hand_off().unwrap();
+        assert_ne!(target, l);
+        assert_eq!(c.write(l, "late", Op::Insert(3), "late"), None);
+        c.d(l).read("slotted".into(), "read");
+        c.run();
+        let mut written = c.written(l).to_vec();
+        written.sort_by_key(|(caller, _)| *caller);
+        assert_eq!(
+            written,
+            [
+                ("late", Err(CallError::NotLeader(None))),
+                ("queued", Err(CallError::Retry)),
+                ("slotted", Ok(Reply::Inserted)),
+            ]
+        );
+        assert_eq!(c.answers[&l], [("read", Err(CallError::NotLeader(None)))]);
+        // The target leads (no election timeout waited), with slot 1.
+        c.tick_all(2);
+        assert!(c.d(target).replica().is_leader());
+        assert_eq!(c.machines[&target].get("slotted"), Some(1));
+        assert_eq!(c.machines[&target].get("queued"), None);
+    }
+
+    #[test]
     fn past_its_limits_a_replica_refuses_calls_at_once_and_proposes_nothing() {
         let limits = Limits {
             max_writes: 2,
