@@ -26,6 +26,11 @@
 //! - a write whose deadline passes while its command still waits for a slot
 //!   is taken back from the core and answered [`CallError::Expired`]: it
 //!   never costs a slot (one that already has a slot runs its course);
+//! - a leader asked to [hand off](Driver::hand_off) hands back the writes
+//!   queued without a slot (answered [`CallError::Retry`]: certainly not in
+//!   the log) and refuses new calls with `NotLeader(None)` (wait for the
+//!   next leader) until the hand-off ends; writes that have a slot run
+//!   their course (answered, or in doubt once it steps down, as above);
 //! - a snapshot install skips slots without applying them one by one here:
 //!   a write whose slot it may have covered is answered
 //!   [`CallError::Unknown`] (never `Retry`: it may be in the snapshot).
@@ -41,7 +46,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::kv::{Command, Reply};
 use crate::paxos::{
-    Envelope, Message, NodeId, Persist, ReadId, Ready, Refused, Replica, Slot, SnapshotFetch, Value,
+    Envelope, HandOffError, Message, NodeId, Persist, ReadId, Ready, Refused, Replica, Slot,
+    SnapshotFetch, Value,
 };
 
 /// Why a call could not be served here.
@@ -359,6 +365,15 @@ impl<W, R> Driver<W, R> {
     /// one an honest member could send.
     pub fn step(&mut self, from: NodeId, msg: Message) -> Result<(), Refused> {
         self.replica.step(from, msg)
+    }
+
+    /// Hands leadership off before stopping ([`Replica::hand_off`]): the
+    /// most caught-up follower is told to campaign at once; the writes
+    /// queued here without a slot are answered [`CallError::Retry`] in the
+    /// next [`Work`]; new calls are refused `NotLeader(None)` until the
+    /// hand-off ends. Returns the follower picked.
+    pub fn hand_off(&mut self) -> Result<NodeId, HandOffError> {
+        self.replica.hand_off()
     }
 
     /// A message this replica's core addressed to itself, delivered once the
@@ -810,6 +825,39 @@ mod tests {
         fn written(&self, id: NodeId) -> &[WriteAnswer] {
             self.writes.get(&id).map_or(&[], Vec::as_slice)
         }
+    }
+
+    #[test]
+    fn a_leader_handing_off_answers_its_queued_writes_retry_refuses_new_calls_and_lets_slotted_ones_finish()
+     {
+        // A window of one slot: while slot 1 is in flight, the next write
+        // waits in the queue.
+        let mut c = Cluster::with(3, 1, Limits::DEFAULT);
+        let l = c.elect(&[1, 2, 3]);
+        c.write(l, "slotted", Op::Insert(1), "slotted");
+        c.flush(l);
+        c.write(l, "queued", Op::Insert(2), "queued");
+        let target = c.d(l).hand_off().unwrap();
+        assert_ne!(target, l);
+        assert_eq!(c.write(l, "late", Op::Insert(3), "late"), None);
+        c.d(l).read("slotted".into(), "read");
+        c.run();
+        let mut written = c.written(l).to_vec();
+        written.sort_by_key(|(caller, _)| *caller);
+        assert_eq!(
+            written,
+            [
+                ("late", Err(CallError::NotLeader(None))),
+                ("queued", Err(CallError::Retry)),
+                ("slotted", Ok(Reply::Inserted)),
+            ]
+        );
+        assert_eq!(c.answers[&l], [("read", Err(CallError::NotLeader(None)))]);
+        // The target leads (no election timeout waited), with slot 1.
+        c.tick_all(2);
+        assert!(c.d(target).replica().is_leader());
+        assert_eq!(c.machines[&target].get("slotted"), Some(1));
+        assert_eq!(c.machines[&target].get("queued"), None);
     }
 
     #[test]

@@ -73,6 +73,13 @@ pub const IS_LEADER: &str = "paxoskv_is_leader";
 pub const LEADER_CHANGES: &str = "paxoskv_leader_changes_total";
 /// Elections this replica started.
 pub const ELECTIONS: &str = "paxoskv_elections_started_total";
+/// Leadership hand-offs this replica, stopping while it led, tried, by
+/// `result`: `completed` (another leader was seen within the wait),
+/// `timed_out`, `no_target` (no follower heard lately).
+pub const LEADER_HANDOFFS: &str = "paxoskv_leader_handoffs_total";
+/// Elections this replica started because the leader handed off to it
+/// (`TimeoutNow`).
+pub const HANDOFF_ELECTIONS: &str = "paxoskv_handoff_elections_total";
 /// As leader: how many slots each follower (`peer`) is behind the commit index.
 pub const FOLLOWER_LAG: &str = "paxoskv_follower_lag_slots";
 /// As leader: seconds since each follower (`peer`) last answered.
@@ -196,6 +203,14 @@ fn describe() {
     describe_gauge!(IS_LEADER, "1 while this replica leads.");
     describe_counter!(LEADER_CHANGES, "Times the known leader changed.");
     describe_counter!(ELECTIONS, "Elections started by this replica.");
+    describe_counter!(
+        LEADER_HANDOFFS,
+        "Leadership hand-offs tried on stopping while leading, by result."
+    );
+    describe_counter!(
+        HANDOFF_ELECTIONS,
+        "Elections started because the leader handed off to this replica."
+    );
     describe_gauge!(
         FOLLOWER_LAG,
         "As leader: slots each follower is behind the commit index."

@@ -31,8 +31,8 @@ use crate::driver::{Answer, Driver, Limits};
 use crate::kv::{self, KvState, Op, Reply};
 use crate::metrics as m;
 use crate::paxos::{
-    Ballot, Envelope, Membership, Message, NodeId, Persist, Replica, Role, Slot, SnapshotFetch,
-    Status, Value,
+    Ballot, Envelope, HandOffError, Membership, Message, NodeId, Persist, Replica, Role, Slot,
+    SnapshotFetch, Status, Value,
 };
 use crate::storage::Storage;
 use crate::storage::{Checkpoint, SnapshotInstall, SnapshotMeta, StorageError};
@@ -61,6 +61,9 @@ enum Request {
     Acceptor {
         slot: Slot,
         reply: oneshot::Sender<AcceptorView>,
+    },
+    HandOff {
+        reply: oneshot::Sender<Result<NodeId, HandOffError>>,
     },
 }
 
@@ -168,6 +171,15 @@ impl NodeHandle {
     pub async fn acceptor(&self, slot: Slot) -> Result<AcceptorView, NodeError> {
         let (reply, rx) = oneshot::channel();
         self.call(Request::Acceptor { slot, reply }, rx).await
+    }
+
+    /// As leader, hands leadership off before stopping ([`Driver::hand_off`]):
+    /// returns the follower told to take over. Watch [`NodeHandle::leader`]
+    /// (and [`NodeHandle::leader_changed`]) to learn when another leader is
+    /// known.
+    pub async fn hand_off(&self) -> Result<Result<NodeId, HandOffError>, NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.call(Request::HandOff { reply }, rx).await
     }
 
     /// The core's view of the replica and, when leading, of its followers.
@@ -591,7 +603,9 @@ impl Node {
                         let _ = reply.send(Err(NodeError::Stopped));
                     }
                     // Dropping the reply answers the caller `Stopped`.
-                    Some(Request::Status { .. } | Request::Acceptor { .. }) => {}
+                    Some(
+                        Request::Status { .. } | Request::Acceptor { .. } | Request::HandOff { .. },
+                    ) => {}
                     None => break,
                 },
                 Some(_) = self.background_rx.recv() => {}
@@ -692,6 +706,21 @@ impl Node {
                     connected,
                     tick: self.tick,
                 });
+            }
+            Request::HandOff { reply } => {
+                let result = self.driver.hand_off();
+                match result {
+                    Ok(target) => info!(
+                        replica = self.driver.replica().id(),
+                        target, "handing leadership off: told the follower to campaign now"
+                    ),
+                    Err(e) => info!(
+                        replica = self.driver.replica().id(),
+                        reason = %e,
+                        "cannot hand leadership off"
+                    ),
+                }
+                let _ = reply.send(result);
             }
             Request::Acceptor { slot, reply } => {
                 let acceptor = self.driver.replica().acceptor();
@@ -1095,6 +1124,7 @@ impl Node {
         metrics::gauge!(m::IS_LEADER).set(if leading { 1.0 } else { 0.0 });
         metrics::gauge!(m::IN_FLIGHT).set(status.in_flight as f64);
         metrics::counter!(m::ELECTIONS).absolute(status.elections);
+        metrics::counter!(m::HANDOFF_ELECTIONS).absolute(status.handoff_elections);
         metrics::counter!(m::PEER_MESSAGES_DROPPED).absolute(self.transport.dropped());
         for peer in self.driver.replica().config().peers() {
             let label = peer.to_string();

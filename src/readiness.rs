@@ -141,7 +141,9 @@ mod tests {
             queued: 0,
             followers: Vec::new(),
             elections: 0,
+            handoff_elections: 0,
             membership: Some(Membership::Voter),
+            handing_off: None,
         }
     }
 

@@ -37,8 +37,9 @@ use crate::admin::AdminService;
 use crate::dial::Dialer;
 use crate::directory::Directory;
 use crate::listener::{self, Limits};
-use crate::node::Node;
-use crate::paxos::{self, NodeId, Replica};
+use crate::metrics as m;
+use crate::node::{Node, NodeHandle};
+use crate::paxos::{self, HandOffError, NodeId, Replica};
 use crate::pb;
 use crate::service::KvService;
 use crate::storage::Storage;
@@ -503,6 +504,7 @@ pub async fn serve(
     let (stop_node, node_stopped) = watch::channel(false);
     let mut node_task = tokio::spawn(node.run(node_stopped));
     let kv = Arc::new(KvService::new(handle.clone(), Arc::clone(&directory)));
+    let handle_for_shutdown = handle.clone();
 
     // The client port: no Paxos here, and its reflection describes none.
     // Not ready until the readiness task says so.
@@ -534,7 +536,7 @@ pub async fn serve(
         .add_service(health_service.clone())
         .add_service(reflection(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET).build_v1()?)
         .add_service(reflection(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET).build_v1alpha()?)
-        .add_service(AdminService::new(handle, Arc::clone(&directory)).into_server())
+        .add_service(AdminService::new(handle.clone(), Arc::clone(&directory)).into_server())
         .add_service(KvService::server(Arc::clone(&kv)))
         // Refuses, saying where to go instead; listed by no reflection.
         .add_service(NotOnThisPort.into_server())
@@ -654,6 +656,11 @@ pub async fn serve(
         }
     }
 
+    // A leader first hands leadership off, so that the cluster need not wait
+    // out an election timeout; calls keep coming in meanwhile and go to
+    // the next leader (see `hand_off`).
+    hand_off(&handle_for_shutdown, opts.id).await;
+
     // Stop taking calls, and let those in flight finish, here and those
     // forwarded here, while the peer port stays up: a call in flight needs
     // the Paxos streams to reach a quorum. Only then close the peer port
@@ -707,6 +714,72 @@ pub async fn serve(
     storage.flush()?;
     info!(replica = opts.id, "stopped");
     node_result
+}
+
+/// How long a stopping leader waits for another leader to be seen after it
+/// handed off, before it stops anyway.
+pub const HAND_OFF_WAIT: Duration = Duration::from_secs(2);
+
+/// How often, within [`HAND_OFF_WAIT`], a stopping replica that still leads
+/// asks its core to hand off again (the target may have crashed, or the
+/// `TimeoutNow` been lost: a fresh pick and a fresh message).
+const HAND_OFF_RETRY: Duration = Duration::from_millis(500);
+
+/// Before stopping: if this replica leads, hands leadership off and waits
+/// (up to [`HAND_OFF_WAIT`]) until it knows another leader. Calls queued
+/// without a slot are answered `Retry` by the driver and calls arriving
+/// meanwhile `NotLeader`, so the service sends both on to the next leader;
+/// writes that already had a slot are answered with their reply, or in
+/// doubt, never "not proposed". A follower does nothing here: it just
+/// drains. Counted in [`m::LEADER_HANDOFFS`] by result.
+async fn hand_off(handle: &NodeHandle, id: NodeId) {
+    if handle.leader() != Some(id) {
+        return;
+    }
+    let started = tokio::time::Instant::now();
+    let deadline = started + HAND_OFF_WAIT;
+    let mut leader = handle.clone();
+    let result = loop {
+        match handle.hand_off().await {
+            Ok(Ok(_)) => {}
+            // Stepped down meanwhile (a higher ballot): wait for the news.
+            Ok(Err(HandOffError::NotLeader)) => {}
+            Ok(Err(HandOffError::NoTarget)) => break "no_target",
+            Err(_) => break "timed_out",
+        }
+        let next_try = (tokio::time::Instant::now() + HAND_OFF_RETRY).min(deadline);
+        let elsewhere = async {
+            loop {
+                if leader.leader().is_some_and(|l| l != id) {
+                    return true;
+                }
+                if leader.leader_changed().await.is_err() {
+                    return false;
+                }
+            }
+        };
+        match tokio::time::timeout_at(next_try, elsewhere).await {
+            Ok(true) => break "completed",
+            Ok(false) => break "timed_out",
+            Err(_) if tokio::time::Instant::now() >= deadline => break "timed_out",
+            Err(_) => {}
+        }
+    };
+    metrics::counter!(m::LEADER_HANDOFFS, "result" => result).increment(1);
+    match result {
+        "completed" => info!(
+            replica = id,
+            leader = ?handle.leader(),
+            took = ?started.elapsed(),
+            "handed leadership off"
+        ),
+        _ => warn!(
+            replica = id,
+            result,
+            waited = ?started.elapsed(),
+            "leadership hand-off did not complete; stopping anyway (the others elect a leader after an election timeout)"
+        ),
+    }
 }
 
 /// The error for a gRPC server (`port`: "client" or "peer") whose task

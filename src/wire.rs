@@ -112,10 +112,16 @@ pub fn message_to_pb(from: NodeId, msg: &Message) -> pb::PeerMessage {
             ballot: b(ballot),
             granted: *granted,
         }),
-        Message::Prepare { ballot, from_slot } => Kind::Prepare(pb::Prepare {
+        Message::Prepare {
+            ballot,
+            from_slot,
+            handed_off_by,
+        } => Kind::Prepare(pb::Prepare {
             ballot: b(ballot),
             from_slot: *from_slot,
+            handed_off_by: handed_off_by.as_ref().and_then(b),
         }),
+        Message::TimeoutNow { ballot } => Kind::TimeoutNow(pb::TimeoutNow { ballot: b(ballot) }),
         Message::Promise {
             ballot,
             from_slot,
@@ -232,6 +238,13 @@ pub fn message_from_pb(m: pb::PeerMessage) -> Result<(NodeId, Message), WireErro
         Kind::Prepare(p) => Message::Prepare {
             ballot: ballot_from_pb(p.ballot, "Prepare.ballot")?,
             from_slot: p.from_slot,
+            handed_off_by: p
+                .handed_off_by
+                .map(|h| ballot_from_pb(Some(h), "Prepare.handed_off_by"))
+                .transpose()?,
+        },
+        Kind::TimeoutNow(t) => Message::TimeoutNow {
+            ballot: ballot_from_pb(t.ballot, "TimeoutNow.ballot")?,
         },
         Kind::Promise(p) => Message::Promise {
             ballot: ballot_from_pb(p.ballot, "Promise.ballot")?,
@@ -328,7 +341,14 @@ mod tests {
             Message::Prepare {
                 ballot: b,
                 from_slot: 12,
+                handed_off_by: None,
             },
+            Message::Prepare {
+                ballot: b,
+                from_slot: 12,
+                handed_off_by: Some(Ballot::new(6, 1)),
+            },
+            Message::TimeoutNow { ballot: b },
             Message::Promise {
                 ballot: b,
                 from_slot: 12,
@@ -563,6 +583,7 @@ mod tests {
                 Kind::CatchUpRequest(x) => x.ballot = None,
                 Kind::CatchUp(x) => x.ballot = None,
                 Kind::SnapshotAvailable(x) => x.ballot = None,
+                Kind::TimeoutNow(x) => x.ballot = None,
                 Kind::Probe(_) | Kind::ProbeReply(_) => unreachable!("no ballot"),
             });
             let err = err_of(m);
@@ -579,6 +600,7 @@ mod tests {
                 Message::CatchUpRequest { .. } => "CatchUpRequest.ballot",
                 Message::CatchUp { .. } => "CatchUp.ballot",
                 Message::SnapshotAvailable { .. } => "SnapshotAvailable.ballot",
+                Message::TimeoutNow { .. } => "TimeoutNow.ballot",
                 Message::Probe { .. } | Message::ProbeReply { .. } => unreachable!("no ballot"),
             };
             assert_eq!(err, format!("{expected} is missing"), "{msg:?}");

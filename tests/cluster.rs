@@ -118,6 +118,7 @@ fn forged_prepare(leader: u32, round: u64) -> pb::PeerMessage {
                 node: leader,
             }),
             from_slot: 1,
+            handed_off_by: None,
         })),
     }
 }

@@ -167,7 +167,7 @@ fn value() -> impl Strategy<Value = Value> {
 enum MsgSpec {
     PreVote(BallotSpec),
     PreVoteReply(BallotSpec, bool),
-    Prepare(BallotSpec, Num),
+    Prepare(BallotSpec, Num, Option<BallotSpec>),
     Promise {
         ballot: BallotSpec,
         from_slot: Num,
@@ -192,6 +192,7 @@ enum MsgSpec {
     SnapshotAvailable(BallotSpec, Num),
     Probe(u64),
     ProbeReply(u64, bool),
+    TimeoutNow(BallotSpec),
 }
 
 fn message() -> impl Strategy<Value = MsgSpec> {
@@ -199,7 +200,9 @@ fn message() -> impl Strategy<Value = MsgSpec> {
     prop_oneof![
         1 => ballot().prop_map(MsgSpec::PreVote),
         1 => (ballot(), any::<bool>()).prop_map(|(b, g)| MsgSpec::PreVoteReply(b, g)),
-        1 => (ballot(), num()).prop_map(|(b, s)| MsgSpec::Prepare(b, s)),
+        1 => (ballot(), num(), prop::option::of(ballot()))
+            .prop_map(|(b, s, h)| MsgSpec::Prepare(b, s, h)),
+        1 => ballot().prop_map(MsgSpec::TimeoutNow),
         1 => (
             ballot(),
             num(),
@@ -277,10 +280,12 @@ impl MsgSpec {
                 ballot: x.at(b),
                 granted: *granted,
             },
-            MsgSpec::Prepare(x, from) => Message::Prepare {
+            MsgSpec::Prepare(x, from, handed_off_by) => Message::Prepare {
                 ballot: x.at(b),
                 from_slot: s(from),
+                handed_off_by: handed_off_by.as_ref().map(|h| h.at(b)),
             },
+            MsgSpec::TimeoutNow(x) => Message::TimeoutNow { ballot: x.at(b) },
             MsgSpec::Promise {
                 ballot,
                 from_slot,

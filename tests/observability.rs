@@ -49,6 +49,7 @@ const ALL_METRICS: &[&str] = &[
     m::IS_LEADER,
     m::LEADER_CHANGES,
     m::ELECTIONS,
+    m::HANDOFF_ELECTIONS,
     m::FOLLOWER_LAG,
     m::FOLLOWER_SILENCE,
     m::PEER_REACHABLE,

@@ -176,6 +176,7 @@ fn prepare(from: u32, round: u64) -> pb::PeerMessage {
         kind: Some(pb::peer_message::Kind::Prepare(pb::Prepare {
             ballot: Some(pb::Ballot { round, node: from }),
             from_slot: 1,
+            handed_off_by: None,
         })),
     }
 }

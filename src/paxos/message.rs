@@ -80,7 +80,16 @@ pub enum Message {
     /// promise is higher, it answers with a `Nack` instead.)
     PreVoteReply { ballot: Ballot, granted: bool },
     /// Phase 1a: "promise me `ballot` for every slot from `from_slot` on".
-    Prepare { ballot: Ballot, from_slot: Slot },
+    /// `handed_off_by` is set by a candidate that campaigns because the
+    /// leader of that ballot told it to (`TimeoutNow`): an acceptor still
+    /// following that very leader answers it at once instead of ignoring it
+    /// for leader stickiness. It changes nothing else: the promise is
+    /// ordinary phase 1.
+    Prepare {
+        ballot: Ballot,
+        from_slot: Slot,
+        handed_off_by: Option<Ballot>,
+    },
     /// Phase 1b: the promise, with every vote the acceptor holds at or after
     /// the prepare's `from_slot`. Sent in chunks, each under the byte cap:
     /// a chunk holds the votes for slots `from_slot..=to_slot`, and the last
@@ -151,6 +160,12 @@ pub enum Message {
     /// to the leader of `ballot`, whose accept is for a slot it has
     /// compacted (it cannot vote there: the vote could not be reported).
     SnapshotAvailable { ballot: Ballot, index: Slot },
+    /// Leadership hand-off: the leader of `ballot`, about to stop, tells the
+    /// follower it picked to start phase 1 at once, as if its election
+    /// timer had fired (Raft's `TimeoutNow`). Only a hint: the follower runs
+    /// ordinary phase 1 with a ballot above every one it has seen, so a
+    /// lost, duplicated or late one is harmless.
+    TimeoutNow { ballot: Ballot },
     /// From a replica that started with an empty data directory: "do you
     /// hold any durable state?" `nonce` identifies its incarnation.
     Probe { nonce: u64 },
@@ -175,7 +190,8 @@ impl Message {
             | Message::HeartbeatAck { ballot, .. }
             | Message::CatchUpRequest { ballot, .. }
             | Message::CatchUp { ballot, .. }
-            | Message::SnapshotAvailable { ballot, .. } => *ballot,
+            | Message::SnapshotAvailable { ballot, .. }
+            | Message::TimeoutNow { ballot } => *ballot,
             Message::Nack { promised } => *promised,
             Message::Probe { .. } | Message::ProbeReply { .. } => return None,
         };

@@ -45,4 +45,6 @@ pub use config::Config;
 pub use message::{
     Accepted, Envelope, Membership, Message, Persist, ReadId, Ready, SnapshotFetch, Value,
 };
-pub use replica::{FollowerStatus, NotLeader, Refused, Replica, Restore, Role, Status};
+pub use replica::{
+    FollowerStatus, HandOffError, NotLeader, Refused, Replica, Restore, Role, Status,
+};

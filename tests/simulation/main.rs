@@ -85,6 +85,14 @@ fn simulated_clusters_stay_safe_linearizable_and_live() {
         }
     }
     println!("simulated {} seeds x {ops} ops: {total:?}", results.len());
+    println!(
+        "hand-offs: {} started, {} completed (the target was the next leader), {} with the target made to fail; {} of {} seeds completed at least one",
+        total.hand_offs,
+        total.hand_offs_completed,
+        total.hand_offs_faulted,
+        total.seeds_handed_off,
+        results.len()
+    );
     if !failures.is_empty() {
         panic!(
             "{} of {} seeds failed:\n{}",
@@ -97,6 +105,24 @@ fn simulated_clusters_stay_safe_linearizable_and_live() {
 
 /// A follower cut off and reconnected again and again never deposes the
 /// leader the majority can reach (PreVote), with 3 and with 5 replicas.
+/// A leader told to hand off is replaced by its target within an election
+/// timeout, again and again, with 3 and with 5 replicas and clients
+/// writing throughout.
+#[test]
+fn a_hand_off_elects_its_target_within_an_election_timeout() {
+    for (seed, replicas) in [(1, 3), (2, 5), (3, 3), (4, 5)] {
+        let mut params = Params::from_seed(seed, 100);
+        params.replicas = replicas;
+        // A quick network: the bound is one election timeout.
+        params.max_delay = 2;
+        params.max_sync = 1;
+        let mut world = World::new(seed, params.clone());
+        if let Err(e) = world.run_hand_offs(5) {
+            panic!("seed {seed}, {replicas} replicas: {e}\n  params: {params:?}");
+        }
+    }
+}
+
 #[test]
 fn a_flaky_follower_never_deposes_a_reachable_leader() {
     for (seed, replicas) in [(1, 3), (2, 5), (3, 3), (4, 5)] {

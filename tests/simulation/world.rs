@@ -51,6 +51,12 @@
 //!   leader-isolation fault steers reads to the deposed leader to give it
 //!   the chance).
 //!
+//! On some seeds the leader is told, now and then, to hand leadership off
+//! (`Driver::hand_off`, as `paxoskv serve` does on SIGTERM); sometimes its
+//! target then crashes, is cut off, or freezes, so the hand-off must fail
+//! safely (the leader resumes, or an ordinary election follows). Every
+//! check above runs throughout.
+//!
 //! At the end it heals the network, restarts everyone, requires every
 //! operation and every call to complete, every replica to converge and to
 //! be a durable voter (within a bound: wiped ones rejoined), and checks the
@@ -144,6 +150,12 @@ pub struct Params {
     pub forward: bool,
     /// Calls a forwarding link holds before it refuses more.
     pub forward_limit: usize,
+    /// Per tick: probability that the leader is told to hand leadership
+    /// off (as on SIGTERM).
+    pub hand_off: f64,
+    /// Probability that the hand-off's target then crashes, is cut off or
+    /// freezes, right after being picked.
+    pub hand_off_fault: f64,
 }
 
 impl Params {
@@ -188,6 +200,8 @@ impl Params {
             max_deadline: 1,
             forward: false,
             forward_limit: 1,
+            hand_off: 0.0,
+            hand_off_fault: 0.0,
         };
         // Room for about every client's session, so that eviction strikes
         // now and then (a retried open, or a client that lost its session,
@@ -214,6 +228,12 @@ impl Params {
         } else {
             paxoskv::forwarding::DEFAULT_LIMIT
         };
+        // Drawn after the rest, so that the scenarios drawn above stay what
+        // they were for every seed. Two seeds in three hand off.
+        if rng.range(0, 3) != 0 {
+            p.hand_off = rng.range(1, 40) as f64 / 10_000.0;
+            p.hand_off_fault = rng.range(0, 50) as f64 / 100.0;
+        }
         p
     }
 }
@@ -270,6 +290,13 @@ pub struct Stats {
     pub forward_lost_unsent: u64,
     pub forward_cancelled: u64,
     pub forward_full: u64,
+    /// Hand-offs started; of those, the ones whose target was the next
+    /// leader; the ones whose target was then made to fail; and seeds with
+    /// at least one hand-off completed.
+    pub hand_offs: u64,
+    pub hand_offs_completed: u64,
+    pub hand_offs_faulted: u64,
+    pub seeds_handed_off: u64,
 }
 
 impl Stats {
@@ -310,6 +337,10 @@ impl Stats {
             forward_lost_unsent,
             forward_cancelled,
             forward_full,
+            hand_offs,
+            hand_offs_completed,
+            hand_offs_faulted,
+            seeds_handed_off,
         } = s;
         self.ops_completed += ops_completed;
         self.ops_unanswered += ops_unanswered;
@@ -345,6 +376,10 @@ impl Stats {
         self.forward_lost_unsent += forward_lost_unsent;
         self.forward_cancelled += forward_cancelled;
         self.forward_full += forward_full;
+        self.hand_offs += hand_offs;
+        self.hand_offs_completed += hand_offs_completed;
+        self.hand_offs_faulted += hand_offs_faulted;
+        self.seeds_handed_off += seeds_handed_off;
     }
 }
 
@@ -624,6 +659,12 @@ pub struct World {
     /// it reads it must refuse.
     bait: Option<(NodeId, u64)>,
     last_leader: Option<(NodeId, Ballot)>,
+    /// The hand-off under way: (leader, its ballot, target, tick started).
+    hand_off: Option<(NodeId, Ballot, NodeId, u64)>,
+    /// A hand-off's target cut off until this tick (then the network is
+    /// whole again: on seeds with no partitions drawn, nothing else would
+    /// end the cut).
+    cut_until: Option<u64>,
     pub stats: Stats,
 }
 
@@ -714,6 +755,8 @@ impl World {
             held: BTreeMap::new(),
             bait: None,
             last_leader: None,
+            hand_off: None,
+            cut_until: None,
             stats: Stats::default(),
         };
         for id in 1..=world.p.replicas {
@@ -903,6 +946,7 @@ impl World {
         self.stats.slots_chosen = self.truly_chosen.len() as u64;
         self.stats.ops_completed = self.history.iter().filter(|o| o.output.is_some()).count();
         self.stats.ops_unanswered = self.history.len() - self.stats.ops_completed;
+        self.stats.seeds_handed_off = u64::from(self.stats.hand_offs_completed > 0);
         linearizability::check(&self.history).map_err(|v| v.to_string())
     }
 
@@ -997,6 +1041,59 @@ impl World {
         self.run()
     }
 
+    /// Hand-off, scripted: with no random faults and clients writing, the
+    /// leader is told to hand off `count` times, a few election timeouts
+    /// apart. Each time the target must lead, under a higher ballot, within
+    /// one election timeout: before any acceptor would stop ignoring a
+    /// candidate for leader stickiness, so only the hand-off path can do
+    /// it. Then the run ends as usual (every check, linearizability too).
+    pub fn run_hand_offs(&mut self, count: u64) -> Check {
+        self.healed = true; // no random faults
+        self.healed_at = self.now;
+        for round in 0..count {
+            // Settle: one leader that every replica follows.
+            let (leader, ballot) = loop {
+                self.tick()?;
+                if let Some((leader, ballot)) = self.last_leader
+                    && self.nodes.values().all(|n| {
+                        n.driver.as_ref().is_some_and(|d| {
+                            d.replica().leader() == Some(leader)
+                                && d.replica().status().promised == ballot
+                        })
+                    })
+                {
+                    break (leader, ballot);
+                }
+            };
+            for _ in 0..2 * ELECTION {
+                self.tick()?;
+            }
+            let d = self.driver(leader);
+            let target = d
+                .hand_off()
+                .map_err(|e| format!("round {round}: leader {leader} cannot hand off: {e}"))?;
+            self.stats.hand_offs += 1;
+            let started = self.now;
+            loop {
+                self.tick()?;
+                if let Some((id, b)) = self.last_leader
+                    && id == target
+                    && b > ballot
+                {
+                    self.stats.hand_offs_completed += 1;
+                    break;
+                }
+                if self.now - started > ELECTION {
+                    return Err(format!(
+                        "round {round} (tick {}): leader {leader} (ballot {ballot}) handed off to {target}, which did not lead within an election timeout; leader now {:?}",
+                        self.now, self.last_leader
+                    ));
+                }
+            }
+        }
+        self.run()
+    }
+
     fn done_ops(&self) -> usize {
         self.history.iter().filter(|o| o.output.is_some()).count()
     }
@@ -1041,6 +1138,16 @@ impl World {
     }
 
     fn inject_faults(&mut self) {
+        if self.cut_until.is_some_and(|t| self.now >= t) {
+            self.cut_until = None;
+            for node in self.nodes.values_mut() {
+                node.group = 0;
+            }
+            self.release_held();
+        }
+        if self.chance(self.p.hand_off) {
+            self.hand_off_now();
+        }
         if self.chance(self.p.crash) {
             self.crash_random();
         }
@@ -1078,6 +1185,48 @@ impl World {
                 self.nodes.get_mut(&id).expect("node").group = group;
             }
             self.release_held();
+        }
+    }
+
+    /// Tells the leader (if one runs, unfrozen) to hand off, as SIGTERM does;
+    /// maybe then makes its target fail: a crash, a cut, or a freeze.
+    fn hand_off_now(&mut self) {
+        let Some((leader, ballot)) = self.last_leader else {
+            return;
+        };
+        if self.paused(leader) {
+            return;
+        }
+        let Some(d) = self.nodes.get_mut(&leader).and_then(|n| n.driver.as_mut()) else {
+            return;
+        };
+        if !d.replica().is_leader() || d.replica().status().promised != ballot {
+            return;
+        }
+        let Ok(target) = d.hand_off() else {
+            return;
+        };
+        self.stats.hand_offs += 1;
+        self.hand_off = Some((leader, ballot, target, self.now));
+        if self.chance(self.p.hand_off_fault) {
+            self.stats.hand_offs_faulted += 1;
+            match self.rng.range(0, 3) {
+                0 => self.crash(target),
+                1 => {
+                    self.stats.partitions += 1;
+                    let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+                    for id in ids {
+                        self.nodes.get_mut(&id).expect("node").group = u32::from(id == target);
+                    }
+                    self.release_held();
+                    self.cut_until = Some(self.now + self.rng.range(ELECTION, 10 * ELECTION));
+                }
+                _ => {
+                    self.stats.pauses += 1;
+                    let until = self.now + self.rng.range(1, 6 * ELECTION);
+                    self.nodes.get_mut(&target).expect("node").paused_until = until;
+                }
+            }
         }
     }
 
@@ -2183,6 +2332,15 @@ impl World {
         if leader.is_some() && leader != self.last_leader {
             self.stats.leader_changes += 1;
             self.last_leader = leader;
+            // The next leader after a hand-off, if soon after: was it the
+            // target? (Two election timeouts on, the hand-off has lapsed.)
+            if let (Some((_, old, target, at)), Some((id, ballot))) = (self.hand_off.take(), leader)
+                && id == target
+                && ballot > old
+                && self.now - at <= 2 * ELECTION
+            {
+                self.stats.hand_offs_completed += 1;
+            }
         }
     }
 

@@ -11,7 +11,7 @@
 //! |---|---|
 //! | [`Refused::FromSelf`] | a message claiming to come from this replica |
 //! | [`Refused::NotMember`] | a sender not in the configuration |
-//! | [`Refused::NotSendersBallot`] | a pre-vote, prepare, accept, heartbeat, catch-up or snapshot notice under a ballot that is not the sender's (a snapshot notice may also name ours) |
+//! | [`Refused::NotSendersBallot`] | a pre-vote, prepare, accept, heartbeat, catch-up, `TimeoutNow` or snapshot notice under a ballot that is not the sender's (a snapshot notice may also name ours) |
 //! | [`Refused::NotOurBallot`] | an answer (pre-vote reply, promise, accepted, heartbeat ack, catch-up request) for a ballot that is not ours |
 //! | [`Refused::BallotOutOfRange`] | a ballot of round 0, of round `u64::MAX`, or more than [`Ballot::MAX_ROUND_JUMP`] above the highest round seen |
 //! | [`Refused::VoteAboveBallot`] | a promise reporting a vote under a ballot above the one promised (or of round 0) |
@@ -69,8 +69,8 @@ pub enum Refused {
     /// messages come back through [`Replica::step_own`], never from the
     /// network.
     FromSelf,
-    /// A pre-vote, prepare, accept, heartbeat, catch-up or snapshot notice
-    /// speaks for `ballot`, which is not the sender's own (nor, for a
+    /// A pre-vote, prepare, accept, heartbeat, catch-up, `TimeoutNow` or
+    /// snapshot notice speaks for `ballot`, which is not the sender's own (nor, for a
     /// snapshot notice, ours): a replica only proposes under ballots that
     /// carry its id.
     NotSendersBallot { from: NodeId, ballot: Ballot },
@@ -199,6 +199,7 @@ impl Replica {
             | Message::Accept { ballot, .. }
             | Message::Heartbeat { ballot, .. }
             | Message::CatchUp { ballot, .. }
+            | Message::TimeoutNow { ballot }
                 if ballot.node != from =>
             {
                 return Err(Refused::NotSendersBallot {
@@ -440,11 +441,13 @@ mod tests {
         let outsider = Message::Prepare {
             ballot: Ballot::new(5, 9),
             from_slot: 1,
+            handed_off_by: None,
         };
         refuses(&mut r, 9, outsider, Refused::NotMember(9));
         let impostor = Message::Prepare {
             ballot: Ballot::new(6, 2),
             from_slot: 1,
+            handed_off_by: None,
         };
         refuses(&mut r, 2, impostor, Refused::FromSelf);
     }
@@ -461,6 +464,8 @@ mod tests {
             read_round: 0,
         };
         refuses(&mut r, 1, heartbeat, refused);
+        // A TimeoutNow comes from the leader of its ballot only.
+        refuses(&mut r, 1, Message::TimeoutNow { ballot: b }, refused);
         // A snapshot notice names the sender's ballot or ours, nobody else's.
         let notice = Message::SnapshotAvailable {
             ballot: b,
@@ -516,6 +521,7 @@ mod tests {
         let prepare = Message::Prepare {
             ballot: last,
             from_slot: 1,
+            handed_off_by: None,
         };
         let refused = Refused::BallotOutOfRange {
             ballot: last,
@@ -535,6 +541,7 @@ mod tests {
         let prepare = |round| Message::Prepare {
             ballot: Ballot::new(round, 3),
             from_slot: 1,
+            handed_off_by: None,
         };
         let too_far = Refused::BallotOutOfRange {
             ballot: Ballot::new(jump + 1, 3),
@@ -606,6 +613,7 @@ mod tests {
             let prepare = Message::Prepare {
                 ballot: Ballot::new(2, 3),
                 from_slot: slot,
+                handed_off_by: None,
             };
             refuses(&mut r, 3, prepare, refused);
         }

@@ -1,5 +1,20 @@
 //! Elections: the pre-vote, phase 1 (prepare and promise), becoming leader,
-//! stepping down, the election timer, and leader stickiness.
+//! stepping down, the election timer, leader stickiness, and the
+//! follower's side of a leadership hand-off (`TimeoutNow`).
+//!
+//! # Hand-off
+//!
+//! A leader about to stop ([`Replica::hand_off`], in `leader.rs`) tells
+//! the follower it picked to campaign now. That follower skips the pre-vote
+//! and starts phase 1 at once, with a ballot above every one it has seen,
+//! and its `Prepare` names the ballot of the leader that handed off
+//! (`handed_off_by`). Leader stickiness (an acceptor hearing a live leader
+//! ignores candidates) would make the other acceptors, and the old leader
+//! itself, ignore that prepare for an election timeout; an acceptor whose
+//! live leader is the one named answers it at once instead. Nothing else
+//! differs from an election: phase 1 is ordinary Paxos, so safety never
+//! depends on the hand-off, and a lost, duplicated or late `TimeoutNow`
+//! costs at most one election (see `on_timeout_now`).
 
 use std::collections::BTreeMap;
 
@@ -106,7 +121,7 @@ impl Replica {
         let majority = grants.is_majority(&core.cfg.members);
         self.state = State::PreCandidate(PreCandidate { ballot, grants });
         if majority {
-            self.start_election();
+            self.start_election(None);
         }
     }
 
@@ -147,11 +162,39 @@ impl Replica {
         }
         p.grants.insert(from);
         if p.grants.is_majority(&self.core.cfg.members) {
-            self.start_election();
+            self.start_election(None);
         }
     }
 
-    pub(super) fn start_election(&mut self) {
+    /// Rule (hand-off): a `TimeoutNow` starts phase 1 at once only at a
+    /// voting follower that still follows the leader of `ballot`, `from`
+    /// (admission made sure `ballot` is `from`'s own), and has promised
+    /// nothing above it. Anything else is stale and ignored: a duplicate
+    /// after the election began (we are a candidate, or lead), one from a
+    /// leadership that has since ended (we follow another ballot, or none),
+    /// one overtaken by a higher promise. None of this matters for safety
+    /// (phase 1 is ordinary Paxos, and the ballot is fresh); it only keeps a
+    /// late hint from deposing a leader that is not handing off.
+    pub(super) fn on_timeout_now(&mut self, from: NodeId, ballot: Ballot) {
+        let core = &self.core;
+        let follows = core
+            .leadership
+            .is_some_and(|l| l.id == from && l.ballot == ballot);
+        if !matches!(self.state, State::Follower)
+            || !core.is_voter()
+            || !follows
+            || core.acceptor.promised() != ballot
+        {
+            return;
+        }
+        self.core.handoff_elections += 1;
+        self.start_election(Some(ballot));
+    }
+
+    /// Phase 1 for a ballot above every one seen, promised to ourselves
+    /// first. `handed_off_by`: the ballot of the leader that handed off to
+    /// us (`TimeoutNow`), carried on our prepares.
+    pub(super) fn start_election(&mut self, handed_off_by: Option<Ballot>) {
         self.step_down();
         let core = &mut self.core;
         // No round left (which MAX_ROUND_JUMP makes unreachable): this
@@ -184,11 +227,24 @@ impl Replica {
         let snapshot = core.acceptor.compacted();
         core.send_promise(id, ballot, from_slot, votes, snapshot);
         for peer in core.peers() {
-            core.send_after_persist(peer, Message::Prepare { ballot, from_slot });
+            core.send_after_persist(
+                peer,
+                Message::Prepare {
+                    ballot,
+                    from_slot,
+                    handed_off_by,
+                },
+            );
         }
     }
 
-    pub(super) fn on_prepare(&mut self, from: NodeId, ballot: Ballot, from_slot: Slot) {
+    pub(super) fn on_prepare(
+        &mut self,
+        from: NodeId,
+        ballot: Ballot,
+        from_slot: Slot,
+        handed_off_by: Option<Ballot>,
+    ) {
         // Rule: only a voter promises (or refuses: a non-voter's promise
         // means nothing, so neither does its Nack).
         if !self.core.is_voter() {
@@ -197,7 +253,20 @@ impl Replica {
         // Leader stickiness: while we hear a live leader, a candidate is
         // ignored altogether, so a replica that was cut off cannot depose a
         // healthy leader by coming back with a higher ballot.
-        if from != self.core.cfg.id && self.leader_is_alive() && self.leader() != Some(from) {
+        //
+        // Rule (hand-off): except for a prepare that names, as the leader
+        // that handed off to its sender, the very leadership we follow (or
+        // hold): that leader asked for this election.
+        let handed_off = handed_off_by.is_some_and(|h| {
+            self.core
+                .leadership
+                .is_some_and(|l| l.ballot == h && h.node == l.id)
+        });
+        if from != self.core.cfg.id
+            && self.leader_is_alive()
+            && self.leader() != Some(from)
+            && !handed_off
+        {
             return;
         }
         self.observe(ballot);
@@ -443,6 +512,112 @@ mod tests {
     use crate::paxos::{NotLeader, Replica, Restore, Role};
     use bytes::Bytes;
 
+    /// The prepares in `ready` (sent once its persist is durable).
+    fn prepares(ready: &crate::paxos::Ready) -> Vec<&Message> {
+        ready
+            .persisted_messages
+            .iter()
+            .map(|e| &e.msg)
+            .filter(|m| matches!(m, Message::Prepare { .. }))
+            .collect()
+    }
+
+    #[test]
+    fn a_timeout_now_from_the_leader_followed_starts_phase_1_at_once_naming_that_leader() {
+        let mut net = Net::new(3);
+        net.elect(1);
+        let ballot = net.node(1).status().promised;
+        let f = net.node(2);
+        f.step(1, Message::TimeoutNow { ballot }).unwrap();
+        assert_eq!(f.status().role, Role::Candidate, "no pre-vote first");
+        let ready = f.take_ready();
+        let new = ready
+            .persist
+            .promised
+            .expect("promises its own ballot first");
+        assert!(new > ballot && new.node == 2);
+        let from_slot = 1;
+        let prepare = Message::Prepare {
+            ballot: new,
+            from_slot,
+            handed_off_by: Some(ballot),
+        };
+        assert_eq!(prepares(&ready), vec![&prepare, &prepare]);
+    }
+
+    #[test]
+    fn a_duplicate_late_or_overtaken_timeout_now_is_ignored() {
+        let mut net = Net::new(3);
+        net.elect(1);
+        let first = net.node(1).status().promised;
+        let timeout_now = Message::TimeoutNow { ballot: first };
+        // Duplicate: already campaigning.
+        net.node(2).step(1, timeout_now.clone()).unwrap();
+        net.node(2).step(1, timeout_now.clone()).unwrap();
+        assert_eq!(net.node(2).status().elections, 1);
+        net.run();
+        assert!(net.node(2).is_leader());
+        // Late: replica 3 now follows 2 under a higher ballot.
+        net.tick_all();
+        assert_eq!(net.node(3).leader(), Some(2));
+        net.node(3).step(1, timeout_now.clone()).unwrap();
+        assert_eq!(net.node(3).status().role, Role::Follower);
+        assert!(prepares(&net.node(3).take_ready()).is_empty());
+        // Overtaken: replica 3 still names 1 as leader but promised more.
+        let mut net = Net::new(3);
+        net.elect(1);
+        let f = net.node(3);
+        let higher = Ballot::new(first.round + 1, 2);
+        for _ in 0..f.config().election_ticks {
+            f.tick();
+        }
+        f.take_ready();
+        let prepare = Message::Prepare {
+            ballot: higher,
+            from_slot: 1,
+            handed_off_by: None,
+        };
+        f.step(2, prepare).unwrap();
+        f.take_ready();
+        f.step(1, timeout_now).unwrap();
+        assert_eq!(f.status().elections, 0);
+        assert!(prepares(&f.take_ready()).is_empty());
+    }
+
+    #[test]
+    fn a_prepare_handed_off_by_the_leader_followed_is_answered_despite_stickiness_no_other() {
+        let mut net = Net::new(3);
+        net.elect(1);
+        let ballot = net.node(1).status().promised;
+        let prepare = |round, handed_off_by| Message::Prepare {
+            ballot: Ballot::new(round, 3),
+            from_slot: 1,
+            handed_off_by,
+        };
+        // Handed off by another (made-up) leadership: stickiness holds.
+        let f = net.node(2);
+        let other = Ballot::new(ballot.round, 3);
+        f.step(3, prepare(ballot.round + 1, Some(other))).unwrap();
+        assert!(only(&f.take_ready(), 3).is_empty());
+        assert_eq!(f.status().promised, ballot);
+        // Handed off by the leader it follows: answered at once.
+        f.step(3, prepare(ballot.round + 2, Some(ballot))).unwrap();
+        assert!(matches!(
+            only(&f.take_ready(), 3)[..],
+            [Message::Promise { .. }]
+        ));
+        // The leader itself steps down for it too.
+        let leader = net.node(1);
+        leader
+            .step(3, prepare(ballot.round + 3, Some(ballot)))
+            .unwrap();
+        assert!(!leader.is_leader());
+        assert!(matches!(
+            only(&leader.take_ready(), 3)[..],
+            [Message::Promise { .. }]
+        ));
+    }
+
     #[test]
     fn a_silent_leader_is_replaced_by_election() {
         let mut net = Net::new(3);
@@ -605,6 +780,7 @@ mod tests {
             Message::Prepare {
                 ballot,
                 from_slot: 1,
+                handed_off_by: None,
             },
         )
         .unwrap();
@@ -837,6 +1013,7 @@ mod tests {
             Message::Prepare {
                 ballot: Ballot::new(promised.round + 5, 3),
                 from_slot: 1,
+                handed_off_by: None,
             },
         )
         .unwrap();
@@ -853,6 +1030,7 @@ mod tests {
             Message::Prepare {
                 ballot: Ballot::new(promised.round + 5, 3),
                 from_slot: 1,
+                handed_off_by: None,
             },
         )
         .unwrap();

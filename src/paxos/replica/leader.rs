@@ -5,13 +5,41 @@
 //! Everything here is a method of [`Leader`], taking the rest of the replica
 //! as `&mut Core`: only a leader has a `Leader`, so none of it can run in
 //! another role.
+//!
+//! # Hand-off
+//!
+//! [`Replica::hand_off`](super::Replica::hand_off) makes the leader give its
+//! leadership away before it stops (a rolling update: SIGTERM). It
+//!
+//! 1. picks as target the follower that has accepted the highest slot under
+//!    its ballot (ties: the highest commit index reported, then the lowest
+//!    id), among those heard within an election timeout: the one whose
+//!    phase 1 has least to recover;
+//! 2. stops giving slots: commands queued and not yet proposed are handed
+//!    back at once (`Ready::dropped`, certainly not in the log, so the
+//!    service sends them to the next leader), and from now on
+//!    [`propose`](super::Replica::propose) and
+//!    [`read`](super::Replica::read) answer `NotLeader { leader: None }`
+//!    (wait for the next leader). Slots already in flight keep being
+//!    re-sent, so they are chosen, or found by the next leader's phase 1;
+//!    heartbeats go on, so the followers keep hearing a live leader;
+//! 3. sends the target `TimeoutNow { ballot }` (see `election.rs`).
+//!
+//! The next leader's prepare (or any higher ballot) steps it down as usual.
+//! If none comes within [`HAND_OFF_ELECTIONS`] election timeouts (the
+//! target crashed, is cut off, or lost the election), the hand-off lapses
+//! and the leader *resumes*: it takes commands again. A replica that is
+//! stopping stops either way; one that is not (a hand-off asked for some
+//! other reason) is better off leading than refusing every call. A late
+//! `TimeoutNow` may then still start an election: a leader change, never a
+//! safety matter.
 
 use std::collections::{BTreeMap, VecDeque};
 
 use bytes::Bytes;
 
 use super::reads::PendingRead;
-use super::{Core, FollowerStatus};
+use super::{Core, FollowerStatus, HandOffError};
 use crate::paxos::ballot::{Ballot, NodeId, Slot};
 use crate::paxos::message::{Envelope, Message, ReadId, Value};
 use crate::paxos::quorum::{self, Votes};
@@ -31,6 +59,19 @@ pub(super) struct Progress {
     pub(super) last_ack: u64,
     pub(super) read_round: u64,
     pub(super) committed: Slot,
+    /// The highest slot it accepted under our ballot.
+    pub(super) accepted: Slot,
+}
+
+/// A hand-off lapses, and the leader resumes, after this many election
+/// timeouts without a higher ballot seen.
+pub const HAND_OFF_ELECTIONS: u64 = 2;
+
+/// A hand-off under way: `target` was told to campaign; until tick `until`.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct HandOff {
+    pub(super) target: NodeId,
+    until: u64,
 }
 
 /// The state only a leader has.
@@ -59,6 +100,9 @@ pub(super) struct Leader {
     /// A learner waits for a slot proposed after this one (see
     /// `on_catch_up_request`): a no-op goes there if no command does.
     owed_slot_after: Option<Slot>,
+    /// Set while handing leadership off (see the module docs): no new
+    /// slots, no new calls.
+    pub(super) hand_off: Option<HandOff>,
 }
 
 impl Leader {
@@ -102,6 +146,7 @@ impl Leader {
             unindexed_reads: Vec::new(),
             reads: VecDeque::new(),
             owed_slot_after: None,
+            hand_off: None,
         }
     }
 
@@ -198,12 +243,46 @@ impl Leader {
         })
     }
 
-    /// A tick while leading: heartbeats when due, and re-sends.
+    /// A tick while leading: heartbeats when due, and re-sends; a
+    /// hand-off that lapsed ends (the leader resumes).
     pub(super) fn tick(&mut self, core: &mut Core) {
+        if self.hand_off.is_some_and(|h| core.now >= h.until) {
+            self.hand_off = None;
+        }
         if core.now >= self.heartbeat_due {
             self.broadcast_heartbeat(core);
         }
         self.resend_unanswered_accepts(core);
+    }
+
+    /// Starts handing leadership off (see the module docs) and returns the
+    /// target. Asked again while handing off, picks a target anew and tells
+    /// it again, with a fresh bound.
+    ///
+    /// Rule: the target is a follower heard within an election timeout
+    /// (one silent longer is likely gone) with the highest slot accepted
+    /// under our ballot, then the highest commit index it reported, then
+    /// the lowest id.
+    pub(super) fn hand_off(&mut self, core: &mut Core) -> Result<NodeId, HandOffError> {
+        let now = core.now;
+        let target = self
+            .progress
+            .iter()
+            .filter(|(_, p)| now - p.last_ack < core.cfg.election_ticks)
+            .max_by_key(|&(&id, p)| (p.accepted, p.committed, std::cmp::Reverse(id)))
+            .map(|(&id, _)| id)
+            .ok_or(HandOffError::NoTarget)?;
+        self.hand_off = Some(HandOff {
+            target,
+            until: now + HAND_OFF_ELECTIONS * core.cfg.election_ticks,
+        });
+        // Not proposed: certainly not in the log. Their callers go to the
+        // next leader.
+        core.ready.dropped.extend(self.queued.drain(..));
+        self.owed_slot_after = None;
+        let ballot = self.ballot;
+        core.send(target, Message::TimeoutNow { ballot });
+        Ok(target)
     }
 
     /// Stepping down: hands back the commands that never got a slot, fails
@@ -233,6 +312,10 @@ impl Leader {
     /// waiting for a snapshot to move its commit index up proposes nothing
     /// beyond it meanwhile.
     pub(super) fn fill_pipeline(&mut self, core: &mut Core) {
+        // Rule (hand-off): no new slot while handing off.
+        if self.hand_off.is_some() {
+            return;
+        }
         while !self.recovery_done() && self.in_window(core, self.next_recovered) {
             let slot = self.next_recovered;
             // Below `recovered_through`, itself below u64::MAX.
@@ -334,6 +417,7 @@ impl Leader {
         }
         if let Some(p) = self.progress.get_mut(&from) {
             p.last_ack = core.now;
+            p.accepted = p.accepted.max(slot);
         }
         let Some(proposal) = self.in_flight.get_mut(&slot) else {
             return;
@@ -521,6 +605,128 @@ impl Leader {
 mod tests {
     use super::*;
     use crate::paxos::testing::{Net, batch, campaign, cmd, only, small_messages};
+    use crate::paxos::{HandOffError, NotLeader, Role};
+
+    /// The messages of `ready` (sent at once) to `to`.
+    fn sent_to(ready: &crate::paxos::Ready, to: NodeId) -> Vec<&Message> {
+        ready
+            .messages
+            .iter()
+            .filter(|e| e.to == to)
+            .map(|e| &e.msg)
+            .collect()
+    }
+
+    #[test]
+    fn a_hand_off_picks_the_follower_that_accepted_the_highest_slot_and_tells_it_alone() {
+        let mut net = Net::new(3);
+        net.elect(1);
+        let ballot = net.node(1).status().promised;
+        // Replica 3 misses slot 1: replica 2 is the more caught up.
+        net.cut.insert(3);
+        net.node(1).propose(cmd("x")).unwrap();
+        net.run();
+        net.cut.clear();
+        let leader = net.node(1);
+        assert_eq!(leader.hand_off(), Ok(2));
+        assert_eq!(leader.status().handing_off, Some(2));
+        let ready = leader.take_ready();
+        assert_eq!(sent_to(&ready, 2), vec![&Message::TimeoutNow { ballot }]);
+        assert!(sent_to(&ready, 3).is_empty());
+    }
+
+    #[test]
+    fn a_leader_handing_off_gives_no_new_slot_and_hands_back_what_it_queued() {
+        let mut net = Net::new(3);
+        net.elect(1);
+        let leader = net.node(1);
+        leader.propose(cmd("queued")).unwrap();
+        leader.hand_off().unwrap();
+        let ready = leader.take_ready();
+        assert_eq!(
+            ready.dropped,
+            vec![cmd("queued")],
+            "certainly not in the log"
+        );
+        assert!(ready.persist.entries.is_empty(), "no slot given");
+        let none = Err(NotLeader { leader: None });
+        assert_eq!(
+            leader.propose(cmd("late")),
+            none,
+            "wait for the next leader"
+        );
+        assert_eq!(leader.read(9), none);
+        assert!(leader.is_leader(), "still leading until a higher ballot");
+    }
+
+    #[test]
+    fn a_hand_off_elects_the_target_at_once_under_a_higher_ballot_keeping_every_chosen_slot() {
+        let mut net = Net::new(3);
+        net.elect(1);
+        let old = net.node(1).status().promised;
+        for c in ["a", "b", "c"] {
+            net.node(1).propose(cmd(c)).unwrap();
+        }
+        net.run();
+        let target = net.node(1).hand_off().unwrap();
+        // No tick: neither the old leader nor the third replica waits out
+        // an election timeout before promising the target.
+        net.run();
+        assert!(net.node(target).is_leader());
+        let new = net.node(target).status().promised;
+        assert!(new > old);
+        for id in 1..=3 {
+            assert_eq!(net.node(id).status().promised, new, "replica {id}");
+        }
+        assert!(!net.node(1).is_leader());
+        assert_eq!(net.chosen[&target][0], (1, batch(&["a", "b", "c"])));
+        net.node(target).propose(cmd("d")).unwrap();
+        net.run();
+        for _ in 0..net.node(target).config().heartbeat_ticks {
+            net.tick_all();
+        }
+        assert_eq!(net.node(1).leader(), Some(target));
+        assert_eq!(net.node(1).committed(), 2);
+    }
+
+    #[test]
+    fn a_hand_off_whose_target_never_takes_over_lapses_and_the_leader_resumes() {
+        let mut net = Net::new(3);
+        net.elect(1);
+        let ballot = net.node(1).status().promised;
+        let target = net.node(1).hand_off().unwrap();
+        // The TimeoutNow is lost: the target is cut off.
+        net.cut.insert(target);
+        net.run();
+        let ticks = HAND_OFF_ELECTIONS * net.node(1).config().election_ticks;
+        for _ in 0..ticks - 1 {
+            net.tick_all();
+        }
+        assert_eq!(net.node(1).status().handing_off, Some(target));
+        assert!(net.node(1).propose(cmd("x")).is_err());
+        net.tick_all();
+        let leader = net.node(1);
+        assert!(leader.is_leader());
+        assert_eq!(leader.status().promised, ballot, "the same leadership");
+        assert_eq!(leader.status().handing_off, None);
+        leader.propose(cmd("x")).unwrap();
+        net.run();
+        assert_eq!(net.node(1).committed(), 1);
+    }
+
+    #[test]
+    fn a_hand_off_needs_a_leader_and_a_follower_heard_within_an_election_timeout() {
+        let mut net = Net::new(3);
+        net.elect(1);
+        assert_eq!(net.node(2).hand_off(), Err(HandOffError::NotLeader));
+        net.cut.extend([2, 3]);
+        for _ in 0..net.node(1).config().election_ticks {
+            net.tick_all();
+        }
+        assert_eq!(net.node(1).status().role, Role::Leader);
+        assert_eq!(net.node(1).hand_off(), Err(HandOffError::NoTarget));
+        assert_eq!(net.node(1).status().handing_off, None);
+    }
 
     #[test]
     fn a_learner_asking_while_slots_are_in_flight_gets_a_slot_proposed_after_them_even_when_idle() {

@@ -240,6 +240,7 @@ mod tests {
             Message::Prepare {
                 ballot: new,
                 from_slot: 1,
+                handed_off_by: None,
             },
         )
         .unwrap();

@@ -464,6 +464,7 @@ mod tests {
                 Message::Prepare {
                     ballot,
                     from_slot: 1,
+                    handed_off_by: None,
                 },
             )
             .unwrap();
@@ -494,6 +495,7 @@ mod tests {
                     Message::Prepare {
                         ballot: Ballot::new(4, 2),
                         from_slot: 1,
+                        handed_off_by: None,
                     },
                 ),
                 (

@@ -24,6 +24,11 @@
 //!    rides on every accept and heartbeat.
 //! 4. It steps down the moment it sees a higher ballot, or when it has not
 //!    heard from a majority for two election timeouts.
+//! 5. Before it stops (SIGTERM), it may hand leadership off
+//!    ([`Replica::hand_off`]): it stops giving slots and tells its most
+//!    caught-up follower (`TimeoutNow`) to run step 1's phase 1 at once,
+//!    without waiting for its timer or asking for pre-votes; see
+//!    `leader.rs` and `election.rs`.
 //!
 //! One file per part:
 //!
@@ -87,6 +92,27 @@ pub struct NotLeader {
     pub leader: Option<NodeId>,
 }
 
+/// Why [`Replica::hand_off`] could not start a hand-off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HandOffError {
+    /// This replica does not lead: there is nothing to hand off.
+    NotLeader,
+    /// No follower was heard within an election timeout (or there is none:
+    /// a cluster of one): nobody to hand off to.
+    NoTarget,
+}
+
+impl std::fmt::Display for HandOffError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HandOffError::NotLeader => f.write_str("not the leader"),
+            HandOffError::NoTarget => {
+                f.write_str("no follower heard within an election timeout to hand off to")
+            }
+        }
+    }
+}
+
 /// A snapshot of the replica's state, for metrics and status displays.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Status {
@@ -114,9 +140,13 @@ pub struct Status {
     pub followers: Vec<FollowerStatus>,
     /// Elections this replica has started since it was created.
     pub elections: u64,
+    /// Of those, the ones started because a leader handed off to it.
+    pub handoff_elections: u64,
     /// Whether it votes; `None` while it probes its peers after starting
     /// with an empty data directory (see `replica/membership.rs`).
     pub membership: Option<Membership>,
+    /// As leader: the follower it is handing leadership off to, if it is.
+    pub handing_off: Option<NodeId>,
 }
 
 /// The leader's view of one follower.
@@ -188,6 +218,9 @@ struct PendingFetch {
 }
 
 /// The role and the state only that role has.
+// One per replica, never in a collection: the leader's variant being the
+// largest costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum State {
     Follower,
@@ -225,6 +258,8 @@ struct Core {
     standing: Standing,
     nonce: u64,
     elections: u64,
+    /// Elections started on a `TimeoutNow` (a leader handed off to us).
+    handoff_elections: u64,
     /// Whether a client command may be voted on or learned (see
     /// [`Replica::check_commands_with`]).
     command_check: fn(&[u8]) -> bool,
@@ -271,6 +306,7 @@ impl Replica {
                 standing: Standing::restore(membership),
                 nonce,
                 elections: 0,
+                handoff_elections: 0,
                 command_check: |_| true,
                 ready: Ready::default(),
             },
@@ -325,14 +361,15 @@ impl Replica {
 
     /// A snapshot of the replica's state.
     pub fn status(&self) -> Status {
-        let (role, in_flight, queued, followers) = match &self.state {
-            State::Follower | State::PreCandidate(_) => (Role::Follower, 0, 0, Vec::new()),
-            State::Candidate(_) => (Role::Candidate, 0, 0, Vec::new()),
+        let (role, in_flight, queued, followers, handing_off) = match &self.state {
+            State::Follower | State::PreCandidate(_) => (Role::Follower, 0, 0, Vec::new(), None),
+            State::Candidate(_) => (Role::Candidate, 0, 0, Vec::new(), None),
             State::Leader(l) => (
                 Role::Leader,
                 l.in_flight.len(),
                 l.queued.len(),
                 l.followers(self.core.now),
+                l.hand_off.map(|h| h.target),
             ),
         };
         Status {
@@ -350,7 +387,9 @@ impl Replica {
             queued,
             followers,
             elections: self.core.elections,
+            handoff_elections: self.core.handoff_elections,
             membership: self.core.standing.membership(),
+            handing_off,
         }
     }
 
@@ -360,8 +399,27 @@ impl Replica {
     pub fn propose(&mut self, command: Bytes) -> Result<(), NotLeader> {
         let not_leader = self.core.not_leader();
         let (l, _) = self.leading().ok_or(not_leader)?;
+        // Handing off: wait for the next leader.
+        if l.hand_off.is_some() {
+            return Err(NotLeader { leader: None });
+        }
         l.queued.push_back(command);
         Ok(())
+    }
+
+    /// Hands leadership off, before this replica stops: picks the most
+    /// caught-up follower, tells it to start phase 1 at once
+    /// (`TimeoutNow`), hands back the commands not yet given a slot
+    /// (`Ready::dropped`), and takes no new command or read until the
+    /// hand-off ends, for at most a few election timeouts (see `leader.rs`
+    /// for the rules, and for what happens when the target never takes
+    /// over). Returns the target. Calling it again while handing off picks
+    /// and tells a target again.
+    pub fn hand_off(&mut self) -> Result<NodeId, HandOffError> {
+        let (l, core) = self.leading().ok_or(HandOffError::NotLeader)?;
+        let target = l.hand_off(core)?;
+        self.check_invariants();
+        Ok(target)
     }
 
     /// Takes back the queued commands `withdrawn` picks, and returns them:
@@ -393,6 +451,9 @@ impl Replica {
     pub fn read(&mut self, id: ReadId) -> Result<(), NotLeader> {
         let not_leader = self.core.not_leader();
         let (l, core) = self.leading().ok_or(not_leader)?;
+        if l.hand_off.is_some() {
+            return Err(NotLeader { leader: None });
+        }
         l.read(core, id);
         Ok(())
     }
@@ -497,7 +558,12 @@ impl Replica {
             Message::PreVoteReply { ballot, granted } => {
                 self.on_pre_vote_reply(from, ballot, granted)
             }
-            Message::Prepare { ballot, from_slot } => self.on_prepare(from, ballot, from_slot),
+            Message::Prepare {
+                ballot,
+                from_slot,
+                handed_off_by,
+            } => self.on_prepare(from, ballot, from_slot, handed_off_by),
+            Message::TimeoutNow { ballot } => self.on_timeout_now(from, ballot),
             Message::Promise {
                 ballot,
                 from_slot,
