@@ -7,8 +7,10 @@
 //!   Kubernetes does not know fails it.
 //! - [`disagreements`] reads the manifests (through PyYAML, in the same
 //!   venv) and the Dockerfile and lists every place where they disagree
-//!   with each other or with the binary: ports, probe service names,
-//!   labels and selectors, the headless Service's name, the environment
+//!   with each other or with the binary: ports (among them
+//!   the HTTP port: container, `PAXOSKV_HTTP_LISTEN`, the client
+//!   Service's `http` port, the NetworkPolicy, `EXPOSE`), probe service
+//!   names, labels and selectors, the headless Service's name, the environment
 //!   (every `PAXOSKV_*` variable must be one `paxoskv serve --help` names),
 //!   the data directory, the user. It must find nothing in the real files,
 //!   and something in each of a list of copies changed in one place only.
@@ -20,7 +22,10 @@
 //! - The README's `paxoskv certs` line makes certificates valid for every
 //!   pod's stable name (a TLS handshake checks it).
 //! - `paxoskv serve` with the StatefulSet's environment, as the kubelet
-//!   expands it, starts as the pod's replica.
+//!   expands it, starts as the pod's replica, and its HTTP port answers
+//!   curl over HTTPS with the client certificate `paxoskv certs` makes.
+//! - The README's `kubectl port-forward` and curl lines reach the `http`
+//!   port.
 //!
 //! The tools are installed by scripts/test.sh; without them these tests
 //! fail, they do not skip (`PAXOSKV_VENV` names another venv).
@@ -936,6 +941,86 @@ fn a_change_in_one_place_only_is_caught() {
             "changing {what} in one place only went unnoticed (wanted a finding saying {want:?}); found:\n{}",
             found.join("\n")
         );
+    }
+}
+
+/// The README's Kubernetes section forwards (`kubectl port-forward
+/// svc/NAME LOCAL:PORT`) ports the manifests' Services have, and its curl
+/// lines go, over HTTPS with the client certificate `paxoskv certs` makes,
+/// to a local port forwarded to the container's `http` port.
+#[test]
+fn the_readmes_port_forward_and_curl_lines_reach_the_http_port() {
+    let m = Manifests::load();
+    let c = &m.one("StatefulSet")["spec"]["template"]["spec"]["containers"][0];
+    let mut named: BTreeMap<String, u16> = BTreeMap::new();
+    for port in c["ports"].as_array().expect("ports") {
+        named.insert(
+            port["name"].as_str().expect("name").to_string(),
+            port["containerPort"].as_u64().expect("containerPort") as u16,
+        );
+    }
+    let readme = std::fs::read_to_string(root().join("README.md")).expect("README");
+    let section = readme
+        .split("\n## Kubernetes\n")
+        .nth(1)
+        .and_then(|s| s.split("\n## ").next())
+        .expect("the README's Kubernetes section");
+    // Local port → the container port it reaches.
+    let mut forwarded: BTreeMap<u16, u16> = BTreeMap::new();
+    for line in section.lines().map(str::trim) {
+        let Some(rest) = line.strip_prefix("kubectl port-forward svc/") else {
+            continue;
+        };
+        let mut words = rest.split_whitespace();
+        let (svc, spec) = (words.next().unwrap(), words.next().expect("LOCAL:PORT"));
+        let (local, remote) = spec.split_once(':').expect("LOCAL:PORT");
+        let service = m
+            .services()
+            .into_iter()
+            .find(|s| s["metadata"]["name"] == svc)
+            .unwrap_or_else(|| panic!("{line}: no Service {svc} in k8s/"));
+        let sp = service["spec"]["ports"]
+            .as_array()
+            .expect("ports")
+            .iter()
+            .find(|sp| sp["name"] == remote || remote.parse::<u64>().ok() == sp["port"].as_u64())
+            .unwrap_or_else(|| panic!("{line}: Service {svc} has no port {remote}"));
+        let target = resolve_port(&sp["targetPort"], &named).expect("targetPort");
+        forwarded.insert(local.parse().expect("local port"), target);
+    }
+    let urls: Vec<&str> = section
+        .split_whitespace()
+        .filter(|w| w.starts_with("https://localhost:"))
+        .collect();
+    assert!(
+        !urls.is_empty(),
+        "no curl through port-forward in the README"
+    );
+    for url in urls {
+        let port: u16 = url["https://localhost:".len()..]
+            .split('/')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("{url}: no port"));
+        assert_eq!(
+            forwarded.get(&port),
+            Some(&named["http"]),
+            "{url}: local port {port} is not forwarded to the http port"
+        );
+    }
+    assert!(section.contains(
+        "curl -sS --cacert k8s/tls/ca.pem --cert k8s/tls/client.pem --key k8s/tls/client-key.pem"
+    ));
+    // Those are files `paxoskv certs` makes.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = Command::new(env!("CARGO_BIN_EXE_paxoskv"))
+        .args(["certs", "--replicas", "3", "--out"])
+        .arg(dir.path())
+        .output()
+        .expect("paxoskv certs");
+    assert!(out.status.success());
+    for f in ["ca.pem", "client.pem", "client-key.pem"] {
+        assert!(dir.path().join(f).exists(), "paxoskv certs makes no {f}");
     }
 }
 
