@@ -38,8 +38,9 @@ COPY --from=build --chown=10001:10001 /out/data /var/lib/paxoskv
 VOLUME ["/var/lib/paxoskv"]
 ENV PAXOSKV_DATA_DIR=/var/lib/paxoskv
 # client (KvStore, Admin, health, reflection), peer (paxoskv.v1.Paxos),
-# health (plaintext, for probes), metrics (Prometheus).
-EXPOSE 8081 8181 8281 9090
+# health (plaintext, for probes), HTTP/JSON (KvStore for curl; HTTPS with
+# TLS), metrics (Prometheus).
+EXPOSE 8081 8181 8281 8381 9090
 USER 10001:10001
 ENTRYPOINT ["/usr/local/bin/paxoskv"]
 CMD ["serve"]

@@ -7,8 +7,10 @@
 //!   Kubernetes does not know fails it.
 //! - [`disagreements`] reads the manifests (through PyYAML, in the same
 //!   venv) and the Dockerfile and lists every place where they disagree
-//!   with each other or with the binary: ports, probe service names,
-//!   labels and selectors, the headless Service's name, the environment
+//!   with each other or with the binary: ports (among them
+//!   the HTTP port: container, `PAXOSKV_HTTP_LISTEN`, the client
+//!   Service's `http` port, the NetworkPolicy, `EXPOSE`), probe service
+//!   names, labels and selectors, the headless Service's name, the environment
 //!   (every `PAXOSKV_*` variable must be one `paxoskv serve --help` names),
 //!   the data directory, the user. It must find nothing in the real files,
 //!   and something in each of a list of copies changed in one place only.
@@ -20,7 +22,10 @@
 //! - The README's `paxoskv certs` line makes certificates valid for every
 //!   pod's stable name (a TLS handshake checks it).
 //! - `paxoskv serve` with the StatefulSet's environment, as the kubelet
-//!   expands it, starts as the pod's replica.
+//!   expands it, starts as the pod's replica, and its HTTP port answers
+//!   curl over HTTPS with the client certificate `paxoskv certs` makes.
+//! - The README's `kubectl port-forward` and curl lines reach the `http`
+//!   port.
 //!
 //! The tools are installed by scripts/test.sh; without them these tests
 //! fail, they do not skip (`PAXOSKV_VENV` names another venv).
@@ -294,7 +299,7 @@ fn disagreements(m: &Manifests, dockerfile: &str, binary: &Binary) -> Vec<String
             ports.insert(n.to_string(), num as u16);
         }
     }
-    for wanted in ["client", "peer", "health", "metrics"] {
+    for wanted in ["client", "peer", "health", "metrics", "http"] {
         if !ports.contains_key(wanted) {
             p.push(format!("the container has no port named {wanted}"));
         }
@@ -323,8 +328,14 @@ fn disagreements(m: &Manifests, dockerfile: &str, binary: &Binary) -> Vec<String
         ("PAXOSKV_PEER_LISTEN", "peer", Some("0.0.0.0")),
         ("PAXOSKV_HEALTH_LISTEN", "health", Some("0.0.0.0")),
         ("PAXOSKV_METRICS_LISTEN", "metrics", Some("0.0.0.0")),
+        ("PAXOSKV_HTTP_LISTEN", "http", Some("0.0.0.0")),
         ("PAXOSKV_ENDPOINT", "client", None),
     ] {
+        if var.ends_with("_LISTEN") && !binary.serve_env.contains(var) {
+            p.push(format!(
+                "env {var}: `paxoskv serve --help` names no such variable"
+            ));
+        }
         match get(var) {
             None => p.push(format!("env {var} is not set")),
             Some(v) => {
@@ -453,6 +464,25 @@ fn disagreements(m: &Manifests, dockerfile: &str, binary: &Binary) -> Vec<String
             port("client")
         ));
     }
+    // The HTTP port on the same Service as the client port, named `http`
+    // (`kubectl port-forward svc/paxoskv-client 8381:http`).
+    let http_ok = client_svcs.iter().any(|s| {
+        let sports = s["spec"]["ports"].as_array().cloned().unwrap_or_default();
+        let serves = |name: &str| {
+            sports.iter().any(|sp| {
+                sp["name"] == name
+                    && sp["port"].as_u64() == Some(u64::from(port(name)))
+                    && resolve_port(&sp["targetPort"], &ports) == Some(port(name))
+            })
+        };
+        serves("client") && serves("http")
+    });
+    if !http_ok {
+        p.push(format!(
+            "the client Service has no port named http on the http port {} next to the client port",
+            port("http")
+        ));
+    }
     for s in &client_svcs {
         for sp in s["spec"]["ports"].as_array().into_iter().flatten() {
             if resolve_port(&sp["targetPort"], &ports) == Some(port("peer")) {
@@ -505,11 +535,17 @@ fn disagreements(m: &Manifests, dockerfile: &str, binary: &Binary) -> Vec<String
     };
     let mut peer_rule = false;
     let mut open: BTreeSet<u16> = BTreeSet::new();
+    // Port → the `from` of every rule admitting it.
+    let mut admitted: BTreeMap<u16, BTreeSet<String>> = BTreeMap::new();
     for rule in netpol["spec"]["ingress"].as_array().into_iter().flatten() {
         for rp in rule["ports"].as_array().into_iter().flatten() {
             let Some(n) = resolve_port(&rp["port"], &ports) else {
                 continue;
             };
+            admitted
+                .entry(n)
+                .or_default()
+                .insert(rule["from"].to_string());
             if n == port("peer") {
                 if pod_selected(rule) {
                     peer_rule = true;
@@ -527,10 +563,19 @@ fn disagreements(m: &Manifests, dockerfile: &str, binary: &Binary) -> Vec<String
             port("peer")
         ));
     }
-    for n in ["client", "health", "metrics"] {
+    for n in ["client", "health", "metrics", "http"] {
         if !open.contains(&port(n)) {
             p.push(format!("the NetworkPolicy closes the {n} port {}", port(n)));
         }
+    }
+    // Whoever may reach the client port may reach the HTTP port: the same
+    // API.
+    if admitted.get(&port("http")) != admitted.get(&port("client")) {
+        p.push(format!(
+            "the NetworkPolicy admits to the http port {} not whom it admits to the client port {}",
+            port("http"),
+            port("client")
+        ));
     }
 
     // Prometheus scrape annotations.
@@ -776,6 +821,87 @@ fn a_change_in_one_place_only_is_caught() {
             Box::new(|_, d| *d = d.replace("EXPOSE 8081 ", "EXPOSE 8080 ")),
         ),
         (
+            "the HTTP container port",
+            "env PAXOSKV_HTTP_LISTEN=0.0.0.0:8381 is not on the http port 18381",
+            Box::new(|m, _| {
+                for p in container(m)["ports"].as_array_mut().unwrap() {
+                    if p["name"] == "http" {
+                        p["containerPort"] = json!(18381);
+                    }
+                }
+            }),
+        ),
+        (
+            "the HTTP listen address",
+            "env PAXOSKV_HTTP_LISTEN=0.0.0.0:8380 is not on the http port",
+            Box::new(|m, _| set_env(m, "PAXOSKV_HTTP_LISTEN", "0.0.0.0:8380")),
+        ),
+        (
+            "the HTTP listen variable's name",
+            "env PAXOSKV_HTTP_LISTEN is not set",
+            Box::new(|m, _| {
+                for e in container(m)["env"].as_array_mut().unwrap() {
+                    if e["name"] == "PAXOSKV_HTTP_LISTEN" {
+                        e["name"] = json!("PAXOSKV_HTTP_ADDR");
+                    }
+                }
+            }),
+        ),
+        (
+            "the client Service's HTTP port",
+            "the client Service has no port named http",
+            Box::new(|m, _| {
+                for sp in m.service_mut("paxoskv-client")["spec"]["ports"]
+                    .as_array_mut()
+                    .unwrap()
+                {
+                    if sp["name"] == "http" {
+                        sp["targetPort"] = json!(8380);
+                    }
+                }
+            }),
+        ),
+        (
+            "the NetworkPolicy's HTTP port",
+            "the NetworkPolicy closes the http port 8381",
+            Box::new(|m, _| {
+                for rule in m.one_mut("NetworkPolicy")["spec"]["ingress"]
+                    .as_array_mut()
+                    .unwrap()
+                {
+                    for rp in rule["ports"].as_array_mut().unwrap() {
+                        if rp["port"] == 8381 {
+                            rp["port"] = json!(8380);
+                        }
+                    }
+                }
+            }),
+        ),
+        (
+            "whom the NetworkPolicy admits to the HTTP port",
+            "admits to the http port 8381 not whom it admits to the client port",
+            Box::new(|m, _| {
+                let ingress = m.one_mut("NetworkPolicy")["spec"]["ingress"]
+                    .as_array_mut()
+                    .unwrap();
+                for rule in ingress.iter_mut() {
+                    rule["ports"]
+                        .as_array_mut()
+                        .unwrap()
+                        .retain(|rp| rp["port"] != 8381);
+                }
+                ingress.push(json!({
+                    "from": [{"namespaceSelector": {"matchLabels": {"team": "kv"}}}],
+                    "ports": [{"port": 8381, "protocol": "TCP"}],
+                }));
+            }),
+        ),
+        (
+            "the Dockerfile's EXPOSE of the HTTP port",
+            "the Dockerfile exposes",
+            Box::new(|_, d| *d = d.replace(" 8381 ", " 8380 ")),
+        ),
+        (
             "the data directory",
             "PAXOSKV_DATA_DIR",
             Box::new(|m, _| set_env(m, "PAXOSKV_DATA_DIR", "/data")),
@@ -815,6 +941,86 @@ fn a_change_in_one_place_only_is_caught() {
             "changing {what} in one place only went unnoticed (wanted a finding saying {want:?}); found:\n{}",
             found.join("\n")
         );
+    }
+}
+
+/// The README's Kubernetes section forwards (`kubectl port-forward
+/// svc/NAME LOCAL:PORT`) ports the manifests' Services have, and its curl
+/// lines go, over HTTPS with the client certificate `paxoskv certs` makes,
+/// to a local port forwarded to the container's `http` port.
+#[test]
+fn the_readmes_port_forward_and_curl_lines_reach_the_http_port() {
+    let m = Manifests::load();
+    let c = &m.one("StatefulSet")["spec"]["template"]["spec"]["containers"][0];
+    let mut named: BTreeMap<String, u16> = BTreeMap::new();
+    for port in c["ports"].as_array().expect("ports") {
+        named.insert(
+            port["name"].as_str().expect("name").to_string(),
+            port["containerPort"].as_u64().expect("containerPort") as u16,
+        );
+    }
+    let readme = std::fs::read_to_string(root().join("README.md")).expect("README");
+    let section = readme
+        .split("\n## Kubernetes\n")
+        .nth(1)
+        .and_then(|s| s.split("\n## ").next())
+        .expect("the README's Kubernetes section");
+    // Local port → the container port it reaches.
+    let mut forwarded: BTreeMap<u16, u16> = BTreeMap::new();
+    for line in section.lines().map(str::trim) {
+        let Some(rest) = line.strip_prefix("kubectl port-forward svc/") else {
+            continue;
+        };
+        let mut words = rest.split_whitespace();
+        let (svc, spec) = (words.next().unwrap(), words.next().expect("LOCAL:PORT"));
+        let (local, remote) = spec.split_once(':').expect("LOCAL:PORT");
+        let service = m
+            .services()
+            .into_iter()
+            .find(|s| s["metadata"]["name"] == svc)
+            .unwrap_or_else(|| panic!("{line}: no Service {svc} in k8s/"));
+        let sp = service["spec"]["ports"]
+            .as_array()
+            .expect("ports")
+            .iter()
+            .find(|sp| sp["name"] == remote || remote.parse::<u64>().ok() == sp["port"].as_u64())
+            .unwrap_or_else(|| panic!("{line}: Service {svc} has no port {remote}"));
+        let target = resolve_port(&sp["targetPort"], &named).expect("targetPort");
+        forwarded.insert(local.parse().expect("local port"), target);
+    }
+    let urls: Vec<&str> = section
+        .split_whitespace()
+        .filter(|w| w.starts_with("https://localhost:"))
+        .collect();
+    assert!(
+        !urls.is_empty(),
+        "no curl through port-forward in the README"
+    );
+    for url in urls {
+        let port: u16 = url["https://localhost:".len()..]
+            .split('/')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("{url}: no port"));
+        assert_eq!(
+            forwarded.get(&port),
+            Some(&named["http"]),
+            "{url}: local port {port} is not forwarded to the http port"
+        );
+    }
+    assert!(section.contains(
+        "curl -sS --cacert k8s/tls/ca.pem --cert k8s/tls/client.pem --key k8s/tls/client-key.pem"
+    ));
+    // Those are files `paxoskv certs` makes.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = Command::new(env!("CARGO_BIN_EXE_paxoskv"))
+        .args(["certs", "--replicas", "3", "--out"])
+        .arg(dir.path())
+        .output()
+        .expect("paxoskv certs");
+    assert!(out.status.success());
+    for f in ["ca.pem", "client.pem", "client-key.pem"] {
+        assert!(dir.path().join(f).exists(), "paxoskv certs makes no {f}");
     }
 }
 
@@ -1051,8 +1257,9 @@ async fn the_readme_certificates_are_valid_for_each_pods_stable_name() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let ports = common::free_ports(4);
+    let ports = common::free_ports(5);
     let client_addr = format!("127.0.0.1:{}", ports[0]);
+    let http_port = ports[4];
     let peers = format!(
         "1=127.0.0.1:{},2=127.0.0.1:{},3=127.0.0.1:{}",
         ports[2], ports[1], ports[3]
@@ -1063,6 +1270,7 @@ async fn the_readme_certificates_are_valid_for_each_pods_stable_name() {
             .args(["serve", "--id", "2", "--listen", &client_addr])
             .args(["--peer-listen", &format!("127.0.0.1:{}", ports[1])])
             .args(["--peers", &peers])
+            .args(["--http-listen", &format!("127.0.0.1:{http_port}")])
             .arg("--data-dir")
             .arg(dir.path().join("data"))
             .arg("--tls-cert")
@@ -1124,6 +1332,16 @@ async fn the_readme_certificates_are_valid_for_each_pods_stable_name() {
         check(name)
             .await
             .unwrap_or_else(|e| panic!("{name} refused: {e}"));
+    }
+    // curl on the HTTP port, as through `kubectl port-forward` (the name
+    // being localhost, or 127.0.0.1), with the client certificate made
+    // alongside: the API answers (no leader here: 503).
+    for host in ["localhost", "127.0.0.1"] {
+        let url = format!("https://{host}:{http_port}/v1/kv/apple");
+        let (status, body) = curl_https(&tls, &url, true).unwrap_or_else(|e| {
+            panic!("{e}\n{}", std::fs::read_to_string(&log).unwrap_or_default())
+        });
+        assert_eq!(status, 503, "{url}: {body}");
     }
     for name in [
         "paxoskv-0.other.default.svc.cluster.local",
@@ -1188,11 +1406,12 @@ async fn the_statefulsets_environment_starts_a_replica() {
         std::fs::copy(&from, secret.join(key)).expect("copy");
     }
 
-    let ports = common::free_ports(4);
+    let ports = common::free_ports(5);
     let mut moved: BTreeMap<u16, u16> = BTreeMap::new();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_paxoskv"));
     cmd.args(strings(&c["args"])).env_remove("HOSTNAME");
     let mut health_addr = String::new();
+    let mut http_port = 0;
     for (var, value) in &env {
         // The values Kubernetes gives from the pod's fields.
         let value = match var.as_str() {
@@ -1210,6 +1429,9 @@ async fn the_statefulsets_environment_starts_a_replica() {
             v = v.replace(&format!(":{old}"), &format!(":{new}"));
             if var == "PAXOSKV_HEALTH_LISTEN" {
                 health_addr = v.replace("0.0.0.0", "127.0.0.1");
+            }
+            if var == "PAXOSKV_HTTP_LISTEN" {
+                http_port = new;
             }
         }
         cmd.env(var, v);
@@ -1274,7 +1496,46 @@ async fn the_statefulsets_environment_starts_a_replica() {
     ] {
         assert!(text.contains(want), "log lacks {want:?}:\n{text}");
     }
+    // Its HTTP port serves the API over HTTPS to `paxoskv certs`' client
+    // certificate (alone, the replica has no leader: 503 UNAVAILABLE), and
+    // to no one without one.
+    assert_ne!(http_port, 0, "PAXOSKV_HTTP_LISTEN is not set");
+    let url = format!("https://localhost:{http_port}/v1/kv/apple");
+    let (status, body) = curl_https(&made, &url, true).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("\"code\":\"UNAVAILABLE\""), "{body}");
+    let anonymous = curl_https(&made, &url, false);
+    assert!(
+        anonymous.is_err(),
+        "served without a client certificate: {anonymous:?}"
+    );
     drop(child);
+}
+
+/// `curl GET url` with `--cacert DIR/ca.pem` and, if `client_cert`,
+/// `--cert DIR/client.pem --key DIR/client-key.pem`, as the README shows
+/// it (a 300 ms deadline): the status and body, or curl's failure.
+fn curl_https(dir: &Path, url: &str, client_cert: bool) -> Result<(u16, String), String> {
+    let mut cmd = Command::new(common::curl());
+    cmd.args(["-sS", "--max-time", "10", "-H", "X-Timeout-Ms: 300"])
+        .args(["-w", "\n%{http_code}", "--cacert"])
+        .arg(dir.join("ca.pem"));
+    if client_cert {
+        cmd.arg("--cert")
+            .arg(dir.join("client.pem"))
+            .arg("--key")
+            .arg(dir.join("client-key.pem"));
+    }
+    let out = cmd.arg(url).output().expect("run curl");
+    if !out.status.success() {
+        return Err(format!(
+            "curl {url}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
+    Ok((status.trim().parse().unwrap_or(0), body.to_string()))
 }
 
 /// A child process killed when dropped, whatever the test's outcome.
