@@ -266,6 +266,9 @@ pub fn http_status(code: Code) -> (StatusCode, Option<u32>) {
         // No leader or no quorum in time, or the replica is stopping.
         Code::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, Some(1)),
         Code::DeadlineExceeded => (StatusCode::GATEWAY_TIMEOUT, None),
+        // `OpenSession` found no id left in its slot: a conflict that
+        // clears on a retry (409, as Google's HTTP mapping has it).
+        Code::Aborted => (StatusCode::CONFLICT, Some(1)),
         _ => (StatusCode::INTERNAL_SERVER_ERROR, None),
     }
 }
@@ -1159,7 +1162,7 @@ mod tests {
             (Code::ResourceExhausted, 429, Some(1)),
             (Code::Unavailable, 503, Some(1)),
             (Code::DeadlineExceeded, 504, None),
-            (Code::Aborted, 500, None),
+            (Code::Aborted, 409, Some(1)),
             (Code::Internal, 500, None),
             (Code::Unknown, 500, None),
             (Code::Unimplemented, 500, None),
