@@ -88,6 +88,8 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --all-targets -- -D warnings
+echo "== cargo doc (no broken intra-doc links)"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps
 echo "== cargo test"
 PAXOSKV_SIM_SEEDS="${PAXOSKV_SIM_SEEDS:-2000}" cargo test
 echo "== cargo bench --no-run --profile test (the benchmarks build)"

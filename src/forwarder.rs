@@ -1,7 +1,7 @@
 //! Both ends of `Paxos/Forward`, over gRPC.
 //!
 //! The follower's end, [`Links`]: a task per leader owns a
-//! [`forwarding::Link`] and one long-lived stream to that leader's peer
+//! [`crate::forwarding::Link`] and one long-lived stream to that leader's peer
 //! port. Calls submitted while a batch is on its way queue up and go
 //! together in the next; answers come back as the leader finishes them,
 //! in any order, and are matched to their callers by the link. When the

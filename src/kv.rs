@@ -341,7 +341,7 @@ const SESSION_HEADER: usize = 9;
 
 impl Session {
     /// Encodes the session for storage: the sequence as a little-endian
-    /// u64, a reply tag byte (with [`HAS_LAST_USED`] set), the reply's
+    /// u64, a reply tag byte (with `HAS_LAST_USED` set), the reply's
     /// payload if it has one (little-endian i32 `previous`, or u64 `last` or
     /// `client_id`), then `last_used` as a little-endian u64. 17, 21 or 25
     /// bytes.

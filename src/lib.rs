@@ -42,7 +42,7 @@
 //!   with its applied index;
 //! - [`wal`]: the Paxos log's own append-only segment files (CRC-framed
 //!   records, group commit with one fdatasync);
-//! - [`bench`]: `paxoskv bench`, a load generator (closed or open loop,
+//! - [`mod@bench`]: `paxoskv bench`, a load generator (closed or open loop,
 //!   against paxoskv or etcd) and a no-op server for the ceiling;
 //! - [`check`]: `paxoskv check`, a Jepsen-style run against a local
 //!   cluster of its own (faults, concurrent clients, a linearizability

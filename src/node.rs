@@ -501,7 +501,7 @@ impl Node {
     ///
     /// If the storage fails (a write or sync to disk returns an error, the
     /// disk is full), the replica may not answer anything that depends on
-    /// what it could not persist: it [halts](Node::halted) until `shutdown`,
+    /// what it could not persist: it halts until `shutdown`,
     /// and then returns the failure.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), NodeFailure> {
         match self.serve(&mut shutdown).await {

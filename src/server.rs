@@ -59,7 +59,7 @@ pub struct ServeOptions {
     pub peer_listen: SocketAddr,
     /// Where clients reach this replica, as told to the other replicas and
     /// shown in status; `listen` if unset (which must then be a specific
-    /// address, not 0.0.0.0 or [::]).
+    /// address, not 0.0.0.0 or `[::]`).
     pub advertise_client: Option<String>,
     /// Every replica's peer address, this one included.
     pub peers: BTreeMap<NodeId, String>,

@@ -8,7 +8,7 @@
 //! joins the next batch on this replica's `paxoskv.v1.Paxos/Forward` stream
 //! to the leader ([`crate::forwarder`]), with its remaining deadline and
 //! hop count; the leader serves it by the same path as a client's own call
-//! ([`KvService::serve`]), so its reply and status are exactly those its
+//! (`KvService::serve`), so its reply and status are exactly those its
 //! KvStore would give. A client's own call has no hops: only replicas
 //! forward, and only over the peer port.
 //!

@@ -405,7 +405,7 @@ impl Storage {
     }
 
     /// Applies chosen slots in order, atomically with the applied index;
-    /// see [`StateMachine::apply`].
+    /// see `StateMachine::apply`.
     pub fn apply(&self, entries: &[(Slot, Value)]) -> Result<Vec<(u64, kv::Reply)>, StorageError> {
         self.state.current().apply(entries, &self.session_limits)
     }

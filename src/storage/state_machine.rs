@@ -90,7 +90,7 @@ pub(super) const TAG_KV: u8 = 1;
 pub(super) const TAG_SESSION: u8 = 2;
 
 /// An order-independent digest of a set of entries: how many, and the
-/// wrapping sum of their [`entry_hash`]es. Adding and removing an entry are
+/// wrapping sum of their `entry_hash`es. Adding and removing an entry are
 /// each O(1), so the digest of the state machine is kept in step with every
 /// batch, and any two ways of building the same state give the same digest.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
