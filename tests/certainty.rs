@@ -11,13 +11,21 @@ use paxoskv::certainty::Certainty;
 use paxoskv::pb;
 use tonic::Code;
 
-async fn upsert_within(cluster: &Cluster, id: u32, key: &str, deadline: Duration) -> tonic::Status {
+/// Upserts `key` on replica `id` with a request id of `client_id`'s
+/// session, expecting it to fail within `deadline`.
+async fn upsert_within(
+    cluster: &Cluster,
+    id: u32,
+    client_id: u64,
+    key: &str,
+    deadline: Duration,
+) -> tonic::Status {
     let mut client = cluster.client(id).await;
     let mut request = tonic::Request::new(pb::UpsertRequest {
         key: key.into(),
         value: Some(1),
         request_id: Some(pb::RequestId {
-            client_id: 7,
+            client_id,
             sequence: 1,
         }),
     });
@@ -42,7 +50,9 @@ async fn a_write_no_leader_ever_had_is_not_proposed() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let status = upsert_within(&cluster, 1, "k", Duration::from_secs(2)).await;
+    // No leader, so no session can be opened either: the id is one no
+    // replica issued, and the write never reaches a log to be refused.
+    let status = upsert_within(&cluster, 1, 7, "k", Duration::from_secs(2)).await;
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert_eq!(
         Certainty::of(&status),
@@ -55,10 +65,19 @@ async fn a_write_no_leader_ever_had_is_not_proposed() {
 async fn a_write_a_leader_proposed_without_a_quorum_has_an_unknown_outcome() {
     let mut cluster = Cluster::start("outcome-unknown", 3);
     let leader = cluster.leader(Duration::from_secs(20)).await;
+    // A session the log issued, so the write would apply were it chosen.
+    let client_id = cluster
+        .client(leader)
+        .await
+        .open_session(pb::OpenSessionRequest {})
+        .await
+        .expect("open a session")
+        .into_inner()
+        .client_id;
     for id in (1..=3).filter(|&id| id != leader) {
         cluster.kill(id);
     }
-    let status = upsert_within(&cluster, leader, "k", Duration::from_secs(2)).await;
+    let status = upsert_within(&cluster, leader, client_id, "k", Duration::from_secs(2)).await;
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert_eq!(
         Certainty::of(&status),
