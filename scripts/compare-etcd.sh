@@ -28,6 +28,8 @@
 # Everything it starts, it stops.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/apt-install.sh
+. scripts/apt-install.sh
 
 RUN_SECONDS=10
 BIN=
@@ -49,25 +51,7 @@ say() { echo "== $*" >&2; }
 
 if ! command -v etcd >/dev/null 2>&1 || ! command -v etcdctl >/dev/null 2>&1; then
   say "installing etcd-server and etcd-client (Debian)"
-  # The package's postinst starts an etcd service where it can; this
-  # script starts its own, so forbid service starts during the install
-  # (policy-rc.d exiting 101) unless a policy is already in place.
-  policy=/usr/sbin/policy-rc.d
-  added_policy=
-  if [ ! -e "$policy" ]; then
-    printf '#!/bin/sh\n# scripts/compare-etcd.sh: no service starts while it installs packages.\nexit 101\n' >"$policy"
-    chmod 755 "$policy"
-    added_policy=1
-  fi
-  status=0
-  { apt-get update -qq &&
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends etcd-server etcd-client; } ||
-    status=$?
-  if [ -n "$added_policy" ]; then rm -f "$policy"; fi
-  if [ "$status" -ne 0 ]; then
-    echo "error: installing the Debian packages etcd-server etcd-client failed" >&2
-    exit "$status"
-  fi
+  apt_install etcd-server etcd-client
 fi
 
 if [ -z "$BIN" ]; then

