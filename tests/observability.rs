@@ -54,7 +54,52 @@ const ALL_METRICS: &[&str] = &[
     m::FOLLOWER_SILENCE,
     m::PEER_REACHABLE,
     m::PEER_MESSAGES_DROPPED,
+    m::HTTP_REQUESTS,
+    m::FORWARD_BATCH,
+    m::LOG_BYTES,
+    m::LOG_SEGMENTS,
+    m::STORAGE_FAILED,
 ];
+
+/// A plain HTTP/1.1 `GET path` to the HTTP/JSON port at `addr`: its
+/// status code.
+fn http_get(addr: &str, path: &str) -> u16 {
+    use std::io::{Read, Write};
+    let mut stream =
+        std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send the request");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("read the answer");
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer from {addr}: {answer:?}"))
+}
+
+/// A few HTTP/JSON calls to every replica (a key that is there and one
+/// that is not), so that the HTTP metrics have samples.
+fn http_traffic(http: &BTreeMap<u32, String>, key: &str) {
+    for addr in http.values() {
+        for path in [
+            format!("/v1/kv/{key}"),
+            "/v1/kv/obs-http-missing".to_string(),
+        ] {
+            let status = http_get(addr, &path);
+            assert!(
+                status == 200 || status == 404,
+                "GET {path} on {addr}: {status}"
+            );
+        }
+    }
+}
 
 /// What the dashboard's variables stand for when its queries are checked.
 const RATE_INTERVAL: &str = "10s";
@@ -351,6 +396,7 @@ async fn metrics_pass_promtool_check() {
         .await
         .expect("remove");
     }
+    http_traffic(&cluster.http, "promtool-1");
     // Gauges are refreshed every 100 ms.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -404,6 +450,17 @@ async fn every_dashboard_query_returns_data() {
     let prom = Prometheus::start(&targets);
 
     let load = Load::start(&cluster, Traffic::EveryMethod);
+    let http = {
+        let addrs = cluster.http.clone();
+        tokio::task::spawn_blocking(move || {
+            // Through the whole rate() window the HTTP panel looks at.
+            let until = Instant::now() + Duration::from_secs(25);
+            while Instant::now() < until {
+                http_traffic(&addrs, "obs-1-0");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        })
+    };
 
     // Every replica scraped...
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -453,6 +510,7 @@ async fn every_dashboard_query_returns_data() {
 
     let answered = load.finish().await.answered;
     assert!(answered > 100, "the load got only {answered} answers");
+    http.await.expect("the HTTP traffic");
 
     if !pending.is_empty() {
         let list: Vec<String> = pending
