@@ -39,15 +39,49 @@ pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_paxoskv")
 }
 
-/// Ports free right now on 127.0.0.1 (bound, then released).
+/// `n` ports free right now on 127.0.0.1, for servers the tests start.
+///
+/// They come from below the kernel's ephemeral range: a port bound to
+/// `:0` and released comes from that range, and any outgoing
+/// connection's local end can take it before the server binds it (a CI run
+/// lost a replica to "Address already in use" so). A counter keeps the
+/// tests of one binary apart; the pid spreads binaries over the range.
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind a free port"))
-        .collect();
-    listeners
-        .iter()
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    static START: OnceLock<u32> = OnceLock::new();
+    let (low, high) = below_ephemeral();
+    let span = high - low;
+    let start = *START.get_or_init(|| std::process::id().wrapping_mul(7_919) % span);
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..span {
+        if held.len() == n {
+            break;
+        }
+        let port = low + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port as u16)) {
+            held.push(listener);
+        }
+    }
+    assert_eq!(held.len(), n, "no {n} free ports in {low}..{high}");
+    held.iter()
         .map(|l| l.local_addr().expect("local addr").port())
         .collect()
+}
+
+/// Ports no outgoing connection takes: from 10,000 up to the start of
+/// `ip_local_port_range` (32,768 on Linux by default).
+fn below_ephemeral() -> (u32, u32) {
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    assert!(
+        ephemeral > 11_000,
+        "the ephemeral port range starts at {ephemeral}: leave 10000-11000 to the tests"
+    );
+    (10_000, ephemeral.min(65_536))
 }
 
 /// How a cluster's `--peers` spells each replica's peer address: every
