@@ -4,8 +4,9 @@
 //! on it) and runs a loop: take an input (a peer's message, a client's
 //! request, a clock tick), then everything else already queued, then do
 //! what the driver's [`Work`](crate::driver::Work) says — send, sync, send
-//! what waited for the sync, answer, apply. While a sync runs, new inputs
-//! queue up and go into the next sync together: that is the group commit.
+//! what waited for the sync, answer, apply (a follower applies in batches:
+//! see `Node::apply_due`). While a sync runs, new inputs queue up and go
+//! into the next sync together: that is the group commit.
 //!
 //! Which caller gets which answer is decided by the driver, not here: this
 //! module only turns its answers into replies on the callers' channels (a
@@ -389,12 +390,18 @@ pub struct Node {
     sync_durable: u64,
     /// Rounds waiting for their sync, oldest first.
     after_sync: VecDeque<AfterSync>,
+    /// Slots known chosen and durable here, not yet applied; a follower
+    /// applies them in batches ([`Node::apply_due`]).
+    unapplied: Vec<(Slot, Value)>,
     /// Disconnected once the log writer has stopped and let go of the
     /// storage (see `Drop`).
     log_writer_exited: std::sync::mpsc::Receiver<()>,
     /// A deliberate bug, for `paxoskv check --break` only; see [`TestBug`].
     test_bug: Option<TestBug>,
 }
+
+/// A follower applies chosen slots once this many wait, or every tick.
+const FOLLOWER_APPLY_BATCH: usize = 64;
 
 /// How many inputs one loop iteration takes before it syncs.
 const MAX_INPUTS_PER_ROUND: usize = 4096;
@@ -451,6 +458,7 @@ impl Node {
             sync_asked: 0,
             sync_durable: 0,
             after_sync: VecDeque::new(),
+            unapplied: Vec::new(),
             log_writer_exited,
             last_role: Role::Follower,
             refused_log: (None, 0),
@@ -537,7 +545,7 @@ impl Node {
                     }
                     None => return Ok(()),
                 },
-                _ = ticker.tick() => self.on_tick(),
+                _ = ticker.tick() => self.on_tick()?,
                 Some(done) = self.background_rx.recv() => self.on_background(done).await?,
             }
             // Everything already waiting joins this round (and its sync).
@@ -630,7 +638,8 @@ impl Node {
         }
     }
 
-    fn on_tick(&mut self) {
+    fn on_tick(&mut self) -> Result<(), NodeFailure> {
+        self.apply_due(true)?;
         self.driver.tick();
         self.ticks += 1;
         // Callers that gave up (deadline passed) leave their waiter behind;
@@ -642,6 +651,7 @@ impl Node {
         if self.ticks.is_multiple_of(10) {
             self.export_metrics();
         }
+        Ok(())
     }
 
     fn on_request(&mut self, request: Request) {
@@ -840,20 +850,42 @@ impl Node {
                     self.transport.send(e.to, &e.msg);
                 }
             }
-            // Slots a snapshot installed meanwhile are in the state
-            // machine already.
-            let applied = self.driver.applied();
-            let chosen: Vec<_> = round
-                .chosen
-                .into_iter()
-                .filter(|(slot, _)| *slot > applied)
-                .collect();
-            if !chosen.is_empty() {
-                self.apply(chosen)?;
-                self.maybe_checkpoint();
-            }
+            self.unapplied.extend(round.chosen);
         }
+        self.apply_due(false)?;
         Ok(to_self)
+    }
+
+    /// Applies the chosen slots waiting in `unapplied`: at once on the
+    /// leader, whose callers wait for the replies; on a follower, once
+    /// [`FOLLOWER_APPLY_BATCH`] slots wait, or when `force` (every tick).
+    ///
+    /// Why followers wait: each sled transaction wakes every idle thread
+    /// of sled's I/O pool (its `notify_all`) twice, and on a follower that
+    /// work competes for the CPU with the `Accepted` every write waits
+    /// for. Nothing on a follower waits for its applied index (reads and
+    /// writes are served by the leader; a replica that becomes leader
+    /// applies in its first round as leader), so applying a tick's slots
+    /// in one transaction costs it nothing.
+    fn apply_due(&mut self, force: bool) -> Result<(), NodeFailure> {
+        let due = force
+            || self.unapplied.len() >= FOLLOWER_APPLY_BATCH
+            || self.driver.replica().is_leader();
+        if !due || self.unapplied.is_empty() {
+            return Ok(());
+        }
+        // Slots a snapshot installed meanwhile are in the state machine
+        // already.
+        let applied = self.driver.applied();
+        let chosen: Vec<_> = std::mem::take(&mut self.unapplied)
+            .into_iter()
+            .filter(|(slot, _)| *slot > applied)
+            .collect();
+        if !chosen.is_empty() {
+            self.apply(chosen)?;
+            self.maybe_checkpoint();
+        }
+        Ok(())
     }
 
     /// Starts a checkpoint if one is due and none is running.
