@@ -81,9 +81,28 @@ trap 'exit 130' INT TERM
 
 # N ports free right now on 127.0.0.1 (bound together, then released).
 free_ports() {
-  python3 -c 'import socket, sys
-socks = [socket.socket() for _ in range(int(sys.argv[1]))]
-for s in socks: s.bind(("127.0.0.1", 0))
+  python3 -c 'import random, socket, sys
+# Below the ephemeral range, as tests/common/mod.rs does: a port bound to
+# :0 and released can be taken by an outgoing connection before its
+# server binds it.
+try:
+    high = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+except (OSError, ValueError, IndexError):
+    high = 32768
+low, n, socks = 10000, int(sys.argv[1]), []
+port = random.randrange(low, high)
+for _ in range(high - low):
+    if len(socks) == n:
+        break
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+        socks.append(s)
+    except OSError:
+        s.close()
+    port = low + (port + 1 - low) % (high - low)
+if len(socks) < n:
+    sys.exit("no %d free ports in %d..%d" % (n, low, high))
 print(" ".join(str(s.getsockname()[1]) for s in socks))' "$1"
 }
 

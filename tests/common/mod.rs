@@ -54,20 +54,21 @@ pub fn free_ports(n: usize) -> Vec<u16> {
     let (low, high) = below_ephemeral();
     let span = high - low;
     let start = *START.get_or_init(|| std::process::id().wrapping_mul(7_919) % span);
+    // Held until all are chosen, so that none is picked twice.
     let mut held = Vec::with_capacity(n);
+    let mut ports = Vec::with_capacity(n);
     for _ in 0..span {
-        if held.len() == n {
+        if ports.len() == n {
             break;
         }
-        let port = low + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
-        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port as u16)) {
+        let port = (low + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span) as u16;
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
             held.push(listener);
+            ports.push(port);
         }
     }
-    assert_eq!(held.len(), n, "no {n} free ports in {low}..{high}");
-    held.iter()
-        .map(|l| l.local_addr().expect("local addr").port())
-        .collect()
+    assert_eq!(ports.len(), n, "no {n} free ports in {low}..{high}");
+    ports
 }
 
 /// Ports no outgoing connection takes: from 10,000 up to the start of
@@ -79,9 +80,9 @@ fn below_ephemeral() -> (u32, u32) {
         .unwrap_or(32_768);
     assert!(
         ephemeral > 11_000,
-        "the ephemeral port range starts at {ephemeral}: leave 10000-11000 to the tests"
+        "the ephemeral port range starts at {ephemeral}; the tests need 10000-11000 outside it"
     );
-    (10_000, ephemeral.min(65_536))
+    (10_000, ephemeral)
 }
 
 /// How a cluster's `--peers` spells each replica's peer address: every
